@@ -1,0 +1,290 @@
+"""DagModule: a model as an explicit DAG of vertices, executed in topological order."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from dagprune.errors import DagLintError
+from dagprune.ops.base import FunctionalOp
+from dagprune.ops.parameter import ModuleCallOp
+from dagprune.ops.templates import InputRef, fill_template, template_inputs
+
+__all__ = ["DagModule", "Vertex", "InputVertex", "InnerVertex"]
+
+_NO_DEFAULT = object()
+
+
+class Vertex:
+    """A node of a :class:`DagModule`; identified by its unique ``name``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class InputVertex(Vertex):
+    """An input of the DAG: the value passed to ``forward`` at its position (or its default)."""
+
+    def __init__(self, name: str, default: Any = _NO_DEFAULT):
+        super().__init__(name)
+        self.default = default
+
+    @property
+    def has_default(self) -> bool:
+        return self.default is not _NO_DEFAULT
+
+
+class InnerVertex(Vertex):
+    """A module applied to the outputs of its ordered ``predecessors``.
+
+    Attributes:
+        module: the ``nn.Module`` called as ``module(*predecessor_outputs)``.
+        predecessors: the vertices whose outputs feed the module, in argument order.
+        qualified_name: where the computation came from in the original model (a module path
+            such as ``"layer1.0.conv1"`` or an attribute path such as ``"cls_token"``), if known.
+    """
+
+    def __init__(self, name: str, module: nn.Module, predecessors: Sequence[Vertex],
+                 qualified_name: str | None = None):
+        super().__init__(name)
+        self.module = module
+        self.predecessors = list(predecessors)
+        self.qualified_name = qualified_name
+
+
+class DagModule(nn.Module):
+    """A model expressed as a DAG: inputs, inner vertices in topological order, outputs.
+
+    Args:
+        inputs: the input vertices, in ``forward`` argument order.
+        inner_vertices: the inner vertices in a topological order.
+        output_vertices: the vertices whose values form the output.
+        output_structure: how the output is arranged (a template over ``output_vertices``:
+            ``InputRef(0)`` for a single tensor, a tuple of refs for several outputs).
+        name: a name for summaries.
+
+    >>> x = InputVertex("x")
+    >>> relu = InnerVertex("relu", nn.ReLU(), [x])
+    >>> dag = DagModule([x], [relu], [relu])
+    >>> dag(torch.tensor([-1.0, 2.0]))
+    tensor([0., 2.])
+    """
+
+    def __init__(self, inputs: Sequence[InputVertex], inner_vertices: Sequence[InnerVertex],
+                 output_vertices: Sequence[Vertex], output_structure: Any = None,
+                 name: str = "dag"):
+        super().__init__()
+        self.name = name
+        self.inputs = list(inputs)
+        self.inner_vertices = list(inner_vertices)
+        self.output_vertices = list(output_vertices)
+        self.output_structure = InputRef(0) if output_structure is None else output_structure
+        self.vertex_modules = nn.ModuleDict()
+        self.refresh()
+
+    # ----------------------------------------------------------------------------- structure
+    def refresh(self) -> None:
+        """Re-registers vertex modules and execution bookkeeping after the vertex lists changed."""
+        self.vertex_modules = nn.ModuleDict({v.name: v.module for v in self.inner_vertices})
+        position = {v: i for i, v in enumerate(self.inner_vertices)}
+        last_use: dict[Vertex, int] = {}
+        for index, vertex in enumerate(self.inner_vertices):
+            for predecessor in vertex.predecessors:
+                last_use[predecessor] = index
+        keep = set(self.output_vertices)
+        release: list[list[Vertex]] = [[] for _ in self.inner_vertices]
+        for vertex, index in last_use.items():
+            if vertex not in keep and (vertex in position or vertex in self.inputs):
+                release[index].append(vertex)
+        self._release_after = release
+
+    @property
+    def vertices(self) -> list[Vertex]:
+        """All vertices: inputs first, then inner vertices in topological order."""
+        return [*self.inputs, *self.inner_vertices]
+
+    def vertex(self, name: str) -> Vertex:
+        """The vertex called ``name``; raises ``KeyError`` listing close names otherwise."""
+        for vertex in self.vertices:
+            if vertex.name == name:
+                return vertex
+        close = difflib.get_close_matches(name, [v.name for v in self.vertices], n=5)
+        raise KeyError(f"no vertex {name!r} in {self.name}; closest: {close}")
+
+    def users(self) -> dict[Vertex, list[InnerVertex]]:
+        """Maps every vertex to the inner vertices that read it (derived, never stored)."""
+        result: dict[Vertex, list[InnerVertex]] = {v: [] for v in self.vertices}
+        for vertex in self.inner_vertices:
+            for predecessor in dict.fromkeys(vertex.predecessors):
+                result[predecessor].append(vertex)
+        return result
+
+    def replace_module(self, vertex: InnerVertex, module: nn.Module) -> None:
+        """Makes ``vertex`` compute with ``module`` from now on."""
+        vertex.module = module
+        self.vertex_modules[vertex.name] = module
+
+    # ----------------------------------------------------------------------------- execution
+    def forward(self, *args, **kwargs):
+        values = self._bind_inputs(args, kwargs)
+        for vertex, released in zip(self.inner_vertices, self._release_after):
+            values[vertex] = vertex.module(*[values[p] for p in vertex.predecessors])
+            for dead in released:
+                del values[dead]
+        return fill_template(self.output_structure, [values[v] for v in self.output_vertices])
+
+    def _bind_inputs(self, args: tuple, kwargs: dict) -> dict[Vertex, Any]:
+        if len(args) > len(self.inputs):
+            raise TypeError(f"{self.name} takes {len(self.inputs)} inputs "
+                            f"({', '.join(v.name for v in self.inputs)}), got {len(args)}")
+        values: dict[Vertex, Any] = {}
+        for index, vertex in enumerate(self.inputs):
+            if index < len(args):
+                values[vertex] = args[index]
+            elif vertex.name in kwargs:
+                values[vertex] = kwargs.pop(vertex.name)
+            elif vertex.has_default:
+                values[vertex] = vertex.default
+            else:
+                raise TypeError(f"{self.name} is missing its input {vertex.name!r}")
+        if kwargs:
+            raise TypeError(f"{self.name} got unexpected inputs {sorted(kwargs)}")
+        return values
+
+    def forward_with_all_values(self, *args) -> dict[Vertex, Any]:
+        """Runs the DAG and returns the value of every vertex (for analysis passes)."""
+        values = self._bind_inputs(args, {})
+        for vertex in self.inner_vertices:
+            values[vertex] = vertex.module(*[values[p] for p in vertex.predecessors])
+        return values
+
+    # ----------------------------------------------------------------------------- checking
+    def lint(self) -> None:
+        """Checks the invariants; raises :class:`~dagprune.errors.DagLintError` listing problems.
+
+        Checked: unique vertex names, inputs are :class:`InputVertex` and inner vertices
+        :class:`InnerVertex`, every predecessor is defined earlier in this DAG (topological
+        order, no cycles, no foreign vertices), registered modules match the vertices, outputs
+        belong to the DAG, and op templates refer only to existing inputs. Nested DAGs are
+        checked too.
+        """
+        problems: list[str] = []
+        seen: set[Vertex] = set()
+        names: set[str] = set()
+        for vertex in self.inputs:
+            if not isinstance(vertex, InputVertex):
+                problems.append(f"input {vertex!r} is not an InputVertex")
+        for vertex in self.vertices:
+            if vertex.name in names:
+                problems.append(f"duplicate vertex name {vertex.name!r}")
+            names.add(vertex.name)
+            if isinstance(vertex, InnerVertex):
+                for predecessor in vertex.predecessors:
+                    if predecessor not in seen:
+                        problems.append(f"vertex {vertex.name!r} reads {predecessor!r}, which is not "
+                                        "an earlier vertex of this DAG (order or membership broken)")
+                problems.extend(self._lint_module(vertex))
+            elif not isinstance(vertex, InputVertex):
+                problems.append(f"inner vertex {vertex!r} is not an InnerVertex")
+            seen.add(vertex)
+        for vertex in self.output_vertices:
+            if vertex not in seen:
+                problems.append(f"output {vertex!r} is not a vertex of this DAG")
+        used = template_inputs(self.output_structure)
+        if any(index >= len(self.output_vertices) for index in used):
+            problems.append(f"output structure {self.output_structure!r} refers past "
+                            f"{len(self.output_vertices)} output vertices")
+        registered = dict(self.vertex_modules.items())
+        if set(registered) != {v.name for v in self.inner_vertices} or any(
+                registered[v.name] is not v.module for v in self.inner_vertices):
+            problems.append("registered modules do not match the vertices; call refresh()")
+        if problems:
+            raise DagLintError(f"{self.name} is malformed:\n  - " + "\n  - ".join(problems))
+
+    @staticmethod
+    def _lint_module(vertex: InnerVertex) -> list[str]:
+        module = vertex.module
+        if not isinstance(module, nn.Module):
+            return [f"vertex {vertex.name!r} holds {type(module).__name__}, not an nn.Module"]
+        if isinstance(module, (FunctionalOp, ModuleCallOp)):
+            refs = template_inputs((module.args, module.kwargs))
+            if refs and max(refs) >= len(vertex.predecessors):
+                return [f"vertex {vertex.name!r} uses input #{max(refs)} but has "
+                        f"{len(vertex.predecessors)} predecessors"]
+        if isinstance(module, DagModule):
+            try:
+                module.lint()
+            except DagLintError as error:
+                return [f"nested DAG at {vertex.name!r}: {error}"]
+        return []
+
+    # ----------------------------------------------------------------------------- display
+    def summary(self, shapes: dict[Vertex, Any] | None = None) -> str:
+        """A readable table of the vertices: index, name, op, predecessors, output shape, params.
+
+        Args:
+            shapes: optional vertex -> shape mapping (see :func:`dagprune.propagate_shapes`).
+        """
+        rows = [("#", "vertex", "op", "inputs", "output", "params")]
+        for index, vertex in enumerate(self.vertices):
+            if isinstance(vertex, InputVertex):
+                op, inputs, params = "input", "", 0
+            else:
+                op = _describe_module(vertex.module)
+                inputs = ", ".join(p.name for p in vertex.predecessors)
+                params = sum(p.numel() for p in vertex.module.parameters())
+            shape = _format_shape(shapes.get(vertex)) if shapes else ""
+            rows.append((str(index), vertex.name, op, inputs, shape, f"{params:,}"))
+        widths = [min(max(len(row[i]) for row in rows), 48) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell[:48].ljust(width) for cell, width in zip(row, widths)).rstrip()
+                 for row in rows]
+        total = sum(p.numel() for p in self.parameters())
+        outputs = ", ".join(v.name for v in self.output_vertices)
+        lines.append(f"{len(self.inner_vertices)} inner vertices, {total:,} parameters, "
+                     f"outputs: {outputs}")
+        return "\n".join(lines)
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, inputs={[v.name for v in self.inputs]}, "
+                f"vertices={len(self.inner_vertices)}")
+
+    def __repr__(self) -> str:  # the default nn.Module repr of hundreds of vertices is useless
+        return f"DagModule({self.extra_repr()})"
+
+    # ----------------------------------------------------------------------------- saving
+    def save(self, path) -> "str":
+        """Saves the DAG without pickle (see :func:`dagprune.io.save_dag`); returns the path."""
+        from dagprune.io import save_dag
+        return save_dag(self, path)
+
+
+def _describe_module(module: nn.Module) -> str:
+    if isinstance(module, FunctionalOp):
+        return module.short_name
+    if isinstance(module, DagModule):
+        return f"DagModule[{len(module.inner_vertices)}]"
+    extra = module.extra_repr()
+    return f"{type(module).__name__}({extra})" if extra else type(module).__name__
+
+
+def _format_shape(value: Any) -> str:
+    if isinstance(value, torch.Size) or (isinstance(value, tuple) and all(isinstance(v, int) for v in value)):
+        return "x".join(str(d) for d in value)
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_format_shape(v) for v in value) + ")"
+    return "" if value is None else type(value).__name__ if not isinstance(value, (int, float)) else str(value)
+
+
+def iter_nested(dag: DagModule) -> Iterable[tuple[str, DagModule]]:
+    """Yields ``(path, dag)`` for ``dag`` and every DAG nested inside it."""
+    yield "", dag
+    for vertex in dag.inner_vertices:
+        if isinstance(vertex.module, DagModule):
+            for path, inner in iter_nested(vertex.module):
+                yield f"{vertex.name}.{path}".rstrip("."), inner

@@ -1,0 +1,27 @@
+"""Small modules standing for the functional calls of a traced model.
+
+Each op family (elementwise arithmetic, reshapes, concatenation, reductions, matmul, ...) is a
+registered subclass of :class:`FunctionalOp`. Passes (FLOPs, channel coupling, channel removal)
+register their behaviour per family or per function name.
+"""
+
+from dagprune.ops.base import OP_TYPES, FunctionalOp, op_class_for_function, register_op_type
+from dagprune.ops.elementwise import DropoutOp, ElementwiseOp, PointwiseOp
+from dagprune.ops.functions import function_name, register_function, resolve_function
+from dagprune.ops.layers import FunctionalLayerOp, InterpolateOp, NormOp, PadOp, PoolOp
+from dagprune.ops.linear_algebra import AttentionOp, EinsumOp, MatmulOp
+from dagprune.ops.padding import SamePad2d
+from dagprune.ops.parameter import ModuleCallOp, ParameterOp
+from dagprune.ops.reduction import ReductionOp, SoftmaxOp
+from dagprune.ops.shape import (ConcatOp, ExpandOp, GetItemOp, PermuteOp, ReshapeOp, ShapeQueryOp,
+                                SplitOp)
+from dagprune.ops.templates import InputRef
+
+__all__ = [
+    "OP_TYPES", "FunctionalOp", "op_class_for_function", "register_op_type", "register_function",
+    "function_name", "resolve_function", "InputRef",
+    "ElementwiseOp", "PointwiseOp", "DropoutOp", "ReshapeOp", "ExpandOp", "PermuteOp", "ConcatOp",
+    "SplitOp", "GetItemOp", "ShapeQueryOp", "ReductionOp", "SoftmaxOp", "MatmulOp", "EinsumOp",
+    "AttentionOp", "FunctionalLayerOp", "NormOp", "PoolOp", "InterpolateOp", "PadOp",
+    "ParameterOp", "ModuleCallOp", "SamePad2d",
+]

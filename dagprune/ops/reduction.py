@@ -1,0 +1,27 @@
+"""Ops that reduce or normalise over axes: mean, sum, amax, softmax, ..."""
+
+from __future__ import annotations
+
+from dagprune.ops.base import FunctionalOp, register_op_type
+
+__all__ = ["ReductionOp", "SoftmaxOp"]
+
+
+def _all(*short_names: str) -> tuple[str, ...]:
+    return tuple(f"{ns}.{name}" for name in short_names for ns in ("torch", "Tensor"))
+
+
+@register_op_type
+class ReductionOp(FunctionalOp):
+    """Reduces over some axes (``dim``), keeping or dropping them (``keepdim``)."""
+
+    function_names = _all("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm",
+                          "logsumexp", "prod", "argmax", "argmin", "nanmean", "nansum", "all", "any")
+
+
+@register_op_type
+class SoftmaxOp(FunctionalOp):
+    """Softmax-like normalisation along one axis."""
+
+    function_names = _all("softmax", "log_softmax") + (
+        "torch.nn.functional.softmax", "torch.nn.functional.log_softmax", "torch.special.softmax")

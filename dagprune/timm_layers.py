@@ -1,0 +1,115 @@
+"""Support for timm layers that torch.fx cannot trace faithfully.
+
+Imported automatically when a model is converted while timm is loaded. It registers:
+
+* rewrites of fused norm + activation layers (``BatchNormAct2d``, ``GroupNormAct``, ...) into a
+  standard norm, dropout and activation sharing the same parameters, so that batch-norm
+  statistics keep updating in train mode (tracing the fused layer would freeze its mode);
+* rewrites of TensorFlow-``SAME`` convolutions and pools into :class:`~dagprune.ops.SamePad2d`
+  followed by the standard layer;
+* timm's own lists of modules and helper functions that must not be traced into.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from dagprune.ops.padding import SamePad2d
+from dagprune.tracing import register_autowrap_function, register_leaf_module, register_module_rewrite
+
+__all__ = ["NormAct", "PaddedLayer"]
+
+# timm.layers re-exports functions named like its submodules, so import the submodules by path.
+_norm_act = importlib.import_module("timm.layers.norm_act")
+_conv2d_same = importlib.import_module("timm.layers.conv2d_same")
+_pool2d_same = importlib.import_module("timm.layers.pool2d_same")
+_timm_fx = importlib.import_module("timm.models._features_fx")
+
+
+class NormAct(nn.Module):
+    """``act(drop(norm(x)))``: the traceable equivalent of timm's fused norm + activation."""
+
+    def __init__(self, norm: nn.Module, drop: nn.Module, act: nn.Module):
+        super().__init__()
+        self.norm, self.drop, self.act = norm, drop, act
+
+    def forward(self, x):
+        return self.act(self.drop(self.norm(x)))
+
+
+class PaddedLayer(nn.Module):
+    """``layer(pad(x))``: a SAME-padded conv or pool as two standard modules."""
+
+    def __init__(self, pad: SamePad2d, layer: nn.Module):
+        super().__init__()
+        self.pad, self.layer = pad, layer
+
+    def forward(self, x):
+        return self.layer(self.pad(x))
+
+
+def _share_state(target: nn.Module, source: nn.Module) -> nn.Module:
+    for name, _ in list(target.named_parameters(recurse=False)):
+        setattr(target, name, getattr(source, name))
+    for name, _ in list(target.named_buffers(recurse=False)):
+        setattr(target, name, getattr(source, name))
+    return target
+
+
+def _drop_and_act(module: nn.Module) -> tuple[nn.Module, nn.Module]:
+    return getattr(module, "drop", nn.Identity()), getattr(module, "act", nn.Identity())
+
+
+@register_module_rewrite(_norm_act.BatchNormAct2d)
+def _rewrite_batch_norm_act(module):
+    norm = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                          module.track_running_stats)
+    return NormAct(_share_state(norm, module), *_drop_and_act(module))
+
+
+def _rewrite_group_norm_act(module):
+    norm = nn.GroupNorm(module.num_groups, module.num_channels, module.eps, module.affine)
+    return NormAct(_share_state(norm, module), *_drop_and_act(module))
+
+
+def _rewrite_layer_norm_act(module):
+    norm = nn.LayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
+                        bias=module.bias is not None)
+    return NormAct(_share_state(norm, module), *_drop_and_act(module))
+
+
+register_module_rewrite(_norm_act.GroupNormAct)(_rewrite_group_norm_act)
+register_module_rewrite(_norm_act.GroupNorm1Act)(_rewrite_group_norm_act)
+register_module_rewrite(_norm_act.LayerNormAct)(_rewrite_layer_norm_act)
+
+
+@register_module_rewrite(_conv2d_same.Conv2dSame)
+def _rewrite_conv2d_same(module):
+    conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, 0,
+                     module.dilation, module.groups, module.bias is not None)
+    pad = SamePad2d(module.kernel_size, module.stride, module.dilation)
+    return PaddedLayer(pad, _share_state(conv, module))
+
+
+@register_module_rewrite(_pool2d_same.MaxPool2dSame)
+def _rewrite_max_pool2d_same(module):
+    pool = nn.MaxPool2d(module.kernel_size, module.stride, 0, module.dilation, ceil_mode=module.ceil_mode)
+    pad = SamePad2d(pool.kernel_size, pool.stride, pool.dilation, value=-float("inf"))
+    return PaddedLayer(pad, pool)
+
+
+@register_module_rewrite(_pool2d_same.AvgPool2dSame)
+def _rewrite_avg_pool2d_same(module):
+    pool = nn.AvgPool2d(module.kernel_size, module.stride, 0, module.ceil_mode,
+                        module.count_include_pad)
+    pad = SamePad2d(pool.kernel_size, pool.stride, (1, 1))
+    return PaddedLayer(pad, pool)
+
+
+for _module_type in _timm_fx.get_notrace_modules():
+    register_leaf_module(_module_type)
+for _function in _timm_fx.get_notrace_functions():
+    register_autowrap_function(_function)

@@ -1,0 +1,257 @@
+"""torch.fx -> DagModule conversion, and the registry of leaf module types."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import traceback
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from dagprune.dag_module import _NO_DEFAULT, DagModule, InnerVertex, InputVertex, Vertex
+from dagprune.errors import ConversionError
+from dagprune.ops.base import op_class_for_function
+from dagprune.ops.functions import function_name, method_name, register_function
+from dagprune.ops.padding import SamePad2d
+from dagprune.ops.parameter import ModuleCallOp, ParameterOp
+from dagprune.ops.templates import InputRef, map_template
+
+__all__ = ["build_from_unstructured_module", "register_leaf_module", "register_module_rewrite",
+           "LEAF_MODULE_TYPES"]
+
+LEAF_MODULE_TYPES: set[type] = set()
+_MODULE_REWRITES: dict[type, Callable[[nn.Module], nn.Module]] = {}
+_AUTOWRAP_FUNCTIONS: list[Callable] = []
+register_function(torch._assert, "torch._assert")
+
+
+def register_leaf_module(cls: type) -> type:
+    """Makes tracing keep modules of type ``cls`` whole (one vertex) instead of tracing inside.
+
+    Use it for layers torch.fx cannot trace (data-dependent control flow) and that pruning or
+    saving should treat as a unit. Returns ``cls`` so it can be used as a class decorator.
+    """
+    LEAF_MODULE_TYPES.add(cls)
+    return cls
+
+
+def register_module_rewrite(cls: type):
+    """Registers ``fn(module) -> equivalent module`` applied to every ``cls`` before tracing.
+
+    Rewrites turn layers that torch.fx cannot trace faithfully (a fused norm + activation whose
+    train/eval behaviour would be frozen at trace time, a padding computed in Python) into
+    standard layers that share the original parameters.
+    """
+    def decorator(fn):
+        _MODULE_REWRITES[cls] = fn
+        return fn
+    return decorator
+
+
+def register_autowrap_function(function: Callable) -> Callable:
+    """Makes tracing record calls to ``function`` as one op instead of tracing inside it."""
+    register_function(function)
+    _AUTOWRAP_FUNCTIONS.append(function)
+    return function
+
+
+class _DagTracer(fx.Tracer):
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: set[str]):
+        super().__init__(autowrap_functions=tuple(_AUTOWRAP_FUNCTIONS), param_shapes_constant=True)
+        self._leaf_types = leaf_types
+        self._leaf_names = leaf_names
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        if qualified_name in self._leaf_names or isinstance(module, self._leaf_types):
+            return True
+        if type(module) in LEAF_MODULE_TYPES or isinstance(module, DagModule):
+            return True
+        return super().is_leaf_module(module, qualified_name)
+
+
+def _apply_rewrites(module: nn.Module) -> nn.Module:
+    rewrite = _MODULE_REWRITES.get(type(module))
+    if rewrite is not None:
+        return rewrite(module)
+    for name, child in list(module.named_children()):
+        replacement = _apply_rewrites(child)
+        if replacement is not child:
+            setattr(module, name, replacement)
+    return module
+
+
+def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = (),
+                                   name: str | None = None, copy_model: bool = True) -> DagModule:
+    """Converts any traceable ``nn.Module`` into an equivalent :class:`DagModule`.
+
+    Each leaf module (standard ``torch.nn`` layers, registered leaf types, ``leaf_modules``)
+    becomes one vertex; every functional call becomes a small op module from
+    :mod:`dagprune.ops`; parameters read directly (class tokens, position embeddings, layer
+    scales) become :class:`~dagprune.ops.ParameterOp` vertices.
+
+    Args:
+        model: the model to convert. It is traced in eval mode; the DAG is returned in the
+            model's mode. Python branches on ``self.training`` are fixed to their eval value,
+            while dropout and batch-norm layers follow the DAG's mode.
+        leaf_modules: module types or qualified module names to keep whole.
+        name: the DAG's name (defaults to the model's class name).
+        copy_model: convert a deep copy (default) so the DAG never shares parameters with
+            ``model``; pass False to share them.
+
+    Returns:
+        The DAG, checked with :meth:`DagModule.lint`.
+
+    Raises:
+        ConversionError: torch.fx cannot trace a part of the model; the message names the module
+            path, the failing call and its source line, and suggests ``leaf_modules=[...]``.
+
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    >>> _ = model(torch.zeros(1, 3, 5, 5))
+    >>> dag = build_from_unstructured_module(model)
+    >>> [v.name for v in dag.inner_vertices]
+    ['_0', '_1', '_2', '_3']
+    """
+    if "timm" in sys.modules:
+        import dagprune.timm_layers  # noqa: F401  (registers timm's rewrites and leaves)
+    leaf_modules = list(leaf_modules)
+    leaf_types = tuple(item for item in leaf_modules if isinstance(item, type))
+    leaf_names = {item for item in leaf_modules if isinstance(item, str)}
+    source = copy.deepcopy(model) if copy_model else model
+    source = _apply_rewrites(source)
+    was_training = source.training
+    source.eval()
+    tracer = _DagTracer(leaf_types, leaf_names)
+    try:
+        graph = tracer.trace(source)
+    except ConversionError:
+        raise
+    except Exception as error:  # torch.fx raises many types; all mean "cannot trace"
+        raise _conversion_error(error, tracer) from error
+    finally:
+        source.train(was_training)
+    dag = _graph_to_dag(graph, source, name or type(model).__name__)
+    dag.train(was_training)
+    dag.lint()
+    return dag
+
+
+def _conversion_error(error: Exception, tracer: _DagTracer) -> ConversionError:
+    stack = list(getattr(tracer, "module_stack", {}).values())
+    path, module_type = (stack[-1] if stack else ("", None))
+    module_path = path or "<root>"
+    type_name = getattr(module_type, "__name__", module_type) if module_type else "model"
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+              if not frame.filename.startswith(torch_dir)]
+    where = f"{frames[-1].filename}:{frames[-1].lineno} `{frames[-1].line}`" if frames else "unknown"
+    leaf_hint = (f"leaf_modules=[{type_name}]" if isinstance(type_name, str) and module_type
+                 else f"leaf_modules=[{module_path!r}]")
+    return ConversionError(
+        f"torch.fx cannot trace module '{module_path}' ({type_name}) at {where}: "
+        f"{type(error).__name__}: {error}. Keep that module whole by passing {leaf_hint} "
+        "to build_from_unstructured_module (or dagprune.register_leaf_module), or make its "
+        "forward free of data-dependent Python control flow.")
+
+
+def _graph_to_dag(graph: fx.Graph, root: nn.Module, name: str) -> DagModule:
+    vertex_of: dict[fx.Node, Vertex] = {}
+    inputs: list[InputVertex] = []
+    inner: list[InnerVertex] = []
+    attribute_vertices: dict[str, InnerVertex] = {}
+    output_vertices: list[Vertex] = []
+    output_structure = None
+    names: set[str] = set()
+    for node in graph.nodes:
+        node.name = _unique_vertex_name(node.name, names)
+        if node.op == "placeholder":
+            default = node.args[0] if node.args else _NO_DEFAULT
+            vertex = InputVertex(node.name, default)
+            inputs.append(vertex)
+        elif node.op == "get_attr":
+            if node.target in attribute_vertices:
+                vertex_of[node] = attribute_vertices[node.target]
+                continue
+            value = _get_attribute(root, node.target)
+            if not isinstance(value, torch.Tensor):
+                raise ConversionError(f"attribute '{node.target}' read by the model is a "
+                                      f"{type(value).__name__}, not a tensor; make its user a leaf")
+            vertex = InnerVertex(node.name, ParameterOp(value), [], qualified_name=node.target)
+            attribute_vertices[node.target] = vertex
+            inner.append(vertex)
+        elif node.op in ("call_module", "call_function", "call_method"):
+            predecessors: list[fx.Node] = []
+
+            def to_template(value):
+                if isinstance(value, fx.Node):
+                    if value not in predecessors:
+                        predecessors.append(value)
+                    return InputRef(predecessors.index(value))
+                return value
+
+            args = map_template(tuple(node.args), to_template)
+            kwargs = map_template(dict(node.kwargs), to_template)
+            module, qualified_name = _module_for(node, root, args, kwargs, predecessors)
+            vertex = InnerVertex(node.name, module, [vertex_of[p] for p in predecessors],
+                                 qualified_name=qualified_name)
+            inner.append(vertex)
+        elif node.op == "output":
+            outputs: list[fx.Node] = []
+
+            def to_output(value):
+                if isinstance(value, fx.Node):
+                    if value not in outputs:
+                        outputs.append(value)
+                    return InputRef(outputs.index(value))
+                return value
+
+            output_structure = map_template(node.args[0], to_output)
+            output_vertices = [vertex_of[n] for n in outputs]
+            continue
+        else:  # pragma: no cover - fx has no other node kinds
+            raise ConversionError(f"unexpected torch.fx node kind {node.op!r} at {node.name}")
+        vertex_of[node] = vertex
+    return DagModule(inputs, inner, output_vertices, output_structure, name=name)
+
+
+def _unique_vertex_name(name: str, taken: set[str]) -> str:
+    """``name``, changed if needed so it is unique and no attribute of ``nn.ModuleDict``."""
+    candidate, suffix = name, 1
+    while candidate in taken or hasattr(nn.ModuleDict, candidate):
+        candidate, suffix = f"{name}_{suffix}", suffix + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _get_attribute(root: nn.Module, target: str):
+    value = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _module_for(node: fx.Node, root: nn.Module, args, kwargs, predecessors: Sequence[fx.Node]):
+    if node.op == "call_module":
+        module = root.get_submodule(node.target)
+        plain_call = (not kwargs and len(args) == len(predecessors)
+                      and all(isinstance(a, InputRef) and a.index == i for i, a in enumerate(args)))
+        return (module if plain_call else ModuleCallOp(module, args, kwargs)), node.target
+    try:
+        name = method_name(node.target) if node.op == "call_method" else function_name(node.target)
+    except ConversionError as error:
+        raise ConversionError(f"at traced call '{node.name}' (from {_node_origin(node)}): {error}") from error
+    return op_class_for_function(name)(name, args, kwargs), None
+
+
+def _node_origin(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return next(reversed(stack.values()))[0] if isinstance(next(reversed(stack.values())), tuple) \
+            else str(next(reversed(stack)))
+    return node.stack_trace.strip().splitlines()[-1] if node.stack_trace else "the model"
+
+
+register_leaf_module(SamePad2d)
