@@ -1,0 +1,17 @@
+"""Channel pruning: channel groups, gates, FLOPs-constrained losses and exact channel removal."""
+
+from dagprune_algorithms.pruning.channel_groups import (ChannelAnalysis, ChannelGroup,
+                                                        CouplingContext, find_channel_groups)
+from dagprune_algorithms.pruning.channel_pruning import ChannelPruning
+from dagprune_algorithms.pruning.channel_removal import (register_channel_removal,
+                                                         remove_channels_from_dag)
+from dagprune_algorithms.pruning.coupling_rules import register_coupling_rule
+from dagprune_algorithms.pruning.flops_api import compute_flops, compute_normalized_flops
+from dagprune_algorithms.pruning.gates import ChannelGate, MaskApply, MaskedNorm, keep_mask_from_logits
+
+__all__ = [
+    "ChannelPruning", "ChannelGroup", "ChannelAnalysis", "CouplingContext", "find_channel_groups",
+    "register_coupling_rule", "register_channel_removal", "remove_channels_from_dag",
+    "compute_flops", "compute_normalized_flops", "ChannelGate", "MaskApply", "MaskedNorm",
+    "keep_mask_from_logits",
+]

@@ -1,0 +1,336 @@
+"""Channel-group discovery: which channels of a DAG must be removed together.
+
+Every channel a producer creates (a conv or linear output channel, an element of a parameter
+along one of its axes) is an *atom*. The analysis runs the DAG once on an example input and,
+vertex by vertex, applies the coupling rule registered for its op (see
+:mod:`dagprune_algorithms.pruning.coupling_rules`). A rule receives, for each input, its
+*layout* (for each tensor axis that carries atoms, the atom id at every position), and returns
+the output's layout while recording constraints:
+
+* ``unify(a, b)``: position-wise, these atoms are the same channel (a residual add, a
+  consumer's input channel matching its producer, q and k head dims in a dot product);
+* ``tie(a)``: these atoms must be kept or removed together (a whole conv group, the same head
+  dim in every head);
+* ``barrier(a)``: these atoms must never be removed (they reach the model's inputs or outputs,
+  or an op whose channel behaviour is unknown or mixes channels).
+
+Union-find over atoms gives the *channel classes* (one kept/removed decision each). Classes
+created by the same producer axis form a :class:`ChannelGroup` with one gate logit per class.
+A group with any barrier class is not prunable. Channel maps stay compact: one integer per
+position of a tracked axis, never per element of a tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from dagprune import DagModule, InnerVertex, Vertex
+from dagprune.flops import vertex_flops
+from dagprune.shape_prop import example_inputs, propagate_values, value_shape
+
+__all__ = ["ChannelGroup", "ChannelAnalysis", "CouplingContext", "find_channel_groups", "Layout"]
+
+Layout = dict  # axis (non-negative int) -> np.ndarray of atom ids, for a tensor value
+
+
+@dataclasses.dataclass
+class ConsumerSite:
+    """A place where channels of a vertex input are consumed (mixed into other channels).
+
+    In the gated model the input is multiplied by the channel mask here. ``kind`` is
+    ``"mask"`` for a plain multiply, ``"norm"`` for a normalisation whose statistics must
+    skip removed channels.
+    """
+
+    vertex: InnerVertex
+    input_index: int
+    axis: int
+    atoms: np.ndarray
+    kind: str = "mask"
+
+
+@dataclasses.dataclass
+class FlopsTerm:
+    """FLOPs of one vertex, ``base_flops x prod(kept fraction over each factor's atoms)``."""
+
+    vertex: InnerVertex
+    base_flops: int
+    factors: list[np.ndarray]
+
+
+class CouplingContext:
+    """Atoms, their union-find and the facts rules record; given to every coupling rule."""
+
+    def __init__(self):
+        self._parent = np.zeros(0, dtype=np.int64)
+        self._barrier = np.zeros(0, dtype=bool)
+        self._producer_axes: list[tuple[InnerVertex, int, np.ndarray]] = []
+        self._pending_unions: list[tuple[np.ndarray, np.ndarray]] = []
+        self.consumer_sites: list[ConsumerSite] = []
+        self.flops_terms: list[FlopsTerm] = []
+        self.barrier_reasons: dict[int, str] = {}
+        self.current_vertex: InnerVertex | None = None
+
+    # -- atoms -------------------------------------------------------------------------------
+    def fresh(self, count: int) -> np.ndarray:
+        """``count`` new atoms, each its own class."""
+        start = len(self._parent)
+        self._parent = np.concatenate([self._parent, np.arange(start, start + count)])
+        self._barrier = np.concatenate([self._barrier, np.zeros(count, dtype=bool)])
+        return np.arange(start, start + count)
+
+    def produce(self, count: int, axis: int) -> np.ndarray:
+        """New atoms for the output channels of the current vertex along ``axis``."""
+        atoms = self.fresh(count)
+        self.mark_producer(atoms, axis)
+        return atoms
+
+    def mark_producer(self, atoms: np.ndarray, axis: int) -> None:
+        """Declares existing atoms (e.g. a weight parameter's rows) as output channels of the
+        current vertex, so that they form a channel group."""
+        self._producer_axes.append((self.current_vertex, axis, np.asarray(atoms)))
+
+    def unify(self, first: np.ndarray, second: np.ndarray) -> None:
+        """Position-wise identifies two equally long atom arrays."""
+        first, second = np.asarray(first).ravel(), np.asarray(second).ravel()
+        if first.shape != second.shape:
+            raise ValueError(f"cannot unify {first.shape} atoms with {second.shape} atoms")
+        self._pending_unions.append((first, second))
+
+    def tie(self, atoms: np.ndarray) -> None:
+        """Makes all ``atoms`` one class (kept or removed together)."""
+        atoms = np.asarray(atoms).ravel()
+        if atoms.size > 1:
+            self.unify(atoms[1:], np.full(atoms.size - 1, atoms[0]))
+
+    def barrier(self, atoms: np.ndarray, reason: str = "") -> None:
+        """Marks atoms as never removable."""
+        atoms = np.asarray(atoms).ravel()
+        if atoms.size:
+            self._barrier[atoms] = True
+            key = int(atoms[0])
+            if reason and key not in self.barrier_reasons:
+                where = self.current_vertex.name if self.current_vertex else "model boundary"
+                self.barrier_reasons[key] = f"{where}: {reason}"
+
+    def barrier_layout(self, layout: Any, reason: str = "") -> None:
+        """Marks every atom in a (possibly nested) layout as never removable."""
+        for atoms in iter_layout_atoms(layout):
+            self.barrier(atoms, reason)
+
+    def consume(self, vertex: InnerVertex, input_index: int, axis: int, atoms: np.ndarray,
+                kind: str = "mask") -> None:
+        """Records that ``vertex`` mixes the channels of its input ``input_index`` on ``axis``."""
+        self.consumer_sites.append(ConsumerSite(vertex, input_index, axis, np.asarray(atoms), kind))
+
+    def count_flops(self, vertex: InnerVertex, base_flops: int, factors: Sequence[np.ndarray]) -> None:
+        """Records that ``vertex``'s FLOPs scale with the kept fraction of each factor."""
+        if base_flops:
+            self.flops_terms.append(FlopsTerm(vertex, int(base_flops), [np.asarray(f) for f in factors]))
+
+    # -- resolution --------------------------------------------------------------------------
+    def resolve(self) -> np.ndarray:
+        """Applies all unions; returns the class (root atom) of every atom."""
+        parent = np.arange(len(self._parent))
+        if self._pending_unions:
+            first = np.concatenate([pair[0] for pair in self._pending_unions])
+            second = np.concatenate([pair[1] for pair in self._pending_unions])
+            parent = _connected_components(len(parent), first, second)
+        return parent
+
+
+def _connected_components(count: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Smallest atom id of each atom's component (edges ``first[i] -- second[i]``)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(first), dtype=np.int8), (first, second)), shape=(count, count))
+    _, labels = connected_components(graph, directed=False)
+    smallest = np.full(labels.max() + 1 if count else 0, count, dtype=np.int64)
+    np.minimum.at(smallest, labels, np.arange(count))
+    return smallest[labels]
+
+
+def iter_layout_atoms(layout: Any):
+    """Yields every atom array in a (possibly nested) layout."""
+    if isinstance(layout, dict):
+        yield from layout.values()
+    elif isinstance(layout, (tuple, list)):
+        for item in layout:
+            yield from iter_layout_atoms(item)
+
+
+@dataclasses.dataclass
+class ChannelGroup:
+    """Channels that are pruned by one gate.
+
+    Attributes:
+        index: position of the group in :attr:`ChannelAnalysis.groups`.
+        classes: the channel classes of the group (one gate logit each), in producer order.
+        producers: ``(vertex, axis)`` of the producers whose output channels form the group.
+        prunable: False when a class reaches the model's boundary or an opaque op.
+        reason: why the group is not prunable.
+    """
+
+    index: int
+    classes: np.ndarray
+    producers: list[tuple[InnerVertex, int]]
+    prunable: bool
+    reason: str = ""
+
+    @property
+    def size(self) -> int:
+        return len(self.classes)
+
+    @property
+    def name(self) -> str:
+        vertex, _ = self.producers[0]
+        return vertex.qualified_name or vertex.name
+
+
+@dataclasses.dataclass
+class ChannelAnalysis:
+    """Everything channel pruning needs to know about a DAG.
+
+    Attributes:
+        dag: the analysed DAG.
+        groups: all channel groups (prunable or not).
+        layouts: vertex -> layout of its output, with atoms replaced by their classes.
+        atom_class: class of every atom.
+        consumer_sites, flops_terms: see :class:`ConsumerSite`, :class:`FlopsTerm`.
+        total_flops: FLOPs of the unpruned DAG for the analysed input (batch 1).
+    """
+
+    dag: DagModule
+    input_shape_without_batch: tuple
+    groups: list[ChannelGroup]
+    layouts: dict[Vertex, Any]
+    atom_class: np.ndarray
+    consumer_sites: list[ConsumerSite]
+    flops_terms: list[FlopsTerm]
+    total_flops: int
+    values_shapes: dict[Vertex, Any]
+
+    @property
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [group for group in self.groups if group.prunable]
+
+    def gated_class_mask(self) -> np.ndarray:
+        """Boolean array over classes: True for classes of prunable groups."""
+        gated = np.zeros(len(self.atom_class), dtype=bool)
+        for group in self.prunable_groups:
+            gated[group.classes] = True
+        return gated
+
+    def predicted_flops(self, keep_class: np.ndarray) -> float:
+        """FLOPs of the model keeping only the classes where ``keep_class`` is True."""
+        total = 0.0
+        for term in self.flops_terms:
+            fraction = 1.0
+            for factor in term.factors:
+                fraction *= keep_class[factor].mean() if len(factor) else 1.0
+            total += term.base_flops * fraction
+        return total
+
+    def class_position(self) -> dict[int, tuple[int, int]]:
+        """Maps each class of a prunable group to ``(group index, channel index in group)``."""
+        found = {}
+        for group in self.prunable_groups:
+            for position, cls in enumerate(group.classes):
+                found[int(cls)] = (group.index, position)
+        return found
+
+
+def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence) -> ChannelAnalysis:
+    """Finds the channel groups of ``dag`` by running it once on a random input (batch 1).
+
+    >>> import dagprune, torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    >>> analysis = find_channel_groups(dagprune.build_from_unstructured_module(model), (3, 8, 8))
+    >>> [(g.name, g.size, g.prunable) for g in analysis.groups]
+    [('0', 8, True), ('3', 4, False)]
+    """
+    from dagprune_algorithms.pruning.coupling_rules import apply_coupling_rule
+
+    inputs = example_inputs(dag, input_shape_without_batch)
+    values = propagate_values(dag, inputs)
+    context = CouplingContext()
+    layouts: dict[Vertex, Any] = {vertex: None for vertex in dag.inputs}
+    for vertex in dag.inner_vertices:
+        context.current_vertex = vertex
+        input_layouts = [layouts[p] for p in vertex.predecessors]
+        input_values = [values[p] for p in vertex.predecessors]
+        layouts[vertex] = apply_coupling_rule(context, vertex, input_layouts, input_values,
+                                              values[vertex])
+    context.current_vertex = None
+    for vertex in dag.output_vertices:
+        context.barrier_layout(layouts[vertex], "reaches the model output")
+    atom_class = context.resolve()
+    barrier_classes = np.zeros(len(atom_class), dtype=bool)
+    barrier_classes[atom_class[context._barrier]] = True
+    reasons = {int(atom_class[atom]): reason for atom, reason in context.barrier_reasons.items()}
+
+    # Classes produced on the same producer axis share a group (merge groups through classes).
+    group_of_class: dict[int, int] = {}
+    group_members: list[list] = []  # per group: producer entries
+    parent_group: list[int] = []
+
+    def find_group(index: int) -> int:
+        while parent_group[index] != index:
+            parent_group[index] = parent_group[parent_group[index]]
+            index = parent_group[index]
+        return index
+
+    for vertex, axis, atoms in context._producer_axes:
+        index = len(parent_group)
+        parent_group.append(index)
+        group_members.append([(vertex, axis, atoms)])
+        for cls in np.unique(atom_class[atoms]):
+            other = group_of_class.setdefault(int(cls), index)
+            root_other, root_new = find_group(other), find_group(index)
+            if root_other != root_new:
+                parent_group[root_new] = root_other
+    merged: dict[int, list] = {}
+    for index, members in enumerate(group_members):
+        merged.setdefault(find_group(index), []).extend(members)
+    groups = []
+    for members in merged.values():
+        ordered = []
+        for _, _, atoms in members:
+            for cls in atom_class[atoms]:
+                if int(cls) not in ordered:
+                    ordered.append(int(cls))
+        classes = np.array(ordered, dtype=np.int64)
+        blocked = [int(c) for c in classes if barrier_classes[c]]
+        reason = next((reasons[c] for c in blocked if c in reasons), "barrier") if blocked else ""
+        groups.append(ChannelGroup(len(groups), classes, [(v, a) for v, a, _ in members],
+                                   prunable=not blocked and len(classes) > 1,
+                                   reason=reason or ("a single channel" if len(classes) < 2 else "")))
+    resolved_layouts = {vertex: _map_layout(layout, atom_class) for vertex, layout in layouts.items()}
+    for site in context.consumer_sites:
+        site.atoms = atom_class[site.atoms]
+    for term in context.flops_terms:
+        term.factors = [atom_class[f] for f in term.factors]
+    counted = {term.vertex for term in context.flops_terms}
+    for vertex in dag.inner_vertices:  # FLOPs no rule scaled (opaque ops) stay constant
+        if vertex not in counted:
+            flops = vertex_flops(vertex, [values[p] for p in vertex.predecessors], values[vertex])
+            if flops:
+                context.flops_terms.append(FlopsTerm(vertex, flops, []))
+    total = sum(term.base_flops for term in context.flops_terms)
+    shapes = {vertex: value_shape(value) for vertex, value in values.items()}
+    return ChannelAnalysis(dag, tuple(input_shape_without_batch), groups, resolved_layouts,
+                           atom_class, context.consumer_sites, context.flops_terms, total, shapes)
+
+
+def _map_layout(layout: Any, atom_class: np.ndarray) -> Any:
+    if isinstance(layout, dict):
+        return {axis: atom_class[atoms] for axis, atoms in layout.items()}
+    if isinstance(layout, (tuple, list)):
+        return type(layout)(_map_layout(item, atom_class) for item in layout)
+    return layout

@@ -1,0 +1,208 @@
+"""ChannelPruning: the user-facing API of differentiable, FLOPs-constrained channel pruning."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from dagprune import DagModule, InnerVertex
+from dagprune.errors import PruningError
+
+from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis, ChannelGroup, find_channel_groups
+from dagprune_algorithms.pruning.channel_removal import remove_channels_from_dag
+from dagprune_algorithms.pruning.gates import ChannelGate, MaskApply, MaskedNorm
+
+__all__ = ["ChannelPruning"]
+
+
+class ChannelPruning:
+    """Finds channel groups, gates them, and removes the closed channels after training.
+
+    Args:
+        model: the DAG to prune (see :func:`dagprune.build_from_unstructured_module`).
+        input_shape_without_batch: e.g. ``(3, 224, 224)``; FLOPs are counted for it.
+        pruning_proportion: the target FLOPs as a fraction of the original, in (0, 1).
+        num_training_steps: length of the pruning schedule (used by the losses).
+        block_size: kept channel counts are multiples of this (hardware-friendly).
+        initial_logit: starting gate logit (3.0 keeps channels open with probability 0.95).
+        temperature: temperature of the relaxed masks sampled in train mode.
+
+    >>> import dagprune
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+    ...                       nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
+    >>> cfg = ChannelPruning(dagprune.build_from_unstructured_module(model), (3, 8, 8), 0.5, 100)
+    >>> gated = cfg.prepare_for_pruning()
+    >>> round(cfg.prunable_proportion, 3), len(cfg.prunable_groups)
+    (1.0, 2)
+    """
+
+    def __init__(self, model: DagModule, input_shape_without_batch: Sequence[int],
+                 pruning_proportion: float, num_training_steps: int, block_size: int = 1,
+                 initial_logit: float = 3.0, temperature: float = 0.5, **loss_options):
+        if not isinstance(model, DagModule):
+            raise PruningError(f"ChannelPruning needs a DagModule, got {type(model).__name__}; "
+                               "convert it first with dagprune.build_from_unstructured_module(model)")
+        if not (isinstance(pruning_proportion, (int, float)) and 0 < pruning_proportion < 1):
+            raise PruningError(f"pruning_proportion must be in (0, 1) (the target share of the "
+                               f"original FLOPs), got {pruning_proportion!r}")
+        if not isinstance(num_training_steps, int) or num_training_steps < 1:
+            raise PruningError(f"num_training_steps must be a positive int, got {num_training_steps!r}")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise PruningError(f"block_size must be a positive int, got {block_size!r}")
+        self.model = model
+        self.input_shape_without_batch = tuple(input_shape_without_batch)
+        self.pruning_proportion = float(pruning_proportion)
+        self.num_training_steps = num_training_steps
+        self.block_size = block_size
+        self.initial_logit = initial_logit
+        self.temperature = temperature
+        self.loss_options = loss_options
+        self.analysis: ChannelAnalysis | None = None
+        self.pruning_model: DagModule | None = None
+        self.gates: list[ChannelGate] = []
+
+    # ------------------------------------------------------------------------------ preparing
+    def prepare_for_pruning(self) -> DagModule:
+        """Finds the channel groups and returns the gated model (sharing the model's weights).
+
+        Raises:
+            PruningError: the model has no prunable group, or the target is below what
+                removing every prunable channel could reach.
+        """
+        device = next(iter(self.model.parameters()), torch.zeros(0)).device
+        self.analysis = find_channel_groups(self.model, self.input_shape_without_batch)
+        if not self.prunable_groups:
+            blocked = [f"{g.name}: {g.reason}" for g in self.analysis.groups][:5]
+            raise PruningError(
+                f"{self.model.name} has no prunable channel group (found {len(self.analysis.groups)} "
+                f"groups, none prunable: {blocked}); every channel reaches the model's boundary or "
+                "an op without a coupling rule (register one with register_coupling_rule)")
+        reachable = 1.0 - self.max_removable_proportion
+        if self.pruning_proportion < reachable - 1e-9:
+            raise PruningError(
+                f"pruning_proportion {self.pruning_proportion:.3f} cannot be reached: removing every "
+                f"prunable channel leaves {reachable:.3f} of the FLOPs (max_removable_proportion "
+                f"{self.max_removable_proportion:.3f}); choose a target >= {reachable:.3f}")
+        self.gates = [ChannelGate(group.size, self.initial_logit, self.temperature, self.block_size)
+                      for group in self.prunable_groups]
+        self.pruning_model = _build_gated_dag(self.analysis, self.gates).to(device)
+        self._flops_model = _FlopsModel(self.analysis)
+        return self.pruning_model
+
+    def _require_prepared(self) -> ChannelAnalysis:
+        if self.analysis is None:
+            raise PruningError("call prepare_for_pruning() first")
+        return self.analysis
+
+    @property
+    def channel_groups(self) -> list[ChannelGroup]:
+        """All channel groups found (prunable or not)."""
+        return self._require_prepared().groups
+
+    @property
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return self._require_prepared().prunable_groups
+
+    @property
+    def prunable_proportion(self) -> float:
+        """Share of FLOPs in ops that a gate touches on their input or output side."""
+        analysis = self._require_prepared()
+        gated = analysis.gated_class_mask()
+        touched = sum(term.base_flops for term in analysis.flops_terms
+                      if any(gated[f].any() for f in term.factors))
+        return touched / analysis.total_flops if analysis.total_flops else 0.0
+
+    @property
+    def max_removable_proportion(self) -> float:
+        """Share of FLOPs that vanishes when every prunable group keeps one channel."""
+        analysis = self._require_prepared()
+        keep = np.ones(len(analysis.atom_class), dtype=bool)
+        for group in analysis.prunable_groups:
+            keep[group.classes[1:]] = False
+        return 1.0 - analysis.predicted_flops(keep) / analysis.total_flops
+
+    # ------------------------------------------------------------------------------ state
+    def kept_classes(self) -> np.ndarray:
+        """Boolean array over channel classes: True where the eval-mode gates keep the class."""
+        analysis = self._require_prepared()
+        keep = np.ones(len(analysis.atom_class), dtype=bool)
+        for group, gate in zip(analysis.prunable_groups, self.gates):
+            keep[group.classes] = gate.hard_mask().cpu().numpy() > 0.5
+        return keep
+
+    def current_hard_proportion(self) -> float:
+        """FLOPs of the eval-mode (hard-mask) model over the original FLOPs."""
+        analysis = self._require_prepared()
+        return analysis.predicted_flops(self.kept_classes()) / analysis.total_flops
+
+    def remove_channels(self) -> DagModule:
+        """A plain, slim DAG computing what the gated model computes in eval mode."""
+        analysis = self._require_prepared()
+        slim = remove_channels_from_dag(analysis, self.kept_classes())
+        device = next(iter(self.model.parameters()), torch.zeros(0)).device
+        return slim.to(device)
+
+
+class _FlopsModel:
+    """Differentiable expected FLOPs from the gates' keep probabilities."""
+
+    def __init__(self, analysis: ChannelAnalysis):
+        self.analysis = analysis
+
+
+def _build_gated_dag(analysis: ChannelAnalysis, gates: list[ChannelGate]) -> DagModule:
+    dag = analysis.dag
+    groups = analysis.prunable_groups
+    group_of_class = np.full(len(analysis.atom_class), -1, dtype=np.int64)
+    position_of_class = np.zeros(len(analysis.atom_class), dtype=np.int64)
+    for slot, group in enumerate(groups):
+        group_of_class[group.classes] = slot
+        position_of_class[group.classes] = np.arange(group.size)
+    gate_vertices = [InnerVertex(f"gate_{slot}", gate, [], qualified_name=group.name)
+                     for slot, (group, gate) in enumerate(zip(groups, gates))]
+    sites_by_vertex: dict[InnerVertex, list] = {}
+    for site in analysis.consumer_sites:
+        sites_by_vertex.setdefault(site.vertex, []).append(site)
+
+    new_of = {vertex: vertex for vertex in dag.inputs}
+    inner: list[InnerVertex] = list(gate_vertices)
+    for vertex in dag.inner_vertices:
+        predecessors = [new_of[p] for p in vertex.predecessors]
+        module = vertex.module
+        for site in sites_by_vertex.get(vertex, []):
+            slots = [int(s) for s in dict.fromkeys(group_of_class[site.atoms]) if s >= 0]
+            if not slots:
+                continue
+            offsets = {}
+            start = 1
+            for slot in slots:
+                offsets[slot] = start
+                start += groups[slot].size
+            position_groups = group_of_class[site.atoms]
+            index = np.zeros(len(site.atoms), dtype=np.int64)
+            for slot in slots:
+                where = position_groups == slot
+                index[where] = offsets[slot] + position_of_class[site.atoms[where]]
+            index = torch.as_tensor(index)
+            gate_inputs = [gate_vertices[slot] for slot in slots]
+            if site.kind == "norm":
+                module = MaskedNorm(module, site.axis, index, num_inputs=len(predecessors))
+                predecessors = predecessors + gate_inputs
+            else:
+                mask_vertex = InnerVertex(f"{vertex.name}_mask{site.input_index}",
+                                          MaskApply(site.axis, index),
+                                          [predecessors[site.input_index], *gate_inputs])
+                inner.append(mask_vertex)
+                predecessors[site.input_index] = mask_vertex
+        new_vertex = InnerVertex(vertex.name, module, predecessors, vertex.qualified_name)
+        new_of[vertex] = new_vertex
+        inner.append(new_vertex)
+    gated = DagModule(list(dag.inputs), inner, [new_of[v] for v in dag.output_vertices],
+                      dag.output_structure, name=f"{dag.name}_gated")
+    gated.train(dag.training)
+    gated.lint()
+    return gated

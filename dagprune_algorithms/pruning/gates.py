@@ -1,0 +1,173 @@
+"""Gate modules: one learnable logit per channel of a group, and the ops applying masks.
+
+The keep rule (eval mode, and what :func:`remove_channels` removes): a channel is kept iff its
+logit is > 0; a group whose logits are all <= 0 keeps its single best channel; with
+``block_size`` N > 1 the kept count is rounded up to a multiple of N (at most the group size)
+by adding the channels with the next-highest logits. In train mode the gate samples a relaxed
+binary mask per forward pass (a logistic-noise "Gumbel-sigmoid" with a temperature), so the
+FLOPs loss can push logits down while the task loss sees the effect of closing channels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dagprune import ops
+
+__all__ = ["ChannelGate", "MaskApply", "MaskedNorm", "keep_mask_from_logits"]
+
+
+def keep_mask_from_logits(logits: torch.Tensor, block_size: int = 1) -> torch.Tensor:
+    """The eval-mode keep decision for one group's logits (see the module docstring).
+
+    >>> keep_mask_from_logits(torch.tensor([-1.0, 2.0, 0.5, -3.0]))
+    tensor([False,  True,  True, False])
+    >>> keep_mask_from_logits(torch.tensor([-1.0, -2.0]))
+    tensor([ True, False])
+    >>> keep_mask_from_logits(torch.tensor([-1.0, 2.0, 0.5, -3.0]), block_size=4)
+    tensor([True, True, True, True])
+    """
+    logits = logits.detach()
+    keep = logits > 0
+    count = int(keep.sum())
+    target = max(count, 1)
+    if block_size > 1:
+        target = min(logits.numel(), int(math.ceil(target / block_size) * block_size))
+    if target != count:
+        keep = torch.zeros_like(keep)
+        keep[torch.topk(logits, target).indices] = True
+    return keep
+
+
+class ChannelGate(nn.Module):
+    """Holds the logits of one channel group and produces its mask.
+
+    Args:
+        num_channels: channels (classes) in the group.
+        initial_logit: starting value of every logit (3.0: sigmoid = 0.95, almost fully open).
+        temperature: temperature of the relaxed samples in train mode.
+        block_size: kept counts are multiples of this in eval mode.
+
+    >>> gate = ChannelGate(3).eval()
+    >>> gate()
+    tensor([1., 1., 1.])
+    """
+
+    def __init__(self, num_channels: int, initial_logit: float = 3.0, temperature: float = 0.5,
+                 block_size: int = 1):
+        super().__init__()
+        self.logits = nn.Parameter(torch.full((num_channels,), float(initial_logit)))
+        self.temperature = temperature
+        self.block_size = block_size
+
+    def keep_probabilities(self) -> torch.Tensor:
+        """Probability that each channel is kept, ``sigmoid(logits)`` (differentiable)."""
+        return torch.sigmoid(self.logits)
+
+    def hard_mask(self) -> torch.Tensor:
+        """The eval-mode mask as floats (1 = kept)."""
+        return keep_mask_from_logits(self.logits, self.block_size).to(self.logits.dtype)
+
+    def forward(self) -> torch.Tensor:
+        if not self.training:
+            return self.hard_mask()
+        uniform = torch.rand_like(self.logits).clamp_(1e-6, 1 - 1e-6)
+        noise = torch.log(uniform) - torch.log1p(-uniform)
+        return torch.sigmoid((self.logits + noise) / self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.logits.numel()}, temperature={self.temperature}, block_size={self.block_size}"
+
+
+def _position_mask(index: torch.Tensor, masks: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Per-position mask: entry 0 of the joined vector is 1 (channels no gate controls)."""
+    joined = torch.cat([masks[0].new_ones(1), *masks]) if masks else index.new_ones(1).float()
+    return joined[index]
+
+
+def _broadcast_shape(ndim: int, axis: int, size: int) -> list[int]:
+    shape = [1] * ndim
+    shape[axis] = size
+    return shape
+
+
+class MaskApply(nn.Module):
+    """Multiplies its first input by the masks of one or more gates along ``axis``.
+
+    ``index[p]`` says which entry of ``[1, *masks]`` (joined) applies to position ``p``.
+    """
+
+    def __init__(self, axis: int, index: torch.Tensor):
+        super().__init__()
+        self.axis = axis
+        self.register_buffer("index", index.long(), persistent=False)
+
+    def forward(self, x, *masks):
+        mask = _position_mask(self.index, masks).to(x.dtype)
+        return x * mask.view(_broadcast_shape(x.ndim, self.axis, mask.numel()))
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, positions={self.index.numel()}"
+
+
+class MaskedNorm(nn.Module):
+    """A LayerNorm/GroupNorm whose statistics count only kept channels.
+
+    Wraps the original vertex module; called with the original inputs followed by the masks.
+    With hard masks it equals the same norm on the tensor with the removed channels cut out.
+    """
+
+    def __init__(self, norm: nn.Module, axis: int, index: torch.Tensor, num_inputs: int):
+        super().__init__()
+        self.norm = norm
+        self.axis = axis
+        self.num_inputs = num_inputs
+        self.register_buffer("index", index.long(), persistent=False)
+
+    def _parameters_and_groups(self, inputs):
+        norm = self.norm
+        if isinstance(norm, nn.LayerNorm):
+            return norm.weight, norm.bias, 1, norm.eps
+        if isinstance(norm, nn.GroupNorm):
+            return norm.weight, norm.bias, norm.num_groups, norm.eps
+        # functional layer_norm(x, shape, weight, bias, eps) / group_norm(x, groups, weight, bias, eps)
+        def value(position, keyword, default=None):
+            argument = norm.argument(position, keyword, default)
+            return inputs[argument.index] if isinstance(argument, ops.InputRef) else argument
+        groups = value(1, "num_groups") if norm.short_name == "group_norm" else 1
+        return value(2, "weight"), value(3, "bias"), groups, value(4, "eps", 1e-5)
+
+    def forward(self, *inputs):
+        inputs, masks = inputs[:self.num_inputs], inputs[self.num_inputs:]
+        x = inputs[0]
+        weight, bias, groups, eps = self._parameters_and_groups(inputs)
+        mask = _position_mask(self.index, masks).to(x.dtype)
+        channels = x.shape[self.axis]
+        if self.axis == x.ndim - 1:  # layer norm over the last axis
+            m = mask
+            total = m.sum()
+            mean = (x * m).sum(-1, keepdim=True) / total
+            var = (((x - mean) ** 2) * m).sum(-1, keepdim=True) / total
+            y = (x - mean) / torch.sqrt(var + eps)
+            shape = [channels]
+        else:  # group norm over (channels of a group, spatial axes), channels on axis 1
+            batch = x.shape[0]
+            grouped = x.reshape(batch, groups, channels // groups, -1)
+            m = mask.view(1, groups, channels // groups, 1)
+            total = m.sum(dim=(2,), keepdim=True) * grouped.shape[-1]
+            mean = (grouped * m).sum(dim=(2, 3), keepdim=True) / total
+            var = (((grouped - mean) ** 2) * m).sum(dim=(2, 3), keepdim=True) / total
+            y = ((grouped - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+            shape = _broadcast_shape(x.ndim, 1, channels)
+        if weight is not None:
+            y = y * weight.reshape(shape)
+        if bias is not None:
+            y = y + bias.reshape(shape)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}"
