@@ -14,7 +14,10 @@ from dagprune.errors import PruningError
 
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis, ChannelGroup, find_channel_groups
 from dagprune_algorithms.pruning.channel_removal import remove_channels_from_dag
+from dagprune_algorithms.pruning.importance import channel_importance
 from dagprune_algorithms.pruning.gates import ChannelGate, MaskApply, MaskedNorm
+from dagprune_algorithms.pruning.losses import (ExpectedFlops, PruningLossConfig, anneal,
+                                                binary_entropy, scheduled_target)
 
 __all__ = ["ChannelPruning"]
 
@@ -30,6 +33,11 @@ class ChannelPruning:
         block_size: kept channel counts are multiples of this (hardware-friendly).
         initial_logit: starting gate logit (3.0 keeps channels open with probability 0.95).
         temperature: temperature of the relaxed masks sampled in train mode.
+        loss_config: weights and schedule of the pruning losses.
+        initial_importance: criterion (see :mod:`.importance`) ranking the channels of each
+            group at the start: logits start at ``initial_logit +- initial_logit_spread`` by
+            rank, so the least important channels close first. None: all start equal.
+        initial_logit_spread: half-width of that starting range.
 
     >>> import dagprune
     >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
@@ -42,7 +50,9 @@ class ChannelPruning:
 
     def __init__(self, model: DagModule, input_shape_without_batch: Sequence[int],
                  pruning_proportion: float, num_training_steps: int, block_size: int = 1,
-                 initial_logit: float = 3.0, temperature: float = 0.5, **loss_options):
+                 initial_logit: float = 3.0, temperature: float = 0.5,
+                 loss_config: PruningLossConfig | None = None, initial_importance: str | None = "l1",
+                 initial_logit_spread: float = 1.0):
         if not isinstance(model, DagModule):
             raise PruningError(f"ChannelPruning needs a DagModule, got {type(model).__name__}; "
                                "convert it first with dagprune.build_from_unstructured_module(model)")
@@ -60,7 +70,9 @@ class ChannelPruning:
         self.block_size = block_size
         self.initial_logit = initial_logit
         self.temperature = temperature
-        self.loss_options = loss_options
+        self.loss_config = loss_config or PruningLossConfig()
+        self.initial_importance = initial_importance
+        self.initial_logit_spread = initial_logit_spread
         self.analysis: ChannelAnalysis | None = None
         self.pruning_model: DagModule | None = None
         self.gates: list[ChannelGate] = []
@@ -89,8 +101,13 @@ class ChannelPruning:
                 f"{self.max_removable_proportion:.3f}); choose a target >= {reachable:.3f}")
         self.gates = [ChannelGate(group.size, self.initial_logit, self.temperature, self.block_size)
                       for group in self.prunable_groups]
+        if self.initial_importance is not None:
+            for group, gate in zip(self.prunable_groups, self.gates):
+                ranks = channel_importance(self.analysis, group, self.initial_importance).argsort().argsort()
+                spread = (torch.as_tensor(ranks, dtype=torch.float32) / max(group.size - 1, 1) - 0.5) * 2
+                gate.logits.data += self.initial_logit_spread * spread
         self.pruning_model = _build_gated_dag(self.analysis, self.gates).to(device)
-        self._flops_model = _FlopsModel(self.analysis)
+        self._expected_flops = ExpectedFlops(self.analysis)
         return self.pruning_model
 
     def _require_prepared(self) -> ChannelAnalysis:
@@ -125,6 +142,58 @@ class ChannelPruning:
             keep[group.classes[1:]] = False
         return 1.0 - analysis.predicted_flops(keep) / analysis.total_flops
 
+    # ------------------------------------------------------------------------------ training
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The gate logits (one tensor per prunable group), e.g. for their own optimizer group."""
+        return [gate.logits for gate in self.gates]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """The model's parameters other than the gate logits."""
+        gate_ids = {id(p) for p in self.gate_parameters()}
+        return [p for p in self._require_gated().parameters() if id(p) not in gate_ids]
+
+    def _require_gated(self) -> DagModule:
+        if self.pruning_model is None:
+            raise PruningError("call prepare_for_pruning() first")
+        return self.pruning_model
+
+    def expected_proportion(self) -> torch.Tensor:
+        """Expected FLOPs share under the keep probabilities ``sigmoid(logits)`` (differentiable)."""
+        self._require_gated()
+        probabilities = torch.cat([gate.keep_probabilities() for gate in self.gates])
+        return self._expected_flops.proportion(probabilities)
+
+    def compute_current_proportion_and_pruning_losses(self, global_step: int):
+        """The pruning losses to add to the task loss at ``global_step``.
+
+        Returns:
+            ``(proportion, flops_loss, entropy_loss, bkd_loss)``: the expected FLOPs share and
+            the three losses (scalar tensors; see :mod:`dagprune_algorithms.pruning.losses`).
+            ``bkd_loss`` uses the activations of the latest train-mode forward pass of the
+            gated model, so call this after the forward pass.
+        """
+        model = self._require_gated()
+        config = self.loss_config
+        proportion = self.expected_proportion()
+        hard_masks = torch.cat([gate.hard_mask() for gate in self.gates])
+        hard_proportion = self._expected_flops.proportion(hard_masks)
+        strength = anneal(global_step, self.num_training_steps)
+        target = scheduled_target(global_step, self.num_training_steps, self.pruning_proportion,
+                                  config.target_warmup)
+        # The loss sees the hard model's FLOPs (what removal will give) with the gradient of
+        # the expected FLOPs (straight-through), so it stops only when the hard model is there.
+        ratio = (hard_proportion + proportion - proportion.detach()) / target
+        flops_loss = config.flops_weight * strength * (
+            torch.relu(ratio - 1) + config.below_target_weight * torch.relu(1 - ratio))
+        entropies = torch.stack([binary_entropy(gate.keep_probabilities()).mean()
+                                 for gate in self.gates])
+        entropy_loss = config.entropy_weight * strength * entropies.clamp_min(config.entropy_floor).mean()
+        removed = [module.removed_energy for module in model.modules()
+                   if isinstance(module, MaskApply) and module.removed_energy is not None]
+        bkd_loss = (config.bkd_weight * torch.stack(removed).mean() if removed and model.training
+                    else proportion.new_zeros(()))
+        return proportion, flops_loss, entropy_loss, bkd_loss
+
     # ------------------------------------------------------------------------------ state
     def kept_classes(self) -> np.ndarray:
         """Boolean array over channel classes: True where the eval-mode gates keep the class."""
@@ -143,15 +212,9 @@ class ChannelPruning:
         """A plain, slim DAG computing what the gated model computes in eval mode."""
         analysis = self._require_prepared()
         slim = remove_channels_from_dag(analysis, self.kept_classes())
+        slim.train(self._require_gated().training)
         device = next(iter(self.model.parameters()), torch.zeros(0)).device
         return slim.to(device)
-
-
-class _FlopsModel:
-    """Differentiable expected FLOPs from the gates' keep probabilities."""
-
-    def __init__(self, analysis: ChannelAnalysis):
-        self.analysis = analysis
 
 
 def _build_gated_dag(analysis: ChannelAnalysis, gates: list[ChannelGate]) -> DagModule:

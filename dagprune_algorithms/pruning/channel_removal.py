@@ -265,10 +265,17 @@ def _new_shape(shape, output_mask) -> list[int]:
 
 
 def _rewrite_sizes(sizes, new_sizes: list[int], old_sizes) -> Any:
-    """Replaces constant sizes that changed; keeps -1 and run-time sizes."""
+    """Replaces sizes of axes that lost channels by the new count; keeps -1 and unchanged sizes.
+
+    A run-time size (an ``InputRef``, e.g. ``C`` in timm's ``x.reshape(B, N, C)`` read from
+    another tensor's shape) is replaced too: it may come from a tensor whose channels were
+    pruned differently (the residual stream vs. the attention head dims), and a channel axis
+    has a fixed length after removal.
+    """
     rewritten = []
     for value, new, old in zip(sizes, new_sizes, old_sizes):
-        rewritten.append(new if isinstance(value, int) and value != -1 and new != old else value)
+        changeable = isinstance(value, ops.InputRef) or (isinstance(value, int) and value != -1)
+        rewritten.append(new if changeable and new != old else value)
     return type(sizes)(rewritten) if isinstance(sizes, (tuple, list)) else rewritten
 
 
@@ -321,6 +328,8 @@ def _remove_expand(module, input_masks, output_mask, shapes):
 
 @register_channel_removal(ops.SplitOp)
 def _remove_split(module, input_masks, output_mask, shapes):
+    if module.short_name == "unbind":  # never unbinds a channel axis (a barrier): same op works;
+        return copy.deepcopy(module)   # rewriting it as split would keep the unbound axis
     ndim = len(shapes[0])
     dim_position = 1 if module.short_name == "unbind" else 2
     dim = module.argument(dim_position, "dim", 0) % ndim

@@ -105,9 +105,16 @@ class MaskApply(nn.Module):
         super().__init__()
         self.axis = axis
         self.register_buffer("index", index.long(), persistent=False)
+        self.removed_energy: torch.Tensor | None = None
 
     def forward(self, x, *masks):
         mask = _position_mask(self.index, masks).to(x.dtype)
+        if self.training:  # share of activation energy the masks remove (for the bkd loss)
+            reduce_axes = [axis for axis in range(x.ndim) if axis != self.axis]
+            energy = x.detach().pow(2).sum(reduce_axes) if reduce_axes else x.detach().pow(2)
+            self.removed_energy = (energy * (1 - mask).pow(2)).sum() / energy.sum().clamp_min(1e-12)
+        else:
+            self.removed_energy = None
         return x * mask.view(_broadcast_shape(x.ndim, self.axis, mask.numel()))
 
     def extra_repr(self) -> str:

@@ -1,0 +1,122 @@
+"""The pruning losses: expected FLOPs, gate entropy and activation distillation.
+
+* ``proportion``: expected FLOPs of the gated model under the gates' keep probabilities
+  ``sigmoid(logits)``, over the original FLOPs. Each op's FLOPs are a product of the kept
+  fractions of its input and output channels, so the proportion is differentiable in every
+  logit that touches a counted op.
+* ``flops_loss``: ``w_flops * a(t) * (relu(r - 1) + below * relu(1 - r))`` with
+  ``r = p_hard / target(t)``, where ``p_hard`` is the FLOPs share of the hard (eval-mode) gate
+  decisions and the gradient is that of the expected share ``p`` (straight-through);
+  where ``target(t)`` falls linearly from 1 to ``pruning_proportion`` over the first
+  ``target_warmup`` share of the schedule, and ``a(t) = 1 - 0.1 ** (t / T)`` ramps the pruning
+  pressure up. The small two-sided term keeps the model from overshooting below the target,
+  which costs accuracy without need.
+* ``entropy_loss``: ``w_entropy * a(t) * mean over groups of the mean binary entropy`` of the
+  keep probabilities, pushing each gate to decide (0 or 1) so the hard model that
+  ``remove_channels`` cuts out is the model that was trained.
+* ``bkd_loss``: ``w_bkd * mean over mask sites of ||x * (1 - m)||^2 / ||x||^2``, the share of
+  activation energy the gates remove at each consuming op: a distillation toward the unpruned
+  activations that needs no second (teacher) forward pass, so the gated training step stays
+  close to the plain step's cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis
+
+__all__ = ["PruningLossConfig", "ExpectedFlops", "anneal", "binary_entropy"]
+
+
+@dataclasses.dataclass
+class PruningLossConfig:
+    """Weights and schedule of the pruning losses (defaults tuned on small CNNs and ViTs)."""
+
+    flops_weight: float = 10.0
+    entropy_weight: float = 1.0
+    bkd_weight: float = 0.1
+    below_target_weight: float = 0.2
+    target_warmup: float = 0.5
+    entropy_floor: float = 0.01
+
+
+def anneal(step: int, total_steps: int) -> float:
+    """``1 - 0.1 ** (step / total_steps)``: 0 at the start, 0.9 at the end of the schedule."""
+    return 1.0 - 0.1 ** (min(max(step, 0), total_steps) / total_steps)
+
+
+def scheduled_target(step: int, total_steps: int, target: float, warmup: float) -> float:
+    """The FLOPs target at ``step``: linear from 1 to ``target`` over ``warmup * total_steps``."""
+    if warmup <= 0:
+        return target
+    progress = min(max(step, 0) / (warmup * total_steps), 1.0)
+    return 1.0 - (1.0 - target) * progress
+
+
+def binary_entropy(probabilities: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of Bernoulli variables, elementwise."""
+    p = probabilities.clamp(1e-6, 1 - 1e-6)
+    return -(p * torch.log(p) + (1 - p) * torch.log1p(-p))
+
+
+class ExpectedFlops:
+    """Differentiable expected FLOPs of a gated model, as a function of keep probabilities.
+
+    Every FLOPs term is ``base * prod_f mean(keep[f])``; each factor's mean is computed as a
+    sparse weighted sum over the probabilities of the prunable classes, in one matrix product.
+    """
+
+    def __init__(self, analysis: ChannelAnalysis):
+        self.total = float(analysis.total_flops)
+        groups = analysis.prunable_groups
+        slot_of_class = np.full(len(analysis.atom_class), -1, dtype=np.int64)
+        offset = 0
+        for group in groups:
+            slot_of_class[group.classes] = offset + np.arange(group.size)
+            offset += group.size
+        self.num_slots = offset
+        rows, cols, weights, constants, term_of_factor = [], [], [], [], []
+        bases, constant_terms = [], 0.0
+        factor_index = 0
+        for term in analysis.flops_terms:
+            factors = [f for f in term.factors if len(f) and (slot_of_class[f] >= 0).any()]
+            if not factors:
+                constant_terms += term.base_flops
+                continue
+            term_index = len(bases)
+            bases.append(float(term.base_flops))
+            for factor in factors:
+                slots = slot_of_class[factor]
+                gated = slots >= 0
+                unique, counts = np.unique(slots[gated], return_counts=True)
+                rows.extend([factor_index] * len(unique))
+                cols.extend(unique.tolist())
+                weights.extend((counts / len(factor)).tolist())
+                constants.append((~gated).sum() / len(factor))
+                term_of_factor.append(term_index)
+                factor_index += 1
+        self.constant_flops = constant_terms
+        indices = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
+        self.factor_matrix = torch.sparse_coo_tensor(indices, torch.tensor(weights, dtype=torch.float32),
+                                                     (factor_index, max(offset, 1)),
+                                                     check_invariants=True).coalesce()
+        self.factor_constants = torch.tensor(constants, dtype=torch.float32)
+        self.term_of_factor = torch.tensor(term_of_factor, dtype=torch.long)
+        self.bases = torch.tensor(bases, dtype=torch.float64)
+
+    def proportion(self, keep_probabilities: torch.Tensor) -> torch.Tensor:
+        """Expected FLOPs / original FLOPs for the concatenated keep probabilities of all groups."""
+        device = keep_probabilities.device
+        matrix = self.factor_matrix.to(device)
+        fractions = torch.sparse.mm(matrix, keep_probabilities.float().unsqueeze(1)).squeeze(1)
+        fractions = fractions + self.factor_constants.to(device)
+        log_fraction = torch.log(fractions.clamp_min(1e-12)).double()
+        per_term = torch.zeros(len(self.bases), dtype=torch.float64, device=device)
+        per_term = per_term.index_add(0, self.term_of_factor.to(device), log_fraction)
+        expected = (self.bases.to(device) * torch.exp(per_term)).sum() + self.constant_flops
+        return (expected / self.total).float()
