@@ -207,8 +207,9 @@ def _load_tensors(dag: DagModule, tensors: dict[str, torch.Tensor], tensor_file:
         raise SerializationError(
             f"{tensor_file} does not fit the graph: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}, wrong shape {wrong_shape[:5]}")
+    targets = {**dict(dag.named_buffers()), **dict(dag.named_parameters())}
     for name, tensor in tensors.items():  # keep dtypes exactly as saved
-        target = dag.get_parameter(name) if name in dict(dag.named_parameters()) else dag.get_buffer(name)
+        target = targets[name]
         if target.dtype != tensor.dtype:
             target.data = target.data.to(tensor.dtype)
     dag.load_state_dict(tensors, strict=True)
@@ -236,12 +237,20 @@ def _write_synced(file: Path, data: bytes) -> None:
 
 
 def _replace_directory(staging: Path, target: Path) -> None:
+    if target.exists() and not target.is_dir():
+        raise SerializationError(f"{target} exists and is a file, not a saved DAG; refusing to "
+                                 "overwrite it")
     if target.exists() and not (target / GRAPH_FILE).exists() and any(target.iterdir()):
         raise SerializationError(f"{target} exists and is not a saved DAG; refusing to overwrite it")
     backup = None
     if target.exists():
         backup = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, backup)
-    os.replace(staging, target)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if backup is not None:  # put the previous save back where it was
+            os.replace(backup, target)
+        raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
