@@ -1,0 +1,214 @@
+"""The ``dagprune`` command.
+
+Each subcommand is two functions: ``_add_<name>_command(subparsers)`` declares its arguments and
+sets ``run=<function>``; the function takes the parsed arguments and returns the exit code.
+Adding a subcommand (``prune``, ``units``, ...) means writing those two functions and listing
+the first in :data:`_COMMANDS`.
+
+Exit codes: 0 success, 1 a check failed (the conversion is not exact, the round trip is not
+bit-exact), 2 a usage error or a dagprune error (printed as one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+import tempfile
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+import dagprune
+from dagprune.errors import DagpruneError
+
+__all__ = ["main", "UsageError"]
+
+EXACT_TOLERANCE = 1e-5
+"""Largest difference, relative to the output scale, for a conversion to count as exact."""
+
+
+class UsageError(DagpruneError):
+    """A command-line argument cannot be honoured (unknown model, unusable input size)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``dagprune`` command with ``argv`` (defaults to ``sys.argv[1:]``).
+
+    Returns:
+        The exit code (see the module docstring).
+    """
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except DagpruneError as error:
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"dagprune {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dagprune", description="Convert, inspect and prune PyTorch models as DAGs.")
+    parser.add_argument("--version", action="version", version=f"dagprune {dagprune.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_command in _COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+# --------------------------------------------------------------------------------- convert
+def _add_convert_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="convert a model to a DAG and check the conversion",
+        description="Convert MODEL to a DagModule; print its summary, FLOPs and parameters, and "
+                    "check that the conversion is exact and that a save/load round trip is "
+                    "bit-exact.")
+    parser.add_argument("model", metavar="MODEL",
+                        help="a timm model name (created with pretrained=False) or a directory "
+                             "holding a saved DAG")
+    parser.add_argument("--input-size", type=int, nargs="+", default=[3, 224, 224],
+                        metavar="DIM", help="input shape without batch (default: 3 224 224)")
+    parser.add_argument("--save", metavar="DIR",
+                        help="save the DAG to DIR (the round trip is checked from there)")
+    parser.add_argument("--summary", action=argparse.BooleanOptionalAction, default=True,
+                        help="print the vertex table (default: on)")
+    parser.set_defaults(run=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """``dagprune convert``: see :func:`_add_convert_command` for the arguments."""
+    input_size = tuple(args.input_size)
+    if any(dim <= 0 for dim in input_size):
+        raise UsageError(f"--input-size must be positive, got {' '.join(map(str, input_size))}")
+    original, description = _load_model(args.model, input_size)
+    print(f"model: {description}, input {'x'.join(map(str, input_size))}")
+    _check_model_runs(original, description, input_size)
+
+    if isinstance(original, dagprune.DagModule):
+        dag, conversion_seconds = original, None
+    else:
+        started = time.perf_counter()
+        dag = dagprune.build_from_unstructured_module(original, name=args.model)
+        conversion_seconds = time.perf_counter() - started
+    dag.eval()
+
+    required_inputs = [vertex.name for vertex in dag.inputs if not vertex.has_default]
+    if len(required_inputs) != 1:
+        raise UsageError(f"{args.model} takes {len(required_inputs)} required inputs "
+                         f"({', '.join(required_inputs)}); convert supports one input")
+    if args.summary:
+        print(dag.summary(dagprune.propagate_shapes(dag, input_size)))
+    flops = dagprune.count_flops(dag, input_size)
+    parameters = sum(p.numel() for p in dag.parameters())
+    print(f"FLOPs: {flops.total:,} ({_kmapp_text(dag, input_size)}; FLOPs = 2 x "
+          "multiply-adds of conv, linear, matmul and attention)")
+    print(f"parameters: {parameters:,}")
+
+    exact = True
+    if conversion_seconds is None:
+        print("conversion: not applicable (MODEL is a saved DAG)")
+    else:
+        difference = dagprune.compare_module_outputs(original, dag, (2, *input_size),
+                                                     atol=EXACT_TOLERANCE, raise_error=False)
+        exact = difference <= EXACT_TOLERANCE
+        verdict = "exact" if exact else "NOT exact"
+        print(f"conversion: {verdict} (max relative difference {difference:.3g}, tolerance "
+              f"{EXACT_TOLERANCE:g}, eval mode, {len(dag.inner_vertices)} vertices, "
+              f"{conversion_seconds:.2f} s)")
+
+    round_trip_exact, where = _check_round_trip(dag, input_size, args.save)
+    print(f"save/load round trip: {'bit-exact' if round_trip_exact else 'NOT bit-exact'} "
+          f"({where})")
+    return 0 if exact and round_trip_exact else 1
+
+
+def _load_model(model: str, input_size: tuple[int, ...]) -> tuple[nn.Module, str]:
+    """The model named by ``model`` (a saved DAG directory or a timm name), in eval mode."""
+    if os.path.exists(model):
+        return dagprune.load_dag(model).eval(), f"saved DAG {model}"
+    import timm
+
+    if not timm.is_model(model):
+        close = difflib.get_close_matches(model, timm.list_models(), n=5, cutoff=0.5)
+        hint = f"; closest timm names: {', '.join(close)}" if close else ""
+        raise UsageError(f"{model!r} is neither a saved DAG directory nor a timm model name{hint}")
+    kwargs = _timm_size_kwargs(model, input_size)
+    try:
+        created = timm.create_model(model, pretrained=False, **kwargs)
+    except TypeError as error:
+        raise UsageError(f"timm model {model} has a fixed input size and cannot be built for "
+                         f"{'x'.join(map(str, input_size))} ({error}); pass its default "
+                         "--input-size") from error
+    settings = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    return created.eval(), f"timm {model} (pretrained=False{', ' + settings if settings else ''})"
+
+
+def _timm_size_kwargs(model: str, input_size: tuple[int, ...]) -> dict:
+    """``img_size`` for timm models built for one input size (ViTs), when another is asked."""
+    import timm
+
+    config = timm.models.get_pretrained_cfg(model)
+    if config is None or not getattr(config, "fixed_input_size", False) or len(input_size) != 3:
+        return {}
+    if tuple(config.input_size[1:]) == tuple(input_size[1:]):
+        return {}
+    return {"img_size": tuple(input_size[1:])}
+
+
+def _check_model_runs(model: nn.Module, name: str, input_size: tuple[int, ...]) -> None:
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size))
+    except (RuntimeError, AssertionError, ValueError, IndexError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise UsageError(f"{name} cannot run on an input of shape "
+                         f"{'x'.join(map(str, input_size))}: {type(error).__name__}: "
+                         f"{first_line}; choose another --input-size") from error
+
+
+def _kmapp_text(dag: dagprune.DagModule, input_size: tuple[int, ...]) -> str:
+    from dagprune_algorithms.pruning import compute_normalized_flops
+
+    kmapp = compute_normalized_flops(dag, input_size)
+    positions = "H x W" if len(input_size) == 3 else "positions"
+    return f"{kmapp:.2f} kmapp = FLOPs / ({positions} x 1000)"
+
+
+def _check_round_trip(dag: dagprune.DagModule, input_size: tuple[int, ...],
+                      save_to: str | None) -> tuple[bool, str]:
+    """Saves ``dag`` (to ``save_to`` or a temporary directory), loads it back, compares."""
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(2, *input_size, generator=generator)
+    with torch.no_grad():
+        expected = dag(example)
+    with tempfile.TemporaryDirectory(prefix="dagprune-convert-") as scratch:
+        path = dagprune.save_dag(dag, save_to or os.path.join(scratch, "dag"))
+        loaded = dagprune.load_dag(path).eval()
+        with torch.no_grad():
+            actual = loaded(example)
+    where = f"saved to {path}" if save_to else "through a temporary directory"
+    return _outputs_equal(expected, actual), where
+
+
+def _outputs_equal(first, second) -> bool:
+    if isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
+        return torch.equal(first, second)
+    if isinstance(first, (tuple, list)) and isinstance(second, (tuple, list)):
+        return len(first) == len(second) and all(map(_outputs_equal, first, second))
+    if isinstance(first, dict) and isinstance(second, dict):
+        return first.keys() == second.keys() and all(_outputs_equal(first[k], second[k])
+                                                      for k in first)
+    return first == second
+
+
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_convert_command,)
+"""The ``_add_<name>_command`` functions, in the order ``dagprune --help`` lists them."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

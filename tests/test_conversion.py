@@ -1,0 +1,209 @@
+"""Conversion is exact: ``build_from_unstructured_module(model)`` computes what ``model`` computes.
+
+Checked in eval mode and in train mode (same outputs, and batch-norm running statistics updated
+exactly as the original's) over the hand-written zoo, random DAGs and one small timm model per
+family (``timm_families.TIMM_FAMILY_MODELS``). Also: models torch.fx cannot trace fail with a
+helpful ``ConversionError`` and convert once the culprit is a leaf; ``lint`` catches broken DAGs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import dagprune
+from dagprune.errors import ConversionError, DagLintError
+from equivalence import assert_outputs_close
+from random_dags import random_dag_model, random_dag_models
+from timm_families import create_timm_model, timm_params
+from zoo import ZOO, make_example_inputs
+
+RANDOM_DAG_SEEDS = range(10)
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _assert_converts_exactly(model: nn.Module, inputs: tuple,
+                             leaf_modules=()) -> dagprune.DagModule:
+    """Converts ``model`` and checks eval mode, then one train-mode step; returns the DAG."""
+    model.eval()
+    dag = dagprune.build_from_unstructured_module(model, leaf_modules=leaf_modules)
+    assert not dag.training
+    with torch.no_grad():
+        assert_outputs_close(model(*inputs), dag(*inputs))
+    _assert_train_step_matches(model, dag, inputs)
+    return dag
+
+
+def _assert_train_step_matches(model: nn.Module, dag: dagprune.DagModule, inputs: tuple) -> None:
+    model, dag = copy.deepcopy(model).train(), copy.deepcopy(dag).train()
+    statistics_before = {name: buffer.clone() for name, buffer in model.named_buffers()
+                         if name.endswith(STATISTICS)}
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected = model(*inputs)
+        torch.manual_seed(0)
+        actual = dag(*inputs)
+    assert_outputs_close(expected, actual)
+
+    original = dict(model.named_buffers())
+    matched = {}
+    for vertex in dag.inner_vertices:
+        for buffer_name, buffer in vertex.module.named_buffers():
+            if buffer_name.endswith(STATISTICS):
+                matched[_original_name(original, vertex.qualified_name, buffer_name)] = buffer
+    assert set(matched) == set(statistics_before), "every batch-norm statistic has one DAG copy"
+    for name, buffer in matched.items():
+        assert torch.equal(buffer, original[name]), f"{name} updated differently"
+    if statistics_before:
+        assert any(not torch.equal(before, original[name])
+                   for name, before in statistics_before.items()), "train step updated nothing"
+
+
+def _original_name(original: dict, qualified_name: str | None, buffer_name: str) -> str:
+    """The original model's name of a DAG vertex's buffer.
+
+    Rewrites (timm's fused norm + activation) nest the norm one level deeper than the original
+    layer, so the vertex path is shortened until the buffer is found.
+    """
+    parts = (qualified_name or "").split(".")
+    while parts:
+        candidate = ".".join([*parts, buffer_name])
+        if candidate in original:
+            return candidate
+        parts.pop()
+    raise AssertionError(f"no original buffer for {qualified_name}.{buffer_name}")
+
+
+# --------------------------------------------------------------------------------- model lists
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_model_converts_exactly(name):
+    entry = ZOO[name]
+    _assert_converts_exactly(entry.factory(), make_example_inputs(entry, batch_size=2))
+
+
+@pytest.mark.parametrize("seed", RANDOM_DAG_SEEDS)
+def test_random_dag_converts_exactly(seed):
+    model, input_shape = random_dag_model(seed)
+    inputs = (torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(seed)),)
+    _assert_converts_exactly(model, inputs)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(model_and_shape=random_dag_models(), batch_size=st.integers(1, 3))
+def test_any_random_dag_converts_exactly(model_and_shape, batch_size):
+    model, input_shape = model_and_shape
+    inputs = (torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0)),)
+    _assert_converts_exactly(model, inputs)
+
+
+@pytest.mark.parametrize("case", timm_params())
+def test_timm_family_model_converts_exactly(case):
+    model = create_timm_model(case)
+    inputs = (torch.randn(2, *case.input_size, generator=torch.Generator().manual_seed(0)),)
+    dag = _assert_converts_exactly(model, inputs)
+    dag.lint()
+
+
+def test_conversion_follows_the_model_mode_and_copies_parameters():
+    entry = ZOO["resnet_basic_blocks"]
+    model = entry.factory().train()
+    dag = dagprune.build_from_unstructured_module(model)
+    assert dag.training
+    with torch.no_grad():
+        next(dag.parameters()).add_(1.0)
+    assert not any(p is q for p in dag.parameters() for q in model.parameters())
+    assert not torch.equal(next(dag.parameters()), next(model.parameters()))
+
+
+# --------------------------------------------------------------------------------- untraceable
+class DataDependentGate(nn.Module):
+    """Branches on the data: torch.fx cannot trace this."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return -x
+
+
+class ModelWithGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), DataDependentGate(4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+
+def test_untraceable_module_error_names_path_line_and_remedy():
+    with pytest.raises(ConversionError) as caught:
+        dagprune.build_from_unstructured_module(ModelWithGate())
+    message = str(caught.value)
+    assert "'body.1'" in message and "DataDependentGate" in message
+    assert "if x.sum() > 0:" in message and "test_conversion.py" in message
+    assert "leaf_modules=[DataDependentGate]" in message
+
+
+@pytest.mark.parametrize("leaf", [DataDependentGate, "body.1"], ids=["by-type", "by-name"])
+def test_untraceable_module_converts_as_a_leaf(leaf):
+    torch.manual_seed(0)
+    model = ModelWithGate()
+    inputs = (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)
+    dag = _assert_converts_exactly(model, inputs, leaf_modules=[leaf])
+    gates = [v for v in dag.inner_vertices if isinstance(v.module, DataDependentGate)]
+    assert [v.qualified_name for v in gates] == ["body.1"]
+    with torch.no_grad():
+        for x in (inputs[0].abs(), -inputs[0].abs()):  # both branches of the gate
+            assert_outputs_close(model(x), dag(x))
+
+
+# --------------------------------------------------------------------------------- lint
+def _small_dag() -> dagprune.DagModule:
+    entry = ZOO["resnet_basic_blocks"]
+    return dagprune.build_from_unstructured_module(entry.factory().eval())
+
+
+def test_lint_accepts_converted_dags():
+    _small_dag().lint()
+
+
+def test_lint_catches_vertices_out_of_topological_order():
+    dag = _small_dag()
+    index = next(i for i, v in enumerate(dag.inner_vertices)
+                 if i > 0 and dag.inner_vertices[i - 1] in v.predecessors)
+    vertices = dag.inner_vertices
+    vertices[index - 1], vertices[index] = vertices[index], vertices[index - 1]
+    dag.refresh()
+    with pytest.raises(DagLintError, match="not an earlier vertex"):
+        dag.lint()
+
+
+def test_lint_catches_predecessors_from_another_dag():
+    dag, other = _small_dag(), _small_dag()
+    dag.inner_vertices[3].predecessors = list(other.inner_vertices[2:3])
+    with pytest.raises(DagLintError, match="not an earlier vertex"):
+        dag.lint()
+
+
+def test_lint_catches_duplicate_names():
+    dag = _small_dag()
+    dag.inner_vertices[2].name = dag.inner_vertices[1].name
+    with pytest.raises(DagLintError, match="duplicate vertex name"):
+        dag.lint()
+
+
+def test_lint_catches_outputs_outside_the_dag():
+    dag, other = _small_dag(), _small_dag()
+    dag.output_vertices = [other.output_vertices[0]]
+    with pytest.raises(DagLintError, match="output"):
+        dag.lint()
