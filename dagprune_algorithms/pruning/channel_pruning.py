@@ -174,6 +174,9 @@ class ChannelPruning:
         """
         model = self._require_gated()
         config = self.loss_config
+        frozen = global_step >= (1.0 - config.freeze_fraction) * self.num_training_steps
+        for gate in self.gates:
+            gate.freeze(frozen)
         proportion = self.expected_proportion()
         hard_masks = torch.cat([gate.hard_mask() for gate in self.gates])
         hard_proportion = self._expected_flops.proportion(hard_masks)

@@ -63,17 +63,28 @@ class ChannelGate(nn.Module):
         self.logits = nn.Parameter(torch.full((num_channels,), float(initial_logit)))
         self.temperature = temperature
         self.block_size = block_size
+        self.register_buffer("frozen_flag", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def frozen(self) -> bool:
+        """Frozen gates use their hard mask in train mode too (saved with the state dict)."""
+        return bool(self.frozen_flag)
+
+    def freeze(self, frozen: bool = True) -> None:
+        self.frozen_flag.fill_(frozen)
 
     def keep_probabilities(self) -> torch.Tensor:
-        """Probability that each channel is kept, ``sigmoid(logits)`` (differentiable)."""
-        return torch.sigmoid(self.logits)
+        """Probability that each channel is kept, ``sigmoid(logits)`` (differentiable unless
+        the gate is frozen)."""
+        logits = self.logits.detach() if self.frozen else self.logits
+        return torch.sigmoid(logits)
 
     def hard_mask(self) -> torch.Tensor:
         """The eval-mode mask as floats (1 = kept)."""
         return keep_mask_from_logits(self.logits, self.block_size).to(self.logits.dtype)
 
     def forward(self) -> torch.Tensor:
-        if not self.training:
+        if not self.training or self.frozen:
             return self.hard_mask()
         uniform = torch.rand_like(self.logits).clamp_(1e-6, 1 - 1e-6)
         noise = torch.log(uniform) - torch.log1p(-uniform)

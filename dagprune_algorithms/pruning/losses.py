@@ -9,8 +9,11 @@
   decisions and the gradient is that of the expected share ``p`` (straight-through);
   where ``target(t)`` falls linearly from 1 to ``pruning_proportion`` over the first
   ``target_warmup`` share of the schedule, and ``a(t) = 1 - 0.1 ** (t / T)`` ramps the pruning
-  pressure up. The small two-sided term keeps the model from overshooting below the target,
-  which costs accuracy without need.
+  pressure up. The two-sided term keeps the model from overshooting below the target, which
+  costs accuracy without need.
+* In the last ``freeze_fraction`` of the schedule the gates are frozen at their hard decisions
+  (train-mode forward passes use the hard masks too), so the weights and batch-norm statistics
+  adapt to the model that :meth:`remove_channels` will cut out.
 * ``entropy_loss``: ``w_entropy * a(t) * mean over groups of the mean binary entropy`` of the
   keep probabilities, pushing each gate to decide (0 or 1) so the hard model that
   ``remove_channels`` cuts out is the model that was trained.
@@ -40,9 +43,10 @@ class PruningLossConfig:
     flops_weight: float = 10.0
     entropy_weight: float = 1.0
     bkd_weight: float = 0.1
-    below_target_weight: float = 0.2
+    below_target_weight: float = 1.0
     target_warmup: float = 0.5
     entropy_floor: float = 0.01
+    freeze_fraction: float = 0.15
 
 
 def anneal(step: int, total_steps: int) -> float:

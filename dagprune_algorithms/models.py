@@ -1,0 +1,47 @@
+"""Creating timm models by name, with clear errors for unknown names."""
+
+from __future__ import annotations
+
+import difflib
+
+from torch import nn
+
+from dagprune.errors import DagpruneError
+
+__all__ = ["UnknownModelError", "create_timm_model", "timm_size_kwargs"]
+
+
+class UnknownModelError(DagpruneError):
+    """A model name that timm does not know."""
+
+
+def timm_size_kwargs(name: str, input_size: tuple[int, ...] | None) -> dict:
+    """``img_size`` for timm models built for one input size (ViTs) when another is asked."""
+    import timm
+
+    config = timm.models.get_pretrained_cfg(name)
+    if input_size is None or config is None or not getattr(config, "fixed_input_size", False) \
+            or len(input_size) != 3 or tuple(config.input_size[1:]) == tuple(input_size[1:]):
+        return {}
+    return {"img_size": tuple(input_size[1:])}
+
+
+def create_timm_model(name: str, input_size: tuple[int, ...] | None = None, **kwargs) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, ...)`` sized for ``input_size``.
+
+    Raises:
+        UnknownModelError: timm has no such model; the message lists the closest names.
+    """
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
+        hint = f"; closest timm names: {', '.join(close)}" if close else ""
+        raise UnknownModelError(f"{name!r} is not a timm model name{hint}")
+    options = {**timm_size_kwargs(name, input_size), **kwargs}
+    if input_size is not None and len(input_size) == 3:
+        options.setdefault("in_chans", input_size[0])
+    try:
+        return timm.create_model(name, pretrained=False, **options)
+    except TypeError as error:
+        raise UnknownModelError(f"timm model {name} cannot be built with {options}: {error}") from error

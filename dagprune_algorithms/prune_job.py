@@ -1,0 +1,241 @@
+"""``dagprune prune``: train (or load) a baseline, prune it to a FLOPs target, fine-tune, report.
+
+The defaults run offline in a few minutes on 2 CPU cores: timm's ``test_resnet`` on
+scikit-learn's digits (real 8x8 scans of handwritten digits, shipped inside scikit-learn),
+upsampled to 32x32. Every phase checkpoints into the output directory, so an interrupted run
+resumes where it stopped when started again with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import dagprune
+from dagprune.errors import DagpruneError
+
+from dagprune_algorithms.training import (StepResult, TrainingError, evaluate_accuracy,
+                                          load_checkpoint, materialize, save_checkpoint, train_steps)
+
+__all__ = ["add_prune_arguments", "run_prune"]
+
+LOG = logging.getLogger("dagprune.prune")
+
+
+class PruneUsageError(DagpruneError):
+    """An argument of ``dagprune prune`` cannot be honoured."""
+
+
+def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declares the options of ``dagprune prune``."""
+    parser.add_argument("--model", default="test_resnet", help="timm model name (pretrained=False)")
+    parser.add_argument("--data-dir", default=None,
+                        help="image folder (one subfolder per class) or a folder of MNIST-style IDX "
+                             "files; default: scikit-learn's built-in digits")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--target", type=float, default=0.5,
+                        help="target FLOPs as a fraction of the original, in (0, 1)")
+    parser.add_argument("--method", choices=["dag", "l1"], default="dag",
+                        help="dag: differentiable gates with FLOPs/entropy/distillation losses; "
+                             "l1: iterative L1-norm pruning (mmrazor style)")
+    parser.add_argument("--steps", type=int, default=300, help="pruning steps")
+    parser.add_argument("--baseline-steps", type=int, default=300,
+                        help="steps to train the baseline when no --baseline-checkpoint is given")
+    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--baseline-checkpoint", default=None,
+                        help="a state dict of the unpruned model (from a previous run's "
+                             "baseline.pt) to start from instead of training one")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip training the unpruned reference for the same total steps")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate of the weights")
+    parser.add_argument("--gate-lr", type=float, default=5e-2, help="Adam learning rate of the gates")
+    parser.add_argument("--block-size", type=int, default=1)
+    parser.add_argument("--limit-train", type=int, default=None)
+    parser.add_argument("--limit-val", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="out/prune", help="output directory")
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _validate(args) -> None:
+    if not 0 < args.target < 1:
+        raise PruneUsageError(f"--target must be in (0, 1) (a fraction of the original FLOPs), got {args.target}")
+    for name in ("steps", "batch_size", "image_size"):
+        if getattr(args, name) < 1:
+            raise PruneUsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("baseline_steps", "finetune_steps"):
+        if getattr(args, name) < 0:
+            raise PruneUsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise PruneUsageError(f"--device {args.device} asked for, but CUDA is not available")
+
+
+def _progress(args, description: str):
+    if args.no_progress:
+        return None
+    from tqdm import tqdm
+
+    return lambda iterable, total, initial: tqdm(iterable, total=total, initial=initial,
+                                                 desc=description, leave=False, file=sys.stderr)
+
+
+def _measure(model, name, data_val, input_shape, original_flops, device, accuracy=None):
+    from dagprune_algorithms.latency import measure_latency
+    from dagprune_algorithms.pruning import compute_flops
+
+    flops = compute_flops(model, input_shape)
+    latency = measure_latency(model, input_shape, batch_size=32, device="cpu")
+    spatial = math.prod(input_shape[1:])
+    return {"model": name,
+            "accuracy": (accuracy if accuracy is not None
+                         else evaluate_accuracy(model, *data_val, device=device)) / 100.0,
+            "kmapp": flops / (spatial * 1000), "flops": flops,
+            "flops_proportion": flops / original_flops,
+            "params": sum(p.numel() for p in model.parameters()),
+            "latency_ms": latency.median_ms, "latency_iqr_ms": latency.iqr_ms}
+
+
+def run_prune(args) -> int:
+    """Runs the whole job; returns the exit code."""
+    from dagprune_algorithms.data import load_dataset
+    from dagprune_algorithms.models import create_timm_model
+    from dagprune_algorithms.pruning import ChannelPruning
+    from dagprune_algorithms.report import format_comparison_table, plot_training_history, write_json_report
+
+    _validate(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    started = time.time()
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+
+    split = load_dataset(args.data_dir, image_size=args.image_size, seed=args.seed,
+                         limit_train=args.limit_train, limit_val=args.limit_val)
+    train, val = materialize(split.train), materialize(split.val)
+    input_shape = tuple(split.input_shape)
+    LOG.info("data: %s, %d train / %d val images of %s, %d classes", split.name, len(train[0]),
+             len(val[0]), "x".join(map(str, input_shape)), split.num_classes)
+    model = create_timm_model(args.model, input_shape, num_classes=split.num_classes).to(device)
+
+    # -- baseline -------------------------------------------------------------------------
+    baseline_path = out / "baseline.pt"
+    if args.baseline_checkpoint:
+        state = load_checkpoint(args.baseline_checkpoint)
+        try:
+            model.load_state_dict(state.get("model", state))
+        except RuntimeError as error:
+            raise PruneUsageError(f"--baseline-checkpoint {args.baseline_checkpoint} does not fit "
+                                  f"{args.model} with {split.num_classes} classes: {error}") from error
+        LOG.info("baseline: loaded %s", args.baseline_checkpoint)
+    elif args.baseline_steps:
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        train_steps(model, optimizer, train, args.batch_size, args.seed, args.baseline_steps,
+                    checkpoint_path=out / "baseline_training.ckpt", checkpoint_every=args.checkpoint_every,
+                    device=device, progress=_progress(args, "baseline"))
+        save_checkpoint(baseline_path, {"model": model.state_dict()})
+    baseline_accuracy = evaluate_accuracy(model, *val, device=device)
+    LOG.info("baseline: accuracy %.2f%%", baseline_accuracy)
+
+    # -- pruning --------------------------------------------------------------------------
+    dag = dagprune.build_from_unstructured_module(model)
+    dagprune.compare_module_outputs(model, dag, (2, *input_shape), device=device)
+    original_flops = dagprune.count_flops(dag, input_shape).total
+    history: list = []
+    if args.method == "dag":
+        pruning = ChannelPruning(dag, input_shape, args.target, args.steps, block_size=args.block_size)
+        gated = pruning.prepare_for_pruning().to(device)
+        LOG.info("channel groups: %d (%d prunable); prunable_proportion %.4f, "
+                 "max_removable_proportion %.4f", len(pruning.channel_groups),
+                 len(pruning.prunable_groups), pruning.prunable_proportion,
+                 pruning.max_removable_proportion)
+        optimizer = torch.optim.Adam([{"params": pruning.weight_parameters(), "lr": args.lr},
+                                      {"params": pruning.gate_parameters(), "lr": args.gate_lr}])
+
+        def pruning_step(step, x, y):
+            task_loss = F.cross_entropy(gated(x), y)
+            proportion, flops_loss, entropy_loss, bkd_loss = \
+                pruning.compute_current_proportion_and_pruning_losses(global_step=step)
+            return StepResult(task_loss + flops_loss + entropy_loss + bkd_loss,
+                              {"proportion": proportion.item(), "hard_proportion": pruning.current_hard_proportion(),
+                               "task_loss": task_loss.item(), "flops_loss": flops_loss.item(),
+                               "entropy_loss": entropy_loss.item(), "bkd_loss": bkd_loss.item()})
+
+        def validate(step, logs):
+            if step % 100 and step != args.steps - 1:
+                return {}
+            return {"val_accuracy": evaluate_accuracy(gated, *val, device=device) / 100.0}
+
+        train_steps(gated, optimizer, train, args.batch_size, args.seed + 1, args.steps,
+                    step_fn=pruning_step, checkpoint_path=out / "pruning.ckpt",
+                    checkpoint_every=args.checkpoint_every, device=device,
+                    progress=_progress(args, "pruning"), history=history, on_log=validate)
+        gated.eval()
+        pruned = pruning.remove_channels().to(device)
+        removal_difference = dagprune.compare_module_outputs(gated, pruned, (4, *input_shape),
+                                                             raise_error=False, device=device)
+        gated_accuracy = evaluate_accuracy(gated, *val, device=device)
+    else:
+        from dagprune_algorithms.pruning.iterative import run_iterative_l1
+        pruned, history, gated_accuracy, removal_difference = run_iterative_l1(
+            dag, input_shape, args, train, val, device, out, _progress(args, "l1 pruning"))
+    final_proportion = dagprune.count_flops(pruned, input_shape).total / original_flops
+    LOG.info("pruned: FLOPs proportion %.4f (target %.2f), accuracy before fine-tuning %.2f%%, "
+             "removed model vs gated model max relative difference %.1e", final_proportion,
+             args.target, gated_accuracy, removal_difference)
+
+    # -- fine-tuning ------------------------------------------------------------------------
+    if args.finetune_steps:
+        optimizer = torch.optim.Adam(pruned.parameters(), lr=args.lr / 2)
+        train_steps(pruned, optimizer, train, args.batch_size, args.seed + 2, args.finetune_steps,
+                    checkpoint_path=out / "finetune.ckpt", checkpoint_every=args.checkpoint_every,
+                    device=device, progress=_progress(args, "fine-tuning"))
+    pruned.eval()
+    pruned_accuracy = evaluate_accuracy(pruned, *val, device=device)
+    pruned.to("cpu").save(out / "pruned")
+
+    # -- reference: the unpruned model trained for the same total steps ------------------------
+    reference_accuracy = None
+    if not args.no_reference:
+        reference = copy.deepcopy(model).to(device)
+        optimizer = torch.optim.Adam(reference.parameters(), lr=args.lr)
+        train_steps(reference, optimizer, train, args.batch_size, args.seed + 3,
+                    args.steps + args.finetune_steps, checkpoint_path=out / "reference.ckpt",
+                    checkpoint_every=args.checkpoint_every, device=device,
+                    progress=_progress(args, "reference"))
+        reference_accuracy = evaluate_accuracy(reference, *val, device=device)
+
+    # -- report ---------------------------------------------------------------------------------
+    model_cpu, dag = model.to("cpu").eval(), dag.to("cpu")
+    rows = [_measure(dag, f"{args.model} (baseline)", val, input_shape, original_flops, "cpu",
+                     baseline_accuracy)]
+    if reference_accuracy is not None:
+        rows.append({**rows[0], "model": f"{args.model} (baseline, same total steps)",
+                     "accuracy": reference_accuracy / 100.0})
+    rows.append(_measure(pruned.to("cpu"), f"{args.model} (pruned, fine-tuned)", val, input_shape,
+                         original_flops, "cpu", pruned_accuracy))
+    table = format_comparison_table(rows)
+    print(table)
+    report = {"model": args.model, "data": split.name, "method": args.method, "target": args.target,
+              "final_proportion": final_proportion, "removal_max_relative_difference": removal_difference,
+              "accuracy_before_finetune": gated_accuracy, "rows": rows, "history": history,
+              "arguments": {k: v for k, v in vars(args).items() if k != "run"},
+              "elapsed_s": time.time() - started}
+    write_json_report(out / "report.json", report)
+    if history:
+        plot_training_history(history, out / "pruning.png", target=args.target)
+    print(f"saved: {out / 'pruned'} (pruned DAG, load with dagprune.load_dag), {out / 'report.json'}"
+          + (f", {out / 'pruning.png'}" if history else "") + f"; {time.time() - started:.0f} s")
+    return 0

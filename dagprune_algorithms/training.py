@@ -1,0 +1,182 @@
+"""A small, exact-resume training engine used by ``dagprune prune`` and the benchmarks.
+
+Batches are a pure function of ``(seed, step)`` (a fresh permutation per epoch), and
+checkpoints hold the model and optimizer state, the step, the RNG states and the history, so a
+run stopped at any checkpoint and resumed continues bit-exactly. Checkpoints are written
+atomically and a run whose loss becomes NaN stops with :class:`TrainingError`, leaving the last
+good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from dagprune.errors import DagpruneError
+
+__all__ = ["TrainingError", "batch_indices", "batches", "evaluate_accuracy", "save_checkpoint",
+           "load_checkpoint", "train_steps", "materialize"]
+
+
+class TrainingError(DagpruneError):
+    """Training cannot continue (e.g. the loss became NaN)."""
+
+
+def materialize(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """All samples of a (small) data set as two tensors ``(inputs, labels)``."""
+    inputs, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    return torch.stack([torch.as_tensor(x) for x in inputs]), torch.as_tensor(labels)
+
+
+def batch_indices(num_samples: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of the batch used at ``step``: epoch ``e`` walks a permutation seeded by (seed, e)."""
+    per_epoch = max(num_samples // batch_size, 1)
+    epoch, position = divmod(step, per_epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_samples, generator=generator)
+    return order[position * batch_size:(position + 1) * batch_size]
+
+
+def batches(inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
+            start_step: int, end_step: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yields ``(step, x, y)`` for ``start_step <= step < end_step``."""
+    for step in range(start_step, end_step):
+        index = batch_indices(len(inputs), batch_size, seed, step)
+        yield step, inputs[index], labels[index]
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                      batch_size: int = 256, device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy in percent, in eval mode (the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(inputs), batch_size):
+        x = inputs[start:start + batch_size].to(device)
+        correct += (model(x).argmax(-1).cpu() == labels[start:start + batch_size]).sum().item()
+    model.train(was_training)
+    return 100.0 * correct / max(len(inputs), 1)
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Writes ``state`` atomically (temporary file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Reads a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise TrainingError(f"cannot read checkpoint {path}: {error}") from error
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What a step function reports: the total loss to optimise and values to log."""
+
+    loss: torch.Tensor
+    logs: dict
+
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[torch.Tensor, torch.Tensor],
+                batch_size: int, seed: int, total_steps: int,
+                step_fn: Callable[[int, torch.Tensor, torch.Tensor], StepResult] | None = None,
+                checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 0,
+                device: str | torch.device = "cpu", progress: Callable | None = None,
+                log_every: int = 10, history: list | None = None,
+                on_log: Callable[[int, dict], dict] | None = None) -> list:
+    """Trains for ``total_steps`` steps, resuming from ``checkpoint_path`` if it exists.
+
+    Args:
+        model, optimizer: what to train.
+        data: ``(inputs, labels)`` tensors of the training set.
+        step_fn: ``(step, x, y) -> StepResult``; default: cross-entropy of ``model(x)``.
+        checkpoint_path, checkpoint_every: where and how often to checkpoint (0: only at end).
+        progress: a tqdm-like callable wrapping the step iterator.
+        history: list to append logs to every ``log_every`` steps (also checkpointed).
+        on_log: ``(step, logs) -> extra logs`` called when logging (e.g. validation accuracy).
+
+    Returns:
+        The history list.
+
+    Raises:
+        TrainingError: the loss is not finite; the last good checkpoint is kept.
+    """
+    history = [] if history is None else history
+    start = 0
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        state = load_checkpoint(checkpoint_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        start = int(state["step"])
+        history[:] = state.get("history", [])
+    if step_fn is None:
+        def step_fn(step, x, y):
+            loss = F.cross_entropy(model(x), y)
+            return StepResult(loss, {"task_loss": loss.item()})
+
+    def checkpoint(step: int) -> None:
+        if checkpoint_path is not None:
+            save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "rng": _rng_state(), "step": step, "history": history})
+
+    model.train()
+    inputs, labels = data
+    iterator = batches(inputs, labels, batch_size, seed, start, total_steps)
+    if progress is not None:
+        iterator = progress(iterator, total=total_steps, initial=start)
+    for step, x, y in iterator:
+        result = step_fn(step, x.to(device), y.to(device))
+        if not torch.isfinite(result.loss):
+            raise TrainingError(
+                f"the loss became {result.loss.item()} at step {step} ({result.logs}); stopping. "
+                + (f"The last good checkpoint is {checkpoint_path}. " if checkpoint_path else "")
+                + "Lower the learning rate or the pruning loss weights.")
+        optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        optimizer.step()
+        if step % log_every == 0 or step == total_steps - 1:
+            logs = {"step": step, **result.logs}
+            if on_log is not None:
+                logs.update(on_log(step, logs))
+            history.append(logs)
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
+            checkpoint(step + 1)
+    checkpoint(total_steps)
+    return history
