@@ -24,5 +24,6 @@ __all__ = [
 
 from dagprune.flops import FlopsReport, count_flops, register_flops  # noqa: E402
 from dagprune.shape_prop import propagate_shapes  # noqa: E402
+from dagprune.training_mode import evaluation_mode  # noqa: E402
 
-__all__ += ["count_flops", "FlopsReport", "register_flops", "propagate_shapes"]
+__all__ += ["count_flops", "FlopsReport", "register_flops", "propagate_shapes", "evaluation_mode"]

@@ -7,6 +7,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from dagprune.training_mode import evaluation_mode
+
 __all__ = ["compare_module_outputs", "max_relative_difference"]
 
 
@@ -64,13 +66,8 @@ def compare_module_outputs(first_module: nn.Module, second_module: nn.Module,
         device = parameter.device if parameter is not None else "cpu"
     generator = torch.Generator().manual_seed(seed)
     inputs = [torch.randn(*shape, generator=generator).to(device) for shape in shapes]
-    modes = first_module.training, second_module.training
-    first_module.eval(), second_module.eval()
-    try:
-        with torch.no_grad():
-            difference = max_relative_difference(first_module(*inputs), second_module(*inputs))
-    finally:
-        first_module.train(modes[0]), second_module.train(modes[1])
+    with evaluation_mode(first_module, second_module), torch.no_grad():
+        difference = max_relative_difference(first_module(*inputs), second_module(*inputs))
     if raise_error and not difference <= atol:
         raise AssertionError(f"outputs differ: max relative difference {difference:.3g} > {atol:g}")
     return difference

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import torch
 
 from dagprune.dag_module import DagModule, Vertex
+from dagprune.training_mode import evaluation_mode
 
 __all__ = ["example_inputs", "propagate_values", "propagate_shapes", "value_shape"]
 
@@ -25,13 +26,8 @@ def example_inputs(dag: DagModule, input_shape_without_batch: Sequence, batch_si
 
 def propagate_values(dag: DagModule, inputs: Sequence[torch.Tensor]) -> dict[Vertex, Any]:
     """The value of every vertex for ``inputs``, computed in eval mode without gradients."""
-    was_training = dag.training
-    dag.eval()
-    try:
-        with torch.no_grad():
-            return dag.forward_with_all_values(*inputs)
-    finally:
-        dag.train(was_training)
+    with evaluation_mode(dag), torch.no_grad():
+        return dag.forward_with_all_values(*inputs)
 
 
 def value_shape(value: Any) -> Any:

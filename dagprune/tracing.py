@@ -19,6 +19,7 @@ from dagprune.ops.functions import function_name, method_name, register_function
 from dagprune.ops.padding import SamePad2d
 from dagprune.ops.parameter import ModuleCallOp, ParameterOp
 from dagprune.ops.templates import InputRef, map_template
+from dagprune.training_mode import evaluation_mode
 
 __all__ = ["build_from_unstructured_module", "register_leaf_module", "register_module_rewrite",
            "LEAF_MODULE_TYPES"]
@@ -123,16 +124,14 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
     source = copy.deepcopy(model) if copy_model else model
     source = _apply_rewrites(source)
     was_training = source.training
-    source.eval()
     tracer = _DagTracer(leaf_types, leaf_names)
     try:
-        graph = tracer.trace(source)
+        with evaluation_mode(source):
+            graph = tracer.trace(source)
     except ConversionError:
         raise
     except Exception as error:  # torch.fx raises many types; all mean "cannot trace"
         raise _conversion_error(error, tracer) from error
-    finally:
-        source.train(was_training)
     dag = _graph_to_dag(graph, source, name or type(model).__name__)
     dag.train(was_training)
     dag.lint()

@@ -8,6 +8,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from dagprune.training_mode import evaluation_mode
 from torch import nn
 
 __all__ = ["LatencyResult", "measure_latency"]
@@ -89,15 +91,14 @@ def measure_latency(
     device = torch.device(device)
     first_param = next(iter(model.parameters()), None)
     original_device = first_param.device if first_param is not None else None
-    was_training = model.training
     previous_threads = torch.get_num_threads()
     times_ms = []
     try:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        model.to(device).eval()
+        model.to(device)
         x = torch.randn(batch_size, *input_shape, device=device)
-        with torch.inference_mode():
+        with evaluation_mode(model), torch.inference_mode():
             for _ in range(warmup):
                 model(x)
             _synchronize(device)
@@ -111,7 +112,6 @@ def measure_latency(
         torch.set_num_threads(previous_threads)
         if original_device is not None:
             model.to(original_device)
-        model.train(was_training)
 
     p25, median, p75 = (float(v) for v in np.percentile(times_ms, [25, 50, 75]))
     return LatencyResult(

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dagprune.errors import DagpruneError
+from dagprune.training_mode import evaluation_mode
 
 __all__ = ["TrainingError", "batch_indices", "batches", "evaluate_accuracy", "save_checkpoint",
            "load_checkpoint", "train_steps", "materialize"]
@@ -57,13 +58,11 @@ def batches(inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: i
 def evaluate_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                       batch_size: int = 256, device: str | torch.device = "cpu") -> float:
     """Top-1 accuracy in percent, in eval mode (the model's mode is restored)."""
-    was_training = model.training
-    model.eval()
     correct = 0
-    for start in range(0, len(inputs), batch_size):
-        x = inputs[start:start + batch_size].to(device)
-        correct += (model(x).argmax(-1).cpu() == labels[start:start + batch_size]).sum().item()
-    model.train(was_training)
+    with evaluation_mode(model):
+        for start in range(0, len(inputs), batch_size):
+            x = inputs[start:start + batch_size].to(device)
+            correct += (model(x).argmax(-1).cpu() == labels[start:start + batch_size]).sum().item()
     return 100.0 * correct / max(len(inputs), 1)
 
 

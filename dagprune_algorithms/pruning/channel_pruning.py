@@ -175,6 +175,8 @@ class ChannelPruning:
         model = self._require_gated()
         config = self.loss_config
         frozen = global_step >= (1.0 - config.freeze_fraction) * self.num_training_steps
+        if frozen and not self.gates[0].frozen:
+            self.calibrate_to_target()
         for gate in self.gates:
             gate.freeze(frozen)
         proportion = self.expected_proportion()
@@ -196,6 +198,56 @@ class ChannelPruning:
         bkd_loss = (config.bkd_weight * torch.stack(removed).mean() if removed and model.training
                     else proportion.new_zeros(()))
         return proportion, flops_loss, entropy_loss, bkd_loss
+
+    def calibrate_to_target(self) -> float:
+        """Flips the least certain gate decisions so the hard model lands nearest the target.
+
+        Channels are ordered by how close their logit is to the decision boundary; the
+        shortest prefix of flips (closing open channels when above the target, opening closed
+        ones when below) that brings the hard FLOPs share closest to ``pruning_proportion`` is
+        applied by moving those logits just across zero. Every group keeps a channel.
+
+        Returns:
+            The hard FLOPs share after calibration.
+        """
+        self._require_gated()
+        with torch.no_grad():
+            logits = torch.cat([gate.logits.detach() for gate in self.gates]).cpu()
+            keep = torch.cat([gate.hard_mask() for gate in self.gates]).cpu()
+            current = self._expected_flops.proportion(keep).item()
+            closing = current > self.pruning_proportion
+            candidates = torch.nonzero(keep > 0.5 if closing else keep < 0.5).flatten()
+            order = candidates[logits[candidates].argsort(descending=not closing)]
+            if closing:  # never close the last channel of a group
+                offsets, protected = 0, set()
+                for gate in self.gates:
+                    group_logits = gate.logits.detach().cpu()
+                    protected.add(offsets + int(group_logits.argmax()))
+                    offsets += group_logits.numel()
+                order = torch.tensor([int(i) for i in order if int(i) not in protected], dtype=torch.long)
+
+            def share(count: int) -> float:
+                trial = keep.clone()
+                trial[order[:count]] = 0.0 if closing else 1.0
+                return self._expected_flops.proportion(trial).item()
+
+            low, high = 0, len(order)  # share(count) is monotone in count
+            while low < high:
+                middle = (low + high) // 2
+                crossed = share(middle) <= self.pruning_proportion if closing else \
+                    share(middle) >= self.pruning_proportion
+                low, high = (low, middle) if crossed else (middle + 1, high)
+            count = min((c for c in (low - 1, low) if 0 <= c <= len(order)),
+                        key=lambda c: abs(share(c) - self.pruning_proportion))
+            flipped = order[:count]
+            new_logits = logits.clone()
+            new_logits[flipped] = -0.05 if closing else 0.05
+            offset = 0
+            for gate in self.gates:
+                size = gate.logits.numel()
+                gate.logits.data.copy_(new_logits[offset:offset + size].to(gate.logits.device))
+                offset += size
+        return self.current_hard_proportion()
 
     # ------------------------------------------------------------------------------ state
     def kept_classes(self) -> np.ndarray:

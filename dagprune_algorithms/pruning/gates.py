@@ -64,13 +64,21 @@ class ChannelGate(nn.Module):
         self.temperature = temperature
         self.block_size = block_size
         self.register_buffer("frozen_flag", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("frozen_mask", torch.ones(num_channels))
 
     @property
     def frozen(self) -> bool:
-        """Frozen gates use their hard mask in train mode too (saved with the state dict)."""
+        """Whether the gate is frozen (saved with the state dict)."""
         return bool(self.frozen_flag)
 
     def freeze(self, frozen: bool = True) -> None:
+        """Freezes the gate at its current hard decision (or unfreezes it).
+
+        A frozen gate returns that decision in train mode too and its logits no longer change
+        the mask, so the weights adapt to exactly the model that removal will produce.
+        """
+        if frozen and not self.frozen:
+            self.frozen_mask.copy_(keep_mask_from_logits(self.logits, self.block_size))
         self.frozen_flag.fill_(frozen)
 
     def keep_probabilities(self) -> torch.Tensor:
@@ -81,10 +89,16 @@ class ChannelGate(nn.Module):
 
     def hard_mask(self) -> torch.Tensor:
         """The eval-mode mask as floats (1 = kept)."""
+        if self.frozen:
+            return self.frozen_mask.clone()
         return keep_mask_from_logits(self.logits, self.block_size).to(self.logits.dtype)
 
     def forward(self) -> torch.Tensor:
-        if not self.training or self.frozen:
+        if self.frozen:
+            # `0 * logits` keeps the logits in the graph (with zero gradient) so that
+            # DistributedDataParallel sees every parameter used.
+            return self.frozen_mask + 0.0 * self.logits
+        if not self.training:
             return self.hard_mask()
         uniform = torch.rand_like(self.logits).clamp_(1e-6, 1 - 1e-6)
         noise = torch.log(uniform) - torch.log1p(-uniform)
