@@ -12,7 +12,6 @@ bit-exact), 2 a usage error or a dagprune error (printed as one line on stderr, 
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import sys
 import tempfile
@@ -131,33 +130,15 @@ def _load_model(model: str, input_size: tuple[int, ...]) -> tuple[nn.Module, str
     """The model named by ``model`` (a saved DAG directory or a timm name), in eval mode."""
     if os.path.exists(model):
         return dagprune.load_dag(model).eval(), f"saved DAG {model}"
-    import timm
+    from dagprune_algorithms.models import UnknownModelError, create_timm_model, timm_size_kwargs
 
-    if not timm.is_model(model):
-        close = difflib.get_close_matches(model, timm.list_models(), n=5, cutoff=0.5)
-        hint = f"; closest timm names: {', '.join(close)}" if close else ""
-        raise UsageError(f"{model!r} is neither a saved DAG directory nor a timm model name{hint}")
-    kwargs = _timm_size_kwargs(model, input_size)
     try:
-        created = timm.create_model(model, pretrained=False, **kwargs)
-    except TypeError as error:
-        raise UsageError(f"timm model {model} has a fixed input size and cannot be built for "
-                         f"{'x'.join(map(str, input_size))} ({error}); pass its default "
-                         "--input-size") from error
-    settings = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        created = create_timm_model(model, input_size)
+    except UnknownModelError as error:
+        hint = f"; closest timm names: {', '.join(error.close_matches)}" if error.close_matches else ""
+        raise UsageError(f"{model!r} is neither a saved DAG directory nor a timm model name{hint}") from error
+    settings = ", ".join(f"{k}={v}" for k, v in timm_size_kwargs(model, input_size).items())
     return created.eval(), f"timm {model} (pretrained=False{', ' + settings if settings else ''})"
-
-
-def _timm_size_kwargs(model: str, input_size: tuple[int, ...]) -> dict:
-    """``img_size`` for timm models built for one input size (ViTs), when another is asked."""
-    import timm
-
-    config = timm.models.get_pretrained_cfg(model)
-    if config is None or not getattr(config, "fixed_input_size", False) or len(input_size) != 3:
-        return {}
-    if tuple(config.input_size[1:]) == tuple(input_size[1:]):
-        return {}
-    return {"img_size": tuple(input_size[1:])}
 
 
 def _check_model_runs(model: nn.Module, name: str, input_size: tuple[int, ...]) -> None:
@@ -206,7 +187,21 @@ def _outputs_equal(first, second) -> bool:
     return first == second
 
 
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_convert_command,)
+# --------------------------------------------------------------------------------- prune
+def _add_prune_command(subparsers) -> None:
+    from dagprune_algorithms.prune_job import add_prune_arguments, run_prune
+
+    parser = subparsers.add_parser(
+        "prune", help="prune a timm model to a FLOPs target and report before/after",
+        description="Train (or load) a baseline, prune it to --target of its FLOPs, fine-tune, "
+                    "and print accuracy, FLOPs, parameters and CPU latency before and after. "
+                    "Defaults run offline in minutes on CPU with scikit-learn's digits.")
+    add_prune_arguments(parser)
+    parser.set_defaults(run=run_prune)
+
+
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_convert_command, _add_prune_command)
 """The ``_add_<name>_command`` functions, in the order ``dagprune --help`` lists them."""
 
 

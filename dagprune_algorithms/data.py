@@ -25,6 +25,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from dagprune.errors import DataError
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
@@ -37,13 +39,6 @@ __all__ = [
     "make_loaders",
     "read_idx",
 ]
-
-
-class DataError(ValueError):
-    """Raised when a data set cannot be found, read or understood.
-
-    The message always names the offending path and says what to do about it.
-    """
 
 
 @dataclass

@@ -12,7 +12,11 @@ __all__ = ["UnknownModelError", "create_timm_model", "timm_size_kwargs"]
 
 
 class UnknownModelError(DagpruneError):
-    """A model name that timm does not know."""
+    """A model name that timm does not know; ``close_matches`` lists the nearest names."""
+
+    def __init__(self, message: str, close_matches: list[str] | None = None):
+        super().__init__(message)
+        self.close_matches = close_matches or []
 
 
 def timm_size_kwargs(name: str, input_size: tuple[int, ...] | None) -> dict:
@@ -37,7 +41,7 @@ def create_timm_model(name: str, input_size: tuple[int, ...] | None = None, **kw
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
         hint = f"; closest timm names: {', '.join(close)}" if close else ""
-        raise UnknownModelError(f"{name!r} is not a timm model name{hint}")
+        raise UnknownModelError(f"{name!r} is not a timm model name{hint}", close)
     options = {**timm_size_kwargs(name, input_size), **kwargs}
     if input_size is not None and len(input_size) == 3:
         options.setdefault("in_chans", input_size[0])
