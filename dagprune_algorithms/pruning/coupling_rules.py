@@ -608,7 +608,11 @@ def _getitem_rule(ctx, vertex, module, layouts, values, output):
             in_axis += 1
         elif isinstance(item, slice):
             if in_axis in layout:
-                if item.step not in (None, 1):
+                if any(bound is not None and not isinstance(bound, int)
+                       for bound in (item.start, item.stop, item.step)):
+                    # e.g. pit's x[:, :token_length], token_length read from a shape at run time
+                    ctx.barrier(layout[in_axis], "slice of a channel axis with run-time bounds")
+                elif item.step not in (None, 1):
                     ctx.barrier(layout[in_axis], "strided slice of a channel axis")
                 else:
                     result[out_axis] = layout[in_axis][item]
