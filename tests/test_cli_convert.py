@@ -12,6 +12,8 @@ import pytest
 import dagprune
 from dagprune_algorithms.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL_INPUT = ["--input-size", "3", "64", "64"]
 

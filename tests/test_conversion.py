@@ -23,6 +23,8 @@ from random_dags import random_dag_model, random_dag_models
 from timm_families import create_timm_model, timm_params
 from zoo import ZOO, make_example_inputs
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 RANDOM_DAG_SEEDS = range(10)
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 

@@ -20,6 +20,8 @@ from dagprune.ops import AttentionOp, FunctionalLayerOp, MatmulOp
 from timm_families import TIMM_FAMILY_MODELS, TimmCase, create_timm_model
 from zoo import ZOO, input_shapes
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FVCORE_OPERATORS = ("conv", "linear", "matmul", "bmm", "addmm")
 """fvcore ``by_operator()`` keys of the operators dagprune counts."""
 

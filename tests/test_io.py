@@ -27,6 +27,8 @@ from random_dags import random_dag_model
 from timm_families import create_timm_model, timm_params
 from zoo import ZOO, make_example_inputs
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RANDOM_DAG_SEEDS = range(5)
 ALLOWED_MODULE_PACKAGES = ("torch", "dagprune")
@@ -122,7 +124,7 @@ def test_saved_zoo_models_load_in_a_process_without_their_source(tmp_path):
         [sys.executable, "-c", _LOAD_WITHOUT_SOURCE, str(REPO_ROOT), str(tmp_path),
          json.dumps(sorted(ZOO))],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"})
     assert completed.returncode == 0, completed.stderr
     results = json.loads(completed.stdout.strip().splitlines()[-1])
     assert results.pop("imported_test_modules") == []

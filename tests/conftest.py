@@ -1,0 +1,20 @@
+"""Shared pytest fixtures."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Runs a test module with one intra-op thread.
+
+    The models in these tests are small: a second thread buys little, while on a busy machine
+    (a shared CI runner, other jobs on the same cores) OpenMP threads waiting for each other
+    made them much slower (tests/test_conversion, _io, _flops, _cli_convert, _readme: 630 s with
+    two threads, 93 s with one, on 2 cores with a load average of 7 to 9). Opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
