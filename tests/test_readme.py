@@ -21,7 +21,7 @@ def test_quick_start_has_exactly_two_commands_and_ci_runs_the_test_command():
     quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"^```bash\n(.*?)\n```", quick_start, re.MULTILINE | re.DOTALL)
     install = 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]"'
-    assert commands == [f"{install} && dagprune convert resnet18 --input-size 3 64 64",
+    assert commands == [f"{install} && dagprune prune",
                         f"{install} && python -m pytest -q"]
     ci = (REPO_ROOT / ".ci" / "run").read_text()
     assert "INSTALL='pip install -e \".[dev]\"'" in ci and "TEST='python -m pytest -q'" in ci
