@@ -22,6 +22,11 @@ FIXED_FAMILY_MODELS = {
     # that the two (cls, dist) token parameters make channel-tracked: the getitem coupling
     # rule raised TypeError on the slice bounds; it now bars such an axis.
     "pit_distilled": "pit_ti_distilled_224",
+    # Outlook attention: v -> nn.Unfold -> reshape(B, heads, C // heads, k*k, h*w), C read from
+    # the (pruned) residual stream, -> F.fold. Unfold had no coupling rule, so the reshape kept
+    # the run-time C while its input kept every v channel: removal broke the reshape. Unfold
+    # and fold now have coupling rules (and no-op removal handlers).
+    "volo": "volo_d1_224",
 }
 """Family -> the model that failed before its fix (why in the comment above it)."""
 

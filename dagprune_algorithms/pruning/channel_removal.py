@@ -260,6 +260,11 @@ def _unchanged(module, input_masks, output_mask, shapes):
     return copy.deepcopy(module)
 
 
+# im2col / col2im hold no per-channel state either; their sizes are spatial.
+register_channel_removal(nn.Unfold, nn.Fold, "torch.nn.functional.unfold",
+                         "torch.nn.functional.fold")(_unchanged)
+
+
 def _new_shape(shape, output_mask) -> list[int]:
     return [_count(output_mask.get(axis), size) for axis, size in enumerate(shape)]
 

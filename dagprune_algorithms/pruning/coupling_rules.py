@@ -447,6 +447,45 @@ def _reshape_layout(ctx, layout: Layout, in_shape, out_shape):
     return result or None
 
 
+def _image_input(module, kind: type) -> int | None:
+    return 0 if isinstance(module, kind) else _argument_input(module, 0, "input")
+
+
+@register_coupling_rule(nn.Unfold, "torch.nn.functional.unfold")
+def _unfold_rule(ctx, vertex, module, layouts, values, output):
+    """im2col: output channel ``c * k*k + p`` is input channel ``c`` at kernel position ``p``."""
+    x_index = _image_input(module, nn.Unfold)
+    if x_index is None or values[x_index].ndim != 4 or output.ndim != 3:
+        return _opaque(ctx, layouts, "unfold of an unbatched or constant input")
+    x_layout = _tensor_layout(layouts[x_index])
+    for axis, atoms in x_layout.items():
+        if axis != 1:
+            ctx.barrier(atoms, "unfold over a channel-tracked spatial axis")
+    atoms = x_layout.get(1)
+    if atoms is None:
+        return None
+    return {1: np.repeat(atoms, output.shape[1] // len(atoms))}
+
+
+@register_coupling_rule(nn.Fold, "torch.nn.functional.fold")
+def _fold_rule(ctx, vertex, module, layouts, values, output):
+    """col2im: output channel ``c`` sums input channels ``c * k*k`` to ``c * k*k + k*k - 1``."""
+    x_index = _image_input(module, nn.Fold)
+    if x_index is None or values[x_index].ndim != 3 or output.ndim != 4:
+        return _opaque(ctx, layouts, "fold of an unbatched or constant input")
+    x_layout = _tensor_layout(layouts[x_index])
+    for axis, atoms in x_layout.items():
+        if axis != 1:
+            ctx.barrier(atoms, "fold over a channel-tracked position axis")
+    atoms = x_layout.get(1)
+    if atoms is None:
+        return None
+    per_channel = atoms.reshape(output.shape[1], -1)
+    for summed in per_channel:  # summed together: kept or removed together
+        ctx.tie(summed)
+    return {1: np.ascontiguousarray(per_channel[:, 0])}
+
+
 @register_coupling_rule(ops.ReshapeOp, nn.Flatten, nn.Unflatten)
 def _reshape_rule(ctx, vertex, module, layouts, values, output):
     x_index = _argument_input(module, 0, "input") if isinstance(module, ops.FunctionalOp) else 0
