@@ -144,15 +144,30 @@ class CouplingContext:
 
 
 def _connected_components(count: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """Smallest atom id of each atom's component (edges ``first[i] -- second[i]``)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+    """Smallest atom id of each atom's component (edges ``first[i] -- second[i]``).
 
-    graph = coo_matrix((np.ones(len(first), dtype=np.int8), (first, second)), shape=(count, count))
-    _, labels = connected_components(graph, directed=False)
-    smallest = np.full(labels.max() + 1 if count else 0, count, dtype=np.int64)
-    np.minimum.at(smallest, labels, np.arange(count))
-    return smallest[labels]
+    Vectorised union-find: each round links the root of the larger id to the root of the
+    smaller id for every edge, then compresses paths fully; a few rounds suffice.
+    """
+    parent = np.arange(count)
+
+    def compress():
+        nonlocal parent
+        while True:
+            jumped = parent[parent]
+            if np.array_equal(jumped, parent):
+                return
+            parent = jumped
+
+    while True:
+        root_first, root_second = parent[first], parent[second]
+        differ = root_first != root_second
+        if not differ.any():
+            return parent
+        low = np.minimum(root_first[differ], root_second[differ])
+        high = np.maximum(root_first[differ], root_second[differ])
+        np.minimum.at(parent, high, low)
+        compress()
 
 
 def iter_layout_atoms(layout: Any):
@@ -300,12 +315,8 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence) -> 
         merged.setdefault(find_group(index), []).extend(members)
     groups = []
     for members in merged.values():
-        ordered = []
-        for _, _, atoms in members:
-            for cls in atom_class[atoms]:
-                if int(cls) not in ordered:
-                    ordered.append(int(cls))
-        classes = np.array(ordered, dtype=np.int64)
+        ordered = dict.fromkeys(int(cls) for _, _, atoms in members for cls in atom_class[atoms])
+        classes = np.fromiter(ordered, dtype=np.int64, count=len(ordered))
         blocked = [int(c) for c in classes if barrier_classes[c]]
         reason = next((reasons[c] for c in blocked if c in reasons), "barrier") if blocked else ""
         groups.append(ChannelGroup(len(groups), classes, [(v, a) for v, a, _ in members],

@@ -59,19 +59,21 @@ def _producer_weight(module: nn.Module, vertex, analysis: ChannelAnalysis):
 
 
 def _accumulate(group: ChannelGroup, analysis: ChannelAnalysis, per_position) -> np.ndarray:
-    position = {int(cls): index for index, cls in enumerate(group.classes)}
+    """Averages per-position scores of the group's producers into one score per class."""
+    order = np.argsort(group.classes)
+    sorted_classes = group.classes[order]
     totals, counts = np.zeros(group.size), np.zeros(group.size)
     for vertex, axis in group.producers:
         values = per_position(vertex, axis)
-        if values is None:
+        layout = analysis.layouts[vertex]
+        classes = layout.get(axis) if isinstance(layout, dict) else None
+        if values is None or classes is None or len(classes) != len(values):
             continue
-        classes = analysis.layouts[vertex].get(axis) if isinstance(analysis.layouts[vertex], dict) else None
-        if classes is None or len(classes) != len(values):
-            continue
-        for cls, value in zip(classes, values):
-            if int(cls) in position:
-                totals[position[int(cls)]] += value
-                counts[position[int(cls)]] += 1
+        found = np.clip(np.searchsorted(sorted_classes, classes), 0, group.size - 1)
+        inside = sorted_classes[found] == classes
+        slots = order[found[inside]]
+        np.add.at(totals, slots, np.asarray(values)[inside])
+        np.add.at(counts, slots, 1)
     return np.where(counts > 0, totals / np.maximum(counts, 1), 0.0)
 
 
