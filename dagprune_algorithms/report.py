@@ -36,8 +36,8 @@ def format_comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Format models side by side as an aligned plain-text table.
 
     Each row is a mapping with the keys ``model`` (name), ``accuracy`` (a fraction in
-    [0, 1], shown as a percentage), ``kmapp`` (normalised FLOPs: thousands of
-    multiply-accumulates per input pixel), ``flops_proportion`` (FLOPs relative to the
+    [0, 1], shown as a percentage), ``kmapp`` (normalised FLOPs: FLOPs / (H x W x
+    1000), FLOPs = 2 x multiply-adds), ``flops_proportion`` (FLOPs relative to the
     original model), ``params`` (a parameter count, shown in millions) and ``latency_ms``.
     An optional ``latency_iqr_ms`` is shown next to the latency as ``± IQR``. Missing or
     None values are shown as ``-``; other keys are ignored.

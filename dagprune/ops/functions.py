@@ -31,7 +31,11 @@ _FORBIDDEN = {
     "set_printoptions", "set_grad_enabled", "set_warn_always", "set_flush_denormal",
     "storage", "untyped_storage", "share_memory_", "tolist", "numpy", "pin_memory",
     "register_hook", "register_post_accumulate_grad_hook", "backward", "set_", "data_ptr",
+    "import_ir_module", "import_ir_module_from_buffer", "get_file_path", "call", "cond", "vmap",
+    "while_loop", "map", "func", "export", "onnx", "profiler", "utils", "distributed",
 }
+# Prefixes of names that change global state or touch files.
+_FORBIDDEN_PREFIXES = ("set_", "_", "load", "save", "import_", "use_", "enable_", "disable_")
 _BUILTINS = {"getattr": builtins.getattr, "len": builtins.len, "int": builtins.int,
              "float": builtins.float, "tuple": builtins.tuple, "list": builtins.list,
              "slice": builtins.slice, "max": builtins.max, "min": builtins.min}
@@ -44,7 +48,7 @@ _FUNCTION_BY_NAME: dict[str, Callable] = {}
 
 def _register_namespace(prefix: str, namespace) -> None:
     for attribute in dir(namespace):
-        if attribute.startswith("_") or attribute in _FORBIDDEN:
+        if attribute.startswith(_FORBIDDEN_PREFIXES) or attribute in _FORBIDDEN:
             continue
         value = getattr(namespace, attribute, None)
         if callable(value) and not isinstance(value, type):
