@@ -32,7 +32,8 @@ from dagprune import DagModule, InnerVertex, Vertex
 from dagprune.flops import vertex_flops
 from dagprune.shape_prop import example_inputs, propagate_values, value_shape
 
-__all__ = ["ChannelGroup", "ChannelAnalysis", "CouplingContext", "find_channel_groups", "Layout"]
+__all__ = ["ChannelGroup", "ChannelAnalysis", "CouplingContext", "find_channel_groups", "Layout",
+           "ShapeTag"]
 
 Layout = dict  # axis (non-negative int) -> np.ndarray of atom ids, for a tensor value
 
@@ -170,10 +171,23 @@ def _connected_components(count: int, first: np.ndarray, second: np.ndarray) -> 
         compress()
 
 
+@dataclasses.dataclass
+class ShapeTag:
+    """The layout of a Python int read from a tensor's shape: the atoms of that axis.
+
+    A size read at run time (``C = x.shape[2]``) and used to shape another tensor couples the
+    two axes: after removal both must have the same number of kept channels.
+    """
+
+    atoms: np.ndarray
+
+
 def iter_layout_atoms(layout: Any):
     """Yields every atom array in a (possibly nested) layout."""
     if isinstance(layout, dict):
         yield from layout.values()
+    elif isinstance(layout, ShapeTag):
+        yield layout.atoms
     elif isinstance(layout, (tuple, list)):
         for item in layout:
             yield from iter_layout_atoms(item)
@@ -342,6 +356,8 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence) -> 
 def _map_layout(layout: Any, atom_class: np.ndarray) -> Any:
     if isinstance(layout, dict):
         return {axis: atom_class[atoms] for axis, atoms in layout.items()}
+    if isinstance(layout, ShapeTag):
+        return None  # removal rewrites constants only; run-time sizes follow by themselves
     if isinstance(layout, (tuple, list)):
         return type(layout)(_map_layout(item, atom_class) for item in layout)
     return layout

@@ -52,13 +52,14 @@ def _handler_for(module: nn.Module) -> RemovalHandler | None:
     return None
 
 
-def position_masks(layout: Any, keep_class: np.ndarray) -> Any:
-    """Per-axis kept-position masks for a layout; axes that keep everything are omitted."""
+def position_masks(layout: Any, keep_class: np.ndarray, keep_full: bool = False) -> Any:
+    """Per-axis kept-position masks for a layout; axes that keep everything are omitted unless
+    ``keep_full`` (then every channel-carrying axis has a mask)."""
     if isinstance(layout, dict):
         masks = {axis: keep_class[atoms] for axis, atoms in layout.items()}
-        return {axis: mask for axis, mask in masks.items() if not mask.all()}
+        return {axis: mask for axis, mask in masks.items() if keep_full or not mask.all()}
     if isinstance(layout, (tuple, list)):
-        return type(layout)(position_masks(item, keep_class) for item in layout)
+        return type(layout)(position_masks(item, keep_class, keep_full) for item in layout)
     return {}
 
 
@@ -86,7 +87,10 @@ def remove_channels_from_dag(analysis: ChannelAnalysis, keep_class: np.ndarray) 
         inputs.append(new_vertex)
     inner = []
     for vertex in dag.inner_vertices:
-        input_masks = [position_masks(analysis.layouts[p], keep_class) for p in vertex.predecessors]
+        # a reshape's run-time sizes of channel axes (``C`` read from another tensor's shape)
+        # can be wrong even where its own channels are all kept: its handler sees every such axis
+        full = isinstance(vertex.module, ops.ReshapeOp)
+        input_masks = [position_masks(analysis.layouts[p], keep_class, full) for p in vertex.predecessors]
         output_mask = position_masks(analysis.layouts[vertex], keep_class)
         shapes = [analysis.values_shapes[p] for p in vertex.predecessors] + [analysis.values_shapes[vertex]]
         module = vertex.module
@@ -152,9 +156,22 @@ def _remove_conv(module, input_masks, output_mask, shapes):
     _replace(module, "weight", weight)
     if module.bias is not None:
         _replace(module, "bias", _slice_tensor(module.bias, 0, out_mask))
+    _slice_extra_output_state(module, module.out_channels, out_mask)
     module.out_channels = _count(out_mask, module.out_channels)
     module.in_channels = _count(in_mask, module.in_channels)
     return module
+
+
+def _slice_extra_output_state(module: nn.Module, out_channels: int, out_mask) -> None:
+    """Per-output-channel tensors of conv subclasses (e.g. timm's weight-standardised convs
+    keep a ``gain`` of shape (out, 1, 1, 1))."""
+    if out_mask is None:
+        return
+    named = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+    for name, tensor in named:
+        if name not in ("weight", "bias") and tensor is not None and tensor.ndim >= 1 \
+                and tensor.shape[0] == out_channels:
+            _replace(module, name, _slice_tensor(tensor, 0, out_mask))
 
 
 @register_channel_removal(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -269,19 +286,34 @@ def _new_shape(shape, output_mask) -> list[int]:
     return [_count(output_mask.get(axis), size) for axis, size in enumerate(shape)]
 
 
-def _rewrite_sizes(sizes, new_sizes: list[int], old_sizes) -> Any:
-    """Replaces sizes of axes that lost channels by the new count; keeps -1 and unchanged sizes.
+def _rewrite_sizes(sizes, new_sizes: list[int], old_sizes, static_positions=frozenset()) -> Any:
+    """Replaces the sizes of axes that lost channels by the new count; keeps -1.
 
     A run-time size (an ``InputRef``, e.g. ``C`` in timm's ``x.reshape(B, N, C)`` read from
     another tensor's shape) is replaced too: it may come from a tensor whose channels were
-    pruned differently (the residual stream vs. the attention head dims), and a channel axis
-    has a fixed length after removal.
+    pruned differently (the residual stream vs. the attention head dims). ``static_positions``
+    are positions whose run-time sizes are replaced even where the analysed size is unchanged
+    (see :func:`_remove_reshape`); channel-derived sizes are fixed after removal.
     """
     rewritten = []
-    for value, new, old in zip(sizes, new_sizes, old_sizes):
-        changeable = isinstance(value, ops.InputRef) or (isinstance(value, int) and value != -1)
-        rewritten.append(new if changeable and new != old else value)
+    for position, (value, new, old) in enumerate(zip(sizes, new_sizes, old_sizes)):
+        changeable = isinstance(value, InputRef) or (isinstance(value, int) and value != -1)
+        rewritten.append(new if changeable and (new != old or position in static_positions) else value)
     return type(sizes)(rewritten) if isinstance(sizes, (tuple, list)) else rewritten
+
+
+def _channel_derived_axes(in_shape, out_shape, input_masks) -> frozenset:
+    """Output axes of a reshape that split or merge a channel-carrying input axis.
+
+    Their run-time sizes (``c // 4`` in a channel shuffle's ``view(b, 4, c // 4, h, w)``) need
+    not match how the layout distributes the kept channels over them (the shuffle may keep
+    fewer of the 4 groups instead of fewer channels per group), so they become constants.
+    """
+    from dagprune_algorithms.pruning.coupling_rules import reshape_axis_groups
+
+    masked = input_masks[0] if isinstance(input_masks[0], dict) else {}
+    return frozenset(axis for in_axes, out_axes in reshape_axis_groups(in_shape, out_shape)
+                     if any(a in masked for a in in_axes) for axis in out_axes)
 
 
 @register_channel_removal(ops.ReshapeOp)
@@ -292,12 +324,13 @@ def _remove_reshape(module, input_masks, output_mask, shapes):
     name = module.short_name
     if name in ("view", "reshape"):
         keyword = "shape" if name == "reshape" else "size"
+        static = _channel_derived_axes(shapes[0], old_shape, input_masks)
         shape_argument = module.argument(1, keyword)
         if isinstance(shape_argument, (tuple, list)):
-            module.set_argument(1, keyword, _rewrite_sizes(shape_argument, new_shape, old_shape))
+            module.set_argument(1, keyword, _rewrite_sizes(shape_argument, new_shape, old_shape, static))
         else:
             varargs = list(module.args[1:])
-            module.args = (module.args[0], *_rewrite_sizes(varargs, new_shape, old_shape))
+            module.args = (module.args[0], *_rewrite_sizes(varargs, new_shape, old_shape, static))
     elif name == "unflatten":
         dim = module.argument(1, "dim") % len(shapes[0])
         sizes = module.argument(2, "sizes")

@@ -19,7 +19,8 @@ from dagprune import InnerVertex, ops
 from dagprune.flops import vertex_flops
 from dagprune.ops import InputRef
 
-from dagprune_algorithms.pruning.channel_groups import CouplingContext, Layout, iter_layout_atoms
+from dagprune_algorithms.pruning.channel_groups import (CouplingContext, Layout, ShapeTag,
+                                                        iter_layout_atoms)
 
 __all__ = ["register_coupling_rule", "apply_coupling_rule", "reshape_axis_groups"]
 
@@ -27,13 +28,25 @@ CouplingRule = Callable[..., Any]
 _RULES: dict[Any, CouplingRule] = {}
 
 
-def register_coupling_rule(*keys):
-    """Registers a coupling rule for module types, op classes or function names."""
+def register_coupling_rule(*keys, reads_sizes: bool = False):
+    """Registers a coupling rule for module types, op classes or function names.
+
+    Args:
+        reads_sizes: the rule understands :class:`ShapeTag` inputs (sizes read from channel
+            axes at run time). For other rules such inputs are barred before the rule runs.
+    """
     def decorator(rule: CouplingRule) -> CouplingRule:
+        rule.reads_sizes = reads_sizes
         for key in keys:
             _RULES[key] = rule
         return rule
     return decorator
+
+
+def _is_size_layout(layout: Any) -> bool:
+    if isinstance(layout, ShapeTag):
+        return True
+    return isinstance(layout, tuple) and any(isinstance(item, ShapeTag) for item in layout)
 
 
 def rule_for(module: nn.Module) -> CouplingRule | None:
@@ -52,6 +65,12 @@ def apply_coupling_rule(ctx: CouplingContext, vertex: InnerVertex, layouts: list
     rule = rule_for(vertex.module)
     if rule is None:
         return _opaque(ctx, layouts, f"no coupling rule for {_describe(vertex.module)}")
+    if not rule.reads_sizes and any(_is_size_layout(layout) for layout in layouts):
+        layouts = list(layouts)
+        for index, layout in enumerate(layouts):
+            if _is_size_layout(layout):  # a channel count used in a way we do not follow
+                ctx.barrier_layout(layout, f"channel count used by {_describe(vertex.module)}")
+                layouts[index] = None
     layout = rule(ctx, vertex, vertex.module, layouts, values, output)
     return _check_layout(ctx, layout, output)
 
@@ -67,6 +86,11 @@ def _opaque(ctx: CouplingContext, layouts: list, reason: str) -> None:
 
 def _check_layout(ctx: CouplingContext, layout: Any, output: Any) -> Any:
     """Drops (and bars) atoms that do not fit the output's shape: a rule's safety net."""
+    if isinstance(layout, ShapeTag):
+        if isinstance(output, int) and output == len(layout.atoms):
+            return layout
+        ctx.barrier(layout.atoms, "size tag does not match the value")
+        return None
     if isinstance(layout, dict):
         if not isinstance(output, torch.Tensor):
             ctx.barrier_layout(layout, "channels flow into a non-tensor value")
@@ -167,6 +191,25 @@ def _conv_rule(ctx, vertex, module, layouts, values, output):
     return {1: out_atoms}
 
 
+def _weight_standardized_conv_rule(ctx, vertex, module, layouts, values, output):
+    """Convs that standardise each filter over its input channels: inputs are not prunable."""
+    ctx.barrier_layout(layouts, "weight standardisation over input channels")
+    out_atoms = ctx.produce(module.out_channels, axis=1)
+    ctx.count_flops(vertex, _base_flops(vertex, values, output), [out_atoms])
+    return {1: out_atoms}
+
+
+try:  # timm's weight-standardised convolutions
+    import importlib
+
+    _std_conv = importlib.import_module("timm.layers.std_conv")
+    register_coupling_rule(*(getattr(_std_conv, name) for name in (
+        "StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
+        if hasattr(_std_conv, name)))(_weight_standardized_conv_rule)
+except ImportError:  # pragma: no cover - timm is a dependency
+    pass
+
+
 @register_coupling_rule(nn.Linear)
 def _linear_rule(ctx, vertex, module, layouts, values, output):
     x_layout = dict(_tensor_layout(layouts[0]))
@@ -260,7 +303,25 @@ def _elementwise_rule(ctx, vertex, module, layouts, values, output):
 
 @register_coupling_rule(ops.ShapeQueryOp)
 def _shape_query_rule(ctx, vertex, module, layouts, values, output):
-    return None  # shapes are read at run time, so removal keeps them right
+    """Sizes read from channel axes carry those axes' atoms (see :class:`ShapeTag`)."""
+    layout = _tensor_layout(layouts[0]) if layouts else {}
+    if not layout or not isinstance(values[0], torch.Tensor):
+        return None
+    name = module.short_name
+
+    def tag(axis):
+        return ShapeTag(layout[axis]) if axis in layout else None
+
+    if name == "getattr" and module.argument(1, None) == "shape" or (
+            name == "size" and _argument_value(module, values, 1, "dim") is None):
+        return tuple(tag(axis) for axis in range(values[0].ndim))
+    if name == "size":
+        return tag(_argument_value(module, values, 1, "dim") % values[0].ndim)
+    if name in ("len", "__len__"):
+        return tag(0)
+    if name == "numel":
+        ctx.barrier_layout(layout, "numel of a channel-tracked tensor")
+    return None
 
 
 # ------------------------------------------------------------------------------- norms
@@ -339,7 +400,9 @@ def _functional_group_norm_rule(ctx, vertex, module, layouts, values, output):
 @register_coupling_rule("torch.nn.functional.batch_norm", "torch.batch_norm")
 def _functional_batch_norm_rule(ctx, vertex, module, layouts, values, output):
     x_index = _argument_input(module, 0, "input")
-    x_layout = _tensor_layout(layouts[x_index]) if x_index is not None else {}
+    x_layout = dict(_tensor_layout(layouts[x_index])) if x_index is not None else {}
+    for axis in [a for a in x_layout if a != 1]:  # statistics are taken over these axes
+        ctx.barrier(x_layout.pop(axis), "batch-norm statistics over a channel axis")
     atoms = x_layout.get(1)
     for index, layout in enumerate(layouts):
         if index != x_index:
@@ -486,18 +549,53 @@ def _fold_rule(ctx, vertex, module, layouts, values, output):
     return {1: np.ascontiguousarray(per_channel[:, 0])}
 
 
-@register_coupling_rule(ops.ReshapeOp, nn.Flatten, nn.Unflatten)
+def _size_arguments(module, ndim: int) -> list:
+    """The size argument given for each output axis of view/reshape/expand (or [])."""
+    if not isinstance(module, ops.FunctionalOp) or module.short_name not in ("view", "reshape", "expand"):
+        return []
+    keyword = {"view": "size", "reshape": "shape", "expand": "size"}[module.short_name]
+    sizes = module.argument(1, keyword)
+    if not isinstance(sizes, (tuple, list)):
+        sizes = module.args[1:]
+    return list(sizes) if len(sizes) == ndim else []
+
+
+def _couple_sizes(ctx, module, layouts, result: Layout, ndim: int) -> Layout:
+    """Unifies output axes with the channel axes their run-time sizes were read from."""
+    result = dict(result or {})
+    for axis, size in enumerate(_size_arguments(module, ndim)):
+        tag = layouts[size.index] if isinstance(size, InputRef) else None
+        if not isinstance(tag, ShapeTag):
+            continue
+        atoms = result.get(axis)
+        if atoms is not None and len(atoms) == len(tag.atoms):
+            ctx.unify(atoms, tag.atoms)
+        else:
+            ctx.barrier(tag.atoms, "size read from a channel axis shapes an untracked axis")
+            if atoms is not None:
+                ctx.barrier(atoms, "shaped by a size read from another axis")
+                result.pop(axis)
+    for index, layout in enumerate(layouts):  # tags used any other way
+        if isinstance(layout, tuple) and _is_size_layout(layout):
+            ctx.barrier_layout(layout, "shape tuple passed whole")
+    return result
+
+
+@register_coupling_rule(ops.ReshapeOp, nn.Flatten, nn.Unflatten, reads_sizes=True)
 def _reshape_rule(ctx, vertex, module, layouts, values, output):
     x_index = _argument_input(module, 0, "input") if isinstance(module, ops.FunctionalOp) else 0
     if x_index is None or not isinstance(output, torch.Tensor):
         return _opaque(ctx, layouts, "reshape of a constant")
-    for index, layout in enumerate(layouts):
-        if index != x_index:
-            ctx.barrier_layout(layout, "reshape template tensor")
+    other_tensors = [i for i, v in enumerate(values) if i != x_index and isinstance(v, torch.Tensor)]
+    for index in other_tensors:  # view_as / reshape_as: the template's axes match the output's
+        ctx.barrier_layout(layouts[index], "reshape template tensor")
     layout = _tensor_layout(layouts[x_index])
-    if not layout:
-        return None
-    return _reshape_layout(ctx, layout, tuple(values[x_index].shape), tuple(output.shape))
+    result = (_reshape_layout(ctx, layout, tuple(values[x_index].shape), tuple(output.shape))
+              if layout else None)
+    if other_tensors and result:
+        ctx.barrier_layout(result, "reshaped like another tensor")
+        result = None
+    return _couple_sizes(ctx, module, layouts, result, output.ndim) or None
 
 
 def _permutation(module, values, ndim) -> list[int] | None:
@@ -536,7 +634,7 @@ def _permute_rule(ctx, vertex, module, layouts, values, output):
     return {new: layout[old] for new, old in enumerate(order) if old in layout} or None
 
 
-@register_coupling_rule(ops.ExpandOp)
+@register_coupling_rule(ops.ExpandOp, reads_sizes=True)
 def _expand_rule(ctx, vertex, module, layouts, values, output):
     layout = _tensor_layout(layouts[0])
     offset = output.ndim - values[0].ndim
@@ -546,9 +644,10 @@ def _expand_rule(ctx, vertex, module, layouts, values, output):
             result[axis + offset] = atoms
         else:
             ctx.barrier(atoms, f"{module.short_name} repeats a channel axis")
-    for layout_other in layouts[1:]:
-        ctx.barrier_layout(layout_other, "expand template tensor")
-    return result or None
+    for index, layout_other in enumerate(layouts[1:], start=1):
+        if isinstance(values[index], torch.Tensor):
+            ctx.barrier_layout(layout_other, "expand template tensor")
+    return _couple_sizes(ctx, module, layouts, result, output.ndim) or None
 
 
 @register_coupling_rule(ops.ConcatOp)
@@ -616,7 +715,7 @@ def _split_rule(ctx, vertex, module, layouts, values, output):
     return tuple(pieces)
 
 
-@register_coupling_rule(ops.GetItemOp)
+@register_coupling_rule(ops.GetItemOp, reads_sizes=True)
 def _getitem_rule(ctx, vertex, module, layouts, values, output):
     container, index = values[0], _argument_value(module, values, 1, None)
     layout = layouts[0]
