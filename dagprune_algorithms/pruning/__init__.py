@@ -15,3 +15,11 @@ __all__ = [
     "compute_flops", "compute_normalized_flops", "ChannelGate", "MaskApply", "MaskedNorm",
     "keep_mask_from_logits",
 ]
+
+from dagprune_algorithms.pruning.units import (CHANNEL_UNIT_TYPES, ChannelMutator, ChannelUnit,  # noqa: E402
+                                               ChannelUnitError, SequentialChannelUnit,
+                                               register_channel_unit)
+from dagprune_algorithms.pruning.iterative import ItePruneAlgorithm, choices_for_flops_target  # noqa: E402
+
+__all__ += ["ChannelMutator", "ChannelUnit", "SequentialChannelUnit", "ChannelUnitError",
+            "register_channel_unit", "CHANNEL_UNIT_TYPES", "ItePruneAlgorithm", "choices_for_flops_target"]

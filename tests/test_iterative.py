@@ -1,0 +1,319 @@
+"""Iterative pruning (mmrazor's ItePruneAlgorithm) and ``dagprune prune --method l1``.
+
+Pinned down here:
+
+* the schedule: prunes at step 0 and every ``step_epoch`` steps, ``prune_times`` in all, the
+  kept share falling linearly to the target (float or per-unit dict, ratio or number mode);
+* exact resume: masks and the prune count live in ``algorithm.state_dict()``, so a run stopped
+  and resumed from a checkpoint (model, optimizer and algorithm state) ends bit-identical to
+  an uninterrupted one, also through ``run_iterative_l1``'s checkpoints;
+* exact export: after masked training, the removed model equals the masked model (zoo models
+  and timm models), and the uniform ratio meets the FLOPs target within 0.02.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+
+import numpy as np
+import pytest
+import torch
+
+import dagprune as dp
+from dagprune.errors import PruningError
+from dagprune_algorithms.pruning import ChannelMutator, ChannelUnitError, ItePruneAlgorithm
+from dagprune_algorithms.pruning.iterative import FLOPS_TARGET_TOLERANCE, choices_for_flops_target, run_iterative_l1
+
+from zoo import ZOO, input_shapes, make_example_inputs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# ------------------------------------------------------------------------------- named data
+REMOVAL_TOLERANCE = 1e-4
+"""``max_relative_difference(masked(x), slim(x))`` bound after masked training (eval mode)."""
+
+TIMM_MODELS = ["test_resnet", "mobilenetv3_small_050"]
+"""timm models trained and exported here (small; 32x32 inputs)."""
+
+SLOW_TIMM_MODELS = ["resnet34", "efficientnet_b0", "convnext_atto", "regnetx_002"]
+"""More timm models for ``-m slow``."""
+
+TIMM_INPUT = (3, 32, 32)
+
+
+# ------------------------------------------------------------------------------- helpers
+def zoo_dag(name: str) -> dp.DagModule:
+    return dp.build_from_unstructured_module(ZOO[name].factory(seed=0).eval())
+
+
+def zoo_shape(name: str):
+    shapes = input_shapes(ZOO[name])
+    return shapes[0] if len(shapes) == 1 else shapes
+
+
+def train_a_step(algorithm: ItePruneAlgorithm, optimizer, inputs) -> None:
+    output = algorithm(*inputs)
+    outputs = output if isinstance(output, tuple) else (output,)
+    loss = sum(o.float().square().mean() for o in outputs)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def step_inputs(name: str, step: int):
+    return make_example_inputs(ZOO[name], batch_size=4, seed=1000 + step)
+
+
+def empties_a_tensor(mutator: ChannelMutator) -> bool:
+    from dagprune_algorithms.pruning.channel_groups import iter_layout_atoms
+
+    keep = mutator.kept_classes()
+    return any(len(c) and not keep[c].any() for v in mutator.analysis.dag.inner_vertices
+               for c in iter_layout_atoms(mutator.analysis.layouts[v]))
+
+
+def check_export(algorithm: ItePruneAlgorithm, inputs) -> dp.DagModule:
+    algorithm.eval()
+    slim = algorithm.remove_channels().eval()
+    with torch.no_grad():
+        difference = dp.max_relative_difference(algorithm(*inputs), slim(*inputs))
+    assert difference <= REMOVAL_TOLERANCE, f"slim differs from the masked model by {difference:.3g}"
+    return slim
+
+
+# ------------------------------------------------------------------------------- schedule
+def test_schedule_prunes_at_step_0_and_every_step_epoch_down_to_the_target():
+    algorithm = ItePruneAlgorithm(zoo_dag("plain_mean_pool"), target_pruning_ratio=0.5, step_epoch=3,
+                                  prune_times=4, input_shape=(3, 16, 16))
+    assert algorithm.prune_steps == [0, 3, 6, 9]
+    widths = {unit.name: unit.num_channels for unit in algorithm.mutator.mutable_units}
+    assert widths == {"conv1_(0, 8)_8": 8, "conv2_(0, 16)_16": 16, "conv3_(0, 16)_16": 16, "fc1_(0, 12)_12": 12}
+    kept_share = 1.0
+    for step in range(14):
+        pruned = algorithm.maybe_prune(step)
+        assert pruned == (step in (0, 3, 6, 9))
+        if pruned:
+            kept_share = 1 - 0.5 * (step // 3 + 1) / 4  # 0.875, 0.75, 0.625, 0.5
+        expected = {name: np.floor(kept_share * width + 0.5) / width for name, width in widths.items()}
+        assert algorithm.mutator.current_choices == expected, f"step {step}"
+    assert algorithm.done and int(algorithm.prunes_done) == 4
+
+
+def test_per_unit_targets_in_number_mode():
+    mutator = ChannelMutator({"default_args": {"choice_mode": "number"}}, {"input_shape": [3, 16, 16]})
+    algorithm = ItePruneAlgorithm(zoo_dag("plain_mean_pool"), mutator, step_epoch=1, prune_times=3,
+                                  target_pruning_ratio={"conv2_(0, 16)_16": 4, "fc1_(0, 12)_12": 12})
+    seen = []
+    for step in range(4):
+        algorithm.maybe_prune(step)
+        seen.append(algorithm.mutator.current_choices)
+    # 16 -> 4 in three prunes: 12, 8, 4; units not named are not pruned
+    assert [c["conv2_(0, 16)_16"] for c in seen] == [12, 8, 4, 4]
+    assert all(c["fc1_(0, 12)_12"] == 12 and c["conv1_(0, 8)_8"] == 8 for c in seen)
+    assert algorithm.scheduled_choices(1) == {"conv2_(0, 16)_16": 8, "fc1_(0, 12)_12": 12}
+
+
+def test_a_late_call_applies_the_latest_prune_due_and_repeats_do_nothing():
+    algorithm = ItePruneAlgorithm(zoo_dag("plain_mean_pool"), target_pruning_ratio=0.25, step_epoch=2,
+                                  prune_times=3, input_shape=(3, 16, 16))
+    assert algorithm.maybe_prune(5)  # prunes 0, 1 and 2 were due: the model goes to prune 2's state
+    assert int(algorithm.prunes_done) == 3
+    assert algorithm.mutator.current_choices["conv2_(0, 16)_16"] == 4 / 16
+    assert not algorithm.maybe_prune(5) and not algorithm.maybe_prune(6)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"target_pruning_ratio": None}, PruningError, "target_pruning_ratio is required"),
+    ({"target_pruning_ratio": {"conv2_(0, 16)_17": 0.5}}, ChannelUnitError, r"closest: 'conv2_\(0, 16\)_16'"),
+    ({"target_pruning_ratio": 1.5}, ChannelUnitError, r"out of range.*\(0, 1\]"),
+    ({"target_pruning_ratio": {"fc2_(0, 10)_10": 0.5}}, ChannelUnitError, "cannot be pruned"),
+    ({"target_pruning_ratio": 0.5, "step_epoch": 0}, PruningError, "step_epoch must be a positive int"),
+    ({"target_pruning_ratio": 0.5, "prune_times": 1.5}, PruningError, "prune_times must be a positive int"),
+])
+def test_bad_arguments_are_refused(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        ItePruneAlgorithm(zoo_dag("plain_mean_pool"), input_shape=(3, 16, 16), **kwargs)
+
+
+# ------------------------------------------------------------------------------- resume
+def run_plain_loop(name, start, stop, algorithm=None, optimizer=None, state=None):
+    """Steps ``start..stop-1`` of a plain loop: maybe_prune, forward, backward, SGD step."""
+    if algorithm is None:
+        algorithm = ItePruneAlgorithm(zoo_dag(name), target_pruning_ratio=0.5, step_epoch=2, prune_times=3,
+                                      input_shape=zoo_shape(name))
+        optimizer = torch.optim.SGD(algorithm.parameters(), lr=0.05, momentum=0.9)
+        if state is not None:
+            algorithm.load_state_dict(state["algorithm"])
+            optimizer.load_state_dict(state["optimizer"])
+    algorithm.train()
+    for step in range(start, stop):
+        algorithm.maybe_prune(step)
+        train_a_step(algorithm, optimizer, step_inputs(name, step))
+    return algorithm, optimizer
+
+
+def checkpoint(algorithm, optimizer) -> dict:
+    buffer = io.BytesIO()
+    torch.save({"algorithm": algorithm.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("stop_at", [3, 4])  # between two prunes, and at a prune step
+def test_a_resumed_run_continues_exactly(stop_at):
+    name = "resnet_basic_blocks"
+    continuous, _ = run_plain_loop(name, 0, 8)
+    first, optimizer = run_plain_loop(name, 0, stop_at)
+    state = checkpoint(first, optimizer)
+    assert any(key.endswith(".mask") for key in state["algorithm"]) and "prunes_done" in state["algorithm"]
+    resumed, _ = run_plain_loop(name, stop_at, 8, state=state)
+    expected, actual = continuous.state_dict(), resumed.state_dict()
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    assert resumed.mutator.current_choices == continuous.mutator.current_choices
+
+
+# ------------------------------------------------------------------------------- export
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_export_after_masked_training_equals_the_masked_model(name):
+    algorithm = ItePruneAlgorithm(zoo_dag(name), target_pruning_ratio=0.4, step_epoch=1, prune_times=2,
+                                  input_shape=zoo_shape(name))
+    optimizer = torch.optim.SGD(algorithm.parameters(), lr=0.01)
+    for step in range(3):
+        algorithm.maybe_prune(step)
+        train_a_step(algorithm, optimizer, step_inputs(name, step))
+    if empties_a_tensor(algorithm.mutator):  # a unit spread over tensors kept channels in one only
+        with pytest.raises(ChannelUnitError, match="without channels"):
+            algorithm.remove_channels()
+        return
+    check_export(algorithm, make_example_inputs(ZOO[name], batch_size=2))
+
+
+def export_timm(model_name: str):
+    timm = pytest.importorskip("timm")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model(model_name, pretrained=False, num_classes=10).eval()
+    algorithm = ItePruneAlgorithm(dp.build_from_unstructured_module(model), target_pruning_ratio=0.5,
+                                  step_epoch=1, prune_times=2, input_shape=TIMM_INPUT)
+    optimizer = torch.optim.SGD(algorithm.parameters(), lr=0.01)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(2):
+        algorithm.maybe_prune(step)
+        train_a_step(algorithm, optimizer, (torch.randn(4, *TIMM_INPUT, generator=generator),))
+    slim = check_export(algorithm, (torch.randn(2, *TIMM_INPUT, generator=generator),))
+    flops = dp.count_flops(slim, TIMM_INPUT).total / dp.count_flops(algorithm.mutator.dag, TIMM_INPUT).total
+    assert flops == pytest.approx(algorithm.mutator.flops_proportion(), abs=1e-6)
+    assert flops < 0.9
+
+
+@pytest.mark.parametrize("model_name", TIMM_MODELS)
+def test_export_of_timm_models_equals_the_masked_model(model_name):
+    export_timm(model_name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", SLOW_TIMM_MODELS)
+def test_export_of_more_timm_models_equals_the_masked_model(model_name):
+    export_timm(model_name)
+
+
+# ------------------------------------------------------------------------------- FLOPs target
+@pytest.mark.parametrize("name", ["resnet_basic_blocks", "densenet_concat"])
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.8])
+def test_choices_meet_the_flops_target(name, target):
+    mutator = ChannelMutator(parse_cfg={"input_shape": [3, 16, 16]})
+    mutator.prepare_from_supernet(zoo_dag(name))
+    choices, proportion = choices_for_flops_target(mutator, target)
+    assert abs(proportion - target) <= FLOPS_TARGET_TOLERANCE
+    assert choices.keys() == mutator.choice_template().keys()
+    assert max(choices.values()) - min(choices.values()) <= 0.5  # near-uniform
+    mutator.set_choices(choices)
+    assert mutator.flops_proportion() == pytest.approx(proportion)
+
+
+def test_a_large_model_gets_one_uniform_ratio():
+    timm = pytest.importorskip("timm")
+    mutator = ChannelMutator(parse_cfg={"input_shape": list(TIMM_INPUT)})
+    mutator.prepare_from_supernet(dp.build_from_unstructured_module(timm.create_model("test_resnet")))
+    choices, proportion = choices_for_flops_target(mutator, 0.5)
+    assert len(set(choices.values())) == 1 and abs(proportion - 0.5) <= FLOPS_TARGET_TOLERANCE
+
+
+def test_an_unreachable_flops_target_says_the_lowest_reachable():
+    mutator = ChannelMutator({"default_args": {"divisor": 8}}, {"input_shape": [3, 16, 16]})
+    mutator.prepare_from_supernet(zoo_dag("resnet_basic_blocks"))
+    with pytest.raises(PruningError, match="cannot be reached.*choose a target >="):
+        choices_for_flops_target(mutator, 0.05)
+
+
+# ------------------------------------------------------------------------------- the prune job
+def l1_arguments(**overrides) -> argparse.Namespace:
+    values = dict(target=0.5, steps=12, batch_size=8, lr=1e-3, seed=0, checkpoint_every=4,
+                  block_size=1, prune_times=3)
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def digits_like_data(count: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, 3, 16, 16, generator=generator), torch.randint(0, 10, (count,), generator=generator)
+
+
+def interrupt_after(steps: int):
+    def progress(iterable, total, initial):
+        for done, item in enumerate(iterable):
+            if done == steps:
+                raise KeyboardInterrupt
+            yield item
+    return progress
+
+
+def test_run_iterative_l1_meets_the_target_exports_exactly_and_resumes_exactly(tmp_path):
+    train, val = digits_like_data(64, 0), digits_like_data(16, 1)
+    args = l1_arguments()
+    pruned, history, accuracy, difference = run_iterative_l1(
+        zoo_dag("plain_mean_pool"), (3, 16, 16), args, train, val, "cpu", tmp_path / "whole")
+    assert difference <= REMOVAL_TOLERANCE and 0 <= accuracy <= 100
+    original = dp.count_flops(zoo_dag("plain_mean_pool"), (3, 16, 16)).total
+    assert abs(dp.count_flops(pruned, (3, 16, 16)).total / original - args.target) <= FLOPS_TARGET_TOLERANCE
+    assert [(entry["step"], entry["prunes_done"]) for entry in history] == [(0, 1), (10, 3), (11, 3)]
+    assert history[-1]["proportion"] == pytest.approx(dp.count_flops(pruned, (3, 16, 16)).total / original)
+
+    with pytest.raises(KeyboardInterrupt):  # stopped after step 5; the last checkpoint is step 4
+        run_iterative_l1(zoo_dag("plain_mean_pool"), (3, 16, 16), args, train, val, "cpu",
+                         tmp_path / "stopped", progress=interrupt_after(6))
+    resumed, resumed_history, _, _ = run_iterative_l1(
+        zoo_dag("plain_mean_pool"), (3, 16, 16), args, train, val, "cpu", tmp_path / "stopped")
+    assert resumed_history == history
+    for (key, expected), (other, actual) in zip(pruned.state_dict().items(), resumed.state_dict().items()):
+        assert key == other and torch.equal(expected, actual), key
+
+
+def test_run_iterative_l1_with_fewer_steps_than_prunes(tmp_path):
+    train, val = digits_like_data(32, 0), digits_like_data(8, 1)
+    args = l1_arguments(steps=2, prune_times=None, checkpoint_every=0)  # default 5 prunes -> 2
+    pruned, history, _, difference = run_iterative_l1(zoo_dag("plain_mean_pool"), (3, 16, 16), args,
+                                                      train, val, "cpu", tmp_path)
+    assert difference <= REMOVAL_TOLERANCE
+    assert [entry["prunes_done"] for entry in history] == [1, 2]
+
+
+# ------------------------------------------------------------------------------- the guide
+@pytest.mark.slow
+def test_units_guide_python_example_prints_what_the_guide_says(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("timm")
+    import re
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[1] / "resources" / "units_guide.md").read_text()
+    (example,) = re.findall(r"^```python\n(.*?)^```", guide, re.MULTILINE | re.DOTALL)
+    printed = re.search(r"^prints\n\n```text\n(.*?)^```", guide, re.MULTILINE | re.DOTALL).group(1).splitlines()
+    monkeypatch.chdir(tmp_path)  # the example saves to out/
+    exec(compile(example, "units_guide.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == printed[:3]
+    assert float(lines[3]) <= REMOVAL_TOLERANCE
+    assert (tmp_path / "out" / "resnet34_l1" / "graph.json").is_file()
