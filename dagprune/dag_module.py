@@ -15,7 +15,30 @@ from dagprune.ops.templates import InputRef, fill_template, template_inputs
 
 __all__ = ["DagModule", "Vertex", "InputVertex", "InnerVertex"]
 
-_NO_DEFAULT = object()
+class _NoDefault:
+    """Marks an input without a default value; one instance, kept by copy and deepcopy."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (_NoDefault, ())
+
+    def __repr__(self) -> str:
+        return "<no default>"
+
+
+_NO_DEFAULT = _NoDefault()
 
 
 class Vertex:

@@ -200,8 +200,20 @@ def _add_prune_command(subparsers) -> None:
     parser.set_defaults(run=run_prune)
 
 
+# --------------------------------------------------------------------------------- units
+def _add_units_command(subparsers) -> None:
+    from dagprune_algorithms.units_command import add_units_arguments, run_units
+
+    parser = subparsers.add_parser(
+        "units", help="print a model's channel units as JSON (mmrazor's config template)",
+        description="Print the channel units of MODEL (a timm name or a saved DAG) as a config "
+                    "template or a choice template.")
+    add_units_arguments(parser)
+    parser.set_defaults(run=run_units)
+
+
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_convert_command, _add_prune_command)
+    _add_convert_command, _add_prune_command, _add_units_command)
 """The ``_add_<name>_command`` functions, in the order ``dagprune --help`` lists them."""
 
 

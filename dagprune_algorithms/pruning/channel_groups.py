@@ -304,36 +304,20 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence) -> 
     barrier_classes[atom_class[context._barrier]] = True
     reasons = {int(atom_class[atom]): reason for atom, reason in context.barrier_reasons.items()}
 
-    # Classes produced on the same producer axis share a group (merge groups through classes).
-    group_of_class: dict[int, int] = {}
-    group_members: list[list] = []  # per group: producer entries
-    parent_group: list[int] = []
-
-    def find_group(index: int) -> int:
-        while parent_group[index] != index:
-            parent_group[index] = parent_group[parent_group[index]]
-            index = parent_group[index]
-        return index
-
+    signature = _class_signatures(layouts, atom_class)
+    members: dict[int, tuple[dict, list]] = {}  # signature -> (ordered classes, producers)
     for vertex, axis, atoms in context._producer_axes:
-        index = len(parent_group)
-        parent_group.append(index)
-        group_members.append([(vertex, axis, atoms)])
-        for cls in np.unique(atom_class[atoms]):
-            other = group_of_class.setdefault(int(cls), index)
-            root_other, root_new = find_group(other), find_group(index)
-            if root_other != root_new:
-                parent_group[root_new] = root_other
-    merged: dict[int, list] = {}
-    for index, members in enumerate(group_members):
-        merged.setdefault(find_group(index), []).extend(members)
+        for cls in atom_class[atoms]:
+            classes, producers = members.setdefault(int(signature[cls]), ({}, []))
+            classes.setdefault(int(cls), None)
+            if (vertex, axis) not in producers:
+                producers.append((vertex, axis))
     groups = []
-    for members in merged.values():
-        ordered = dict.fromkeys(int(cls) for _, _, atoms in members for cls in atom_class[atoms])
+    for ordered, producers in members.values():
         classes = np.fromiter(ordered, dtype=np.int64, count=len(ordered))
         blocked = [int(c) for c in classes if barrier_classes[c]]
         reason = next((reasons[c] for c in blocked if c in reasons), "barrier") if blocked else ""
-        groups.append(ChannelGroup(len(groups), classes, [(v, a) for v, a, _ in members],
+        groups.append(ChannelGroup(len(groups), classes, producers,
                                    prunable=not blocked and len(classes) > 1,
                                    reason=reason or ("a single channel" if len(classes) < 2 else "")))
     resolved_layouts = {vertex: _map_layout(layout, atom_class) for vertex, layout in layouts.items()}
@@ -351,6 +335,22 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence) -> 
     shapes = {vertex: value_shape(value) for vertex, value in values.items()}
     return ChannelAnalysis(dag, tuple(input_shape_without_batch), groups, resolved_layouts,
                            atom_class, context.consumer_sites, context.flops_terms, total, shapes)
+
+
+def _class_signatures(layouts: dict, atom_class: np.ndarray) -> np.ndarray:
+    """A hash per class of the set of tensor axes it appears in.
+
+    Classes with the same signature appear in exactly the same tensors, so they form one
+    group; a group keeping at least one channel then leaves no tensor axis empty (the halves
+    of a split channel axis, for instance, become separate groups).
+    """
+    signature = np.zeros(len(atom_class), dtype=np.uint64)
+    keys = np.random.default_rng(0x5EED)
+    for layout in layouts.values():
+        for atoms in iter_layout_atoms(layout):
+            present = np.unique(atom_class[atoms])
+            signature[present] += keys.integers(1, 2 ** 63, dtype=np.uint64)
+    return signature
 
 
 def _map_layout(layout: Any, atom_class: np.ndarray) -> Any:
