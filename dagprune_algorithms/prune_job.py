@@ -47,10 +47,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=["dag", "l1"], default="dag",
                         help="dag: differentiable gates with FLOPs/entropy/distillation losses; "
                              "l1: iterative L1-norm pruning (mmrazor style)")
-    parser.add_argument("--steps", type=int, default=300, help="pruning steps")
-    parser.add_argument("--baseline-steps", type=int, default=300,
+    parser.add_argument("--steps", type=int, default=200, help="pruning steps")
+    parser.add_argument("--baseline-steps", type=int, default=200,
                         help="steps to train the baseline when no --baseline-checkpoint is given")
-    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--finetune-steps", type=int, default=100)
     parser.add_argument("--baseline-checkpoint", default=None,
                         help="a state dict of the unpruned model (from a previous run's "
                              "baseline.pt) to start from instead of training one")
