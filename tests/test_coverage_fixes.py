@@ -27,6 +27,10 @@ FIXED_FAMILY_MODELS = {
     # the run-time C while its input kept every v channel: removal broke the reshape. Unfold
     # and fold now have coupling rules (and no-op removal handlers).
     "volo": "volo_d1_224",
+    # BottleneckAttn's q.reshape(B * heads, dim_head, -1): at batch 1 the analysis merges the
+    # batch axis with the channels, so removal froze B * heads to its batch-1 value and the
+    # slim model broke at batch 2; output axis 0 holding the batch now stays run-time.
+    "botnet": "sebotnet33ts_256",
 }
 """Family -> the model that failed before its fix (why in the comment above it)."""
 

@@ -312,8 +312,11 @@ def _channel_derived_axes(in_shape, out_shape, input_masks) -> frozenset:
     from dagprune_algorithms.pruning.coupling_rules import reshape_axis_groups
 
     masked = input_masks[0] if isinstance(input_masks[0], dict) else {}
+    # The batch axis is 1 in the analysis, so it joins the channels it is merged with; an output
+    # axis 0 holding it (BottleneckAttn's q.reshape(B * heads, dim_head, -1)) stays run-time.
     return frozenset(axis for in_axes, out_axes in reshape_axis_groups(in_shape, out_shape)
-                     if any(a in masked for a in in_axes) for axis in out_axes)
+                     if any(a in masked for a in in_axes) for axis in out_axes
+                     if not (axis == 0 and 0 in in_axes))
 
 
 @register_channel_removal(ops.ReshapeOp)
