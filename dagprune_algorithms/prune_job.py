@@ -198,7 +198,7 @@ def run_prune(args) -> int:
 
     # -- fine-tuning ------------------------------------------------------------------------
     if args.finetune_steps:
-        optimizer = torch.optim.Adam(pruned.parameters(), lr=args.lr / 2)
+        optimizer = torch.optim.Adam(pruned.parameters(), lr=args.lr / 10)  # gentle: weights already adapted
         train_steps(pruned, optimizer, train, args.batch_size, args.seed + 2, args.finetune_steps,
                     checkpoint_path=out / "finetune.ckpt", checkpoint_every=args.checkpoint_every,
                     device=device, progress=_progress(args, "fine-tuning"))
