@@ -1,0 +1,507 @@
+"""Sweep timm's model zoo: conversion, channel groups, exact removal and FLOPs, one model per process.
+
+For every name in ``timm.list_models()`` (``pretrained=False``) this records whether the model
+converts exactly (:func:`dagprune.compare_module_outputs`), whether it has prunable channel
+groups, ``prunable_proportion`` and ``max_removable_proportion``, whether removing channels
+under random gate logits reproduces the gated model, our FLOPs against fvcore's, the parameter
+count and the time taken.
+
+Each model runs in its own forked child process (torch, timm, dagprune and fvcore are imported
+once in the parent) under a CPU-time bound (``RLIMIT_CPU``), a wall-clock bound (the parent
+kills the child) and an address-space bound (``RLIMIT_AS``: the parent's address space plus
+``--memory-gb``). Results are appended to a JSONL file, one line per model; a rerun skips the
+names already there (resumable) and ``--shard i/n`` splits the names for parallel runs.
+
+Models run at 64x64 where they can: fixed-size models (ViTs...) are rebuilt with
+``img_size=64`` when timm allows; a model whose forward pass fails at 64 px is retried at its
+``min_input_size``, 128 px and its default size. Models with more than ``--max-params``
+parameters (counted on the meta device, no memory used) are skipped with the reason.
+
+Usage::
+
+    mkdir -p build/coverage/src && git archive HEAD dagprune dagprune_algorithms \
+        | tar -x -C build/coverage/src && git rev-parse --short HEAD > build/coverage/src/COMMIT
+    nice -n 15 python scripts/coverage.py --source build/coverage/src --shard 0/2 &
+    nice -n 15 python scripts/coverage.py --source build/coverage/src --shard 1/2 &
+    wait; python scripts/coverage_table.py    # writes resources/supported_models_table.md ...
+
+After a fix, ``--rerun-failures --source <new snapshot>`` reruns only the names whose last
+record failed (its new record supersedes the old one in the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import multiprocessing
+import os
+import resource
+import signal
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _source_root() -> Path:
+    """Where dagprune is imported from: ``--source DIR`` (read before the imports below), else
+    this checkout. A sweep takes hours; running it on a snapshot of a commit (``git archive``)
+    keeps its records free of edits made to the working tree meanwhile."""
+    if "--source" in sys.argv[:-1]:
+        return Path(sys.argv[sys.argv.index("--source") + 1]).resolve()
+    return REPO_ROOT
+
+
+SOURCE_ROOT = _source_root()
+sys.path.insert(0, str(SOURCE_ROOT))
+
+import timm  # noqa: E402
+
+import dagprune as dp  # noqa: E402
+from dagprune_algorithms.models import create_timm_model  # noqa: E402
+from dagprune_algorithms.pruning import ChannelPruning  # noqa: E402
+
+DEFAULT_RESULTS = REPO_ROOT / "build" / "coverage" / "results.jsonl"
+SMALL_SIDE = 64
+FALLBACK_SIDES = (128,)
+CONVERSION_TOLERANCE = 1e-5
+REMOVAL_TOLERANCE = 1e-4
+PRUNING_TARGET = 0.5
+FVCORE_MATMUL_OPERATORS = ("conv", "linear", "matmul", "bmm", "addmm", "einsum")
+
+
+# ------------------------------------------------------------------------------------ the check
+@torch.no_grad()
+def make_weights_informative(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Replaces constant-initialised parameters and norm statistics by random values.
+
+    timm initialises layer scales to 1e-6 or 1e-5, the last batch-norm weight of residual
+    branches to zero and GRN parameters to zero; a branch scaled that way hides conversion and
+    removal errors below the tolerance. Norm statistics and affine parameters become random,
+    other constant tensors uniform in [0.5, 1.5], constant biases small random values.
+    """
+    generator = torch.Generator().manual_seed(seed + 1)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats \
+                and module.running_mean is not None:
+            module.running_mean.copy_(0.2 * torch.randn(module.running_mean.shape, generator=generator))
+            variance = torch.empty(module.running_var.shape).uniform_(0.5, 2.0, generator=generator)
+            module.running_var.copy_(variance)
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+            if getattr(module, "weight", None) is not None:
+                module.weight.copy_(torch.empty(module.weight.shape).uniform_(0.5, 1.5, generator=generator))
+            if getattr(module, "bias", None) is not None:
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
+    for name, parameter in model.named_parameters():
+        flat = parameter.detach().flatten()
+        if flat.numel() < 2 or not bool((flat == flat[0]).all()):
+            continue
+        if name.endswith("bias") or name.endswith("beta"):
+            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+        else:
+            parameter.copy_(torch.empty(parameter.shape).uniform_(0.5, 1.5, generator=generator))
+    return model
+
+
+def count_parameters_on_meta(name: str) -> int | None:
+    """Parameter count of ``name`` built on the meta device (no memory, no init), or None."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = timm.create_model(name, pretrained=False)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta is counted later
+        return None
+
+
+def candidate_sizes(name: str) -> list[tuple[tuple[int, int, int], bool]]:
+    """``(input_size, rebuild)`` pairs to try, smallest first; ``rebuild``: pass img_size."""
+    config = timm.models.get_pretrained_cfg(name)
+    default = tuple(config.input_size) if config is not None else (3, 224, 224)
+    fixed = bool(getattr(config, "fixed_input_size", False)) if config is not None else False
+    sides = [SMALL_SIDE]
+    minimum = getattr(config, "min_input_size", None) if config is not None else None
+    if minimum is not None and minimum[1] > SMALL_SIDE:
+        sides.append(minimum[1])
+    sides += [side for side in FALLBACK_SIDES if side not in sides]
+    sizes = [(3, side, side) for side in sides if side < default[1]]
+    sizes.append(default)
+    return [(size, fixed) for size in dict.fromkeys(sizes)]
+
+
+def build_at_working_size(name: str, report) -> tuple[nn.Module, tuple[int, int, int]]:
+    """The model (eval, informative weights) and the smallest tried input size it runs at."""
+    model, last_error = None, None
+    for input_size, rebuild in candidate_sizes(name):
+        try:
+            if model is None or rebuild:
+                model = None
+                torch.manual_seed(0)
+                model = create_timm_model(name, input_size=input_size if rebuild else None)
+                make_weights_informative(model).eval()
+            with torch.no_grad():
+                model(torch.randn(2, *input_size))
+            report(input_size=list(input_size), img_size_rebuilt=rebuild)
+            return model, input_size
+        except MemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - try the next size, keep the reason
+            if _is_out_of_memory(error):
+                raise
+            last_error = error
+    raise last_error
+
+
+def fvcore_flops(model: nn.Module, input_size) -> int:
+    """2 x fvcore's multiply-accumulates of conv/linear/matmul-like operators (batch 1)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    analysis = FlopCountAnalysis(model, torch.randn(1, *input_size))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        by_operator = analysis.by_operator()
+    return 2 * sum(count for operator, count in by_operator.items()
+                   if any(key in operator for key in FVCORE_MATMUL_OPERATORS))
+
+
+def check_model(name: str, report=None, with_fvcore: bool = True, seed: int = 0) -> dict:
+    """Runs the coverage check of one timm model in this process.
+
+    Args:
+        name: a timm model name.
+        report: called with keyword results as soon as each is known (so a parent that
+            kills a slow child still has the stages that finished); None to only return them.
+        with_fvcore: also count FLOPs with fvcore (the slowest stage for large models).
+        seed: seeds the weights, the gate logits and the inputs.
+
+    Returns:
+        The recorded fields: ``input_size``, ``params``, ``convert_max_rel_diff``,
+        ``converts_exactly``, ``flops``, ``prunable``, ``prunable_groups``,
+        ``prunable_proportion``, ``max_removable_proportion``, ``removal_max_rel_diff``,
+        ``removal_exact``, ``slim_params``, ``flops_fvcore``, ``flops_ratio``. A failing stage
+        raises; the fields recorded before it have gone to ``report``.
+    """
+    record: dict = {}
+
+    def note(**fields):
+        record.update(fields)
+        if report is not None:
+            report(**fields)
+
+    note(stage="build")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, input_size = build_at_working_size(name, note)
+    note(params=sum(p.numel() for p in model.parameters()))
+
+    note(stage="convert")
+    dag = dp.build_from_unstructured_module(model)
+    torch.manual_seed(seed)
+    difference = dp.compare_module_outputs(model, dag, (2, *input_size), raise_error=False)
+    note(convert_max_rel_diff=float(difference),
+         converts_exactly=bool(difference <= CONVERSION_TOLERANCE))
+
+    note(stage="flops")
+    note(flops=int(dp.count_flops(dag, input_size).total))
+
+    note(stage="prune")
+    pruning = ChannelPruning(dag, input_size, PRUNING_TARGET, 100)
+    try:
+        gated = pruning.prepare_for_pruning()
+    except dp.errors.PruningError as error:
+        if "cannot be reached" not in str(error):
+            raise
+        # The model is prunable, just not down to 50% of its FLOPs; the check does not train.
+        pruning = ChannelPruning(dag, input_size, 0.99, 100)
+        gated = pruning.prepare_for_pruning()
+    note(prunable=True, prunable_groups=len(pruning.prunable_groups),
+         channel_groups=len(pruning.channel_groups),
+         prunable_proportion=float(pruning.prunable_proportion),
+         max_removable_proportion=float(pruning.max_removable_proportion))
+
+    note(stage="remove")
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for gate in pruning.gates:
+            gate.logits.copy_(torch.randn_like(gate.logits))
+    gated.eval()
+    slim = pruning.remove_channels().eval()
+    x = torch.randn(2, *input_size)
+    with torch.no_grad():
+        removal_difference = dp.max_relative_difference(gated(x), slim(x))
+    note(removal_max_rel_diff=float(removal_difference),
+         removal_exact=bool(removal_difference <= REMOVAL_TOLERANCE),
+         slim_params=sum(p.numel() for p in slim.parameters()))
+    del gated, slim, pruning
+
+    if with_fvcore:
+        note(stage="fvcore")
+        try:
+            reference = fvcore_flops(model, input_size)
+            note(flops_fvcore=reference, flops_ratio=record["flops"] / reference if reference else None)
+        except Exception as error:  # noqa: BLE001 - fvcore's own limits are recorded, not failures
+            note(fvcore_error=_first_line(error))
+    note(stage="done")
+    return record
+
+
+# ------------------------------------------------------------------------------- the child
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:400]
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, MemoryError) or "can't allocate memory" in text \
+        or "DefaultCPUAllocator" in text or "std::bad_alloc" in text
+
+
+def _child_main(name: str, connection, memory_bytes: int, cpu_seconds: int, with_fvcore: bool) -> None:
+    """Runs in the forked child: bounds itself, checks ``name``, streams fields to the parent."""
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 10))
+    signal.signal(signal.SIGXCPU, _raise_cpu_time_exceeded)
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")  # timm/fvcore deprecation chatter would bury the progress bar
+    stage = {"stage": "start"}
+
+    def report(**fields):
+        stage.update(fields)
+        connection.send(fields)
+
+    try:
+        check_model(name, report, with_fvcore)
+        connection.send({"status": "ok"})
+    except CpuTimeExceeded:
+        connection.send({"status": "timeout", "error": f"CPU time over {cpu_seconds} s "
+                                                       f"(in stage {stage['stage']})"})
+    except BaseException as error:  # noqa: BLE001 - everything is recorded, nothing escapes
+        status = "oom" if _is_out_of_memory(error) else "error"
+        connection.send({"status": status, "error": _first_line(error), "error_stage": stage["stage"],
+                         "traceback": traceback.format_exc(limit=-6)[-3000:]})
+    finally:
+        connection.close()
+        os._exit(0)
+
+
+class CpuTimeExceeded(Exception):
+    """Raised in the child when its CPU-time soft limit is reached (SIGXCPU)."""
+
+
+def _raise_cpu_time_exceeded(signum, frame):
+    raise CpuTimeExceeded()
+
+
+def _address_space_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def code_version() -> dict:
+    """Which dagprune code the sweep runs: HEAD, and a hash of the imported source files.
+
+    Other work may leave uncommitted edits in the tree; the hash tells which records were
+    produced by the same code.
+    """
+    import subprocess
+
+    files = sorted(Path(module.__file__) for module in list(sys.modules.values())
+                   if getattr(module, "__file__", None) and module.__name__.split(".")[0]
+                   in ("dagprune", "dagprune_algorithms"))
+    digest = hashlib.sha1()
+    for path in files:
+        digest.update(path.relative_to(SOURCE_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    if SOURCE_ROOT != REPO_ROOT:
+        snapshot = SOURCE_ROOT / "COMMIT"
+        head = snapshot.read_text().strip() if snapshot.exists() else None
+        return {"git_head": head, "source_dirty": False, "source": str(SOURCE_ROOT),
+                "source_sha1": digest.hexdigest()[:12]}
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "dagprune", "dagprune_algorithms"],
+                                    cwd=REPO_ROOT, text=True, capture_output=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        head, dirty = None, None
+    return {"git_head": head, "source_dirty": dirty, "source_sha1": digest.hexdigest()[:12]}
+
+
+def run_one(name: str, context, memory_gb: float, cpu_seconds: int, wall_seconds: int,
+            max_params: int, with_fvcore: bool, version: dict | None = None) -> dict:
+    """Checks ``name`` in a forked child under the bounds; always returns a record."""
+    record = {"name": name, "timm_version": timm.__version__, "torch_version": torch.__version__,
+              **(version or {}),
+              "converts_exactly": False, "prunable": False, "removal_exact": False}
+    start = time.monotonic()
+    meta_params = count_parameters_on_meta(name)
+    if meta_params is not None and meta_params > max_params:
+        record.update(status="skipped", params=meta_params, time_s=round(time.monotonic() - start, 2),
+                      error=f"skipped: {meta_params / 1e6:.0f}M parameters, over the "
+                            f"{max_params / 1e6:.0f}M that fit the {memory_gb:g} GB bound")
+        return record
+    memory_bytes = _address_space_bytes() + int(memory_gb * 2 ** 30)
+    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_child_main, args=(name, sender, memory_bytes, cpu_seconds, with_fvcore))
+    child.start()
+    sender.close()
+    deadline = start + wall_seconds
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                record.update(status="timeout", error=f"wall-clock time over {wall_seconds} s "
+                                                      f"(in stage {record.get('stage')})")
+                break
+            if receiver.poll(min(remaining, 1.0)):
+                try:
+                    record.update(receiver.recv())
+                except EOFError:
+                    break
+                if "status" in record:
+                    break
+            elif not child.is_alive() and not receiver.poll(0):
+                break
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+        receiver.close()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    record["time_s"] = round(time.monotonic() - start, 2)
+    cpu_seconds_used = usage.ru_utime + usage.ru_stime - usage_before.ru_utime - usage_before.ru_stime
+    record["cpu_s"] = round(cpu_seconds_used, 2)
+    if "status" not in record:
+        code = child.exitcode
+        killed_by = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        if record["cpu_s"] >= cpu_seconds:  # the hard RLIMIT_CPU kill of a child stuck in C++
+            record.update(status="timeout",
+                          error=f"CPU time over {cpu_seconds} s (in stage {record.get('stage')})")
+        else:  # RLIMIT_AS failures inside C++ and the kernel's OOM killer end here
+            status = "oom" if code == -signal.SIGKILL else "crashed"
+            record.update(status=status, error=f"child died ({killed_by}) in stage {record.get('stage')}")
+    if record["status"] != "ok" and "error_stage" not in record:
+        record["error_stage"] = record.get("stage")
+    return record
+
+
+# --------------------------------------------------------------------------------- the sweep
+def select_names(pattern: str | None, shard: tuple[int, int], limit: int | None) -> list[str]:
+    """timm's names filtered by ``pattern``, in a fixed hash order (so a partial run is a fair
+    sample of the zoo rather than its first letters), then this shard's share."""
+    names = timm.list_models()
+    if pattern:
+        names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in pattern.split(","))]
+    names.sort(key=lambda n: hashlib.sha1(n.encode()).hexdigest())
+    index, count = shard
+    names = names[index::count]
+    return names[:limit] if limit else names
+
+
+def done_names(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    names = set()
+    for line in path.read_text().splitlines():
+        try:
+            names.add(json.loads(line)["name"])
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut by an interruption is redone
+    return names
+
+
+def failed_names(path: Path) -> set[str]:
+    """Names whose last record is not convertible with exact channel removal."""
+    last = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            last[record["name"]] = record
+    return {name for name, record in last.items()
+            if not (record.get("converts_exactly") and record.get("prunable")
+                    and record.get("removal_exact"))}
+
+
+def append_record(path: Path, record: dict) -> None:
+    """One ``write`` per line with O_APPEND, so shards can share the file."""
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, line)
+    finally:
+        os.close(descriptor)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    index, count = (int(part) for part in text.split("/"))
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
+    return index, count
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSONL file (appended)")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this run's share")
+    parser.add_argument("--models", default=None, help="fnmatch patterns, comma-separated")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many models")
+    parser.add_argument("--cpu-seconds", type=int, default=120, help="CPU-time bound per model")
+    parser.add_argument("--wall-seconds", type=int, default=900, help="wall-clock bound per model")
+    parser.add_argument("--memory-gb", type=float, default=6.0, help="address space per model")
+    parser.add_argument("--max-params", type=float, default=600e6, help="skip larger models")
+    parser.add_argument("--no-fvcore", action="store_true", help="skip the fvcore comparison")
+    parser.add_argument("--redo", action="store_true", help="rerun names already in --results")
+    parser.add_argument("--rerun-failures", action="store_true",
+                        help="rerun the names whose record is not convertible-and-prunable")
+    parser.add_argument("--source", type=Path, default=REPO_ROOT,
+                        help="import dagprune from this folder (a `git archive` snapshot, with a "
+                             "COMMIT file naming its commit)")
+    args = parser.parse_args(argv)
+
+    from tqdm import tqdm
+
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    names = select_names(args.models, args.shard, args.limit)
+    if args.rerun_failures:
+        failed = failed_names(args.results)
+        names = [n for n in names if n in failed]
+    elif not args.redo:
+        finished = done_names(args.results)
+        names = [n for n in names if n not in finished]
+    context = multiprocessing.get_context("fork")
+    version = code_version()
+    # `kill PID` ends the sweep through run_one's cleanup, which kills the running child too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    counts = {"ok": 0, "exact": 0, "prunable": 0}
+    progress = tqdm(names, desc=f"shard {args.shard[0]}/{args.shard[1]}", unit="model",
+                    mininterval=5, file=sys.stderr)
+    for name in progress:
+        progress.set_postfix_str(name[:30])
+        record = run_one(name, context, args.memory_gb, args.cpu_seconds, args.wall_seconds,
+                         int(args.max_params), not args.no_fvcore, version)
+        append_record(args.results, record)
+        counts["ok"] += record["status"] == "ok"
+        counts["exact"] += bool(record.get("converts_exactly"))
+        counts["prunable"] += bool(record.get("prunable") and record.get("removal_exact"))
+        progress.set_postfix(counts, refresh=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
