@@ -9,6 +9,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("timm")
 
@@ -35,7 +36,16 @@ FIXED_FAMILY_MODELS = {
 """Family -> the model that failed before its fix (why in the comment above it)."""
 
 
-@pytest.mark.parametrize("name", FIXED_FAMILY_MODELS.values(), ids=FIXED_FAMILY_MODELS.keys())
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Small models on a shared machine: one thread avoids idle spinning of the others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", list(FIXED_FAMILY_MODELS.values()), ids=list(FIXED_FAMILY_MODELS))
 def test_fixed_family_converts_and_removes_exactly(name):
     record = coverage_script.check_model(name, with_fvcore=False)
     assert record["converts_exactly"], record
