@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dagprune.dag_module import DagModule, InnerVertex
-from dagprune.ops.base import FunctionalOp
+from dagprune.ops.base import handler_for
 from dagprune.ops.linear_algebra import AttentionOp, MatmulOp
 from dagprune.shape_prop import example_inputs, propagate_values
 
@@ -38,15 +38,6 @@ def register_flops(*keys):
     return decorator
 
 
-def _handler_for(module: nn.Module) -> FlopsHandler | None:
-    if isinstance(module, FunctionalOp) and module.function_name in _HANDLERS:
-        return _HANDLERS[module.function_name]
-    for cls in type(module).__mro__:
-        if cls in _HANDLERS:
-            return _HANDLERS[cls]
-    return None
-
-
 @dataclasses.dataclass
 class FlopsReport:
     """FLOPs of one forward pass: ``total`` and ``per_vertex`` (vertex name -> FLOPs)."""
@@ -64,7 +55,7 @@ def vertex_flops(vertex: InnerVertex, inputs: list, output: Any) -> int:
     module = vertex.module
     if isinstance(module, DagModule):
         return count_flops(module, inputs=inputs).total
-    handler = _handler_for(module)
+    handler = handler_for(_HANDLERS, module)
     return int(handler(module, inputs, output)) if handler else 0
 
 

@@ -38,6 +38,7 @@ from dagprune_algorithms.pruning.channel_groups import iter_layout_atoms
 
 from random_dags import random_dag_model, random_dag_models
 from zoo import ZOO, input_shapes, make_example_inputs, randomize_normalization_layers
+from timm_families import make_weights_informative
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
@@ -131,24 +132,6 @@ def _flatten(value) -> List[torch.Tensor]:
     return [t for item in value for t in _flatten(item)]
 
 
-@torch.no_grad()
-def make_weights_informative(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random norm statistics, and random values for constant-initialised parameters.
-
-    timm initialises layer scales to 1e-6 and some residual branches' last norm weights to 0:
-    a branch scaled that way hides any removal error below the tolerance.
-    """
-    generator = torch.Generator().manual_seed(seed + 1)
-    randomize_normalization_layers(model, generator)
-    for name, parameter in model.named_parameters():
-        flat = parameter.detach().flatten()
-        if flat.numel() < 2 or not bool((flat == flat[0]).all()):
-            continue
-        if name.endswith("bias") or name.endswith("beta"):
-            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
-        else:
-            parameter.copy_(torch.empty(parameter.shape).uniform_(0.5, 1.5, generator=generator))
-    return model
 
 
 def create_timm_model(case: TimmCase, seed: int = 0) -> nn.Module:

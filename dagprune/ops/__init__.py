@@ -5,7 +5,8 @@ registered subclass of :class:`FunctionalOp`. Passes (FLOPs, channel coupling, c
 register their behaviour per family or per function name.
 """
 
-from dagprune.ops.base import OP_TYPES, FunctionalOp, op_class_for_function, register_op_type
+from dagprune.ops.base import (OP_TYPES, FunctionalOp, handler_for, op_class_for_function,
+                               register_op_type)
 from dagprune.ops.elementwise import DropoutOp, ElementwiseOp, PointwiseOp
 from dagprune.ops.functions import function_name, register_function, resolve_function
 from dagprune.ops.layers import FunctionalLayerOp, InterpolateOp, NormOp, PadOp, PoolOp
@@ -18,7 +19,7 @@ from dagprune.ops.shape import (ConcatOp, ExpandOp, GetItemOp, PermuteOp, Reshap
 from dagprune.ops.templates import InputRef
 
 __all__ = [
-    "OP_TYPES", "FunctionalOp", "op_class_for_function", "register_op_type", "register_function",
+    "OP_TYPES", "FunctionalOp", "handler_for", "op_class_for_function", "register_op_type", "register_function",
     "function_name", "resolve_function", "InputRef",
     "ElementwiseOp", "PointwiseOp", "DropoutOp", "ReshapeOp", "ExpandOp", "PermuteOp", "ConcatOp",
     "SplitOp", "GetItemOp", "ShapeQueryOp", "ReductionOp", "SoftmaxOp", "MatmulOp", "EinsumOp",

@@ -43,15 +43,6 @@ def register_channel_removal(*keys):
     return decorator
 
 
-def _handler_for(module: nn.Module) -> RemovalHandler | None:
-    if isinstance(module, ops.FunctionalOp) and module.function_name in _HANDLERS:
-        return _HANDLERS[module.function_name]
-    for cls in type(module).__mro__:
-        if cls in _HANDLERS:
-            return _HANDLERS[cls]
-    return None
-
-
 def position_masks(layout: Any, keep_class: np.ndarray, keep_full: bool = False) -> Any:
     """Per-axis kept-position masks for a layout; axes that keep everything are omitted unless
     ``keep_full`` (then every channel-carrying axis has a mask)."""
@@ -95,7 +86,7 @@ def remove_channels_from_dag(analysis: ChannelAnalysis, keep_class: np.ndarray) 
         shapes = [analysis.values_shapes[p] for p in vertex.predecessors] + [analysis.values_shapes[vertex]]
         module = vertex.module
         if not (_is_empty(output_mask) and all(_is_empty(m) for m in input_masks)):
-            handler = _handler_for(module)
+            handler = ops.handler_for(_HANDLERS, module)
             if handler is None:
                 raise PruningError(
                     f"vertex {vertex.name!r} ({type(module).__name__}) loses channels but has no "

@@ -51,12 +51,7 @@ def _is_size_layout(layout: Any) -> bool:
 
 def rule_for(module: nn.Module) -> CouplingRule | None:
     """The rule that applies to ``module``: by function name, then by type (most derived first)."""
-    if isinstance(module, ops.FunctionalOp) and module.function_name in _RULES:
-        return _RULES[module.function_name]
-    for cls in type(module).__mro__:
-        if cls in _RULES:
-            return _RULES[cls]
-    return None
+    return ops.handler_for(_RULES, module)
 
 
 def apply_coupling_rule(ctx: CouplingContext, vertex: InnerVertex, layouts: list, values: list,
