@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -144,8 +145,11 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
 def test_distributed_data_parallel_keeps_gates_identical(tmp_path):
     out = tmp_path / "result.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:  # a free port, so concurrent runs do not collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
          str(REPO / "tests" / "ddp_worker.py"), "--out", str(out)],
         capture_output=True, text=True, timeout=240, env=env)
     assert completed.returncode == 0, completed.stderr[-2000:]

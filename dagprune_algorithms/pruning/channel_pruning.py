@@ -15,7 +15,7 @@ from dagprune.errors import PruningError
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis, ChannelGroup, find_channel_groups
 from dagprune_algorithms.pruning.channel_removal import remove_channels_from_dag
 from dagprune_algorithms.pruning.importance import channel_importance
-from dagprune_algorithms.pruning.gates import ChannelGate, MaskApply, MaskedNorm
+from dagprune_algorithms.pruning.gates import ChannelGate, MaskApply, MaskedConsumer, MaskedNorm
 from dagprune_algorithms.pruning.losses import (ExpectedFlops, PruningLossConfig, anneal,
                                                 binary_entropy, scheduled_target)
 
@@ -194,7 +194,7 @@ class ChannelPruning:
                                  for gate in self.gates])
         entropy_loss = config.entropy_weight * strength * entropies.clamp_min(config.entropy_floor).mean()
         removed = [module.removed_energy for module in model.modules()
-                   if isinstance(module, MaskApply) and module.removed_energy is not None]
+                   if isinstance(module, (MaskApply, MaskedConsumer)) and module.removed_energy is not None]
         bkd_loss = (config.bkd_weight * torch.stack(removed).mean() if removed and model.training
                     else proportion.new_zeros(()))
         return proportion, flops_loss, entropy_loss, bkd_loss
@@ -272,6 +272,15 @@ class ChannelPruning:
         return slim.to(device)
 
 
+def _masks_through_weight(module: nn.Module, site) -> bool:
+    """Whether the site's mask can scale the consumer's weight instead of its input."""
+    if site.input_index != 0:
+        return False
+    if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        return module.groups == 1 and site.axis == 1
+    return type(module) is nn.Linear
+
+
 def _build_gated_dag(analysis: ChannelAnalysis, gates: list[ChannelGate]) -> DagModule:
     dag = analysis.dag
     groups = analysis.prunable_groups
@@ -309,6 +318,9 @@ def _build_gated_dag(analysis: ChannelAnalysis, gates: list[ChannelGate]) -> Dag
             gate_inputs = [gate_vertices[slot] for slot in slots]
             if site.kind == "norm":
                 module = MaskedNorm(module, site.axis, index, num_inputs=len(predecessors))
+                predecessors = predecessors + gate_inputs
+            elif _masks_through_weight(module, site):
+                module = MaskedConsumer(module, index)
                 predecessors = predecessors + gate_inputs
             else:
                 mask_vertex = InnerVertex(f"{vertex.name}_mask{site.input_index}",

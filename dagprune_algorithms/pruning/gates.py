@@ -18,7 +18,7 @@ from torch import nn
 
 from dagprune import ops
 
-__all__ = ["ChannelGate", "MaskApply", "MaskedNorm", "keep_mask_from_logits"]
+__all__ = ["ChannelGate", "MaskApply", "MaskedConsumer", "MaskedNorm", "keep_mask_from_logits"]
 
 
 def keep_mask_from_logits(logits: torch.Tensor, block_size: int = 1) -> torch.Tensor:
@@ -134,16 +134,52 @@ class MaskApply(nn.Module):
 
     def forward(self, x, *masks):
         mask = _position_mask(self.index, masks).to(x.dtype)
-        if self.training:  # share of activation energy the masks remove (for the bkd loss)
-            reduce_axes = [axis for axis in range(x.ndim) if axis != self.axis]
-            energy = x.detach().pow(2).sum(reduce_axes) if reduce_axes else x.detach().pow(2)
-            self.removed_energy = (energy * (1 - mask).pow(2)).sum() / energy.sum().clamp_min(1e-12)
-        else:
-            self.removed_energy = None
+        # share of activation energy the masks remove (for the bkd loss)
+        self.removed_energy = _removed_energy_share(x, self.axis, mask) if self.training else None
         return x * mask.view(_broadcast_shape(x.ndim, self.axis, mask.numel()))
 
     def extra_repr(self) -> str:
         return f"axis={self.axis}, positions={self.index.numel()}"
+
+
+ENERGY_SAMPLES = 4
+"""Leading batch samples the distillation energy is estimated on (keeps its cost small)."""
+
+
+def _removed_energy_share(x: torch.Tensor, axis: int, mask: torch.Tensor) -> torch.Tensor:
+    """Share of the activation energy of ``x`` that the mask removes (no gradient into ``x``),
+    estimated on the first :data:`ENERGY_SAMPLES` samples when axis 0 is the batch."""
+    sample = x.detach()[:ENERGY_SAMPLES] if axis != 0 and x.ndim > 1 else x.detach()
+    reduce_axes = [a for a in range(sample.ndim) if a != axis]
+    energy = sample.pow(2).sum(reduce_axes) if reduce_axes else sample.pow(2)
+    return (energy * (1 - mask).pow(2)).sum() / energy.sum().clamp_min(1e-12)
+
+
+class MaskedConsumer(nn.Module):
+    """A conv or linear layer whose input channels are masked through its weight.
+
+    ``layer(x * m)`` equals ``layer`` run with its weight scaled by ``m`` on the input-channel
+    axis; scaling the weight costs far less than scaling the activation.
+    """
+
+    def __init__(self, layer: nn.Module, index: torch.Tensor):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("index", index.long(), persistent=False)
+        self.removed_energy: torch.Tensor | None = None
+
+    def forward(self, x, *masks):
+        mask = _position_mask(self.index, masks).to(x.dtype)
+        layer = self.layer
+        self.removed_energy = (_removed_energy_share(x, x.ndim - 1 if isinstance(layer, nn.Linear) else 1, mask)
+                               if self.training else None)
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, layer.weight * mask, layer.bias)
+        weight = layer.weight * mask.view(_broadcast_shape(layer.weight.ndim, 1, mask.numel()))
+        return layer._conv_forward(x, weight, layer.bias)
+
+    def extra_repr(self) -> str:
+        return f"positions={self.index.numel()}"
 
 
 class MaskedNorm(nn.Module):

@@ -18,9 +18,10 @@
   keep probabilities, pushing each gate to decide (0 or 1) so the hard model that
   ``remove_channels`` cuts out is the model that was trained.
 * ``bkd_loss``: ``w_bkd * mean over mask sites of ||x * (1 - m)||^2 / ||x||^2``, the share of
-  activation energy the gates remove at each consuming op: a distillation toward the unpruned
-  activations that needs no second (teacher) forward pass, so the gated training step stays
-  close to the plain step's cost.
+  activation energy the gates remove at each consuming op (estimated on the first 4 samples of
+  the batch): a distillation toward the unpruned activations that needs no second (teacher)
+  forward pass, so the gated training step stays close to the plain step's cost. Where a
+  consumer is a plain conv or linear layer the mask scales its weight, not its input.
 """
 
 from __future__ import annotations
