@@ -183,37 +183,33 @@ def _graph_to_dag(graph: fx.Graph, root: nn.Module, name: str) -> DagModule:
             inner.append(vertex)
         elif node.op in ("call_module", "call_function", "call_method"):
             predecessors: list[fx.Node] = []
-
-            def to_template(value):
-                if isinstance(value, fx.Node):
-                    if value not in predecessors:
-                        predecessors.append(value)
-                    return InputRef(predecessors.index(value))
-                return value
-
-            args = map_template(tuple(node.args), to_template)
-            kwargs = map_template(dict(node.kwargs), to_template)
+            args = _nodes_to_holes(tuple(node.args), predecessors)
+            kwargs = _nodes_to_holes(dict(node.kwargs), predecessors)
             module, qualified_name = _module_for(node, root, args, kwargs, predecessors)
             vertex = InnerVertex(node.name, module, [vertex_of[p] for p in predecessors],
                                  qualified_name=qualified_name)
             inner.append(vertex)
         elif node.op == "output":
             outputs: list[fx.Node] = []
-
-            def to_output(value):
-                if isinstance(value, fx.Node):
-                    if value not in outputs:
-                        outputs.append(value)
-                    return InputRef(outputs.index(value))
-                return value
-
-            output_structure = map_template(node.args[0], to_output)
+            output_structure = _nodes_to_holes(node.args[0], outputs)
             output_vertices = [vertex_of[n] for n in outputs]
             continue
         else:  # pragma: no cover - fx has no other node kinds
             raise ConversionError(f"unexpected torch.fx node kind {node.op!r} at {node.name}")
         vertex_of[node] = vertex
     return DagModule(inputs, inner, output_vertices, output_structure, name=name)
+
+
+def _nodes_to_holes(template, nodes: list) -> object:
+    """Replaces each fx node in ``template`` by an :class:`InputRef` to its position in
+    ``nodes``, appending nodes seen for the first time."""
+    def hole(value):
+        if isinstance(value, fx.Node):
+            if value not in nodes:
+                nodes.append(value)
+            return InputRef(nodes.index(value))
+        return value
+    return map_template(template, hole)
 
 
 def _unique_vertex_name(name: str, taken: set[str]) -> str:

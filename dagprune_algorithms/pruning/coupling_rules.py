@@ -133,6 +133,14 @@ def _base_flops(vertex: InnerVertex, values: list, output: Any) -> int:
     return vertex_flops(vertex, values, output)
 
 
+def _channel_atoms(ctx: CouplingContext, layout: Layout, reason: str) -> np.ndarray | None:
+    """The atoms of axis 1 (channels, NC... layout); atoms on any other axis become barriers."""
+    for axis, atoms in layout.items():
+        if axis != 1:
+            ctx.barrier(atoms, reason)
+    return layout.get(1)
+
+
 def _broadcast_axes(ctx: CouplingContext, tensors: list[tuple[Layout, torch.Tensor]],
                     output_shape: torch.Size, reason: str) -> Layout:
     """Couples the non-broadcast axes of several tensors combined elementwise."""
@@ -161,11 +169,8 @@ def _broadcast_axes(ctx: CouplingContext, tensors: list[tuple[Layout, torch.Tens
 @register_coupling_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                         nn.ConvTranspose3d)
 def _conv_rule(ctx, vertex, module, layouts, values, output):
-    x_layout = _tensor_layout(layouts[0])
-    for axis, atoms in x_layout.items():
-        if axis != 1:
-            ctx.barrier(atoms, "convolution over a channel-tracked spatial axis")
-    in_atoms = x_layout.get(1)
+    in_atoms = _channel_atoms(ctx, _tensor_layout(layouts[0]),
+                              "convolution over a channel-tracked spatial axis")
     out_atoms = ctx.produce(module.out_channels, axis=1)
     groups = module.groups
     if groups == 1:
@@ -358,12 +363,9 @@ def _functional_layer_norm_rule(ctx, vertex, module, layouts, values, output):
 
 
 def _group_norm(ctx, vertex, x_index, num_groups, layouts, values, params):
-    x_layout = _tensor_layout(layouts[x_index])
-    atoms = x_layout.get(1)
+    atoms = _channel_atoms(ctx, _tensor_layout(layouts[x_index]),
+                           "group norm over a tracked spatial axis")
     param_layouts = [_tensor_layout(layouts[i]) for i in params if i is not None]
-    for axis, other in x_layout.items():
-        if axis != 1:
-            ctx.barrier(other, "group norm over a tracked spatial axis")
     if atoms is None:
         ctx.barrier_layout(param_layouts, "group norm of untracked channels")
         return None
@@ -515,11 +517,8 @@ def _unfold_rule(ctx, vertex, module, layouts, values, output):
     x_index = _image_input(module, nn.Unfold)
     if x_index is None or values[x_index].ndim != 4 or output.ndim != 3:
         return _opaque(ctx, layouts, "unfold of an unbatched or constant input")
-    x_layout = _tensor_layout(layouts[x_index])
-    for axis, atoms in x_layout.items():
-        if axis != 1:
-            ctx.barrier(atoms, "unfold over a channel-tracked spatial axis")
-    atoms = x_layout.get(1)
+    atoms = _channel_atoms(ctx, _tensor_layout(layouts[x_index]),
+                           "unfold over a channel-tracked spatial axis")
     if atoms is None:
         return None
     return {1: np.repeat(atoms, output.shape[1] // len(atoms))}
@@ -531,11 +530,8 @@ def _fold_rule(ctx, vertex, module, layouts, values, output):
     x_index = _image_input(module, nn.Fold)
     if x_index is None or values[x_index].ndim != 3 or output.ndim != 4:
         return _opaque(ctx, layouts, "fold of an unbatched or constant input")
-    x_layout = _tensor_layout(layouts[x_index])
-    for axis, atoms in x_layout.items():
-        if axis != 1:
-            ctx.barrier(atoms, "fold over a channel-tracked position axis")
-    atoms = x_layout.get(1)
+    atoms = _channel_atoms(ctx, _tensor_layout(layouts[x_index]),
+                           "fold over a channel-tracked position axis")
     if atoms is None:
         return None
     per_channel = atoms.reshape(output.shape[1], -1)
