@@ -1,7 +1,16 @@
 """Shared pytest fixtures."""
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run, so a failure seen in CI reproduces anywhere.
+# Set HYPOTHESIS_PROFILE=explore to draw fresh random examples instead (e.g. in a nightly sweep).
+settings.register_profile("reproducible", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "reproducible"))
 
 
 @pytest.fixture(scope="module")

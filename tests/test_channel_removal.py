@@ -52,8 +52,10 @@ NOOP_TOLERANCE = 1e-5
 FLOPS_TOLERANCE = 1e-6
 """Bound for ``|count_flops(slim) / count_flops(original) - current_hard_proportion()|``."""
 
-PRUNING_PROPORTION = 0.5
-"""Target handed to ChannelPruning; it only matters for its checks (every model here can reach it)."""
+PRUNING_PROPORTION = 0.999
+"""Target handed to ChannelPruning. The checks here set gate states themselves, so the target only
+has to be reachable: a random DAG may remove as little as a fifth of its FLOPs (random_dag_model(226)
+with every prunable channel gone keeps 0.803)."""
 
 ZOO_WITHOUT_PRUNABLE_GROUP: Dict[str, str] = {}
 """Zoo entries that have no prunable channel group -> the reason ``cfg.channel_groups[i].reason``
