@@ -1,0 +1,111 @@
+"""Real speed of pruned models: CPU latency at 0.7 / 0.5 / 0.3 of the FLOPs.
+
+Each model is pruned without training to each target: gates start from L1 importance and
+``ChannelPruning.calibrate_to_target`` closes the least important channels across all groups
+until the hard FLOPs share reaches the target; ``remove_channels`` gives the slim model. The
+original and its slim versions are timed in alternation (so noise hits all alike) with torch
+at 1 and 2 intra-op threads and batch 1 and 32, and with onnxruntime when it is installed.
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+
+import dagprune
+from dagprune_algorithms.models import create_timm_model
+from dagprune_algorithms.pruning import ChannelPruning
+
+from .common import error_text, interleaved_medians
+
+TARGETS = (0.7, 0.5, 0.3)
+
+
+def slim_models(name: str, image_size: int | None, targets) -> tuple[tuple, dagprune.DagModule, list]:
+    """``(input_shape, original DAG, [(target, FLOPs share, slim DAG)])``."""
+    torch.manual_seed(0)
+    model = create_timm_model(name).eval()
+    input_shape = tuple(model.pretrained_cfg["input_size"])
+    if image_size:
+        input_shape = (input_shape[0], image_size, image_size)
+        model = create_timm_model(name, input_shape).eval()
+    dag = dagprune.build_from_unstructured_module(model).eval()
+    original_flops = dagprune.count_flops(dag, input_shape).total
+    slims = []
+    for target in targets:
+        pruning = ChannelPruning(dag, input_shape, target, 1000, initial_importance="l1")
+        pruning.prepare_for_pruning().eval()
+        pruning.calibrate_to_target()
+        slim = pruning.remove_channels().eval()
+        slims.append((target, dagprune.count_flops(slim, input_shape).total / original_flops, slim))
+    return input_shape, dag, slims
+
+
+def _torch_runner(model, x):
+    def forward():
+        with torch.inference_mode():
+            model(x)
+    return forward
+
+
+def _onnx_runner(model, x, threads: int):
+    import onnxruntime
+
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["x"])
+    session_options = onnxruntime.SessionOptions()
+    session_options.intra_op_num_threads = threads
+    session_options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(buffer.getvalue(), session_options,
+                                           providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def _runtimes() -> list[str]:
+    try:
+        import onnxruntime  # noqa: F401
+        return ["torch", "onnxruntime"]
+    except ImportError:
+        return ["torch"]
+
+
+def measure(name: str, options) -> list[dict]:
+    try:
+        input_shape, dag, slims = slim_models(name, options.latency_image_size, options.targets)
+    except Exception as error:
+        return [{"model": name, "error": error_text("pruning", error)}]
+    rows = []
+    previous_threads = torch.get_num_threads()
+    try:
+        for runtime in _runtimes():
+            for threads in options.latency_threads:
+                torch.set_num_threads(threads)
+                for batch_size in options.latency_batch_sizes:
+                    x = torch.randn(batch_size, *input_shape)
+                    models = [dag] + [slim for _, _, slim in slims]
+                    try:
+                        runners = [_torch_runner(m, x) if runtime == "torch" else _onnx_runner(m, x, threads)
+                                   for m in models]
+                        repeats = options.repeats if batch_size == 1 else max(3, options.repeats // 2)
+                        times = interleaved_medians(runners, repeats, warmup=1)
+                    except Exception as error:
+                        rows.append({"model": name, "runtime": runtime, "threads": threads,
+                                     "batch_size": batch_size, "error": error_text(runtime, error)})
+                        continue
+                    for (target, share, _), slim_s in zip(slims, times[1:]):
+                        rows.append({"model": name, "input_size": list(input_shape), "runtime": runtime,
+                                     "threads": threads, "batch_size": batch_size, "target": target,
+                                     "flops_proportion": share, "original_ms": 1000 * times[0],
+                                     "pruned_ms": 1000 * slim_s, "speedup": times[0] / slim_s,
+                                     "flops_reduction": 1 / share,
+                                     "efficiency": times[0] / slim_s * share, "error": None})
+    finally:
+        torch.set_num_threads(previous_threads)
+    return rows
+
+
+def run(options) -> dict:
+    rows = [row for name in options.latency_models for row in measure(name, options)]
+    return {"dagprune": {"tool": "dagprune", "results": rows}}

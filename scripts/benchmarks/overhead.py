@@ -1,0 +1,61 @@
+"""Training-step overhead of the gated model over the plain model, and gate parameter counts.
+
+For each model the plain DAG and the gated DAG take alternating training steps (forward,
+backward, Adam step; the gated step also computes the three pruning losses) on the same batch,
+so machine noise hits both alike; the ratio of the medians is reported. torch-dag's gate
+parameter counts come from its ``prepare`` run (the parameters its pruning model adds).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import dagprune
+from dagprune_algorithms.models import create_timm_model
+from dagprune_algorithms.pruning import ChannelPruning
+
+from .common import error_text, interleaved_medians
+
+
+def _training_step(model, optimizer, x, y, pruning=None, step=1000):
+    loss = F.cross_entropy(model(x), y)
+    if pruning is not None:
+        _, flops, entropy, bkd = pruning.compute_current_proportion_and_pruning_losses(step)
+        loss = loss + flops + entropy + bkd
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def measure(name: str, image_size: int, batch_size: int, repeats: int) -> dict:
+    input_shape = (3, image_size, image_size)
+    row = {"model": name, "input_size": list(input_shape), "batch_size": batch_size, "error": None}
+    try:
+        torch.manual_seed(0)
+        plain = dagprune.build_from_unstructured_module(create_timm_model(name, input_shape, num_classes=10))
+        torch.manual_seed(0)
+        source = dagprune.build_from_unstructured_module(create_timm_model(name, input_shape, num_classes=10))
+        pruning = ChannelPruning(source, input_shape, 0.5, 10_000)
+        gated = pruning.prepare_for_pruning()
+        plain.train(), gated.train()
+        plain_optimizer = torch.optim.Adam(plain.parameters(), 1e-4)
+        gated_optimizer = torch.optim.Adam(gated.parameters(), 1e-4)
+        x, y = torch.randn(batch_size, *input_shape), torch.randint(0, 10, (batch_size,))
+        plain_s, gated_s = interleaved_medians(
+            [lambda: _training_step(plain, plain_optimizer, x, y),
+             lambda: _training_step(gated, gated_optimizer, x, y, pruning)], repeats, warmup=2)
+    except Exception as error:
+        row["error"] = error_text("overhead", error)
+        return row
+    row.update(plain_ms=1000 * plain_s, gated_ms=1000 * gated_s, ratio=gated_s / plain_s,
+               groups=len(pruning.prunable_groups),
+               gate_parameters=sum(p.numel() for p in pruning.gate_parameters()),
+               model_parameters=sum(p.numel() for p in source.parameters()))
+    return row
+
+
+def run(options) -> dict:
+    return {"dagprune": {"tool": "dagprune", "threads": torch.get_num_threads(),
+                         "results": [measure(name, options.overhead_image_size, options.overhead_batch_size,
+                                             options.repeats) for name in options.models]}}

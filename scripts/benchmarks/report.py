@@ -1,0 +1,321 @@
+"""``resources/benchmarks.md`` and its plots, from the sections' JSON results."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+PEER_ORDER = ["dagprune", "torch-dag", "torch-pruning"]
+TOOL_NAMES = {"dagprune": "dagprune", "torch-dag": "torch-dag", "torch-pruning": "Torch-Pruning"}
+PREPARE_SPEEDUP_TARGET = 3.0
+OVERHEAD_TARGET = 1.15
+LATENCY_EFFICIENCY_TARGET = 0.8
+ACCURACY_TARGET_SLACK = 0.02
+"""A run whose FLOPs share exceeds its target by more than this did not reach the target."""
+
+
+def _seconds(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    if row.get("error"):
+        return f"fails ({row['error'][:60]})"
+    return f"{row['total_s']:.3f}"
+
+
+def _by_model(section: dict, tool: str) -> dict:
+    return {row["model"]: row for row in section.get(tool, {}).get("results", [])}
+
+
+def _versions(section: dict) -> str:
+    parts = []
+    for tool in PEER_ORDER[1:]:
+        data = section.get(tool)
+        if data and data.get("version"):
+            parts.append(f"{TOOL_NAMES[tool]} {data['version']} (timm {data.get('timm', '?')})")
+        elif data and data.get("error"):
+            parts.append(f"{TOOL_NAMES[tool]}: not run ({data['error'][:120]})")
+    return "; ".join(parts)
+
+
+def prepare_section(section: dict, plots: Path, lines: list, verdicts: list) -> None:
+    ours, dag, tp = (_by_model(section, tool) for tool in PEER_ORDER)
+    lines += ["## 1. Time to a pruning-ready model", "",
+              "One torch thread, median of the runs, timm's default input size. dagprune and torch-dag: "
+              "conversion + group search + gates; Torch-Pruning: its DependencyGraph and pruning groups.",
+              f"Peers: {_versions(section) or 'not run'}.", "",
+              "| model | dagprune s | torch-dag s | Torch-Pruning s | torch-dag / dagprune | "
+              "Torch-Pruning / dagprune | prunable groups | prunable_proportion |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    speedups = []
+    for name, row in ours.items():
+        ratio = lambda peer: (f"{peer[name]['total_s'] / row['total_s']:.1f}x"
+                              if name in peer and not peer[name].get("error") and not row.get("error") else "-")
+        if name in dag and not dag[name].get("error") and not row.get("error"):
+            speedups.append((name, dag[name]["total_s"] / row["total_s"]))
+        lines.append(f"| {name} | {_seconds(row)} | {_seconds(dag.get(name))} | {_seconds(tp.get(name))} | "
+                     f"{ratio(dag)} | {ratio(tp)} | {row.get('groups', '-')} | "
+                     f"{row.get('prunable_proportion', float('nan')):.4f} |")
+    lines.append("")
+    if speedups:
+        slowest = min(speedups, key=lambda item: item[1])
+        failed_peer = [n for n in ours if n in dag and dag[n].get("error")]
+        verdicts.append(f"Time to pruning-ready >= {PREPARE_SPEEDUP_TARGET:.0f}x faster than torch-dag: "
+                        f"{'met' if slowest[1] >= PREPARE_SPEEDUP_TARGET else 'MISSED'} (smallest ratio "
+                        f"{slowest[1]:.1f}x on {slowest[0]}" + (f"; torch-dag fails on {', '.join(failed_peer)}"
+                                                                 if failed_peer else "") + ")")
+        _bar_plot(ours, dag, tp, plots / "benchmark_prepare_time.png")
+        lines += [f"![time to pruning-ready]({plots.name}/benchmark_prepare_time.png)", ""]
+
+
+@contextlib.contextmanager
+def _figure(path: Path, size: tuple[float, float], xlabel: str, ylabel: str, legend_size: int = 8):
+    """Yields the axis of a new figure; labels it, adds the legend and saves it as ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=size)
+    yield axis
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.legend(fontsize=legend_size)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _bar_plot(ours, dag, tp, path: Path) -> None:
+    names = list(ours)
+    with _figure(path, (10, 4), "", "seconds to a pruning-ready model (1 thread)") as axis:
+        for offset, (label, rows) in enumerate([("dagprune", ours), ("torch-dag", dag), ("Torch-Pruning", tp)]):
+            values = [rows[n]["total_s"] if n in rows and not rows[n].get("error") else 0 for n in names]
+            axis.bar([i + (offset - 1) * 0.27 for i in range(len(names))], values, 0.27, label=label)
+        axis.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+        axis.set_yscale("log")
+
+
+def overhead_section(section: dict, prepare: dict | None, lines: list, verdicts: list) -> None:
+    peer_gates = _by_model(prepare or {}, "torch-dag")
+    rows = section["dagprune"]["results"]
+    first = next((r for r in rows if not r.get("error")), {})
+    lines += ["## 2. Training overhead", "",
+              f"Step = forward + backward + Adam (+ the three pruning losses for the gated model), batch "
+              f"{first.get('batch_size', '?')} at {'x'.join(map(str, first.get('input_size', [])))}, "
+              f"{section['dagprune'].get('threads', '?')} torch threads, the two models stepping in "
+              "alternation; median step times.", "",
+              "| model | plain ms | gated ms | gated / plain | gate parameters | torch-dag gate parameters |",
+              "|---|---:|---:|---:|---:|---:|"]
+    ratios = []
+    for row in rows:
+        if row.get("error"):
+            lines.append(f"| {row['model']} | fails ({row['error'][:80]}) | | | | |")
+            continue
+        ratios.append((row["model"], row["ratio"]))
+        peer = peer_gates.get(row["model"], {})
+        lines.append(f"| {row['model']} | {row['plain_ms']:.1f} | {row['gated_ms']:.1f} | {row['ratio']:.2f}x | "
+                     f"{row['gate_parameters']:,} | {peer.get('gate_parameters', '-') if not peer.get('error') else '-'} |")
+    lines.append("")
+    if ratios:
+        over = [f"{name} {ratio:.2f}x" for name, ratio in ratios if ratio > OVERHEAD_TARGET]
+        verdicts.append(f"Gated step <= {OVERHEAD_TARGET}x the plain step: "
+                        + ("met on every model" if not over else f"MISSED on {len(over)} of {len(ratios)}: "
+                           + ", ".join(over)))
+
+
+def latency_section(section: dict, plots: Path, lines: list, verdicts: list) -> None:
+    rows = section["dagprune"]["results"]
+    lines += ["## 3. Latency of pruned models", "",
+              "Pruned without training to each FLOPs target (L1 importance, calibrated); original and "
+              "slim models timed in alternation, median. Efficiency = speed-up / FLOPs reduction.", "",
+              "| model | runtime | threads | batch | target | FLOPs share | original ms | pruned ms | "
+              "speed-up | FLOPs reduction | efficiency |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    misses, checked = [], 0
+    for row in rows:
+        if row.get("error"):
+            lines.append(f"| {row['model']} | {row.get('runtime', '-')} | {row.get('threads', '-')} | "
+                         f"{row.get('batch_size', '-')} | fails: {row['error'][:80]} | | | | | | |")
+            continue
+        lines.append(f"| {row['model']} | {row['runtime']} | {row['threads']} | {row['batch_size']} | "
+                     f"{row['target']} | {row['flops_proportion']:.3f} | {row['original_ms']:.1f} | "
+                     f"{row['pruned_ms']:.1f} | {row['speedup']:.2f}x | {row['flops_reduction']:.2f}x | "
+                     f"{row['efficiency']:.2f} |")
+        if row["runtime"] == "torch" and row["batch_size"] >= 32:
+            checked += 1
+            if row["efficiency"] < LATENCY_EFFICIENCY_TARGET:
+                misses.append(f"{row['model']} @{row['target']} {row['threads']}t: {row['efficiency']:.2f}")
+    lines.append("")
+    if checked:
+        verdicts.append(f"Speed-up >= {LATENCY_EFFICIENCY_TARGET}x the FLOPs reduction (torch, CPU, batch 32): "
+                        + ("met in all " + str(checked) + " cases" if not misses else
+                           f"MISSED in {len(misses)} of {checked}: " + "; ".join(misses)))
+        _latency_plot(rows, plots / "benchmark_latency.png")
+        lines += [f"![latency]({plots.name}/benchmark_latency.png)", ""]
+
+
+def _latency_plot(rows, path: Path) -> None:
+    series = defaultdict(list)
+    for row in rows:
+        if not row.get("error") and row["runtime"] == "torch" and row["batch_size"] >= 32:
+            series[(row["model"], row["threads"])].append((row["flops_reduction"], row["speedup"]))
+    with _figure(path, (6, 4.5), "FLOPs reduction (original / pruned)", "measured speed-up, batch 32",
+                 legend_size=7) as axis:
+        top = 1.0
+        for (model, threads), points in sorted(series.items()):
+            points.sort()
+            axis.plot(*zip(*points), marker="o", label=f"{model} ({threads}t)")
+            top = max(top, max(max(p) for p in points))
+        axis.plot([1, top], [1, top], "k--", linewidth=0.8, label="speed-up = FLOPs reduction")
+        axis.plot([1, top], [0.8, 0.8 * top], "k:", linewidth=0.8, label="0.8 x FLOPs reduction")
+
+
+def _mean_spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {spread:.2f}"
+
+
+def _share_spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
+def accuracy_section(section: dict, plots: Path, lines: list, verdicts: list) -> None:
+    setup = section["setup"]
+    baseline = [b["accuracy"] for b in section["baselines"]]
+    lines += ["## 4. Accuracy against FLOPs", "",
+              f"{setup['model']} on {setup['data']} at {setup['image_size']} px; baseline trained "
+              f"{setup['baseline_steps']} steps per seed (accuracy {_mean_spread(baseline)} %); every method "
+              f"then gets {setup['steps']} steps at lr {setup['lr']} and {setup['finetune_steps']} at lr/10, "
+              f"batch {setup['batch_size']}; seeds {sorted(b['seed'] for b in section['baselines'])}. "
+              "Mean ± standard deviation over seeds.", "",
+              "| method | target | FLOPs share | top-1 % | before fine-tuning % | runs | failures |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    grouped = defaultdict(list)
+    for row in section["results"]:
+        grouped[(row["method"], row.get("target"))].append(row)
+    summary = {}
+    for (method, target), runs in sorted(grouped.items(), key=lambda item: (item[0][0], -(item[0][1] or 0))):
+        good = [r for r in runs if not r.get("error")]
+        failures = len(runs) - len(good)
+        accuracy = [r["accuracy"] for r in good]
+        summary[(method, target)] = statistics.mean(accuracy) if accuracy else None
+        lines.append(f"| {method} | {target if target is not None else '-'} | "
+                     f"{_share_spread([r['flops_proportion'] for r in good])} | "
+                     f"{_mean_spread(accuracy)} | {_mean_spread([r['accuracy_before_finetune'] for r in good])} | "
+                     f"{len(good)} | {failures}" + (f" ({runs[0]['error'][:60]})" if failures else "") + " |")
+    lines.append("")
+    ours = "dagprune (differentiable)"
+    shares = defaultdict(list)
+    for row in section["results"]:
+        if not row.get("error"):
+            shares[(row["method"], row["target"])].append(row["flops_proportion"])
+    off_target = [f"{method} at {target}: FLOPs share {statistics.mean(values):.3f}"
+                  for (method, target), values in sorted(shares.items())
+                  if statistics.mean(values) > target + ACCURACY_TARGET_SLACK]
+    targets = sorted({t for (_, t) in summary if t is not None}, reverse=True)
+    behind = []
+    for target in targets:
+        mine = summary.get((ours, target))
+        for (method, t), value in summary.items():
+            if t == target and method != ours and value is not None and (mine is None or mine < value):
+                behind.append(f"{target}: {method} {value:.2f} > {ours} "
+                              f"{'failed' if mine is None else f'{mine:.2f}'}")
+    verdicts.append(f"Accuracy at equal FLOPs >= every other method at every target: "
+                    + ("met" if not behind else "MISSED at " + "; ".join(behind))
+                    + ("" if not off_target else " (above the target FLOPs, so not at equal FLOPs: "
+                       + "; ".join(off_target) + ")"))
+    _accuracy_plot(section["results"], baseline, plots / "benchmark_accuracy.png")
+    lines += [f"![accuracy vs FLOPs]({plots.name}/benchmark_accuracy.png)", ""]
+
+
+def _accuracy_plot(rows, baseline, path: Path) -> None:
+    series = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if not row.get("error"):
+            series[row["method"]][row["target"]].append((row["flops_proportion"], row["accuracy"]))
+    with _figure(path, (6, 4.5), "FLOPs share of the original", "top-1 accuracy (%)") as axis:
+        for method, by_target in sorted(series.items()):
+            points = sorted((statistics.mean(f for f, _ in runs), statistics.mean(a for _, a in runs),
+                             statistics.stdev(a for _, a in runs) if len(runs) > 1 else 0.0)
+                            for runs in by_target.values())
+            axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                          marker="o", capsize=3, label=method)
+        if baseline:
+            axis.axhline(statistics.mean(baseline), color="k", linestyle="--", linewidth=0.8, label="unpruned")
+
+
+def exactness_section(section: dict, lines: list, verdicts: list) -> None:
+    tools = [t for t in PEER_ORDER if t in section]
+    by_tool = {tool: _by_model(section, tool) for tool in tools}
+    lines += ["## 5. Exactness stress", "",
+              "10% of the channels of every prunable group removed (seeded); the slim model's output "
+              "against the tool's masked model (relative difference, <= 1e-4 counts as equal; closing "
+              "the channels must change the output).", "",
+              "| model | " + " | ".join(TOOL_NAMES[t] for t in tools) + " |",
+              "|---|" + "---|" * len(tools)]
+
+    def cell(row):
+        if row is None:
+            return "-"
+        if row.get("error"):
+            return f"fails: {row['error'][:70]}"
+        mark = "equal" if row.get("exact") else "DIFFERS"
+        return f"{mark} ({row['max_rel_diff']:.1e})"
+
+    for name in by_tool["dagprune"]:
+        lines.append(f"| {name} | " + " | ".join(cell(by_tool[t].get(name)) for t in tools) + " |")
+    for tool in tools:
+        if section[tool].get("error"):
+            lines.append(f"\n{TOOL_NAMES[tool]} not run: {section[tool]['error'][:200]}")
+    lines.append("")
+    for tool in tools:
+        rows = by_tool[tool].values()
+        if rows:
+            exact = sum(bool(r.get("exact")) for r in rows)
+            verdicts.append(f"Exact removal, {TOOL_NAMES[tool]}: {exact} of {len(rows)} models")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_report(results: dict, out: Path, command: str) -> None:
+    """Writes the markdown report (and PNGs next to it, under ``<stem>_plots/``)."""
+    plots = out.parent / f"{out.stem}_plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    verdicts: list[str] = []
+    if "prepare" in results:
+        prepare_section(results["prepare"], plots, lines, verdicts)
+    if "overhead" in results:
+        overhead_section(results["overhead"], results.get("prepare"), lines, verdicts)
+    if "latency" in results:
+        latency_section(results["latency"], plots, lines, verdicts)
+    if "accuracy" in results:
+        accuracy_section(results["accuracy"], plots, lines, verdicts)
+    if "exactness" in results:
+        exactness_section(results["exactness"], lines, verdicts)
+    header = ["# Benchmarks: dagprune, torch-dag and Torch-Pruning", "",
+              f"Command: `{command}`  ",
+              f"Machine: {_cpu_name()}, {os.cpu_count()} cores, "
+              f"{torch.get_num_threads()} torch threads by default; python {platform.python_version()}, "
+              f"torch {torch.__version__}. Every figure below was measured by that command in one run "
+              "(sections may be re-run alone with `--sections`).", "",
+              "## Targets", ""] + [f"- {v}" for v in verdicts] + [""]
+    out.write_text("\n".join(header + lines) + "\n")
