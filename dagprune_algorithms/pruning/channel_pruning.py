@@ -108,6 +108,8 @@ class ChannelPruning:
                 gate.logits.data += self.initial_logit_spread * spread
         self.pruning_model = _build_gated_dag(self.analysis, self.gates).to(device)
         self._expected_flops = ExpectedFlops(self.analysis)
+        self._mask_modules = [module for module in self.pruning_model.modules()
+                              if isinstance(module, (MaskApply, MaskedConsumer))]
         return self.pruning_model
 
     def _require_prepared(self) -> ChannelAnalysis:
@@ -179,7 +181,8 @@ class ChannelPruning:
             self.calibrate_to_target()
         for gate in self.gates:
             gate.freeze(frozen)
-        proportion = self.expected_proportion()
+        probabilities = [gate.keep_probabilities() for gate in self.gates]
+        proportion = self._expected_flops.proportion(torch.cat(probabilities))
         hard_masks = torch.cat([gate.hard_mask() for gate in self.gates])
         hard_proportion = self._expected_flops.proportion(hard_masks)
         strength = anneal(global_step, self.num_training_steps)
@@ -190,11 +193,9 @@ class ChannelPruning:
         ratio = (hard_proportion + proportion - proportion.detach()) / target
         flops_loss = config.flops_weight * strength * (
             torch.relu(ratio - 1) + config.below_target_weight * torch.relu(1 - ratio))
-        entropies = torch.stack([binary_entropy(gate.keep_probabilities()).mean()
-                                 for gate in self.gates])
+        entropies = torch.stack([binary_entropy(p).mean() for p in probabilities])
         entropy_loss = config.entropy_weight * strength * entropies.clamp_min(config.entropy_floor).mean()
-        removed = [module.removed_energy for module in model.modules()
-                   if isinstance(module, (MaskApply, MaskedConsumer)) and module.removed_energy is not None]
+        removed = [module.removed_energy for module in self._mask_modules if module.removed_energy is not None]
         bkd_loss = (config.bkd_weight * torch.stack(removed).mean() if removed and model.training
                     else proportion.new_zeros(()))
         return proportion, flops_loss, entropy_loss, bkd_loss

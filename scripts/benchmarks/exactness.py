@@ -37,12 +37,22 @@ def close_share_of_every_group(pruning: ChannelPruning, share: float, seed: int 
     return closed
 
 
+def unit_layer_scales(model: torch.nn.Module) -> None:
+    """Sets layer-scale parameters (named ``gamma``) to 1 (every tool's stress test does): timm
+    starts ConvNeXt's at 1e-6, which hides the effect of any closed channel on the output."""
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if parameter_name.rsplit(".", 1)[-1] == "gamma":
+                parameter.fill_(1.0)
+
+
 def measure(name: str) -> dict:
     row = {"model": name, "error": None, "exact": False}
     stage = "conversion"
     try:
         torch.manual_seed(0)
         model = create_timm_model(name).eval()
+        unit_layer_scales(model)
         input_shape = tuple(model.pretrained_cfg["input_size"])
         x = fixed_input(input_shape)
         dag = dagprune.build_from_unstructured_module(model).eval()
