@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import statistics
 import tempfile
 import time
@@ -19,6 +20,11 @@ MODELS = ["resnet18", "resnet50", "mobilenetv2_100", "mobilenetv3_large_100", "e
 
 EXACT_TOLERANCE = 1e-4
 """Max relative difference under which two outputs count as equal."""
+
+
+def log(message: str) -> None:
+    """One progress line on stderr."""
+    print(f"benchmark: {message}", file=sys.stderr, flush=True)
 
 
 def seconds(function: Callable[[], object]) -> float:

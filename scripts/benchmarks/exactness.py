@@ -16,7 +16,7 @@ import dagprune
 from dagprune_algorithms.models import create_timm_model
 from dagprune_algorithms.pruning import ChannelPruning
 
-from .common import EXACT_TOLERANCE, error_text, fixed_input, relative_difference
+from .common import log, EXACT_TOLERANCE, error_text, fixed_input, relative_difference
 from .peers import run_peer
 
 CLOSED_SHARE = 0.1
@@ -47,6 +47,7 @@ def unit_layer_scales(model: torch.nn.Module) -> None:
 
 
 def measure(name: str) -> dict:
+    log(f"exactness {name}")
     row = {"model": name, "error": None, "exact": False}
     stage = "conversion"
     try:

@@ -17,7 +17,7 @@ import dagprune
 from dagprune_algorithms.models import create_timm_model
 from dagprune_algorithms.pruning import ChannelPruning
 
-from .common import error_text, interleaved_medians
+from .common import log, error_text, interleaved_medians
 
 TARGETS = (0.7, 0.5, 0.3)
 
@@ -72,6 +72,7 @@ def _runtimes() -> list[str]:
 
 
 def measure(name: str, options) -> list[dict]:
+    log(f"latency {name}")
     try:
         input_shape, dag, slims = slim_models(name, options.latency_image_size, options.targets)
     except Exception as error:

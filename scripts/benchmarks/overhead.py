@@ -15,7 +15,7 @@ import dagprune
 from dagprune_algorithms.models import create_timm_model
 from dagprune_algorithms.pruning import ChannelPruning
 
-from .common import error_text, interleaved_medians
+from .common import log, error_text, interleaved_medians
 
 
 def _training_step(model, optimizer, x, y, pruning=None, step=1000):
@@ -29,6 +29,7 @@ def _training_step(model, optimizer, x, y, pruning=None, step=1000):
 
 
 def measure(name: str, image_size: int, batch_size: int, repeats: int) -> dict:
+    log(f"overhead {name}")
     input_shape = (3, image_size, image_size)
     row = {"model": name, "input_size": list(input_shape), "batch_size": batch_size, "error": None}
     try:

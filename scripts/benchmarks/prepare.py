@@ -15,11 +15,12 @@ import dagprune
 from dagprune_algorithms.models import create_timm_model
 from dagprune_algorithms.pruning import ChannelPruning
 
-from .common import error_text, seconds
+from .common import log, error_text, seconds
 from .peers import run_peer
 
 
 def measure(name: str, repeats: int) -> dict:
+    log(f"prepare {name}")
     torch.manual_seed(0)
     model = create_timm_model(name).eval()
     input_shape = tuple(model.pretrained_cfg["input_size"])

@@ -315,7 +315,7 @@ def write_report(results: dict, out: Path, command: str) -> None:
               f"Command: `{command}`  ",
               f"Machine: {_cpu_name()}, {os.cpu_count()} cores, "
               f"{torch.get_num_threads()} torch threads by default; python {platform.python_version()}, "
-              f"torch {torch.__version__}. Every figure below was measured by that command in one run "
-              "(sections may be re-run alone with `--sections`).", "",
+              f"torch {torch.__version__}. Each section below was measured in one run of the command that names it above; "
+              "timing figures are side by side in that run, on 2 cores shared with other jobs.", "",
               "## Targets", ""] + [f"- {v}" for v in verdicts] + [""]
     out.write_text("\n".join(header + lines) + "\n")
