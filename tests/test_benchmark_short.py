@@ -62,3 +62,24 @@ def test_accuracy_and_exactness(short_run):
     assert abs(l1["flops_proportion"] - l1["target"]) <= 0.02
     (exact,) = results["exactness"]["dagprune"]["results"]
     assert exact["exact"] and exact["masks_took_effect"] and exact["max_rel_diff"] <= 1e-4
+
+
+def test_unknown_peer_is_a_clear_error():
+    sys.path.insert(0, str(REPO_ROOT / "scripts" / "peers"))
+    try:
+        from environments import PeerEnvironmentError, ensure_peer_environment
+    finally:
+        sys.path.remove(str(REPO_ROOT / "scripts" / "peers"))
+    with pytest.raises(PeerEnvironmentError, match=r"unknown peer 'torch-dagg'; known: \['torch-dag', 'torch-pruning'\]"):
+        ensure_peer_environment("torch-dagg")
+
+
+def test_stage_names_the_innermost_failing_stage():
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        from benchmarks.common import StageError, stage
+    finally:
+        sys.path.remove(str(REPO_ROOT / "scripts"))
+    with pytest.raises(StageError, match=r"^removal: ValueError: bad shape$"):
+        with stage("model"), stage("removal"):
+            raise ValueError("bad shape\nsecond line")

@@ -108,43 +108,43 @@ class ChannelGate(nn.Module):
         return f"channels={self.logits.numel()}, temperature={self.temperature}, block_size={self.block_size}"
 
 
-def _position_mask(index: torch.Tensor, masks: tuple[torch.Tensor, ...], in_order: bool = False) -> torch.Tensor:
-    """Per-position mask: entry 0 of the joined vector is 1 (channels no gate controls).
-
-    ``in_order`` (see :func:`_is_in_order`) says that ``index`` is ``1, 2, ..., n``: every
-    position is gated and the masks apply in order, so the mask is just the masks joined.
-    """
-    if in_order and masks:
-        return masks[0] if len(masks) == 1 else torch.cat(masks)
-    joined = torch.cat([masks[0].new_ones(1), *masks]) if masks else index.new_ones(1).float()
-    return joined[index]
-
-
-def _is_in_order(index: torch.Tensor) -> bool:
-    return bool(torch.equal(index.cpu(), torch.arange(1, index.numel() + 1, dtype=index.dtype)))
-
-
 def _broadcast_shape(ndim: int, axis: int, size: int) -> list[int]:
     shape = [1] * ndim
     shape[axis] = size
     return shape
 
 
-class MaskApply(nn.Module):
-    """Multiplies its first input by the masks of one or more gates along ``axis``.
+class _PositionMasked(nn.Module):
+    """Holds ``index``: which entry of ``[1, *masks]`` (the gates' masks joined, entry 0 for
+    channels no gate controls) applies to each channel position of the masked tensor."""
 
-    ``index[p]`` says which entry of ``[1, *masks]`` (joined) applies to position ``p``.
-    """
+    def __init__(self, index: torch.Tensor):
+        super().__init__()
+        self.register_buffer("index", index.long(), persistent=False)
+        # index 1, 2, ..., n: every position gated, masks in order; the mask is the masks joined
+        # (no gather on the training hot path)
+        self.in_order = bool(torch.equal(self.index.cpu(), torch.arange(1, self.index.numel() + 1)))
+
+    def position_mask(self, masks: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The per-position mask for the gates' ``masks``, as ``dtype``."""
+        if self.in_order and masks:
+            mask = masks[0] if len(masks) == 1 else torch.cat(masks)
+        else:
+            joined = torch.cat([masks[0].new_ones(1), *masks]) if masks else self.index.new_ones(1).float()
+            mask = joined[self.index]
+        return mask.to(dtype)
+
+
+class MaskApply(_PositionMasked):
+    """Multiplies its first input by the masks of one or more gates along ``axis``."""
 
     def __init__(self, axis: int, index: torch.Tensor):
-        super().__init__()
+        super().__init__(index)
         self.axis = axis
-        self.register_buffer("index", index.long(), persistent=False)
-        self.in_order = _is_in_order(self.index)
         self.removed_energy: torch.Tensor | None = None
 
     def forward(self, x, *masks):
-        mask = _position_mask(self.index, masks, self.in_order).to(x.dtype)
+        mask = self.position_mask(masks, x.dtype)
         # share of activation energy the masks remove (for the bkd loss)
         self.removed_energy = _removed_energy_share(x, self.axis, mask) if self.training else None
         return x * mask.view(_broadcast_shape(x.ndim, self.axis, mask.numel()))
@@ -166,7 +166,7 @@ def _removed_energy_share(x: torch.Tensor, axis: int, mask: torch.Tensor) -> tor
     return (energy * (1 - mask).pow(2)).sum() / energy.sum().clamp_min(1e-12)
 
 
-class MaskedConsumer(nn.Module):
+class MaskedConsumer(_PositionMasked):
     """A conv or linear layer whose input channels are masked through its weight.
 
     ``layer(x * m)`` equals ``layer`` run with its weight scaled by ``m`` on the input-channel
@@ -174,14 +174,12 @@ class MaskedConsumer(nn.Module):
     """
 
     def __init__(self, layer: nn.Module, index: torch.Tensor):
-        super().__init__()
+        super().__init__(index)
         self.layer = layer
-        self.register_buffer("index", index.long(), persistent=False)
-        self.in_order = _is_in_order(self.index)
         self.removed_energy: torch.Tensor | None = None
 
     def forward(self, x, *masks):
-        mask = _position_mask(self.index, masks, self.in_order).to(x.dtype)
+        mask = self.position_mask(masks, x.dtype)
         layer = self.layer
         self.removed_energy = (_removed_energy_share(x, x.ndim - 1 if isinstance(layer, nn.Linear) else 1, mask)
                                if self.training else None)
@@ -194,7 +192,7 @@ class MaskedConsumer(nn.Module):
         return f"positions={self.index.numel()}"
 
 
-class MaskedNorm(nn.Module):
+class MaskedNorm(_PositionMasked):
     """A LayerNorm/GroupNorm whose statistics count only kept channels.
 
     Wraps the original vertex module; called with the original inputs followed by the masks.
@@ -202,12 +200,10 @@ class MaskedNorm(nn.Module):
     """
 
     def __init__(self, norm: nn.Module, axis: int, index: torch.Tensor, num_inputs: int):
-        super().__init__()
+        super().__init__(index)
         self.norm = norm
         self.axis = axis
         self.num_inputs = num_inputs
-        self.register_buffer("index", index.long(), persistent=False)
-        self.in_order = _is_in_order(self.index)
 
     def _parameters_and_groups(self, inputs):
         norm = self.norm
@@ -226,7 +222,7 @@ class MaskedNorm(nn.Module):
         inputs, masks = inputs[:self.num_inputs], inputs[self.num_inputs:]
         x = inputs[0]
         weight, bias, groups, eps = self._parameters_and_groups(inputs)
-        mask = _position_mask(self.index, masks, self.in_order).to(x.dtype)
+        mask = self.position_mask(masks, x.dtype)
         channels = x.shape[self.axis]
         if self.axis == x.ndim - 1:  # layer norm over the last axis
             # mask-weighted mean and variance as products with the normalized mask: two

@@ -1,7 +1,9 @@
-"""What the benchmark sections share: the model list, timing and comparison helpers."""
+"""What the benchmark sections and the peers' scripts share: the model list, timing, comparison,
+error and JSON helpers. It imports only torch, so the peers' environments can use it too."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -47,9 +49,10 @@ def interleaved_medians(functions: list[Callable[[], object]], repeats: int,
 
 
 def relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """``max|a - b| / max|a|``; ``inf`` when the shapes differ."""
+    """``max|a - b| / max|a|``, computed in float64; ``inf`` when the shapes differ."""
     if reference.shape != other.shape:
         return float("inf")
+    reference, other = reference.detach().double(), other.detach().double()
     scale = reference.abs().max().clamp_min(1e-12)
     return float((reference - other).abs().max() / scale)
 
@@ -62,13 +65,42 @@ def fixed_input(input_shape, batch_size: int = 2) -> torch.Tensor:
 def error_text(stage: str, error: BaseException) -> str:
     """``"stage: Type: first line"`` for a report cell."""
     first_line = (str(error).strip().splitlines() or [""])[0]
-    return f"{stage}: {type(error).__name__}: {first_line[:200]}"
+    return f"{stage}: {type(error).__name__}: {first_line[:300]}"
+
+
+class StageError(Exception):
+    """A measurement stage failed; ``str()`` is the row's ``"stage: Type: message"`` text."""
+
+
+@contextlib.contextmanager
+def stage(name: str):
+    """Re-raises any exception of the block as a :class:`StageError` naming the (innermost) stage."""
+    try:
+        yield
+    except StageError:
+        raise
+    except Exception as error:  # a failing model is a result, not a crash
+        raise StageError(error_text(name, error)) from error
+
+
+def unit_layer_scales(model: torch.nn.Module) -> None:
+    """Sets layer-scale parameters (named ``gamma``) to 1, as every tool's exactness stress does:
+    timm starts ConvNeXt's at 1e-6, which hides the effect of any closed channel on the output."""
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if parameter_name.rsplit(".", 1)[-1] == "gamma":
+                parameter.fill_(1.0)
 
 
 def write_json(path: Path, data) -> None:
-    """Writes ``data`` as JSON atomically (temporary file, then rename)."""
+    """Writes ``data`` as JSON atomically (temporary file, then rename; removed on failure)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-    os.replace(temporary, path)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(data, handle, indent=1, sort_keys=True)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise

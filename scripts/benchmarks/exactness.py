@@ -16,7 +16,7 @@ import dagprune
 from dagprune_algorithms.models import create_timm_model
 from dagprune_algorithms.pruning import ChannelPruning
 
-from .common import log, EXACT_TOLERANCE, error_text, fixed_input, relative_difference
+from .common import EXACT_TOLERANCE, error_text, fixed_input, log, relative_difference, unit_layer_scales
 from .peers import run_peer
 
 CLOSED_SHARE = 0.1
@@ -35,15 +35,6 @@ def close_share_of_every_group(pruning: ChannelPruning, share: float, seed: int 
             gate.logits.copy_(logits)
             closed += count
     return closed
-
-
-def unit_layer_scales(model: torch.nn.Module) -> None:
-    """Sets layer-scale parameters (named ``gamma``) to 1 (every tool's stress test does): timm
-    starts ConvNeXt's at 1e-6, which hides the effect of any closed channel on the output."""
-    with torch.no_grad():
-        for parameter_name, parameter in model.named_parameters():
-            if parameter_name.rsplit(".", 1)[-1] == "gamma":
-                parameter.fill_(1.0)
 
 
 def measure(name: str) -> dict:

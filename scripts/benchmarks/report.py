@@ -230,7 +230,7 @@ def accuracy_section(section: dict, plots: Path, lines: list, verdicts: list) ->
             if t == target and method != ours and value is not None and (mine is None or mine < value):
                 behind.append(f"{target}: {method} {value:.2f} > {ours} "
                               f"{'failed' if mine is None else f'{mine:.2f}'}")
-    verdicts.append(f"Accuracy at equal FLOPs >= every other method at every target: "
+    verdicts.append("Accuracy at equal FLOPs >= every other method at every target: "
                     + ("met" if not behind else "MISSED at " + "; ".join(behind))
                     + ("" if not off_target else " (above the target FLOPs, so not at equal FLOPs: "
                        + "; ".join(off_target) + ")"))

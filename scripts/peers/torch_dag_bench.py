@@ -41,7 +41,6 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -51,6 +50,10 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 import torch_dag as td  # noqa: E402
 import torch_dag_algorithms as tda  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the shared helpers
+from benchmarks.common import (EXACT_TOLERANCE, StageError, relative_difference, stage,  # noqa: E402
+                               unit_layer_scales, write_json)
 
 MODELS = ["resnet18", "resnet50", "mobilenetv2_100", "mobilenetv3_large_100", "efficientnet_b0",
           "convnext_tiny", "regnety_004", "densenet121", "deit_tiny_patch16_224",
@@ -69,24 +72,6 @@ CLOSED_LOGIT = -100.0
 OPEN_LOGIT = 100.0
 """Orbit logits written for closed and open channels. torch-dag keeps a channel when its logit
 is > 0; at +-100 its Gumbel-softmax sample is also exactly 1 or 0 in float32."""
-
-EXACT_TOLERANCE = 1e-4
-"""Max relative difference under which two outputs count as equal."""
-
-
-class StageError(Exception):
-    """A measurement stage failed; ``str()`` is the row's ``"stage: Type: message"`` text."""
-
-
-@contextlib.contextmanager
-def stage(name: str):
-    """Re-raises any exception of the block as a :class:`StageError` naming the stage."""
-    try:
-        yield
-    except Exception as error:  # a failing model is a result, not a crash
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        raise StageError(f"{name}: {type(error).__name__}: {first_line[:300]}") from error
-
 
 def create_model(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
     """The timm model in eval mode (seed 0) and its default input shape without batch."""
@@ -192,21 +177,6 @@ def hard_masks(orbits: list):
             del orbit.sample
 
 
-def relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """``max|a - b| / max(max|a|, 1e-12)``."""
-    scale = reference.abs().max().clamp_min(1e-12)
-    return float((reference - other).abs().max() / scale)
-
-
-def unit_layer_scales(model: torch.nn.Module) -> None:
-    """Sets layer-scale parameters (named ``gamma``) to 1, as every tool's stress test does:
-    timm starts ConvNeXt's at 1e-6, which hides the effect of any closed channel."""
-    with torch.no_grad():
-        for parameter_name, parameter in model.named_parameters():
-            if parameter_name.rsplit(".", 1)[-1] == "gamma":
-                parameter.fill_(1.0)
-
-
 def measure_exactness(name: str) -> dict:
     """Gated output vs. output after channel removal for one model; see the module docstring."""
     row = {"model": name, "input_size": None, "groups": None, "closed_channels": None,
@@ -255,15 +225,6 @@ def measure_exactness(name: str) -> dict:
     except StageError as error:
         row["error"] = str(error)
     return row
-
-
-def write_json(path: Path, data) -> None:
-    """Writes ``data`` as JSON atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(temporary, path)
 
 
 def main(argv=None) -> int:

@@ -48,14 +48,11 @@ FLOPs proportions are ``tp.utils.count_ops_and_params`` of the pruned over the o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -75,6 +72,10 @@ if str(REPO_ROOT) not in sys.path:
 
 from dagprune_algorithms.models import create_timm_model  # noqa: E402
 
+sys.path.insert(0, str(REPO_ROOT / "scripts"))  # the shared helpers
+from benchmarks.common import (EXACT_TOLERANCE, StageError, relative_difference, stage,  # noqa: E402
+                               unit_layer_scales, write_json)
+
 MODELS = ["resnet18", "resnet50", "mobilenetv2_100", "mobilenetv3_large_100", "efficientnet_b0",
           "convnext_tiny", "regnety_004", "densenet121", "deit_tiny_patch16_224",
           "vit_small_patch16_224", "fbnetv3_g", "repvit_m1"]
@@ -85,9 +86,6 @@ ROOT_MODULE_TYPES = [nn.Conv2d, nn.Linear]
 
 CLOSED_FRACTION = 0.1
 """Share of each group's channels removed in the exactness section."""
-
-EXACT_TOLERANCE = 1e-4
-"""Max relative difference under which two outputs count as equal."""
 
 FLOPS_TOLERANCE = 0.01
 """The ratio search stops once the FLOPs proportion is in ``[target - this, target]``."""
@@ -100,22 +98,6 @@ RATIO_SEARCH_STEPS = 20
 
 RATIO_RESOLUTION = 1e-4
 """The search also stops when the ratio is known to this precision (channel counts are whole)."""
-
-
-class StageError(Exception):
-    """A measurement stage failed; ``str()`` is the row's ``"stage: Type: message"`` text."""
-
-
-@contextlib.contextmanager
-def stage(name: str):
-    """Re-raises any exception of the block as a :class:`StageError` naming the stage."""
-    try:
-        yield
-    except StageError:
-        raise
-    except Exception as error:  # a failing model is a result, not a crash
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        raise StageError(f"{name}: {type(error).__name__}: {first_line[:300]}") from error
 
 
 def create_model(name: str, randomize: bool = False) -> tuple[nn.Module, tuple[int, ...]]:
@@ -163,13 +145,6 @@ def classifier_layers(model: nn.Module) -> list[nn.Module]:
     way ``BasePruner`` expands its ``ignored_layers``.
     """
     return list(model.get_classifier().modules())
-
-
-def relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """``max|a - b| / max(max|a|, 1e-12)``."""
-    reference, other = reference.detach().double(), other.detach().double()
-    scale = reference.abs().max().clamp_min(1e-12)
-    return float((reference - other).abs().max() / scale)
 
 
 # ----------------------------------------------------------------------------------- prepare
@@ -527,7 +502,7 @@ def compare_removal_with_masking(model: nn.Module, input_shape: tuple[int, ...],
             raise ValueError(f"pruned output {tuple(pruned_output.shape)} != masked output "
                              f"{tuple(masked_output.shape)}")
     row["max_rel_diff"] = relative_difference(masked_output, pruned_output)
-    row["exact"] = row["max_rel_diff"] <= EXACT_TOLERANCE
+    row["exact"] = row["max_rel_diff"] <= EXACT_TOLERANCE and row["masks_took_effect"]
     with stage("flops"):
         row["flops_proportion"] = (tp.utils.count_ops_and_params(pruned, example_inputs)[0]
                                    / original_flops)
@@ -537,7 +512,8 @@ def measure_exactness(name: str, randomize: bool = False,
                       dtype: torch.dtype = torch.float32) -> dict:
     """Exactness of removal for one timm model; see :func:`compare_removal_with_masking`.
 
-    ``exact`` only means something where ``masks_took_effect`` is true as well.
+    Layer scales are set to 1 first (:func:`unit_layer_scales`, as for the other tools);
+    ``exact`` needs ``masks_took_effect`` as well, so a no-op removal cannot pass.
     """
     row = {"model": name, "weights": "randomized" if randomize else "timm",
            "dtype": str(dtype).removeprefix("torch."), "input_size": None, "groups": None,
@@ -546,6 +522,7 @@ def measure_exactness(name: str, randomize: bool = False,
            "flops_proportion": None, "error": None}
     try:
         model, input_shape = create_model(name, randomize)
+        unit_layer_scales(model)
         model.to(dtype)
         row["input_size"] = list(input_shape)
         compare_removal_with_masking(model, input_shape, row)
@@ -703,21 +680,6 @@ def accuracy_rows(args):
 
 
 # ------------------------------------------------------------------------------------ output
-def write_json(path: Path, data) -> None:
-    """Writes ``data`` as JSON atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                             suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(data, handle, indent=1)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--section", required=True, choices=["prepare", "exactness", "accuracy"])
