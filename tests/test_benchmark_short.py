@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from script_modules import load_script
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.benchmark_short
@@ -65,21 +67,13 @@ def test_accuracy_and_exactness(short_run):
 
 
 def test_unknown_peer_is_a_clear_error():
-    sys.path.insert(0, str(REPO_ROOT / "scripts" / "peers"))
-    try:
-        from environments import PeerEnvironmentError, ensure_peer_environment
-    finally:
-        sys.path.remove(str(REPO_ROOT / "scripts" / "peers"))
-    with pytest.raises(PeerEnvironmentError, match=r"unknown peer 'torch-dagg'; known: \['torch-dag', 'torch-pruning'\]"):
-        ensure_peer_environment("torch-dagg")
+    environments = load_script("peers/environments.py")
+    with pytest.raises(environments.PeerEnvironmentError, match=r"unknown peer 'torch-dagg'; known: \['torch-dag', 'torch-pruning'\]"):
+        environments.ensure_peer_environment("torch-dagg")
 
 
 def test_stage_names_the_innermost_failing_stage():
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    try:
-        from benchmarks.common import StageError, stage
-    finally:
-        sys.path.remove(str(REPO_ROOT / "scripts"))
-    with pytest.raises(StageError, match=r"^removal: ValueError: bad shape$"):
-        with stage("model"), stage("removal"):
+    common = load_script("benchmarks/common.py")
+    with pytest.raises(common.StageError, match=r"^removal: ValueError: bad shape$"):
+        with common.stage("model"), common.stage("removal"):
             raise ValueError("bad shape\nsecond line")

@@ -5,18 +5,15 @@ the sweep's own per-model check: the DAG reproduces the model and removing the c
 by random gate logits reproduces the gated model.
 """
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
+from script_modules import load_script
+
 pytest.importorskip("timm")
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "coverage.py"
-_spec = importlib.util.spec_from_file_location("dagprune_coverage_script", _SCRIPT)
-coverage_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(coverage_script)
+coverage_script = load_script("coverage.py")
 
 FIXED_FAMILY_MODELS = {
     # x[:, :token_length] with token_length read from a shape at run time, on the token axis

@@ -12,19 +12,16 @@ Select it with ``pytest -m coverage_sample``. With one torch thread the 38 model
 hence the fixture below), so the sample is not marked ``slow``.
 """
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
+from script_modules import load_script
+
 pytest.importorskip("timm")
 pytest.importorskip("fvcore")
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "coverage.py"
-_spec = importlib.util.spec_from_file_location("dagprune_coverage_script", _SCRIPT)
-coverage_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(coverage_script)
+coverage_script = load_script("coverage.py")
 
 SAMPLE_MODELS = {
     "resnet": "resnet10t",
