@@ -7,7 +7,10 @@ Imported automatically when a model is converted while timm is loaded. It regist
   statistics keep updating in train mode (tracing the fused layer would freeze its mode);
 * rewrites of TensorFlow-``SAME`` convolutions and pools into :class:`~dagprune.ops.SamePad2d`
   followed by the standard layer;
-* timm's own lists of modules and helper functions that must not be traced into.
+* rewrites of weight-standardised convolutions (``StdConv2d``, ``ScaledStdConv2d`` and their
+  ``Same`` variants) into :class:`~dagprune.ops.StandardizedConv2d`;
+* timm's own lists of modules and helper functions that must not be traced into (NFNets'
+  ``NormFreeBlock`` only where it uses its in-place ``skipinit_gain``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from dagprune.ops.padding import SamePad2d
+from dagprune.ops.standardized_conv import StandardizedConv2d
 from dagprune.tracing import register_autowrap_function, register_leaf_module, register_module_rewrite
 
 __all__ = ["NormAct", "PaddedLayer"]
@@ -26,6 +30,7 @@ __all__ = ["NormAct", "PaddedLayer"]
 _norm_act = importlib.import_module("timm.layers.norm_act")
 _conv2d_same = importlib.import_module("timm.layers.conv2d_same")
 _pool2d_same = importlib.import_module("timm.layers.pool2d_same")
+_std_conv = importlib.import_module("timm.layers.std_conv")
 _timm_fx = importlib.import_module("timm.models._features_fx")
 
 
@@ -109,7 +114,26 @@ def _rewrite_avg_pool2d_same(module):
     return PaddedLayer(pad, pool)
 
 
+def _rewrite_standardized_conv(module):
+    same_pad = getattr(module, "same_pad", False)  # the Same variants pad at run time
+    conv = StandardizedConv2d(module.in_channels, module.out_channels, module.kernel_size,
+                              module.stride, 0 if same_pad else module.padding, module.dilation,
+                              module.groups, module.bias is not None, module.eps,
+                              getattr(module, "scale", None))
+    conv = _share_state(conv, module)
+    if same_pad:
+        return PaddedLayer(SamePad2d(conv.kernel_size, conv.stride, conv.dilation), conv)
+    return conv
+
+
+for _name in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"):
+    register_module_rewrite(getattr(_std_conv, _name))(_rewrite_standardized_conv)
+
 for _module_type in _timm_fx.get_notrace_modules():
     register_leaf_module(_module_type)
+# timm keeps NormFreeBlock whole because torch.fx loses its in-place `out.mul_(skipinit_gain)`;
+# without that gain (every NFNet/NF-ResNet/NF-RegNet configuration but skipinit ones) it traces
+_nfnet = importlib.import_module("timm.models.nfnet")
+register_leaf_module(_nfnet.NormFreeBlock, when=lambda block: block.skipinit_gain is not None)
 for _function in _timm_fx.get_notrace_functions():
     register_autowrap_function(_function)

@@ -18,6 +18,7 @@ from dagprune.ops.base import op_class_for_function
 from dagprune.ops.functions import function_name, method_name, register_function
 from dagprune.ops.padding import SamePad2d
 from dagprune.ops.parameter import ModuleCallOp, ParameterOp
+from dagprune.ops.standardized_conv import StandardizedConv2d
 from dagprune.ops.templates import InputRef, map_template
 from dagprune.training_mode import evaluation_mode
 
@@ -25,18 +26,25 @@ __all__ = ["build_from_unstructured_module", "register_leaf_module", "register_m
            "LEAF_MODULE_TYPES"]
 
 LEAF_MODULE_TYPES: set[type] = set()
+_LEAF_CONDITIONS: dict[type, Callable[[nn.Module], bool]] = {}
 _MODULE_REWRITES: dict[type, Callable[[nn.Module], nn.Module]] = {}
 _AUTOWRAP_FUNCTIONS: list[Callable] = []
 register_function(torch._assert, "torch._assert")
 
 
-def register_leaf_module(cls: type) -> type:
+def register_leaf_module(cls: type, when: Callable[[nn.Module], bool] | None = None) -> type:
     """Makes tracing keep modules of type ``cls`` whole (one vertex) instead of tracing inside.
 
     Use it for layers torch.fx cannot trace (data-dependent control flow) and that pruning or
-    saving should treat as a unit. Returns ``cls`` so it can be used as a class decorator.
+    saving should treat as a unit. ``when(module)``, if given, limits this to the instances
+    for which it returns True (a block that is untraceable only in some configurations).
+    Returns ``cls`` so it can be used as a class decorator.
     """
     LEAF_MODULE_TYPES.add(cls)
+    if when is None:
+        _LEAF_CONDITIONS.pop(cls, None)
+    else:
+        _LEAF_CONDITIONS[cls] = when
     return cls
 
 
@@ -69,8 +77,11 @@ class _DagTracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         if qualified_name in self._leaf_names or isinstance(module, self._leaf_types):
             return True
-        if type(module) in LEAF_MODULE_TYPES or isinstance(module, DagModule):
+        if isinstance(module, DagModule):
             return True
+        if type(module) in LEAF_MODULE_TYPES:
+            condition = _LEAF_CONDITIONS.get(type(module))
+            return condition is None or bool(condition(module))
         return super().is_leaf_module(module, qualified_name)
 
 
@@ -250,3 +261,4 @@ def _node_origin(node: fx.Node) -> str:
 
 
 register_leaf_module(SamePad2d)
+register_leaf_module(StandardizedConv2d)

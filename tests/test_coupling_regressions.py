@@ -48,12 +48,54 @@ def test_edgenext_reshape_with_run_time_channel_count():
     assert _removal_difference(model, (3, 64, 64), target=0.5) <= 1e-4
 
 
-def test_weight_standardised_convs_keep_their_inputs():
+def _standardised_conv_model():
     layers = pytest.importorskip("timm.layers")
     torch.manual_seed(0)
-    model = nn.Sequential(layers.ScaledStdConv2dSame(3, 8, 3, stride=2), nn.ReLU(),
-                          layers.ScaledStdConv2dSame(8, 8, 3), nn.ReLU(),
-                          layers.StdConv2d(8, 8, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
-    # Only the plain 1x1 conv stays prunable: every std-conv output feeds a std-conv input.
-    assert _removal_difference(model, (3, 16, 16), target=0.97) <= 1e-4
+    return nn.Sequential(layers.ScaledStdConv2dSame(3, 8, 3, stride=2), nn.ReLU(),
+                         layers.ScaledStdConv2dSame(8, 8, 3), nn.ReLU(),
+                         layers.StdConv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         layers.ScaledStdConv2d(8, 16, 3, padding=1, groups=2), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2))
+
+
+def test_weight_standardised_convs_are_prunable_on_both_sides():
+    model = _standardised_conv_model()
+    dag = dagprune.build_from_unstructured_module(model.eval())
+    convs = [v.module for v in dag.inner_vertices if isinstance(v.module, dagprune.ops.StandardizedConv2d)]
+    assert len(convs) == 4  # one vertex per conv, not a batch_norm over its weight
+    pruning = ChannelPruning(dag, (3, 16, 16), 0.5, 10)
+    pruning.prepare_for_pruning()
+    # the first two convs' outputs; the third's output with the grouped conv's (whole conv groups)
+    assert len(pruning.prunable_groups) == 3
+    assert _removal_difference(_standardised_conv_model(), (3, 16, 16), target=0.5) <= 1e-4
+
+
+def test_removing_inputs_of_a_standardised_conv_bakes_its_weight():
+    dag = dagprune.build_from_unstructured_module(_standardised_conv_model().eval())
+    pruning = ChannelPruning(dag, (3, 16, 16), 0.5, 10)
+    gated = pruning.prepare_for_pruning().eval()
+    for gate in pruning.gates:
+        gate.logits.data = torch.linspace(-1, 1, gate.logits.numel())
+    slim = pruning.remove_channels().eval()
+    kinds = [type(v.module).__name__ for v in slim.inner_vertices if isinstance(v.module, nn.Conv2d)]
+    # the first conv keeps its 3 inputs (standardised), the next two lose inputs (plain
+    # convs), the grouped one loses whole groups (standardised, statistics unchanged)
+    assert kinds == ["StandardizedConv2d", "Conv2d", "Conv2d", "StandardizedConv2d"]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert dagprune.max_relative_difference(gated(x), slim(x)) <= 1e-5
+
+
+def test_normfree_block_is_traced_unless_it_uses_its_in_place_gain():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("nf_regnet_b0", pretrained=False, num_classes=10).eval()
+    dag = dagprune.build_from_unstructured_module(model)
+    assert not any(type(v.module).__name__ == "NormFreeBlock" for v in dag.inner_vertices)
+    assert _removal_difference(model, (3, 64, 64), target=0.5) <= 1e-4
+    block = model.stages[0][0]
+    block.skipinit_gain = nn.Parameter(torch.tensor(0.5))  # fx would lose `out.mul_(gain)`
+    dag = dagprune.build_from_unstructured_module(model)
+    assert any(type(v.module).__name__ == "NormFreeBlock" for v in dag.inner_vertices)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert dagprune.max_relative_difference(model(x), dag(x)) <= 1e-5

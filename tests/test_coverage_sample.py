@@ -65,11 +65,7 @@ SAMPLE_MODELS = {
 }
 """Family -> the model that stands for it in the sample."""
 
-EXPECTED_FAILURES = {
-    "nf_regnet_b0": "NormFreeBlock is a timm no-trace leaf (a module, not traced) and "
-                    "ScaledStdConv2d standardises its weight over the input channels: no "
-                    "prunable channel group",
-}
+EXPECTED_FAILURES: dict = {}
 """Sample models that fail today, with the reason (strict xfail: a fix must remove the entry)."""
 
 

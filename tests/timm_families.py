@@ -51,6 +51,7 @@ TIMM_FAMILY_MODELS: Dict[str, TimmCase] = {
     "hardcorenas": TimmCase("hardcorenas_a"),
     "densenet": TimmCase("densenet121"),  # the smallest densenet
     "dla": TimmCase("dla46_c"),
+    "nfnet": TimmCase("nf_regnet_b0"),  # weight-standardised convs, no norm layers
     "hrnet": TimmCase("hrnet_w18_small"),
     "convnext": TimmCase("convnext_atto"),
     "convnextv2": TimmCase("convnextv2_atto"),

@@ -153,6 +153,16 @@ def _remove_conv(module, input_masks, output_mask, shapes):
     return module
 
 
+@register_channel_removal(ops.StandardizedConv2d)
+def _remove_standardized_conv(module, input_masks, output_mask, shapes):
+    """Output channels (and whole conv groups) go without changing any kept filter's
+    statistics; removing input channels of an ungrouped layer would, so that layer becomes a
+    plain conv holding the standardised weight, sliced."""
+    if module.groups == 1 and input_masks[0].get(1) is not None:
+        module = module.to_plain_conv()
+    return _remove_conv(module, input_masks, output_mask, shapes)
+
+
 def _slice_extra_output_state(module: nn.Module, out_channels: int, out_mask) -> None:
     """Per-output-channel tensors of conv subclasses (e.g. timm's weight-standardised convs
     keep a ``gain`` of shape (out, 1, 1, 1))."""

@@ -191,25 +191,6 @@ def _conv_rule(ctx, vertex, module, layouts, values, output):
     return {1: out_atoms}
 
 
-def _weight_standardized_conv_rule(ctx, vertex, module, layouts, values, output):
-    """Convs that standardise each filter over its input channels: inputs are not prunable."""
-    ctx.barrier_layout(layouts, "weight standardisation over input channels")
-    out_atoms = ctx.produce(module.out_channels, axis=1)
-    ctx.count_flops(vertex, _base_flops(vertex, values, output), [out_atoms])
-    return {1: out_atoms}
-
-
-try:  # timm's weight-standardised convolutions
-    import importlib
-
-    _std_conv = importlib.import_module("timm.layers.std_conv")
-    register_coupling_rule(*(getattr(_std_conv, name) for name in (
-        "StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
-        if hasattr(_std_conv, name)))(_weight_standardized_conv_rule)
-except ImportError:  # pragma: no cover - timm is a dependency
-    pass
-
-
 @register_coupling_rule(nn.Linear)
 def _linear_rule(ctx, vertex, module, layouts, values, output):
     x_layout = dict(_tensor_layout(layouts[0]))
