@@ -15,9 +15,9 @@ from dagprune.errors import PruningError
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis, ChannelGroup, find_channel_groups
 from dagprune_algorithms.pruning.channel_removal import remove_channels_from_dag
 from dagprune_algorithms.pruning.importance import channel_importance
-from dagprune_algorithms.pruning.gates import ChannelGate, MaskApply, MaskedConsumer, MaskedNorm
+from dagprune_algorithms.pruning.gates import ChannelGate, GateSet, MaskApply, MaskedConsumer, MaskedNorm
 from dagprune_algorithms.pruning.losses import (ExpectedFlops, PruningLossConfig, anneal,
-                                                binary_entropy, scheduled_target)
+                                                binary_entropy, removed_energy_share, scheduled_target)
 
 __all__ = ["ChannelPruning"]
 
@@ -108,6 +108,7 @@ class ChannelPruning:
                 gate.logits.data += self.initial_logit_spread * spread
         self.pruning_model = _build_gated_dag(self.analysis, self.gates).to(device)
         self._expected_flops = ExpectedFlops(self.analysis)
+        self._gate_set = GateSet(self.gates)
         self._mask_modules = [module for module in self.pruning_model.modules()
                               if isinstance(module, (MaskApply, MaskedConsumer))]
         return self.pruning_model
@@ -162,8 +163,7 @@ class ChannelPruning:
     def expected_proportion(self) -> torch.Tensor:
         """Expected FLOPs share under the keep probabilities ``sigmoid(logits)`` (differentiable)."""
         self._require_gated()
-        probabilities = torch.cat([gate.keep_probabilities() for gate in self.gates])
-        return self._expected_flops.proportion(probabilities)
+        return self._expected_flops.proportion(self._gate_set.keep_probabilities())
 
     def compute_current_proportion_and_pruning_losses(self, global_step: int):
         """The pruning losses to add to the task loss at ``global_step``.
@@ -181,10 +181,10 @@ class ChannelPruning:
             self.calibrate_to_target()
         for gate in self.gates:
             gate.freeze(frozen)
-        probabilities = [gate.keep_probabilities() for gate in self.gates]
-        proportion = self._expected_flops.proportion(torch.cat(probabilities))
-        hard_masks = torch.cat([gate.hard_mask() for gate in self.gates])
-        hard_proportion = self._expected_flops.proportion(hard_masks)
+        gate_set = self._gate_set
+        probabilities = gate_set.keep_probabilities()
+        proportion = self._expected_flops.proportion(probabilities)
+        hard_proportion = self._expected_flops.proportion(gate_set.hard_masks())
         strength = anneal(global_step, self.num_training_steps)
         target = scheduled_target(global_step, self.num_training_steps, self.pruning_proportion,
                                   config.target_warmup)
@@ -193,11 +193,10 @@ class ChannelPruning:
         ratio = (hard_proportion + proportion - proportion.detach()) / target
         flops_loss = config.flops_weight * strength * (
             torch.relu(ratio - 1) + config.below_target_weight * torch.relu(1 - ratio))
-        entropies = torch.stack([binary_entropy(p).mean() for p in probabilities])
+        entropies = gate_set.group_means(binary_entropy(probabilities))
         entropy_loss = config.entropy_weight * strength * entropies.clamp_min(config.entropy_floor).mean()
-        removed = [module.removed_energy for module in self._mask_modules if module.removed_energy is not None]
-        bkd_loss = (config.bkd_weight * torch.stack(removed).mean() if removed and model.training
-                    else proportion.new_zeros(()))
+        removed = removed_energy_share(self._mask_modules) if model.training else None
+        bkd_loss = config.bkd_weight * removed if removed is not None else proportion.new_zeros(())
         return proportion, flops_loss, entropy_loss, bkd_loss
 
     def calibrate_to_target(self) -> float:
@@ -214,7 +213,7 @@ class ChannelPruning:
         self._require_gated()
         with torch.no_grad():
             logits = torch.cat([gate.logits.detach() for gate in self.gates]).cpu()
-            keep = torch.cat([gate.hard_mask() for gate in self.gates]).cpu()
+            keep = self._gate_set.hard_masks().cpu()
             current = self._expected_flops.proportion(keep).item()
             closing = current > self.pruning_proportion
             candidates = torch.nonzero(keep > 0.5 if closing else keep < 0.5).flatten()

@@ -18,7 +18,7 @@ from torch import nn
 
 from dagprune import ops
 
-__all__ = ["ChannelGate", "MaskApply", "MaskedConsumer", "MaskedNorm", "keep_mask_from_logits"]
+__all__ = ["ChannelGate", "GateSet", "MaskApply", "MaskedConsumer", "MaskedNorm", "keep_mask_from_logits"]
 
 
 def keep_mask_from_logits(logits: torch.Tensor, block_size: int = 1) -> torch.Tensor:
@@ -65,11 +65,16 @@ class ChannelGate(nn.Module):
         self.block_size = block_size
         self.register_buffer("frozen_flag", torch.zeros((), dtype=torch.bool))
         self.register_buffer("frozen_mask", torch.ones(num_channels))
+        self._frozen = False  # mirrors frozen_flag: reading it needs no device synchronisation
 
     @property
     def frozen(self) -> bool:
         """Whether the gate is frozen (saved with the state dict)."""
-        return bool(self.frozen_flag)
+        return self._frozen
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._frozen = bool(self.frozen_flag)
 
     def freeze(self, frozen: bool = True) -> None:
         """Freezes the gate at its current hard decision (or unfreezes it).
@@ -79,7 +84,9 @@ class ChannelGate(nn.Module):
         """
         if frozen and not self.frozen:
             self.frozen_mask.copy_(keep_mask_from_logits(self.logits, self.block_size))
-        self.frozen_flag.fill_(frozen)
+        if frozen != self._frozen:
+            self.frozen_flag.fill_(frozen)
+            self._frozen = bool(frozen)
 
     def keep_probabilities(self) -> torch.Tensor:
         """Probability that each channel is kept, ``sigmoid(logits)`` (differentiable unless
@@ -108,10 +115,66 @@ class ChannelGate(nn.Module):
         return f"channels={self.logits.numel()}, temperature={self.temperature}, block_size={self.block_size}"
 
 
+class GateSet:
+    """The gates of one pruning run, read together: a training step evaluates all their keep
+    probabilities, hard masks and per-group means in a few tensor ops instead of a few per gate.
+
+    Joined tensors list the gates' channels in order (gate 0's channels first).
+    """
+
+    def __init__(self, gates: list[ChannelGate]):
+        self.gates = list(gates)
+        self.sizes = [gate.logits.numel() for gate in self.gates]
+        self._group_index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate of each joined channel, size of each gate) on ``device``."""
+        if device not in self._group_index:
+            sizes = torch.tensor(self.sizes, device=device)
+            self._group_index[device] = (
+                torch.repeat_interleave(torch.arange(len(self.sizes), device=device), sizes), sizes)
+        return self._group_index[device]
+
+    def keep_probabilities(self) -> torch.Tensor:
+        """The gates' :meth:`ChannelGate.keep_probabilities`, joined."""
+        return torch.sigmoid(torch.cat([gate.logits.detach() if gate.frozen else gate.logits
+                                        for gate in self.gates]))
+
+    def hard_masks(self) -> torch.Tensor:
+        """The gates' :meth:`ChannelGate.hard_mask`, joined (the same keep rule)."""
+        if all(gate.frozen for gate in self.gates):
+            return torch.cat([gate.frozen_mask for gate in self.gates])
+        logits = torch.cat([gate.logits.detach() for gate in self.gates])
+        keep = logits > 0
+        group_index, _ = self._index(logits.device)
+        counts = torch.zeros(len(self.gates), dtype=torch.long, device=logits.device)
+        counts = counts.index_add_(0, group_index, keep.long()).tolist()
+        masks = keep.to(logits.dtype)
+        offset = 0
+        for gate, size, count in zip(self.gates, self.sizes, counts):
+            # the plain rule (logit > 0) holds unless the gate is frozen, keeps nothing or
+            # must round its count to a block
+            if gate.frozen or count == 0 or (gate.block_size > 1 and count % gate.block_size
+                                             and count < size):
+                masks[offset:offset + size] = gate.hard_mask()
+            offset += size
+        return masks
+
+    def group_means(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean of joined per-channel ``values`` over each gate's channels (one value per gate)."""
+        group_index, sizes = self._index(values.device)
+        sums = torch.zeros(len(self.sizes), dtype=values.dtype, device=values.device)
+        return sums.index_add(0, group_index, values) / sizes
+
+
 def _broadcast_shape(ndim: int, axis: int, size: int) -> list[int]:
     shape = [1] * ndim
     shape[axis] = size
     return shape
+
+
+ENERGY_SAMPLES = 4
+"""Leading batch samples the distillation energy is estimated on (keeps its cost small)."""
 
 
 class _PositionMasked(nn.Module):
@@ -124,6 +187,23 @@ class _PositionMasked(nn.Module):
         # index 1, 2, ..., n: every position gated, masks in order; the mask is the masks joined
         # (no gather on the training hot path)
         self.in_order = bool(torch.equal(self.index.cpu(), torch.arange(1, self.index.numel() + 1)))
+
+    channel_energy: torch.Tensor | None = None
+    energy_mask: torch.Tensor | None = None
+
+    def record_energy(self, x: torch.Tensor, axis: int, mask: torch.Tensor) -> None:
+        """In train mode keeps, for the distillation loss, the energy of ``x`` per position of
+        ``axis`` (no gradient into ``x``; on the first :data:`ENERGY_SAMPLES` samples when axis
+        0 is the batch) and the mask applied to it (see
+        :func:`~dagprune_algorithms.pruning.losses.removed_energy_share`)."""
+        if not self.training:
+            self.channel_energy = self.energy_mask = None
+            return
+        sample = x.detach()[:ENERGY_SAMPLES] if axis != 0 and x.ndim > 1 else x.detach()
+        reduce_axes = [a for a in range(sample.ndim) if a != axis]
+        squares = sample * sample
+        self.channel_energy = squares.sum(reduce_axes) if reduce_axes else squares
+        self.energy_mask = mask
 
     def position_mask(self, masks: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
         """The per-position mask for the gates' ``masks``, as ``dtype``."""
@@ -141,49 +221,38 @@ class MaskApply(_PositionMasked):
     def __init__(self, axis: int, index: torch.Tensor):
         super().__init__(index)
         self.axis = axis
-        self.removed_energy: torch.Tensor | None = None
 
     def forward(self, x, *masks):
         mask = self.position_mask(masks, x.dtype)
-        # share of activation energy the masks remove (for the bkd loss)
-        self.removed_energy = _removed_energy_share(x, self.axis, mask) if self.training else None
+        self.record_energy(x, self.axis, mask)
         return x * mask.view(_broadcast_shape(x.ndim, self.axis, mask.numel()))
 
     def extra_repr(self) -> str:
         return f"axis={self.axis}, positions={self.index.numel()}"
 
 
-ENERGY_SAMPLES = 4
-"""Leading batch samples the distillation energy is estimated on (keeps its cost small)."""
-
-
-def _removed_energy_share(x: torch.Tensor, axis: int, mask: torch.Tensor) -> torch.Tensor:
-    """Share of the activation energy of ``x`` that the mask removes (no gradient into ``x``),
-    estimated on the first :data:`ENERGY_SAMPLES` samples when axis 0 is the batch."""
-    sample = x.detach()[:ENERGY_SAMPLES] if axis != 0 and x.ndim > 1 else x.detach()
-    reduce_axes = [a for a in range(sample.ndim) if a != axis]
-    energy = sample.pow(2).sum(reduce_axes) if reduce_axes else sample.pow(2)
-    return (energy * (1 - mask).pow(2)).sum() / energy.sum().clamp_min(1e-12)
-
-
 class MaskedConsumer(_PositionMasked):
-    """A conv or linear layer whose input channels are masked through its weight.
+    """A conv or linear layer with masked input channels.
 
     ``layer(x * m)`` equals ``layer`` run with its weight scaled by ``m`` on the input-channel
-    axis; scaling the weight costs far less than scaling the activation.
+    axis. Each call scales whichever of the two is smaller: the weight for large activations
+    (high resolution, many tokens), the activation for small ones (the forward multiply and
+    both backward products are then of that size).
     """
 
     def __init__(self, layer: nn.Module, index: torch.Tensor):
         super().__init__(index)
         self.layer = layer
-        self.removed_energy: torch.Tensor | None = None
 
     def forward(self, x, *masks):
         mask = self.position_mask(masks, x.dtype)
         layer = self.layer
-        self.removed_energy = (_removed_energy_share(x, x.ndim - 1 if isinstance(layer, nn.Linear) else 1, mask)
-                               if self.training else None)
-        if isinstance(layer, nn.Linear):
+        linear = isinstance(layer, nn.Linear)
+        axis = x.ndim - 1 if linear else 1
+        self.record_energy(x, axis, mask)
+        if x.numel() <= layer.weight.numel():
+            return layer(x * mask.view(_broadcast_shape(x.ndim, axis, mask.numel())))
+        if linear:
             return F.linear(x, layer.weight * mask, layer.bias)
         weight = layer.weight * mask.view(_broadcast_shape(layer.weight.ndim, 1, mask.numel()))
         return layer._conv_forward(x, weight, layer.bias)

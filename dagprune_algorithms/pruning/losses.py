@@ -34,7 +34,7 @@ import torch
 
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis
 
-__all__ = ["PruningLossConfig", "ExpectedFlops", "anneal", "binary_entropy"]
+__all__ = ["PruningLossConfig", "ExpectedFlops", "anneal", "binary_entropy", "removed_energy_share"]
 
 
 @dataclasses.dataclass
@@ -67,6 +67,25 @@ def binary_entropy(probabilities: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of Bernoulli variables, elementwise."""
     p = probabilities.clamp(1e-6, 1 - 1e-6)
     return -(p * torch.log(p) + (1 - p) * torch.log1p(-p))
+
+
+def removed_energy_share(sites) -> torch.Tensor | None:
+    """Mean over mask sites of the share of activation energy their masks remove,
+    ``||x * (1 - m)||^2 / ||x||^2``, from the energies the sites recorded in their latest
+    train-mode forward pass (``channel_energy``, ``energy_mask``); None when none recorded.
+    Differentiable in the masks; computed for all sites at once."""
+    records = [(site.channel_energy, site.energy_mask) for site in sites
+               if site.channel_energy is not None]
+    if not records:
+        return None
+    energy = torch.cat([e.float() for e, _ in records])
+    masks = torch.cat([m.float() for _, m in records])
+    site_of = torch.repeat_interleave(torch.arange(len(records), device=energy.device),
+                                      torch.tensor([e.numel() for e, _ in records], device=energy.device))
+    zeros = energy.new_zeros(len(records))
+    removed = zeros.index_add(0, site_of, energy * (1 - masks).square())
+    total = zeros.index_add(0, site_of, energy)
+    return (removed / total.clamp_min(1e-12)).mean()
 
 
 class ExpectedFlops:

@@ -1,0 +1,99 @@
+"""Gates read together (GateSet), the batched distillation loss and masked consumers agree with
+their one-gate-at-a-time definitions."""
+
+import pytest
+import torch
+from torch import nn
+
+from dagprune_algorithms.pruning.gates import ChannelGate, GateSet, MaskApply, MaskedConsumer
+from dagprune_algorithms.pruning.losses import removed_energy_share
+
+
+def _gates(seed: int) -> list[ChannelGate]:
+    generator = torch.Generator().manual_seed(seed)
+    gates = [ChannelGate(size, block_size=block) for size, block in
+             [(5, 1), (8, 4), (3, 1), (6, 2), (1, 1), (7, 3)]]
+    for index, gate in enumerate(gates):
+        gate.logits.data = torch.randn(gate.logits.numel(), generator=generator)
+        if index == 2:
+            gate.logits.data = -gate.logits.data.abs() - 0.1  # keeps nothing: best channel stays
+    return gates
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gate_set_hard_masks_follow_each_gates_rule(seed):
+    gates = _gates(seed)
+    gates[3].freeze()
+    gates[3].logits.data = -gates[3].logits.data  # a frozen gate keeps its frozen decision
+    joined = GateSet(gates).hard_masks()
+    assert torch.equal(joined, torch.cat([gate.hard_mask() for gate in gates]))
+    for gate in gates:
+        gate.freeze()
+    assert torch.equal(GateSet(gates).hard_masks(), torch.cat([gate.hard_mask() for gate in gates]))
+
+
+def test_gate_set_probabilities_and_group_means():
+    gates = _gates(0)
+    gates[1].freeze()
+    gate_set = GateSet(gates)
+    probabilities = gate_set.keep_probabilities()
+    expected = torch.cat([gate.keep_probabilities() for gate in gates])
+    assert torch.allclose(probabilities, expected)
+    means = gate_set.group_means(probabilities)
+    assert torch.allclose(means, torch.stack([gate.keep_probabilities().mean() for gate in gates]))
+    means.sum().backward()
+    assert gates[1].logits.grad is None  # frozen: no gradient
+    assert gates[0].logits.grad is not None
+
+
+def test_frozen_state_survives_a_state_dict_round_trip():
+    gate = ChannelGate(4)
+    gate.logits.data = torch.tensor([1.0, -1.0, 2.0, -2.0])
+    gate.freeze()
+    fresh = ChannelGate(4)
+    fresh.load_state_dict(gate.state_dict())
+    assert fresh.frozen and torch.equal(fresh.hard_mask(), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+
+
+def test_removed_energy_share_matches_the_per_site_definition():
+    torch.manual_seed(0)
+    sites, expected = [], []
+    for shape, axis in [((6, 5, 4, 4), 1), ((6, 7, 3), 2), ((9,), 0)]:
+        site = MaskApply(axis, torch.arange(1, shape[axis] + 1)).train()
+        x = torch.randn(shape)
+        mask = torch.rand(shape[axis], requires_grad=True)
+        site(x, mask)
+        sample = x[:4] if x.ndim > 1 else x
+        energy = sample.pow(2).sum([a for a in range(x.ndim) if a != axis]) if x.ndim > 1 else x.pow(2)
+        expected.append((energy * (1 - mask) ** 2).sum() / energy.sum())
+        sites.append(site)
+    share = removed_energy_share(sites)
+    assert torch.allclose(share, torch.stack(expected).mean())
+    share.backward()
+    assert all(site.energy_mask.grad is not None and site.energy_mask.grad.abs().sum() > 0
+               for site in sites)  # the loss trains the masks
+    sites[0].eval()(torch.randn(6, 5, 4, 4), torch.rand(5))
+    assert sites[0].channel_energy is None
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (nn.Linear(6, 64), (2, 3, 6)),        # small activation: the activation is scaled
+    (nn.Linear(6, 4), (8, 9, 6)),         # large activation: the weight is scaled
+    (nn.Conv2d(6, 32, 3), (1, 6, 5, 5)),
+    (nn.Conv2d(6, 4, 1), (4, 6, 9, 9)),
+])
+def test_masked_consumer_equals_the_layer_on_the_masked_input(layer, shape):
+    torch.manual_seed(0)
+    axis = 1 if isinstance(layer, nn.Conv2d) else len(shape) - 1
+    x = torch.randn(shape, requires_grad=True)
+    mask = torch.rand(6, requires_grad=True)
+    consumer = MaskedConsumer(layer, torch.arange(1, 7)).train()
+    out = consumer(x, mask)
+    view = [1] * len(shape)
+    view[axis] = 6
+    reference = layer(x * mask.view(view))
+    assert torch.allclose(out, reference, atol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), [x, mask, layer.weight])
+    reference_grads = torch.autograd.grad(reference.square().sum(), [x, mask, layer.weight])
+    for got, want in zip(grads, reference_grads):
+        assert torch.allclose(got, want, atol=1e-5)
