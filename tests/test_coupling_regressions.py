@@ -99,3 +99,32 @@ def test_normfree_block_is_traced_unless_it_uses_its_in_place_gain():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert dagprune.max_relative_difference(model(x), dag(x)) <= 1e-5
+
+
+class _ExpandToAnotherShape(nn.Module):
+    """``s.expand(x.shape)``: a per-channel statistic broadcast to the shape of its source (timm's
+    instance_rms in filter response norms)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        rms = x.square().mean(dim=(2, 3), keepdim=True).add(1e-5).sqrt()
+        return self.head(x / rms.expand(x.shape))
+
+
+def test_expand_to_a_whole_run_time_shape_keeps_channels_prunable():
+    dag = dagprune.build_from_unstructured_module(_ExpandToAnotherShape().eval())
+    pruning = ChannelPruning(dag, (3, 8, 8), 0.5, 10)
+    pruning.prepare_for_pruning()
+    assert [g.size for g in pruning.prunable_groups] == [8]
+    assert _removal_difference(_ExpandToAnotherShape(), (3, 8, 8), target=0.5) <= 1e-4
+
+
+def test_filter_response_norm_resnet_is_prunable():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnetv2_50d_frn", pretrained=False, num_classes=10)
+    assert _removal_difference(model, (3, 64, 64), target=0.5) <= 1e-4

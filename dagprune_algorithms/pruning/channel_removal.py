@@ -332,6 +332,8 @@ def _remove_reshape(module, input_masks, output_mask, shapes):
         shape_argument = module.argument(1, keyword)
         if isinstance(shape_argument, (tuple, list)):
             module.set_argument(1, keyword, _rewrite_sizes(shape_argument, new_shape, old_shape, static))
+        elif isinstance(shape_argument, InputRef):
+            pass  # a whole run-time shape (x.view(y.shape)): y's channel axes are coupled
         else:
             varargs = list(module.args[1:])
             module.args = (module.args[0], *_rewrite_sizes(varargs, new_shape, old_shape, static))
@@ -363,6 +365,8 @@ def _remove_expand(module, input_masks, output_mask, shapes):
         sizes = module.argument(1, "size")
         if isinstance(sizes, (tuple, list)):
             module.set_argument(1, "size", _rewrite_sizes(sizes, new_shape, shapes[-1]))
+        elif isinstance(sizes, InputRef):
+            pass  # a whole run-time shape (x.expand(y.shape)): y's channel axes are coupled
         else:
             module.args = (module.args[0], *_rewrite_sizes(list(module.args[1:]), new_shape, shapes[-1]))
     return module

@@ -532,11 +532,26 @@ def _size_arguments(module, ndim: int) -> list:
     return list(sizes) if len(sizes) == ndim else []
 
 
+def _whole_size_input(module) -> int | None:
+    """The input holding the whole size tuple of view/reshape/expand (``x.expand(y.shape)``)."""
+    if not isinstance(module, ops.FunctionalOp) or module.short_name not in ("view", "reshape", "expand"):
+        return None
+    keyword = {"view": "size", "reshape": "shape", "expand": "size"}[module.short_name]
+    sizes = module.argument(1, keyword)
+    return sizes.index if isinstance(sizes, InputRef) else None
+
+
 def _couple_sizes(ctx, module, layouts, result: Layout, ndim: int) -> Layout:
     """Unifies output axes with the channel axes their run-time sizes were read from."""
     result = dict(result or {})
-    for axis, size in enumerate(_size_arguments(module, ndim)):
-        tag = layouts[size.index] if isinstance(size, InputRef) else None
+    tags = [layouts[size.index] if isinstance(size, InputRef) else None
+            for size in _size_arguments(module, ndim)]
+    whole = _whole_size_input(module)
+    if whole is not None and isinstance(layouts[whole], tuple) and len(layouts[whole]) == ndim:
+        tags = list(layouts[whole])  # one tag per output axis
+    else:
+        whole = None
+    for axis, tag in enumerate(tags):
         if not isinstance(tag, ShapeTag):
             continue
         atoms = result.get(axis)
@@ -548,7 +563,7 @@ def _couple_sizes(ctx, module, layouts, result: Layout, ndim: int) -> Layout:
                 ctx.barrier(atoms, "shaped by a size read from another axis")
                 result.pop(axis)
     for index, layout in enumerate(layouts):  # tags used any other way
-        if isinstance(layout, tuple) and _is_size_layout(layout):
+        if index != whole and isinstance(layout, tuple) and _is_size_layout(layout):
             ctx.barrier_layout(layout, "shape tuple passed whole")
     return result
 
