@@ -66,6 +66,7 @@ sys.path.insert(0, str(SOURCE_ROOT))
 import timm  # noqa: E402
 
 import dagprune as dp  # noqa: E402
+from dagprune.compare import make_weights_informative  # noqa: E402
 from dagprune_algorithms.models import create_timm_model  # noqa: E402
 from dagprune_algorithms.pruning import ChannelPruning  # noqa: E402
 
@@ -79,38 +80,6 @@ FVCORE_MATMUL_OPERATORS = ("conv", "linear", "matmul", "bmm", "addmm", "einsum")
 
 
 # ------------------------------------------------------------------------------------ the check
-@torch.no_grad()
-def make_weights_informative(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Replaces constant-initialised parameters and norm statistics by random values.
-
-    timm initialises layer scales to 1e-6 or 1e-5, the last batch-norm weight of residual
-    branches to zero and GRN parameters to zero; a branch scaled that way hides conversion and
-    removal errors below the tolerance. Norm statistics and affine parameters become random,
-    other constant tensors uniform in [0.5, 1.5], constant biases small random values.
-    """
-    generator = torch.Generator().manual_seed(seed + 1)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats \
-                and module.running_mean is not None:
-            module.running_mean.copy_(0.2 * torch.randn(module.running_mean.shape, generator=generator))
-            variance = torch.empty(module.running_var.shape).uniform_(0.5, 2.0, generator=generator)
-            module.running_var.copy_(variance)
-        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
-            if getattr(module, "weight", None) is not None:
-                module.weight.copy_(torch.empty(module.weight.shape).uniform_(0.5, 1.5, generator=generator))
-            if getattr(module, "bias", None) is not None:
-                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
-    for name, parameter in model.named_parameters():
-        flat = parameter.detach().flatten()
-        if flat.numel() < 2 or not bool((flat == flat[0]).all()):
-            continue
-        if name.endswith("bias") or name.endswith("beta"):
-            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
-        else:
-            parameter.copy_(torch.empty(parameter.shape).uniform_(0.5, 1.5, generator=generator))
-    return model
-
-
 def count_parameters_on_meta(name: str) -> int | None:
     """Parameter count of ``name`` built on the meta device (no memory, no init), or None."""
     try:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from zoo import randomize_normalization_layers
+from dagprune.compare import make_weights_informative
 
 CNN_INPUT = (3, 64, 64)
 VIT_KWARGS = (("img_size", 64),)  # ViT-like models have a fixed input size: rebuild them at 64 px
@@ -81,25 +81,3 @@ def create_timm_model(case: TimmCase, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
         model = timm.create_model(case.name, pretrained=False, **dict(case.kwargs))
     return make_weights_informative(model, seed)
-
-
-@torch.no_grad()
-def make_weights_informative(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Replaces constant-initialised parameters and norm statistics by random values.
-
-    timm initialises layer scales to 1e-6, some last batch-norm weights of residual branches to
-    zero and GRN parameters to zero; a branch scaled that way hides any conversion error below
-    the test tolerance. Biases become small random values, other constant tensors (scales,
-    norm weights) uniform in [0.5, 1.5]. Returns ``model``.
-    """
-    generator = torch.Generator().manual_seed(seed + 1)
-    randomize_normalization_layers(model, generator)
-    for name, parameter in model.named_parameters():
-        flat = parameter.detach().flatten()
-        if flat.numel() < 2 or not bool((flat == flat[0]).all()):
-            continue
-        if name.endswith("bias") or name.endswith("beta"):
-            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
-        else:
-            parameter.copy_(torch.empty(parameter.shape).uniform_(0.5, 1.5, generator=generator))
-    return model

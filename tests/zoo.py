@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dagprune.compare import randomize_normalization_layers
+
 Shape = Tuple[int, ...]
 InputShape = Union[Shape, Tuple[Shape, ...]]
 
@@ -72,25 +74,6 @@ def make_example_inputs(entry: ZooEntry, batch_size: int = 2, seed: int = 0) -> 
 
 
 @torch.no_grad()
-def randomize_normalization_layers(model: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Give every norm layer non-trivial statistics and affine parameters.
-
-    BatchNorm running means/variances and the weights/biases of BatchNorm,
-    GroupNorm and LayerNorm are drawn at random, so that folding or slicing
-    them in the wrong order changes the model output. Returns ``model``.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            module.running_mean.copy_(0.2 * torch.randn(module.running_mean.shape, generator=generator))
-            module.running_var.copy_(torch.empty(module.running_var.shape).uniform_(0.5, 2.0, generator=generator))
-        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
-            if getattr(module, "weight", None) is not None:
-                module.weight.copy_(torch.empty(module.weight.shape).uniform_(0.5, 1.5, generator=generator))
-            if getattr(module, "bias", None) is not None:
-                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
-    return model
-
-
 def _factory(model_class: Callable[..., nn.Module], **kwargs) -> Callable[..., nn.Module]:
     """A seeded factory for ``model_class(**kwargs)``; the global RNG state is restored afterwards."""
 

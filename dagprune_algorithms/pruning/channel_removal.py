@@ -22,6 +22,7 @@ from dagprune.errors import PruningError
 from dagprune.ops import InputRef
 
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis
+from dagprune_algorithms.pruning.coupling_rules import whole_size_input
 
 __all__ = ["register_channel_removal", "remove_channels_from_dag", "position_masks"]
 
@@ -332,7 +333,7 @@ def _remove_reshape(module, input_masks, output_mask, shapes):
         shape_argument = module.argument(1, keyword)
         if isinstance(shape_argument, (tuple, list)):
             module.set_argument(1, keyword, _rewrite_sizes(shape_argument, new_shape, old_shape, static))
-        elif isinstance(shape_argument, InputRef):
+        elif whole_size_input(module) is not None:
             pass  # a whole run-time shape (x.view(y.shape)): y's channel axes are coupled
         else:
             varargs = list(module.args[1:])
@@ -365,7 +366,7 @@ def _remove_expand(module, input_masks, output_mask, shapes):
         sizes = module.argument(1, "size")
         if isinstance(sizes, (tuple, list)):
             module.set_argument(1, "size", _rewrite_sizes(sizes, new_shape, shapes[-1]))
-        elif isinstance(sizes, InputRef):
+        elif whole_size_input(module) is not None:
             pass  # a whole run-time shape (x.expand(y.shape)): y's channel axes are coupled
         else:
             module.args = (module.args[0], *_rewrite_sizes(list(module.args[1:]), new_shape, shapes[-1]))

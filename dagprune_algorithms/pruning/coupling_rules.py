@@ -532,13 +532,15 @@ def _size_arguments(module, ndim: int) -> list:
     return list(sizes) if len(sizes) == ndim else []
 
 
-def _whole_size_input(module) -> int | None:
-    """The input holding the whole size tuple of view/reshape/expand (``x.expand(y.shape)``)."""
+def whole_size_input(module) -> int | None:
+    """The input holding the whole size tuple of view/reshape/expand (``x.expand(y.shape)``;
+    not ``x.expand(B, -1)``, whose first size alone is an input)."""
     if not isinstance(module, ops.FunctionalOp) or module.short_name not in ("view", "reshape", "expand"):
         return None
     keyword = {"view": "size", "reshape": "shape", "expand": "size"}[module.short_name]
     sizes = module.argument(1, keyword)
-    return sizes.index if isinstance(sizes, InputRef) else None
+    whole = isinstance(sizes, InputRef) and (keyword in module.kwargs or len(module.args) == 2)
+    return sizes.index if whole else None
 
 
 def _couple_sizes(ctx, module, layouts, result: Layout, ndim: int) -> Layout:
@@ -546,7 +548,7 @@ def _couple_sizes(ctx, module, layouts, result: Layout, ndim: int) -> Layout:
     result = dict(result or {})
     tags = [layouts[size.index] if isinstance(size, InputRef) else None
             for size in _size_arguments(module, ndim)]
-    whole = _whole_size_input(module)
+    whole = whole_size_input(module)
     if whole is not None and isinstance(layouts[whole], tuple) and len(layouts[whole]) == ndim:
         tags = list(layouts[whole])  # one tag per output axis
     else:

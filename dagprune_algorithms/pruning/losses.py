@@ -21,7 +21,9 @@
   activation energy the gates remove at each consuming op (estimated on the first 4 samples of
   the batch): a distillation toward the unpruned activations that needs no second (teacher)
   forward pass, so the gated training step stays close to the plain step's cost. Where a
-  consumer is a plain conv or linear layer the mask scales its weight, not its input.
+  consumer is a plain conv or linear layer the mask scales the smaller of its weight and its
+  input. The loss terms of all gates and mask sites are computed together (a few tensor ops
+  per step, not a few per gate).
 """
 
 from __future__ import annotations
