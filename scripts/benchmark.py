@@ -53,6 +53,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         default=["resnet18", "resnet50", "mobilenetv2_100", "efficientnet_b0",
                                  "convnext_tiny", "deit_tiny_patch16_224"])
     parser.add_argument("--latency-image-size", type=int, default=None, help="default: the model's own")
+    parser.add_argument("--latency-block-size", type=int, default=8,
+                        help="kept channel counts are multiples of this (ChannelPruning's block_size)")
     parser.add_argument("--latency-threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--latency-batch-sizes", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

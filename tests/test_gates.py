@@ -97,3 +97,27 @@ def test_masked_consumer_equals_the_layer_on_the_masked_input(layer, shape):
     reference_grads = torch.autograd.grad(reference.square().sum(), [x, mask, layer.weight])
     for got, want in zip(grads, reference_grads):
         assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_size, tolerance", [(1, 0.002), (8, 0.006)])
+def test_calibration_lands_near_the_target_with_rounded_counts(block_size, tolerance):
+    import dagprune
+    from dagprune_algorithms.pruning import ChannelPruning
+
+    model = nn.Sequential(nn.Conv2d(3, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 384, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10))
+    dag = dagprune.build_from_unstructured_module(model.eval())
+    for seed in range(4):
+        pruning = ChannelPruning(dag, (3, 8, 8), 0.4, 10, block_size=block_size)
+        pruning.prepare_for_pruning()
+        generator = torch.Generator().manual_seed(seed)
+        for gate in pruning.gates:
+            gate.logits.data = torch.randn(gate.logits.numel(), generator=generator)
+        reached = pruning.calibrate_to_target()
+        # the shares compared are those of the counts after rounding to blocks
+        assert reached == pytest.approx(pruning.current_hard_proportion())
+        assert abs(reached - 0.4) <= tolerance, seed
+        for gate in pruning.gates:
+            kept = int(gate.hard_mask().sum())
+            assert kept >= 1 and kept % block_size == 0

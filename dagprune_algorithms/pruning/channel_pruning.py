@@ -15,7 +15,8 @@ from dagprune.errors import PruningError
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis, ChannelGroup, find_channel_groups
 from dagprune_algorithms.pruning.channel_removal import remove_channels_from_dag
 from dagprune_algorithms.pruning.importance import channel_importance
-from dagprune_algorithms.pruning.gates import ChannelGate, GateSet, MaskApply, MaskedConsumer, MaskedNorm
+from dagprune_algorithms.pruning.gates import (ChannelGate, GateSet, MaskApply, MaskedConsumer, MaskedNorm,
+                                               keep_mask_from_logits)
 from dagprune_algorithms.pruning.losses import (ExpectedFlops, PruningLossConfig, anneal,
                                                 binary_entropy, removed_energy_share, scheduled_target)
 
@@ -205,7 +206,8 @@ class ChannelPruning:
         Channels are ordered by how close their logit is to the decision boundary; the
         shortest prefix of flips (closing open channels when above the target, opening closed
         ones when below) that brings the hard FLOPs share closest to ``pruning_proportion`` is
-        applied by moving those logits just across zero. Every group keeps a channel.
+        applied by moving those logits just across zero. Every group keeps a channel, and the
+        shares compared are those of the kept counts after rounding to ``block_size``.
 
         Returns:
             The hard FLOPs share after calibration.
@@ -227,9 +229,9 @@ class ChannelPruning:
                 order = torch.tensor([int(i) for i in order if int(i) not in protected], dtype=torch.long)
 
             def share(count: int) -> float:
-                trial = keep.clone()
-                trial[order[:count]] = 0.0 if closing else 1.0
-                return self._expected_flops.proportion(trial).item()
+                trial = logits.clone()
+                trial[order[:count]] = -0.05 if closing else 0.05
+                return self._expected_flops.proportion(self._keep_rule(trial)).item()
 
             low, high = 0, len(order)  # share(count) is monotone in count
             while low < high:
@@ -248,6 +250,16 @@ class ChannelPruning:
                 gate.logits.data.copy_(new_logits[offset:offset + size].to(gate.logits.device))
                 offset += size
         return self.current_hard_proportion()
+
+    def _keep_rule(self, logits: torch.Tensor) -> torch.Tensor:
+        """The joined hard masks the gates would give with these joined ``logits`` (the keep
+        rule with each gate's block size)."""
+        masks, offset = [], 0
+        for gate in self.gates:
+            size = gate.logits.numel()
+            masks.append(keep_mask_from_logits(logits[offset:offset + size], gate.block_size))
+            offset += size
+        return torch.cat(masks).to(logits.dtype)
 
     # ------------------------------------------------------------------------------ state
     def kept_classes(self) -> np.ndarray:

@@ -22,8 +22,10 @@ from .common import log, error_text, interleaved_medians
 TARGETS = (0.7, 0.5, 0.3)
 
 
-def slim_models(name: str, image_size: int | None, targets) -> tuple[tuple, dagprune.DagModule, list]:
-    """``(input_shape, original DAG, [(target, FLOPs share, slim DAG)])``."""
+def slim_models(name: str, image_size: int | None, targets,
+                block_size: int = 1) -> tuple[tuple, dagprune.DagModule, list]:
+    """``(input_shape, original DAG, [(target, FLOPs share, slim DAG)])``; kept channel counts
+    are multiples of ``block_size`` where a group allows."""
     torch.manual_seed(0)
     model = create_timm_model(name).eval()
     input_shape = tuple(model.pretrained_cfg["input_size"])
@@ -34,7 +36,8 @@ def slim_models(name: str, image_size: int | None, targets) -> tuple[tuple, dagp
     original_flops = dagprune.count_flops(dag, input_shape).total
     slims = []
     for target in targets:
-        pruning = ChannelPruning(dag, input_shape, target, 1000, initial_importance="l1")
+        pruning = ChannelPruning(dag, input_shape, target, 1000, initial_importance="l1",
+                                 block_size=block_size)
         pruning.prepare_for_pruning().eval()
         pruning.calibrate_to_target()
         slim = pruning.remove_channels().eval()
@@ -74,7 +77,8 @@ def _runtimes() -> list[str]:
 def measure(name: str, options) -> list[dict]:
     log(f"latency {name}")
     try:
-        input_shape, dag, slims = slim_models(name, options.latency_image_size, options.targets)
+        input_shape, dag, slims = slim_models(name, options.latency_image_size, options.targets,
+                                              options.latency_block_size)
     except Exception as error:
         return [{"model": name, "error": error_text("pruning", error)}]
     rows = []
@@ -109,4 +113,4 @@ def measure(name: str, options) -> list[dict]:
 
 def run(options) -> dict:
     rows = [row for name in options.latency_models for row in measure(name, options)]
-    return {"dagprune": {"tool": "dagprune", "results": rows}}
+    return {"dagprune": {"tool": "dagprune", "block_size": options.latency_block_size, "results": rows}}
