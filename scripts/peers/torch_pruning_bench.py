@@ -650,7 +650,7 @@ def load_baseline(args) -> tuple[nn.Module, dict]:
     from dagprune_algorithms.training import evaluate_accuracy, load_checkpoint, materialize
 
     with stage("data"):
-        split = load_dataset(None, image_size=args.image_size, seed=args.seed)
+        split = load_dataset(args.data_dir, image_size=args.image_size, seed=args.seed)
         train, val = materialize(split.train), materialize(split.val)
         input_shape = tuple(split.input_shape)
     with stage("baseline"):
@@ -696,6 +696,8 @@ def main(argv=None) -> int:
                              "ill-conditioned that float32 rounding alone exceeds the tolerance")
     parser.add_argument("--model", default="test_resnet", help="timm model (accuracy)")
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--data-dir", default=None,
+                        help="accuracy data as `dagprune prune --data-dir` reads it (default: digits)")
     parser.add_argument("--baseline-checkpoint", help="baseline.pt of a `dagprune prune` run")
     parser.add_argument("--targets", nargs="+", type=float, default=[0.7, 0.5, 0.3],
                         help="FLOPs targets as fractions of the baseline's")
