@@ -81,10 +81,13 @@ def test_removed_energy_share_matches_the_per_site_definition():
     (nn.Linear(6, 4), (8, 9, 6)),         # large activation: the weight is scaled
     (nn.Conv2d(6, 32, 3), (1, 6, 5, 5)),
     (nn.Conv2d(6, 4, 1), (4, 6, 9, 9)),
+    (nn.Conv2d(6, 6, 3, groups=6), (4, 6, 9, 9)),    # depthwise
+    (nn.Conv2d(6, 12, 3, groups=3), (4, 6, 9, 9)),   # grouped, two outputs per input slot
+    (nn.Conv1d(6, 6, 3, groups=2), (4, 6, 30)),
 ])
 def test_masked_consumer_equals_the_layer_on_the_masked_input(layer, shape):
     torch.manual_seed(0)
-    axis = 1 if isinstance(layer, nn.Conv2d) else len(shape) - 1
+    axis = len(shape) - 1 if isinstance(layer, nn.Linear) else 1
     x = torch.randn(shape, requires_grad=True)
     mask = torch.rand(6, requires_grad=True)
     consumer = MaskedConsumer(layer, torch.arange(1, 7)).train()

@@ -288,8 +288,8 @@ def _masks_through_weight(module: nn.Module, site) -> bool:
     """Whether the site's mask can scale the consumer's weight instead of its input."""
     if site.input_index != 0:
         return False
-    if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-        return module.groups == 1 and site.axis == 1
+    if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):  # grouped and depthwise too
+        return site.axis == 1
     return type(module) is nn.Linear
 
 

@@ -231,11 +231,23 @@ class MaskApply(_PositionMasked):
         return f"axis={self.axis}, positions={self.index.numel()}"
 
 
-class MaskedConsumer(_PositionMasked):
-    """A conv or linear layer with masked input channels.
+def _conv_weight_mask(conv: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """The factor on ``conv.weight`` (out, in / groups, *kernel) equal to masking the conv's
+    input channels with ``mask``: output channel ``o`` of conv group ``g`` reads input channel
+    ``g * in_per_group + j`` through ``weight[o, j]`` (depthwise convs included)."""
+    groups, kernel_axes = conv.groups, [1] * (conv.weight.ndim - 2)
+    if groups == 1:
+        return mask.view(1, -1, *kernel_axes)
+    in_per_group, out_per_group = conv.in_channels // groups, conv.out_channels // groups
+    per_output = mask.view(groups, 1, in_per_group).expand(groups, out_per_group, in_per_group)
+    return per_output.reshape(conv.out_channels, in_per_group, *kernel_axes)
 
-    ``layer(x * m)`` equals ``layer`` run with its weight scaled by ``m`` on the input-channel
-    axis. Each call scales whichever of the two is smaller: the weight for large activations
+
+class MaskedConsumer(_PositionMasked):
+    """A conv (grouped and depthwise included) or linear layer with masked input channels.
+
+    ``layer(x * m)`` equals ``layer`` run with its weight scaled by ``m`` where the weight reads
+    each input channel. Each call scales whichever of the two is smaller: the weight for large activations
     (high resolution, many tokens), the activation for small ones (the forward multiply and
     both backward products are then of that size).
     """
@@ -254,8 +266,7 @@ class MaskedConsumer(_PositionMasked):
             return layer(x * mask.view(_broadcast_shape(x.ndim, axis, mask.numel())))
         if linear:
             return F.linear(x, layer.weight * mask, layer.bias)
-        weight = layer.weight * mask.view(_broadcast_shape(layer.weight.ndim, 1, mask.numel()))
-        return layer._conv_forward(x, weight, layer.bias)
+        return layer._conv_forward(x, layer.weight * _conv_weight_mask(layer, mask), layer.bias)
 
     def extra_repr(self) -> str:
         return f"positions={self.index.numel()}"
