@@ -57,6 +57,25 @@ def relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
     return float((reference - other).abs().max() / scale)
 
 
+def record_removal_exactness(row: dict, unpruned: torch.Tensor, masked: torch.Tensor,
+                             removed: torch.Tensor) -> None:
+    """Records in ``row`` whether a tool's removed model reproduces its masked model:
+    ``mask_effect_rel_diff`` (unpruned vs masked), ``masks_took_effect`` (it exceeds
+    :data:`EXACT_TOLERANCE`: a no-op removal cannot pass), ``max_rel_diff`` (masked vs removed)
+    and ``exact``. The same verdict for every tool of the exactness section.
+
+    Raises:
+        ValueError: the removed model's output has another shape than the masked model's.
+    """
+    if removed.shape != masked.shape:
+        raise ValueError(f"output shape after removal {tuple(removed.shape)} != masked output "
+                         f"shape {tuple(masked.shape)}")
+    row["mask_effect_rel_diff"] = relative_difference(unpruned, masked)
+    row["masks_took_effect"] = row["mask_effect_rel_diff"] > EXACT_TOLERANCE
+    row["max_rel_diff"] = relative_difference(masked, removed)
+    row["exact"] = row["max_rel_diff"] <= EXACT_TOLERANCE and row["masks_took_effect"]
+
+
 def fixed_input(input_shape, batch_size: int = 2) -> torch.Tensor:
     """The same random batch on every call."""
     return torch.randn((batch_size, *input_shape), generator=torch.Generator().manual_seed(0))

@@ -16,7 +16,7 @@ import dagprune
 from dagprune_algorithms.models import create_timm_model
 from dagprune_algorithms.pruning import ChannelPruning
 
-from .common import EXACT_TOLERANCE, error_text, fixed_input, log, relative_difference, unit_layer_scales
+from .common import error_text, fixed_input, log, record_removal_exactness, unit_layer_scales
 from .peers import run_peer
 
 CLOSED_SHARE = 0.1
@@ -59,14 +59,13 @@ def measure(name: str) -> dict:
             slim = pruning.remove_channels().eval()
             removed = slim(x)
         original_flops = dagprune.count_flops(dag, input_shape).total
+        stage = "comparison"
+        record_removal_exactness(row, all_open, masked, removed)
     except Exception as error:
         row["error"] = error_text(stage, error)
         return row
-    difference = relative_difference(masked, removed)
-    row.update(groups=len(pruning.gates), closed_channels=closed, max_rel_diff=difference,
-               masks_took_effect=relative_difference(all_open, masked) > EXACT_TOLERANCE,
+    row.update(groups=len(pruning.gates), closed_channels=closed,
                flops_proportion=dagprune.count_flops(slim, input_shape).total / original_flops)
-    row["exact"] = difference <= EXACT_TOLERANCE and row["masks_took_effect"]
     return row
 
 

@@ -52,7 +52,7 @@ import torch_dag as td  # noqa: E402
 import torch_dag_algorithms as tda  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the shared helpers
-from benchmarks.common import (EXACT_TOLERANCE, StageError, relative_difference, stage,  # noqa: E402
+from benchmarks.common import (StageError, record_removal_exactness, stage,  # noqa: E402
                                unit_layer_scales, write_json)
 
 MODELS = ["resnet18", "resnet50", "mobilenetv2_100", "mobilenetv3_large_100", "efficientnet_b0",
@@ -205,18 +205,12 @@ def measure_exactness(name: str) -> dict:
             with hard_masks(orbits):
                 gated_output = pruning_model(x)
             row["eval_forward_stochastic"] = not torch.equal(pruning_model(x), pruning_model(x))
-            row["mask_effect_rel_diff"] = relative_difference(open_output, gated_output)
-            row["masks_took_effect"] = row["mask_effect_rel_diff"] > EXACT_TOLERANCE
         with stage("removal"):
             removed_model = pruning_config.remove_channels().eval()
         with stage("removed_forward"), torch.no_grad():
             removed_output = removed_model(x)
         with stage("comparison"):
-            if removed_output.shape != gated_output.shape:
-                raise ValueError(f"output shape after removal {tuple(removed_output.shape)} != "
-                                 f"gated output shape {tuple(gated_output.shape)}")
-            row["max_rel_diff"] = relative_difference(gated_output, removed_output)
-            row["exact"] = row["max_rel_diff"] <= EXACT_TOLERANCE and row["masks_took_effect"]
+            record_removal_exactness(row, open_output, gated_output, removed_output)
         # prepare_for_pruning works on a deep copy, so ``dag`` still is the unpruned model
         with stage("flops"):
             row["flops_proportion"] = float(

@@ -35,7 +35,7 @@ Rows hold:
 - prepare: ``model, input_size, build_s, groups_s, total_s`` (medians), ``first_total_s``,
   ``groups``, ``error``;
 - exactness: ``model, weights, dtype, input_size, groups, skipped_groups, closed_channels,
-  max_rel_diff, exact, masks_took_effect, masked_vs_original_rel_diff, flops_proportion,
+  max_rel_diff, exact, masks_took_effect, mask_effect_rel_diff, flops_proportion,
   error``;
 - accuracy: ``target, seed, ratio, flops_proportion, dagprune_flops_proportion, params,
   accuracy_before_finetune, accuracy, baseline_accuracy`` (percent), ``search_trials,
@@ -73,7 +73,7 @@ if str(REPO_ROOT) not in sys.path:
 from dagprune_algorithms.models import create_timm_model  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))  # the shared helpers
-from benchmarks.common import (EXACT_TOLERANCE, StageError, relative_difference, stage,  # noqa: E402
+from benchmarks.common import (StageError, record_removal_exactness, stage,  # noqa: E402
                                unit_layer_scales, write_json)
 
 MODELS = ["resnet18", "resnet50", "mobilenetv2_100", "mobilenetv3_large_100", "efficientnet_b0",
@@ -493,16 +493,10 @@ def compare_removal_with_masking(model: nn.Module, input_shape: tuple[int, ...],
         masked = build_masked_model(model, removal.removed.removed())
         with torch.no_grad():
             masked_output = masked(x)
-    row["masked_vs_original_rel_diff"] = relative_difference(original_output, masked_output)
-    row["masks_took_effect"] = row["masked_vs_original_rel_diff"] > EXACT_TOLERANCE
     with stage("pruned forward"), torch.no_grad():
         pruned_output = pruned(x)
     with stage("compare"):
-        if pruned_output.shape != masked_output.shape:
-            raise ValueError(f"pruned output {tuple(pruned_output.shape)} != masked output "
-                             f"{tuple(masked_output.shape)}")
-    row["max_rel_diff"] = relative_difference(masked_output, pruned_output)
-    row["exact"] = row["max_rel_diff"] <= EXACT_TOLERANCE and row["masks_took_effect"]
+        record_removal_exactness(row, original_output, masked_output, pruned_output)
     with stage("flops"):
         row["flops_proportion"] = (tp.utils.count_ops_and_params(pruned, example_inputs)[0]
                                    / original_flops)
@@ -518,7 +512,7 @@ def measure_exactness(name: str, randomize: bool = False,
     row = {"model": name, "weights": "randomized" if randomize else "timm",
            "dtype": str(dtype).removeprefix("torch."), "input_size": None, "groups": None,
            "skipped_groups": None, "closed_channels": None, "max_rel_diff": None, "exact": False,
-           "masks_took_effect": None, "masked_vs_original_rel_diff": None,
+           "masks_took_effect": None, "mask_effect_rel_diff": None,
            "flops_proportion": None, "error": None}
     try:
         model, input_shape = create_model(name, randomize)
