@@ -15,8 +15,7 @@ from dagprune.errors import PruningError
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis, ChannelGroup, find_channel_groups
 from dagprune_algorithms.pruning.channel_removal import remove_channels_from_dag
 from dagprune_algorithms.pruning.importance import channel_importance
-from dagprune_algorithms.pruning.gates import (ChannelGate, GateSet, MaskApply, MaskedConsumer, MaskedNorm,
-                                               keep_mask_from_logits)
+from dagprune_algorithms.pruning.gates import ChannelGate, GateSet, MaskApply, MaskedConsumer, MaskedNorm
 from dagprune_algorithms.pruning.losses import (ExpectedFlops, PruningLossConfig, anneal,
                                                 binary_entropy, removed_energy_share, scheduled_target)
 
@@ -231,7 +230,7 @@ class ChannelPruning:
             def share(count: int) -> float:
                 trial = logits.clone()
                 trial[order[:count]] = -0.05 if closing else 0.05
-                return self._expected_flops.proportion(self._keep_rule(trial)).item()
+                return self._expected_flops.proportion(self._gate_set.masks_for_logits(trial)).item()
 
             low, high = 0, len(order)  # share(count) is monotone in count
             while low < high:
@@ -250,16 +249,6 @@ class ChannelPruning:
                 gate.logits.data.copy_(new_logits[offset:offset + size].to(gate.logits.device))
                 offset += size
         return self.current_hard_proportion()
-
-    def _keep_rule(self, logits: torch.Tensor) -> torch.Tensor:
-        """The joined hard masks the gates would give with these joined ``logits`` (the keep
-        rule with each gate's block size)."""
-        masks, offset = [], 0
-        for gate in self.gates:
-            size = gate.logits.numel()
-            masks.append(keep_mask_from_logits(logits[offset:offset + size], gate.block_size))
-            offset += size
-        return torch.cat(masks).to(logits.dtype)
 
     # ------------------------------------------------------------------------------ state
     def kept_classes(self) -> np.ndarray:

@@ -141,10 +141,20 @@ class GateSet:
                                         for gate in self.gates]))
 
     def hard_masks(self) -> torch.Tensor:
-        """The gates' :meth:`ChannelGate.hard_mask`, joined (the same keep rule)."""
+        """The gates' :meth:`ChannelGate.hard_mask`, joined (frozen gates give their frozen masks)."""
         if all(gate.frozen for gate in self.gates):
             return torch.cat([gate.frozen_mask for gate in self.gates])
-        logits = torch.cat([gate.logits.detach() for gate in self.gates])
+        masks = self.masks_for_logits(torch.cat([gate.logits.detach() for gate in self.gates]))
+        offset = 0
+        for gate, size in zip(self.gates, self.sizes):
+            if gate.frozen:
+                masks[offset:offset + size] = gate.frozen_mask
+            offset += size
+        return masks
+
+    def masks_for_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The keep rule (:func:`keep_mask_from_logits`, each gate's block size) applied to
+        joined ``logits``, as floats."""
         keep = logits > 0
         group_index, _ = self._index(logits.device)
         counts = torch.zeros(len(self.gates), dtype=torch.long, device=logits.device)
@@ -152,11 +162,11 @@ class GateSet:
         masks = keep.to(logits.dtype)
         offset = 0
         for gate, size, count in zip(self.gates, self.sizes, counts):
-            # the plain rule (logit > 0) holds unless the gate is frozen, keeps nothing or
-            # must round its count to a block
-            if gate.frozen or count == 0 or (gate.block_size > 1 and count % gate.block_size
-                                             and count < size):
-                masks[offset:offset + size] = gate.hard_mask()
+            # the plain rule (logit > 0) holds unless the gate keeps nothing or must round its
+            # count to a block
+            if count == 0 or (gate.block_size > 1 and count % gate.block_size and count < size):
+                masks[offset:offset + size] = keep_mask_from_logits(logits[offset:offset + size],
+                                                                    gate.block_size)
             offset += size
         return masks
 
@@ -247,9 +257,9 @@ class MaskedConsumer(_PositionMasked):
     """A conv (grouped and depthwise included) or linear layer with masked input channels.
 
     ``layer(x * m)`` equals ``layer`` run with its weight scaled by ``m`` where the weight reads
-    each input channel. Each call scales whichever of the two is smaller: the weight for large activations
-    (high resolution, many tokens), the activation for small ones (the forward multiply and
-    both backward products are then of that size).
+    each input channel. Each call scales whichever of the two is smaller: the weight for large
+    activations (high resolution, many tokens), the activation for small ones (the forward
+    multiply and both backward products are then of that size).
     """
 
     def __init__(self, layer: nn.Module, index: torch.Tensor):
