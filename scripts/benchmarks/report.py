@@ -129,10 +129,11 @@ def overhead_section(section: dict, prepare: dict | None, lines: list, verdicts:
         if over:
             lines += ["Where the target is missed: the gated step adds, per mask site, a few small ops "
                       "(a masked layer norm is about six full-size ops instead of one fused kernel; "
-                      "attention-head and depthwise masks multiply activations; each gate samples its "
-                      "mask), and their fixed per-op cost weighs most when each op is small, as in "
-                      "ViTs and ConvNeXts at 64 px. Conv and linear consumers mask the smaller of "
-                      "weight and input, and the loss terms of all gates are computed together.", ""]
+                      "attention-head masks multiply activations; each gate samples its mask), and "
+                      "their fixed per-op cost weighs most when each op is small, as in ViTs and "
+                      "ConvNeXts at 64 px. Conv (grouped and depthwise too) and linear consumers mask "
+                      "the smaller of weight and input, and the loss terms of all gates are computed "
+                      "together.", ""]
 
 
 def latency_section(section: dict, plots: Path, lines: list, verdicts: list) -> None:
