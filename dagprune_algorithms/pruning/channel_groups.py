@@ -33,9 +33,14 @@ from dagprune.flops import vertex_flops
 from dagprune.shape_prop import example_inputs, propagate_values, value_shape
 
 __all__ = ["ChannelGroup", "ChannelAnalysis", "CouplingContext", "find_channel_groups", "Layout",
-           "ShapeTag"]
+           "ShapeTag", "HEAD_PRUNING_MODES"]
 
 Layout = dict  # axis (non-negative int) -> np.ndarray of atom ids, for a tensor value
+
+HEAD_PRUNING_MODES = ("dims", "heads")
+"""How attention is pruned: ``"dims"`` removes the same head dimensions from every head (the
+number of heads stays); ``"heads"`` removes whole heads (q, k and v of a head together; the head
+dimension stays). Attention with a single head is always pruned by dims."""
 
 
 @dataclasses.dataclass
@@ -64,9 +69,16 @@ class FlopsTerm:
 
 
 class CouplingContext:
-    """Atoms, their union-find and the facts rules record; given to every coupling rule."""
+    """Atoms, their union-find and the facts rules record; given to every coupling rule.
 
-    def __init__(self):
+    Args:
+        users: vertex -> the vertices that read it (rules that look ahead use it).
+        head_pruning: one of :data:`HEAD_PRUNING_MODES`.
+    """
+
+    def __init__(self, users: dict | None = None, head_pruning: str = "dims"):
+        self.users = users or {}
+        self.head_pruning = head_pruning
         self._parent = np.zeros(0, dtype=np.int64)
         self._barrier = np.zeros(0, dtype=bool)
         self._producer_axes: list[tuple[InnerVertex, int, np.ndarray]] = []
@@ -236,6 +248,7 @@ class ChannelAnalysis:
 
     dag: DagModule
     input_shape_without_batch: tuple
+    head_pruning: str
     groups: list[ChannelGroup]
     layouts: dict[Vertex, Any]
     atom_class: np.ndarray
@@ -274,8 +287,11 @@ class ChannelAnalysis:
         return found
 
 
-def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence) -> ChannelAnalysis:
+def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence,
+                        head_pruning: str = "dims") -> ChannelAnalysis:
     """Finds the channel groups of ``dag`` by running it once on a random input (batch 1).
+
+    ``head_pruning`` says how attention is pruned (see :data:`HEAD_PRUNING_MODES`).
 
     >>> import dagprune, torch
     >>> from torch import nn
@@ -286,9 +302,11 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence) -> 
     """
     from dagprune_algorithms.pruning.coupling_rules import apply_coupling_rule
 
+    if head_pruning not in HEAD_PRUNING_MODES:
+        raise ValueError(f"head_pruning must be one of {HEAD_PRUNING_MODES}, got {head_pruning!r}")
     inputs = example_inputs(dag, input_shape_without_batch)
     values = propagate_values(dag, inputs)
-    context = CouplingContext()
+    context = CouplingContext(dag.users(), head_pruning)
     layouts: dict[Vertex, Any] = {vertex: None for vertex in dag.inputs}
     for vertex in dag.inner_vertices:
         context.current_vertex = vertex
@@ -333,7 +351,7 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence) -> 
                 context.flops_terms.append(FlopsTerm(vertex, flops, []))
     total = sum(term.base_flops for term in context.flops_terms)
     shapes = {vertex: value_shape(value) for vertex, value in values.items()}
-    return ChannelAnalysis(dag, tuple(input_shape_without_batch), groups, resolved_layouts,
+    return ChannelAnalysis(dag, tuple(input_shape_without_batch), head_pruning, groups, resolved_layouts,
                            atom_class, context.consumer_sites, context.flops_terms, total, shapes)
 
 

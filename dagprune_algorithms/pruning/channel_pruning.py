@@ -12,7 +12,8 @@ from torch import nn
 from dagprune import DagModule, InnerVertex
 from dagprune.errors import PruningError
 
-from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis, ChannelGroup, find_channel_groups
+from dagprune_algorithms.pruning.channel_groups import (HEAD_PRUNING_MODES, ChannelAnalysis, ChannelGroup,
+                                                        find_channel_groups)
 from dagprune_algorithms.pruning.channel_removal import remove_channels_from_dag
 from dagprune_algorithms.pruning.importance import channel_importance
 from dagprune_algorithms.pruning.gates import ChannelGate, GateSet, MaskApply, MaskedConsumer, MaskedNorm
@@ -38,6 +39,9 @@ class ChannelPruning:
             group at the start: logits start at ``initial_logit +- initial_logit_spread`` by
             rank, so the least important channels close first. None: all start equal.
         initial_logit_spread: half-width of that starting range.
+        head_pruning: ``"dims"`` (default) removes the same head dimensions from every
+            attention head; ``"heads"`` removes whole heads (see
+            :data:`~.channel_groups.HEAD_PRUNING_MODES`).
 
     >>> import dagprune
     >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
@@ -52,7 +56,7 @@ class ChannelPruning:
                  pruning_proportion: float, num_training_steps: int, block_size: int = 1,
                  initial_logit: float = 3.0, temperature: float = 0.5,
                  loss_config: PruningLossConfig | None = None, initial_importance: str | None = "l1",
-                 initial_logit_spread: float = 1.0):
+                 initial_logit_spread: float = 1.0, head_pruning: str = "dims"):
         if not isinstance(model, DagModule):
             raise PruningError(f"ChannelPruning needs a DagModule, got {type(model).__name__}; "
                                "convert it first with dagprune.build_from_unstructured_module(model)")
@@ -63,6 +67,9 @@ class ChannelPruning:
             raise PruningError(f"num_training_steps must be a positive int, got {num_training_steps!r}")
         if not isinstance(block_size, int) or block_size < 1:
             raise PruningError(f"block_size must be a positive int, got {block_size!r}")
+        if head_pruning not in HEAD_PRUNING_MODES:
+            raise PruningError(f"head_pruning must be one of {HEAD_PRUNING_MODES} (same dims "
+                               f"removed from every head, or whole heads), got {head_pruning!r}")
         self.model = model
         self.input_shape_without_batch = tuple(input_shape_without_batch)
         self.pruning_proportion = float(pruning_proportion)
@@ -73,6 +80,7 @@ class ChannelPruning:
         self.loss_config = loss_config or PruningLossConfig()
         self.initial_importance = initial_importance
         self.initial_logit_spread = initial_logit_spread
+        self.head_pruning = head_pruning
         self.analysis: ChannelAnalysis | None = None
         self.pruning_model: DagModule | None = None
         self.gates: list[ChannelGate] = []
@@ -86,7 +94,8 @@ class ChannelPruning:
                 removing every prunable channel could reach.
         """
         device = next(iter(self.model.parameters()), torch.zeros(0)).device
-        self.analysis = find_channel_groups(self.model, self.input_shape_without_batch)
+        self.analysis = find_channel_groups(self.model, self.input_shape_without_batch,
+                                            self.head_pruning)
         if not self.prunable_groups:
             blocked = [f"{g.name}: {g.reason}" for g in self.analysis.groups][:5]
             raise PruningError(

@@ -457,7 +457,35 @@ def reshape_axis_groups(in_shape, out_shape) -> list[tuple[list[int], list[int]]
     return groups
 
 
-def _reshape_layout(ctx, layout: Layout, in_shape, out_shape):
+_HEAD_LOOKAHEAD = 8  # vertices followed from a reshape to the attention that reads its heads
+
+
+def _feeds_attention(ctx, vertex: InnerVertex) -> bool:
+    """Whether ``vertex``'s output reaches an attention or batched matmul through ops that only
+    move axes or act per element (permute, unbind, q/k norms, scaling), not through a reshape or
+    a layer with weights."""
+    frontier, seen = list(ctx.users.get(vertex, ())), set()
+    while frontier and len(seen) < _HEAD_LOOKAHEAD:
+        user = frontier.pop(0)
+        if user in seen:
+            continue
+        seen.add(user)
+        module = user.module
+        if isinstance(module, (ops.AttentionOp, ops.MatmulOp)):
+            return True
+        has_weights = any(True for _ in module.parameters(recurse=False))
+        if isinstance(module, ops.ReshapeOp) or (
+                has_weights and not isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm))):
+            continue
+        frontier.extend(ctx.users.get(user, ()))
+    return False
+
+
+def _reshape_layout(ctx, layout: Layout, in_shape, out_shape, splits_heads: bool = False):
+    """The output layout of a reshape. A channel axis split into several output axes keeps its
+    channels on the innermost varying one (a head dim) and ties the others (the same head dim in
+    every head), or, with ``splits_heads``, keeps them on the axis just outside it (whole heads,
+    every dim of a head tied)."""
     groups = reshape_axis_groups(in_shape, out_shape)
     if not groups:
         ctx.barrier_layout(layout, "reshape not understood")
@@ -481,6 +509,8 @@ def _reshape_layout(ctx, layout: Layout, in_shape, out_shape):
         if not varying:
             continue
         keep = varying[-1]  # the innermost varying axis keeps its channels; others are tied
+        if splits_heads and keep - 1 in varying:
+            keep -= 1  # the head axis, just outside the head dim
         for index in range(block.shape[keep]):
             ctx.tie(block.take(index, axis=keep))
         representative = block[tuple(slice(None) if k == keep else 0 for k in range(block.ndim))]
@@ -558,7 +588,11 @@ def _couple_sizes(ctx, module, layouts, result: Layout, ndim: int) -> Layout:
             continue
         atoms = result.get(axis)
         if atoms is not None and len(atoms) == len(tag.atoms):
-            ctx.unify(atoms, tag.atoms)
+            if getattr(module, "short_name", None) == "expand":
+                ctx.unify(atoms, tag.atoms)
+            # else: a reshape's size for an axis carrying its input's channels becomes the kept
+            # count at removal; the axis it was read from (a residual stream's ``C`` shaping the
+            # merged attention heads) is pruned on its own
         else:
             ctx.barrier(tag.atoms, "size read from a channel axis shapes an untracked axis")
             if atoms is not None:
@@ -579,7 +613,8 @@ def _reshape_rule(ctx, vertex, module, layouts, values, output):
     for index in other_tensors:  # view_as / reshape_as: the template's axes match the output's
         ctx.barrier_layout(layouts[index], "reshape template tensor")
     layout = _tensor_layout(layouts[x_index])
-    result = (_reshape_layout(ctx, layout, tuple(values[x_index].shape), tuple(output.shape))
+    splits_heads = ctx.head_pruning == "heads" and _feeds_attention(ctx, vertex)
+    result = (_reshape_layout(ctx, layout, tuple(values[x_index].shape), tuple(output.shape), splits_heads)
               if layout else None)
     if other_tensors and result:
         ctx.barrier_layout(result, "reshaped like another tensor")
@@ -715,6 +750,8 @@ def _getitem_rule(ctx, vertex, module, layouts, values, output):
             return type(layout)(layout[index])
         return None
     layout = _tensor_layout(layout)
+    if isinstance(index, torch.Tensor) and not index.dtype.is_floating_point and index.dtype != torch.bool:
+        return _gather_rows(ctx, layouts, layout, index)
     items = index if isinstance(index, tuple) else (index,)
     if any(isinstance(item, (torch.Tensor, list)) or isinstance(item, InputRef) for item in items):
         return _opaque(ctx, layouts, "advanced indexing")
@@ -751,6 +788,16 @@ def _getitem_rule(ctx, vertex, module, layouts, values, output):
             result[out_axis] = layout[in_axis]
         in_axis, out_axis = in_axis + 1, out_axis + 1
     return result or None
+
+
+def _gather_rows(ctx, layouts: list, layout: Layout, index: torch.Tensor) -> Layout | None:
+    """``x[index]`` with an integer tensor: rows of axis 0 are gathered (a relative position
+    table indexed by pair), the other axes keep their channels, shifted behind the index's axes."""
+    for other in layouts[1:]:
+        ctx.barrier_layout(other, "a channel axis used as an index")
+    if 0 in layout:
+        ctx.barrier(layout[0], "rows of a channel axis gathered by an index")
+    return {axis - 1 + index.ndim: atoms for axis, atoms in layout.items() if axis > 0} or None
 
 
 # ------------------------------------------------------------------------------- products
@@ -792,11 +839,19 @@ def _attention_rule(ctx, vertex, module, layouts, values, output):
                                  _argument_input(module, 2, "value"))
     if None in (q_index, k_index, v_index):
         return _opaque(ctx, layouts, "attention with constant operands")
-    for index, layout in enumerate(layouts):
-        if index not in (q_index, k_index, v_index):
-            ctx.barrier_layout(layout, "attention mask")
     q, k, v = values[q_index], values[k_index], values[v_index]
     q_layout, k_layout, v_layout = (_tensor_layout(layouts[i]) for i in (q_index, k_index, v_index))
+    masks = []  # an additive or boolean mask broadcasts over the batch and head axes
+    for index, layout in enumerate(layouts):
+        if index in (q_index, k_index, v_index):
+            continue
+        value = values[index]
+        if isinstance(value, torch.Tensor) and 2 <= value.ndim <= q.ndim:
+            layout = _tensor_layout(layout)
+            ctx.barrier_layout({a: t for a, t in layout.items() if a >= value.ndim - 2}, "attention mask")
+            masks.append(({a: t for a, t in layout.items() if a < value.ndim - 2}, value[..., 0, 0]))
+        else:
+            ctx.barrier_layout(layout, "attention mask")
     head_q, head_k = q_layout.get(q.ndim - 1), k_layout.get(k.ndim - 1)
     score_factors = []
     if head_q is not None and head_k is not None:
@@ -810,7 +865,9 @@ def _attention_rule(ctx, vertex, module, layouts, values, output):
             ctx.barrier(layout[value.ndim - 2], "attention over a channel-tracked token axis")
     batch = [({a: t for a, t in layout.items() if a < value.ndim - 2}, value[..., 0, 0])
              for layout, value in ((q_layout, q), (k_layout, k), (v_layout, v))]
-    result = _broadcast_axes(ctx, batch, output.shape[:-2], "attention batch axes") if output.ndim > 2 else {}
+    result = (_broadcast_axes(ctx, batch + masks, output.shape[:-2], "attention batch axes")
+              if output.ndim > 2 else {})
+    head_factors = list(result.values())  # whole heads, when they are pruned
     if q.ndim - 2 in q_layout:
         result[output.ndim - 2] = q_layout[q.ndim - 2]
     value_factors = []
@@ -818,6 +875,6 @@ def _attention_rule(ctx, vertex, module, layouts, values, output):
         result[output.ndim - 1] = v_layout[v.ndim - 1]
         value_factors.append(v_layout[v.ndim - 1])
     scores = q.numel() // q.shape[-1] * k.shape[-2]
-    ctx.count_flops(vertex, 2 * scores * q.shape[-1], score_factors)
-    ctx.count_flops(vertex, 2 * scores * output.shape[-1], value_factors)
+    ctx.count_flops(vertex, 2 * scores * q.shape[-1], score_factors + head_factors)
+    ctx.count_flops(vertex, 2 * scores * output.shape[-1], value_factors + head_factors)
     return result or None

@@ -39,6 +39,8 @@ positions of which producer outputs (``output_related``) and of which consumer i
 channels. Export (:meth:`~ChannelMutator.remove_channels`) and FLOPs need the channel layout of
 every tensor, which a template does not hold: they run the analysis once and check that it
 gives the template's units, raising :class:`ChannelUnitError` if the model changed.
+``parse_cfg["head_pruning"]`` (``"dims"``, the default, or ``"heads"``) says whether attention
+units hold head dimensions or whole heads (see :data:`~.channel_groups.HEAD_PRUNING_MODES`).
 
 Channel lists are compact: ``[position, length, first_channel, step]`` runs, so a 64-channel
 conv is ``[[0, 64, 0, 1]]``.
@@ -73,8 +75,8 @@ from torch import nn
 from dagprune import DagModule
 from dagprune.errors import PruningError
 
-from dagprune_algorithms.pruning.channel_groups import (ChannelAnalysis, ChannelGroup, ConsumerSite,
-                                                        find_channel_groups, iter_layout_atoms)
+from dagprune_algorithms.pruning.channel_groups import (HEAD_PRUNING_MODES, ChannelAnalysis, ChannelGroup,
+                                                        ConsumerSite, find_channel_groups, iter_layout_atoms)
 from dagprune_algorithms.pruning.channel_pruning import _build_gated_dag
 from dagprune_algorithms.pruning.channel_removal import remove_channels_from_dag
 from dagprune_algorithms.pruning.importance import IMPORTANCE_CRITERIA, channel_importance
@@ -408,7 +410,8 @@ def _unit_channels(analysis: ChannelAnalysis, group: ChannelGroup) -> tuple[list
     return outputs, inputs
 
 
-def _analysis_from_units(dag: DagModule, input_shape: tuple, units: list[ChannelUnit]) -> ChannelAnalysis:
+def _analysis_from_units(dag: DagModule, input_shape: tuple, head_pruning: str,
+                         units: list[ChannelUnit]) -> ChannelAnalysis:
     """An analysis holding only what the masked model and importance need, from channel lists.
 
     Classes are numbered unit by unit; one extra class stands for positions of no unit. It has
@@ -450,7 +453,7 @@ def _analysis_from_units(dag: DagModule, input_shape: tuple, units: list[Channel
         groups.append(ChannelGroup(index, classes, producers, prunable=True))
     order = _vertex_order(dag)
     ordered_sites = sorted(sites.values(), key=lambda site: (order[site.vertex], site.input_index, site.axis))
-    return ChannelAnalysis(dag, input_shape, groups, layouts, np.arange(no_unit + 1), ordered_sites,
+    return ChannelAnalysis(dag, input_shape, head_pruning, groups, layouts, np.arange(no_unit + 1), ordered_sites,
                            [], 0, {})
 
 
@@ -482,10 +485,15 @@ class ChannelMutator:
         parse_type = parse.get("type", TRACED)
         if parse_type not in PARSE_TYPES:
             raise ChannelUnitError(_closest(str(parse_type), sorted(PARSE_TYPES), "parse_cfg type"))
-        allowed = ("type", "input_shape") + (("loss_calculator",) if parse_type not in (TRACED, FROM_CONFIG) else ())
+        allowed = ("type", "input_shape", "head_pruning") + (
+            ("loss_calculator",) if parse_type not in (TRACED, FROM_CONFIG) else ())
         _check_keys(parse, allowed, "parse_cfg key")
         self.parse_mode = PARSE_TYPES[parse_type]
         self.input_shape = _shape_tuple(parse.get("input_shape") or DEFAULT_INPUT_SHAPE)
+        self.head_pruning = parse.get("head_pruning", "dims")
+        if self.head_pruning not in HEAD_PRUNING_MODES:
+            raise ChannelUnitError(_closest(str(self.head_pruning), list(HEAD_PRUNING_MODES),
+                                            "parse_cfg head_pruning"))
         _unit_class_args(self.unit_type, self.default_args, "default_args")
         self.units: list[ChannelUnit] = []
         self.masked_model: DagModule | None = None
@@ -522,10 +530,10 @@ class ChannelMutator:
         self.dag = model
         if self.parse_mode == FROM_CONFIG:
             self.units = [self._unit_from_config(name, entry) for name, entry in self.units_cfg.items()]
-            self._analysis = _analysis_from_units(model, self.input_shape, self.units)
+            self._analysis = _analysis_from_units(model, self.input_shape, self.head_pruning, self.units)
             self._traced = None
         else:
-            self._analysis = find_channel_groups(model, self.input_shape)
+            self._analysis = find_channel_groups(model, self.input_shape, self.head_pruning)
             self.units = self._units_from_analysis(self._analysis)
             self._set_traced(self._analysis)
         self._groups = dict(zip([unit.name for unit in self.mutable_units], self._analysis.prunable_groups))
@@ -620,6 +628,8 @@ class ChannelMutator:
         units = {unit.name: unit.config_template(with_unit_init_args, with_channels)
                  for unit in self.units if unit.mutable or not only_mutable_units}
         parse = {"type": FROM_CONFIG if with_channels else TRACED, "input_shape": _shape_list(self.input_shape)}
+        if self.head_pruning != "dims":
+            parse["head_pruning"] = self.head_pruning
         return {"type": "ChannelMutator",
                 "channel_unit_cfg": {"type": self.unit_type, "default_args": dict(self.default_args),
                                      "units": units},
@@ -705,7 +715,7 @@ class ChannelMutator:
         checked against the units)."""
         self._require_prepared()
         if self._traced is None:
-            traced = find_channel_groups(self.dag, self.input_shape)
+            traced = find_channel_groups(self.dag, self.input_shape, self.head_pruning)
             expected = {unit.name: unit for unit in self.mutable_units}
             for name, group in zip(unit_names(traced), traced.groups):
                 unit = expected.pop(name, None)
