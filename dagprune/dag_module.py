@@ -89,7 +89,8 @@ class DagModule(nn.Module):
         inner_vertices: the inner vertices in a topological order.
         output_vertices: the vertices whose values form the output.
         output_structure: how the output is arranged (a template over ``output_vertices``:
-            ``InputRef(0)`` for a single tensor, a tuple of refs for several outputs).
+            ``InputRef(0)`` for a single tensor, a tuple of refs for several outputs). By
+            default the single output's value, or a tuple of all outputs in order.
         name: a name for summaries.
 
     >>> x = InputVertex("x")
@@ -107,7 +108,10 @@ class DagModule(nn.Module):
         self.inputs = list(inputs)
         self.inner_vertices = list(inner_vertices)
         self.output_vertices = list(output_vertices)
-        self.output_structure = InputRef(0) if output_structure is None else output_structure
+        if output_structure is None:  # one output: the value; several: a tuple, in order
+            output_structure = InputRef(0) if len(self.output_vertices) == 1 else \
+                tuple(InputRef(i) for i in range(len(self.output_vertices)))
+        self.output_structure = output_structure
         self.vertex_modules = nn.ModuleDict()
         self.refresh()
 
@@ -223,6 +227,10 @@ class DagModule(nn.Module):
         if any(index >= len(self.output_vertices) for index in used):
             problems.append(f"output structure {self.output_structure!r} refers past "
                             f"{len(self.output_vertices)} output vertices")
+        unused = sorted(set(range(len(self.output_vertices))) - set(used))
+        if unused:
+            problems.append(f"output vertices {[self.output_vertices[i].name for i in unused]} are "
+                            f"not in the output structure {self.output_structure!r}")
         registered = dict(self.vertex_modules.items())
         if set(registered) != {v.name for v in self.inner_vertices} or any(
                 registered[v.name] is not v.module for v in self.inner_vertices):

@@ -103,6 +103,7 @@ TIMM_FAMILY_CASES: Dict[str, TimmCase] = {
     "regnety": TimmCase("regnety_002"),
     "mobilenetv2": TimmCase("mobilenetv2_050"),
     "mobilenetv3": TimmCase("mobilenetv3_small_050", save_load=True),
+    "tf_mobilenetv3": TimmCase("tf_mobilenetv3_small_minimal_100"),
     "efficientnet": TimmCase("efficientnet_b0"),
     "tf_efficientnet": TimmCase("tf_efficientnet_b0"),  # TF "SAME" padding
     "fbnetv3": TimmCase("fbnetv3_b"),

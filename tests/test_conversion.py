@@ -209,3 +209,17 @@ def test_lint_catches_outputs_outside_the_dag():
     dag.output_vertices = [other.output_vertices[0]]
     with pytest.raises(DagLintError, match="output"):
         dag.lint()
+
+
+def test_several_outputs_default_to_a_tuple_and_lint_catches_dropped_outputs():
+    x = dagprune.InputVertex("x")
+    relu = dagprune.InnerVertex("relu", nn.ReLU(), [x])
+    tanh = dagprune.InnerVertex("tanh", nn.Tanh(), [x])
+    dag = dagprune.DagModule([x], [relu, tanh], [tanh, relu])
+    value = torch.tensor([-1.0, 2.0])
+    first, second = dag(value)
+    assert torch.equal(first, torch.tanh(value)) and torch.equal(second, torch.relu(value))
+    dag.lint()
+    dropped = dagprune.DagModule([x], [relu, tanh], [tanh, relu], output_structure=dagprune.ops.InputRef(0))
+    with pytest.raises(DagLintError, match=r"output vertices \['relu'\] are not in the output structure"):
+        dropped.lint()

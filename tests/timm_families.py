@@ -45,6 +45,7 @@ TIMM_FAMILY_MODELS: Dict[str, TimmCase] = {
     "regnet": TimmCase("regnetx_002"),
     "mobilenetv2": TimmCase("mobilenetv2_035"),
     "mobilenetv3": TimmCase("mobilenetv3_small_050"),
+    "tf_mobilenetv3": TimmCase("tf_mobilenetv3_small_minimal_100"),  # TF "SAME" padding
     "efficientnet": TimmCase("efficientnet_b0"),
     "tf_efficientnet": TimmCase("tf_efficientnet_b0"),  # TF "SAME" padding, asymmetric at 64 px
     "fbnet": TimmCase("fbnetc_100"),
