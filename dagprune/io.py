@@ -1,10 +1,13 @@
 """Saving and loading DAGs without pickle: a JSON graph plus a safetensors file.
 
 A saved DAG is a directory holding ``graph.json`` (vertices, their op types and constant
-arguments, predecessors, outputs) and ``tensors.safetensors`` (every parameter and buffer). The
-graph records the SHA-256 of the tensor file, so a graph never loads with tensors from another
-save. Loading instantiates only registered op types and allowed layer types, and calls only
-registered functions, so a file cannot run code.
+arguments, predecessors, outputs) and ``tensors.safetensors`` (every parameter and buffer,
+non-persistent buffers included, under ``non_persistent:<path>``). The graph records the
+SHA-256 of the tensor file, so a graph never loads with tensors from another save. It also
+records which modules, parameters and buffers are one object reached by several paths (a layer
+called at two places, tied weights), and loading restores that sharing. Loading instantiates
+only registered op types and allowed layer types, and calls only registered functions, so a
+file cannot run code.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from dagprune.ops.templates import decode_template, encode_template
 __all__ = ["save_dag", "load_dag", "load_dag_from_path", "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "dagprune-dag"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no structural modules, non-persistent buffers or sharing
+NON_PERSISTENT_PREFIX = "non_persistent:"  # DAG state-dict keys all start with "vertex_modules."
 GRAPH_FILE = "graph.json"
 TENSORS_FILE = "tensors.safetensors"
 
@@ -56,7 +61,7 @@ def save_dag(dag: DagModule, path: str | os.PathLike) -> str:
     path = Path(path)
     graph = _describe_dag(dag)
     tensors = {name: tensor.detach().to("cpu").contiguous().clone()
-               for name, tensor in dag.state_dict().items()}
+               for name, tensor in _tensors_to_save(dag).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -65,7 +70,7 @@ def save_dag(dag: DagModule, path: str | os.PathLike) -> str:
         document = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
                     "torch_version": torch.__version__,
                     "tensors_sha256": _sha256(tensor_file), "training": dag.training,
-                    "graph": graph}
+                    "graph": graph, "shared": _shared_objects(dag)}
         _write_synced(staging / GRAPH_FILE, json.dumps(document, indent=1).encode())
         _replace_directory(staging, path)
     except BaseException:
@@ -96,15 +101,17 @@ def load_dag(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
     if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
         raise SerializationError(f"{graph_file} is not a dagprune graph (format "
                                  f"{document.get('format') if isinstance(document, dict) else None!r})")
-    if document.get("version") != FORMAT_VERSION:
-        raise SerializationError(f"{graph_file} has format version {document.get('version')!r}; "
-                                 f"this dagprune reads version {FORMAT_VERSION}")
+    version = document.get("version")
+    if version not in READABLE_VERSIONS:
+        raise SerializationError(f"{graph_file} has format version {version!r}; this dagprune "
+                                 f"reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     if document.get("tensors_sha256") != _sha256(tensor_file):
         raise SerializationError(f"{tensor_file} does not match {graph_file} (checksum differs): "
                                  "the tensor file is truncated, corrupt or from another save")
     _register_timm_support_if_needed(document)
     try:
         dag = _build_dag(document["graph"])
+        _restore_sharing(dag, document.get("shared", {}))
     except SerializationError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -113,7 +120,7 @@ def load_dag(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
         tensors = safetensors.torch.load_file(str(tensor_file), device=str(map_location))
     except Exception as error:
         raise SerializationError(f"{tensor_file} cannot be read: {error}") from error
-    _load_tensors(dag, tensors, tensor_file)
+    _load_tensors(dag, tensors, tensor_file, saves_non_persistent=version >= 2)
     dag.train(bool(document.get("training", False)))
     dag.lint()
     return dag
@@ -147,7 +154,7 @@ def _describe(module: nn.Module, vertex: Vertex) -> dict:
                     "args": encode_template(module.args), "kwargs": encode_template(module.kwargs)}
         if OP_TYPES.get(type(module).__name__) is type(module) and hasattr(module, "get_config"):
             return {"kind": "op", "type": type(module).__name__, "config": module.get_config()}
-        return {"kind": "layer", **describe_module(module)}
+        return {"kind": "layer", **describe_module(module, vertex.qualified_name or vertex.name)}
     except SerializationError as error:
         raise SerializationError(f"cannot save vertex {vertex.name!r}: {error}") from error
 
@@ -191,28 +198,132 @@ def _build(spec: dict, vertex_name: str) -> nn.Module:
                 raise SerializationError(f"unknown op type {spec['type']!r}")
             return op_type.from_config(spec["config"])
         if kind == "layer":
-            return build_module(spec)
+            return build_module(spec, vertex_name)
     except SerializationError as error:
         raise SerializationError(f"cannot load vertex {vertex_name!r}: {error}") from error
     raise SerializationError(f"vertex {vertex_name!r} has an unknown module kind {kind!r}")
 
 
-def _load_tensors(dag: DagModule, tensors: dict[str, torch.Tensor], tensor_file: Path) -> None:
-    expected = dag.state_dict()
+def _load_tensors(dag: DagModule, tensors: dict[str, torch.Tensor], tensor_file: Path,
+                  saves_non_persistent: bool) -> None:
+    non_persistent = {name[len(NON_PERSISTENT_PREFIX):]: tensor for name, tensor in tensors.items()
+                      if name.startswith(NON_PERSISTENT_PREFIX)}
+    state = {name: tensor for name, tensor in tensors.items()
+             if not name.startswith(NON_PERSISTENT_PREFIX)}
+    _check_tensors_fit(dag.state_dict(), state, tensor_file, "")
+    expected_non_persistent = _non_persistent_buffers(dag)
+    if not saves_non_persistent:  # format version 1: the layers' constructors made them
+        expected_non_persistent = {}
+    _check_tensors_fit(expected_non_persistent, non_persistent, tensor_file, "non-persistent ")
+    targets = {**dict(dag.named_buffers(remove_duplicate=False)),
+               **dict(dag.named_parameters(remove_duplicate=False))}
+    for name, tensor in state.items():  # keep dtypes exactly as saved
+        target = targets[name]
+        if target.dtype != tensor.dtype:
+            target.data = target.data.to(tensor.dtype)
+    dag.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        for name, tensor in non_persistent.items():
+            target = expected_non_persistent[name]
+            target.data = tensor.to(target.device).clone()
+
+
+def _check_tensors_fit(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+                       tensor_file: Path, kind: str) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong_shape = [name for name in expected if name in tensors
                    and tensors[name].shape != expected[name].shape]
     if missing or unexpected or wrong_shape:
         raise SerializationError(
-            f"{tensor_file} does not fit the graph: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}, wrong shape {wrong_shape[:5]}")
-    targets = {**dict(dag.named_buffers()), **dict(dag.named_parameters())}
-    for name, tensor in tensors.items():  # keep dtypes exactly as saved
-        target = targets[name]
-        if target.dtype != tensor.dtype:
-            target.data = target.data.to(tensor.dtype)
-    dag.load_state_dict(tensors, strict=True)
+            f"{tensor_file} does not fit the graph: {kind}tensors missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {wrong_shape[:5]}")
+
+
+def _tensors_to_save(dag: DagModule) -> dict[str, torch.Tensor]:
+    """The state dict plus the non-persistent buffers, which it leaves out but a rebuilt-by-
+    structure module needs (nothing else recomputes them)."""
+    tensors = dict(dag.state_dict())
+    for name, buffer in _non_persistent_buffers(dag).items():
+        tensors[NON_PERSISTENT_PREFIX + name] = buffer
+    return tensors
+
+
+def _non_persistent_buffers(dag: DagModule) -> dict[str, torch.Tensor]:
+    return {f"{path}.{name}" if path else name: module._buffers[name]
+            for path, module in dag.named_modules(remove_duplicate=False)
+            for name in sorted(module._non_persistent_buffers_set)
+            if module._buffers.get(name) is not None}
+
+
+# --------------------------------------------------------------------------------- sharing
+def _shared_objects(dag: DagModule) -> dict[str, list[list[str]]]:
+    """Groups of paths that reach one object: ``{"modules": [[owner, alias, ...]], ...}``.
+
+    Paths inside an aliased module are left out: restoring the module shares them too.
+    """
+    modules = _paths_by_identity(dag.named_modules(remove_duplicate=False))
+    aliases = [path for group in modules for path in group[1:]]
+
+    def outside_aliases(groups):
+        kept = [[p for p in group if not any(p.startswith(alias + ".") for alias in aliases)]
+                for group in groups]
+        return [group for group in kept if len(group) > 1]
+
+    return {"modules": outside_aliases(modules),
+            "parameters": outside_aliases(_paths_by_identity(
+                dag.named_parameters(remove_duplicate=False))),
+            "buffers": outside_aliases(_paths_by_identity(
+                dag.named_buffers(remove_duplicate=False)))}
+
+
+def _paths_by_identity(named_objects) -> list[list[str]]:
+    groups: dict[int, list[str]] = {}
+    for path, value in named_objects:
+        groups.setdefault(id(value), []).append(path)
+    return [paths for paths in groups.values() if len(paths) > 1]
+
+
+def _restore_sharing(dag: DagModule, shared: dict) -> None:
+    """Makes every alias path of :func:`_shared_objects`' groups reach its group's owner."""
+    for group in shared.get("modules", []):
+        owner = dag.get_submodule(group[0])
+        for alias in group[1:]:
+            _share_module(dag, alias, owner)
+    for kind, registry in (("parameters", "_parameters"), ("buffers", "_buffers")):
+        for group in shared.get(kind, []):
+            owner = _tensor_at(dag, group[0], registry)
+            for alias in group[1:]:
+                parent_path, _, name = alias.rpartition(".")
+                current = _tensor_at(dag, alias, registry)
+                if current.shape != owner.shape or current.dtype != owner.dtype:
+                    raise SerializationError(f"shared {kind[:-1]} {alias!r} does not match "
+                                             f"{group[0]!r} (shape or dtype differs)")
+                getattr(dag.get_submodule(parent_path), registry)[name] = owner
+
+
+def _share_module(dag: DagModule, alias: str, owner: nn.Module) -> None:
+    parent_path, _, name = alias.rpartition(".")
+    parent = dag.get_submodule(parent_path)
+    current = parent._modules.get(name)
+    if current is owner:
+        return
+    if type(current) is not type(owner):
+        raise SerializationError(f"shared module {alias!r} is a {type(current).__name__}, not a "
+                                 f"{type(owner).__name__} like the module it shares")
+    holder = dag.get_submodule(parent_path.rpartition(".")[0]) if "." in parent_path else dag
+    if isinstance(holder, DagModule) and holder.vertex_modules is parent:
+        holder.replace_module(holder.vertex(name), owner)  # keeps the vertex and registry in step
+    else:
+        parent._modules[name] = owner
+
+
+def _tensor_at(dag: DagModule, path: str, registry: str) -> torch.Tensor:
+    parent_path, _, name = path.rpartition(".")
+    tensor = getattr(dag.get_submodule(parent_path), registry).get(name)
+    if tensor is None:
+        raise SerializationError(f"the graph shares {path!r}, which is not a {registry[1:-1]}")
+    return tensor
 
 
 def _register_timm_support_if_needed(document: dict) -> None:
