@@ -158,13 +158,19 @@ def _conversion_error(error: Exception, tracer: _DagTracer) -> ConversionError:
     frames = [frame for frame in traceback.extract_tb(error.__traceback__)
               if not frame.filename.startswith(torch_dir)]
     where = f"{frames[-1].filename}:{frames[-1].lineno} `{frames[-1].line}`" if frames else "unknown"
-    leaf_hint = (f"leaf_modules=[{type_name}]" if isinstance(type_name, str) and module_type
-                 else f"leaf_modules=[{module_path!r}]")
+    if not path:  # the model's own forward: nothing above it could hold it whole
+        remedy = ("Move that code into a submodule and pass its type in leaf_modules=[...] to "
+                  "build_from_unstructured_module (or dagprune.register_leaf_module), or make the "
+                  "forward free of data-dependent Python control flow.")
+    else:
+        leaf_hint = (f"leaf_modules=[{type_name}]" if isinstance(type_name, str) and module_type
+                     else f"leaf_modules=[{module_path!r}]")
+        remedy = (f"Keep that module whole by passing {leaf_hint} to build_from_unstructured_module "
+                  "(or dagprune.register_leaf_module), or make its forward free of data-dependent "
+                  "Python control flow.")
     return ConversionError(
         f"torch.fx cannot trace module '{module_path}' ({type_name}) at {where}: "
-        f"{type(error).__name__}: {error}. Keep that module whole by passing {leaf_hint} "
-        "to build_from_unstructured_module (or dagprune.register_leaf_module), or make its "
-        "forward free of data-dependent Python control flow.")
+        f"{type(error).__name__}: {error}. {remedy}")
 
 
 def _graph_to_dag(graph: fx.Graph, root: nn.Module, name: str) -> DagModule:

@@ -156,6 +156,14 @@ def test_untraceable_module_error_names_path_line_and_remedy():
     assert "leaf_modules=[DataDependentGate]" in message
 
 
+def test_untraceable_root_forward_suggests_moving_the_code_into_a_submodule():
+    with pytest.raises(ConversionError) as caught:
+        dagprune.build_from_unstructured_module(DataDependentGate(3))
+    message = str(caught.value)
+    assert "'<root>'" in message and "if x.sum() > 0:" in message
+    assert "Move that code into a submodule" in message and "'<root>'" not in message.split("at ")[-1]
+
+
 @pytest.mark.parametrize("leaf", [DataDependentGate, "body.1"], ids=["by-type", "by-name"])
 def test_untraceable_module_converts_as_a_leaf(leaf):
     torch.manual_seed(0)
