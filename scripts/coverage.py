@@ -1,10 +1,11 @@
 """Sweep timm's model zoo: conversion, channel groups, exact removal and FLOPs, one model per process.
 
 For every name in ``timm.list_models()`` (``pretrained=False``) this records whether the model
-converts exactly (:func:`dagprune.compare_module_outputs`), whether it has prunable channel
-groups, ``prunable_proportion`` and ``max_removable_proportion``, whether removing channels
-under random gate logits reproduces the gated model, our FLOPs against fvcore's, the parameter
-count and the time taken.
+converts exactly (:func:`dagprune.compare_module_outputs`), whether the DAG saves and loads
+bit-exactly, whether it has prunable channel groups, ``prunable_proportion`` and
+``max_removable_proportion``, whether removing channels under random gate logits reproduces the
+gated model (and the slim model saves and loads bit-exactly), our FLOPs against fvcore's, the
+parameter count and the time taken.
 
 Each model runs in its own forked child process (torch, timm, dagprune and fvcore are imported
 once in the parent) under a CPU-time bound (``RLIMIT_CPU``), a wall-clock bound (the parent
@@ -40,6 +41,7 @@ import os
 import resource
 import signal
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -154,9 +156,10 @@ def check_model(name: str, report=None, with_fvcore: bool = True, seed: int = 0)
 
     Returns:
         The recorded fields: ``input_size``, ``params``, ``convert_max_rel_diff``,
-        ``converts_exactly``, ``flops``, ``prunable``, ``prunable_groups``,
+        ``converts_exactly``, ``roundtrip_exact``, ``flops``, ``prunable``, ``prunable_groups``,
         ``prunable_proportion``, ``max_removable_proportion``, ``removal_max_rel_diff``,
-        ``removal_exact``, ``slim_params``, ``flops_fvcore``, ``flops_ratio``. A failing stage
+        ``removal_exact``, ``slim_params``, ``slim_roundtrip_exact``, ``flops_fvcore``,
+        ``flops_ratio``. A failing stage
         raises; the fields recorded before it have gone to ``report``.
     """
     record: dict = {}
@@ -178,6 +181,10 @@ def check_model(name: str, report=None, with_fvcore: bool = True, seed: int = 0)
     difference = dp.compare_module_outputs(model, dag, (2, *input_size), raise_error=False)
     note(convert_max_rel_diff=float(difference),
          converts_exactly=bool(difference <= CONVERSION_TOLERANCE))
+
+    note(stage="roundtrip")
+    x = torch.randn(2, *input_size)
+    note(roundtrip_exact=round_trips_exactly(dag, x))
 
     note(stage="flops")
     note(flops=int(dp.count_flops(dag, input_size).total))
@@ -210,6 +217,8 @@ def check_model(name: str, report=None, with_fvcore: bool = True, seed: int = 0)
     note(removal_max_rel_diff=float(removal_difference),
          removal_exact=bool(removal_difference <= REMOVAL_TOLERANCE),
          slim_params=sum(p.numel() for p in slim.parameters()))
+    note(stage="slim roundtrip")
+    note(slim_roundtrip_exact=round_trips_exactly(slim, x))
     del gated, slim, pruning
 
     if with_fvcore:
@@ -221,6 +230,33 @@ def check_model(name: str, report=None, with_fvcore: bool = True, seed: int = 0)
             note(fvcore_error=_first_line(error))
     note(stage="done")
     return record
+
+
+def round_trips_exactly(dag: dp.DagModule, x: torch.Tensor) -> bool:
+    """Saves ``dag``, loads it back and compares outputs (eval mode) and tensors bit for bit."""
+    with tempfile.TemporaryDirectory(prefix="dagprune-coverage-") as folder:
+        loaded = dp.load_dag(dag.save(Path(folder) / "dag")).eval()
+    was_training = dag.training
+    dag.eval()
+    try:
+        with torch.no_grad():
+            expected, actual = dag(x), loaded(x)
+    finally:
+        dag.train(was_training)
+    same_state = dag.state_dict().keys() == loaded.state_dict().keys() and all(
+        torch.equal(value, loaded.state_dict()[key]) for key, value in dag.state_dict().items())
+    return same_state and _bit_equal(expected, actual)
+
+
+def _bit_equal(first, second) -> bool:
+    if isinstance(first, torch.Tensor):
+        return isinstance(second, torch.Tensor) and first.dtype == second.dtype and torch.equal(first, second)
+    if isinstance(first, (tuple, list)):
+        return type(first) is type(second) and len(first) == len(second) and all(
+            _bit_equal(a, b) for a, b in zip(first, second))
+    if isinstance(first, dict):
+        return first.keys() == second.keys() and all(_bit_equal(first[k], second[k]) for k in first)
+    return first == second
 
 
 # ------------------------------------------------------------------------------- the child

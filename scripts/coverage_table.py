@@ -53,11 +53,14 @@ def load_records(path: Path) -> dict[str, dict]:
 
 
 def is_convertible(record: dict) -> bool:
-    return bool(record.get("converts_exactly"))
+    """Converts exactly and the DAG saves and loads bit-exactly."""
+    return bool(record.get("converts_exactly")) and bool(record.get("roundtrip_exact"))
 
 
 def is_prunable(record: dict) -> bool:
-    return is_convertible(record) and bool(record.get("prunable")) and bool(record.get("removal_exact"))
+    """Convertible, prunable, exact removal, and the slim model saves and loads bit-exactly."""
+    return is_convertible(record) and bool(record.get("prunable")) and bool(record.get("removal_exact")) \
+        and bool(record.get("slim_roundtrip_exact"))
 
 
 def failure_cause(record: dict) -> str | None:
@@ -72,9 +75,13 @@ def failure_cause(record: dict) -> str | None:
         if record["status"] in ("timeout", "oom", "crashed"):
             return f"{record['status']}: {re.sub(r'in stage .*', f'in stage {stage}', error)}"
         return f"[{stage}] {error}"
-    if not is_convertible(record):
+    if not record.get("converts_exactly"):
         return "[convert] output differs from the original by more than 1e-5"
-    return "[remove] removed-channel output differs from the gated model by more than 1e-4"
+    if not record.get("roundtrip_exact"):
+        return "[roundtrip] the loaded DAG is not bit-exact (or the record predates the check)"
+    if not record.get("removal_exact"):
+        return "[remove] removed-channel output differs from the gated model by more than 1e-4"
+    return "[slim roundtrip] the loaded slim model is not bit-exact"
 
 
 def cause_key(cause: str) -> str:
@@ -158,9 +165,11 @@ def render_table(summary: dict, records: dict[str, dict], all_names: list[str]) 
         "time and 6 GB of address space beyond the parent's; models over 600M parameters are "
         "skipped.",
         "",
-        "* **convertible**: the DAG's output equals the model's within 1e-5 (max relative difference).",
-        "* **prunable**: convertible, at least one prunable channel group, and removing the channels "
-        "closed by random gate logits reproduces the gated model's output within 1e-4.",
+        "* **convertible**: the DAG's output equals the model's within 1e-5 (max relative difference), "
+        "and the DAG saved and loaded back gives bit-identical outputs and tensors.",
+        "* **prunable**: convertible, at least one prunable channel group, removing the channels "
+        "closed by random gate logits reproduces the gated model's output within 1e-4, and the slim "
+        "model saved and loaded back is bit-identical.",
         "* Skipped, timed-out, out-of-memory and crashed models, and models not covered by the run, "
         "count as failures.",
         "",
@@ -190,26 +199,28 @@ def render_table(summary: dict, records: dict[str, dict], all_names: list[str]) 
         "",
         "## Models",
         "",
-        "| model | outcome | input | params (M) | convertible (max rel diff) | prunable groups | "
-        "prunable proportion | max removable | removal exact (max rel diff) | GFLOPs | ours/fvcore | "
-        "time (s) | error |",
-        "|---|---|---|---:|---|---:|---:|---:|---|---:|---:|---:|---|",
+        "| model | outcome | input | params (M) | convertible (max rel diff) | save/load bit-exact "
+        "(DAG / slim) | prunable groups | prunable proportion | max removable | removal exact (max rel "
+        "diff) | GFLOPs | ours/fvcore | time (s) | error |",
+        "|---|---|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for name in all_names:
         record = records.get(name)
         if record is None:
-            lines.append(f"| {name} | not run | | | | | | | | | | | |")
+            lines.append(f"| {name} | not run | | | | | | | | | | | | |")
             continue
         converts = f"{_mark(is_convertible(record))} ({_difference(record.get('convert_max_rel_diff'))})" \
             if "convert_max_rel_diff" in record else "no"
         removal = f"{_mark(bool(record.get('removal_exact')))} " \
                   f"({_difference(record.get('removal_max_rel_diff'))})" \
             if "removal_max_rel_diff" in record else "no"
+        round_trips = " / ".join(_mark(bool(record[key])) if key in record else "-"
+                                 for key in ("roundtrip_exact", "slim_roundtrip_exact"))
         flops = record.get("flops")
         params = record.get("params")
         lines.append(" | ".join([
             f"| {name}", record["status"], _size(record),
-            _number(params / 1e6 if params else None, 1), converts,
+            _number(params / 1e6 if params else None, 1), converts, round_trips,
             str(record.get("prunable_groups", "")), _number(record.get("prunable_proportion")),
             _number(record.get("max_removable_proportion")), removal,
             _number(flops / 1e9 if flops else None), _number(record.get("flops_ratio")),

@@ -92,6 +92,7 @@ def one_torch_thread():
 def test_sample_model_converts_and_removes_exactly(name):
     record = coverage_script.check_model(name, with_fvcore=False)
     assert record["converts_exactly"], f"{name}: conversion differs by {record['convert_max_rel_diff']:.2e}"
+    assert record["roundtrip_exact"] and record["slim_roundtrip_exact"], f"{name}: save/load is not bit-exact"
     assert record["prunable"] and record["prunable_groups"] > 0, record
     assert record["removal_exact"], f"{name}: removal differs by {record['removal_max_rel_diff']:.2e}"
     assert record["flops"] > 0 and 0 < record["max_removable_proportion"] <= 1
