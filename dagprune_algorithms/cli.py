@@ -192,9 +192,13 @@ def _add_prune_command(subparsers) -> None:
     from dagprune_algorithms.prune_job import add_prune_arguments, run_prune
 
     parser = subparsers.add_parser(
-        "prune", help="prune a timm model to a FLOPs target and report before/after",
+        "prune", help="prune a timm model to a FLOPs target (or per-unit ratios) and report before/after",
         description="Train (or load) a baseline, prune it to --target of its FLOPs, fine-tune, "
                     "and print accuracy, FLOPs, parameters and CPU latency before and after. "
+                    "--method l1 prunes iteratively (mmrazor's ItePruneAlgorithm): --prune-times "
+                    "prunes every --step-epoch steps, to the FLOPs --target or to "
+                    "--target-pruning-ratio (one fraction or a JSON file from `dagprune units MODEL "
+                    "--choice -o FILE`), ranking channels by --importance. "
                     "Defaults run offline in minutes on CPU with scikit-learn's digits.")
     add_prune_arguments(parser)
     parser.set_defaults(run=run_prune)

@@ -23,12 +23,22 @@ import torch.nn.functional as F
 import dagprune
 from dagprune.errors import DagpruneError
 
+from dagprune_algorithms.pruning.importance import IMPORTANCE_CRITERIA
+from dagprune_algorithms.pruning.iterative import DEFAULT_PRUNE_TIMES
 from dagprune_algorithms.training import (StepResult, TrainingError, evaluate_accuracy,
                                           load_checkpoint, materialize, save_checkpoint, train_steps)
 
 __all__ = ["add_prune_arguments", "run_prune"]
 
 LOG = logging.getLogger("dagprune.prune")
+
+
+DEFAULT_FLOPS_TARGET = 0.5
+"""``--target`` when neither it nor ``--target-pruning-ratio`` is given."""
+
+_L1_ONLY_OPTIONS = (("--prune-times", "prune_times"), ("--step-epoch", "step_epoch"),
+                    ("--target-pruning-ratio", "target_pruning_ratio"), ("--importance", "importance"))
+"""``(flag, argument name)`` of the options that only ``--method l1`` uses."""
 
 
 class PruneUsageError(DagpruneError):
@@ -42,12 +52,32 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image folder (one subfolder per class) or a folder of MNIST-style IDX "
                              "files; default: scikit-learn's built-in digits")
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--target", type=float, default=0.5,
-                        help="target FLOPs as a fraction of the original, in (0, 1)")
+    parser.add_argument("--target", type=float, default=None,
+                        help=f"target FLOPs as a fraction of the original, in (0, 1) (default "
+                             f"{DEFAULT_FLOPS_TARGET}); not with --target-pruning-ratio")
     parser.add_argument("--method", choices=["dag", "l1"], default="dag",
                         help="dag: differentiable gates with FLOPs/entropy/distillation losses; "
-                             "l1: iterative L1-norm pruning (mmrazor style)")
+                             "l1: iterative pruning (mmrazor's ItePruneAlgorithm), channels ranked "
+                             "by --importance")
     parser.add_argument("--steps", type=int, default=200, help="pruning steps")
+    l1_options = parser.add_argument_group(
+        "--method l1 only", "mmrazor's ItePruneAlgorithm settings; a step is one training iteration")
+    l1_options.add_argument("--prune-times", type=int, default=None, metavar="N",
+                            help="prunes to reach the target, the kept share falling linearly (default "
+                                 f"{DEFAULT_PRUNE_TIMES}, fewer if --steps is too short for them)")
+    l1_options.add_argument("--step-epoch", type=int, default=None, metavar="STEPS",
+                            help="steps between two prunes, the first at step 0 (ItePruneAlgorithm's "
+                                 "step_epoch; default --steps // --prune-times)")
+    l1_options.add_argument("--target-pruning-ratio", default=None, metavar="RATIO|FILE",
+                            help="what the last prune keeps instead of a FLOPs --target: one fraction "
+                                 "of every unit's channels (e.g. 0.7), or a JSON file {unit name: "
+                                 "fraction} as `dagprune units MODEL --choice -o FILE` writes (units "
+                                 "left out are not pruned)")
+    l1_options.add_argument("--importance", default=None, choices=sorted(IMPORTANCE_CRITERIA),
+                            help="how channels are ranked: l1 (weight norm, the default), bn_scale "
+                                 "(scale of the norm layer after them) or taylor (|weight x "
+                                 "gradient| averaged over the steps between prunes; the prune due at "
+                                 "step 0 waits for step 1)")
     parser.add_argument("--baseline-steps", type=int, default=200,
                         help="steps to train the baseline when no --baseline-checkpoint is given")
     parser.add_argument("--finetune-steps", type=int, default=100)
@@ -70,14 +100,34 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _validate(args) -> None:
-    if not 0 < args.target < 1:
-        raise PruneUsageError(f"--target must be in (0, 1) (a fraction of the original FLOPs), got {args.target}")
+    """Checks the arguments before any work; fills in the default ``--target``."""
     for name in ("steps", "batch_size", "image_size"):
         if getattr(args, name) < 1:
             raise PruneUsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("baseline_steps", "finetune_steps"):
         if getattr(args, name) < 0:
             raise PruneUsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    given_l1_options = [flag for flag, name in _L1_ONLY_OPTIONS if getattr(args, name) is not None]
+    if args.method != "l1" and given_l1_options:
+        raise PruneUsageError(f"{', '.join(given_l1_options)} appl{'y' if len(given_l1_options) > 1 else 'ies'} "
+                              f"to --method l1 only (--method "
+                              f"{args.method} prunes with gates over all --steps); add --method l1 or drop them")
+    if args.target is not None and args.target_pruning_ratio is not None:
+        raise PruneUsageError("--target (a FLOPs target) and --target-pruning-ratio (the kept share per unit) "
+                              "both say how far to prune; give one (with --target-pruning-ratio the FLOPs "
+                              "follow from the ratios and are reported)")
+    if args.target is None and args.target_pruning_ratio is None:
+        args.target = DEFAULT_FLOPS_TARGET
+    if args.target is not None and not 0 < args.target < 1:
+        raise PruneUsageError(f"--target must be in (0, 1) (a fraction of the original FLOPs), got {args.target}")
+    if args.method == "l1":
+        from dagprune_algorithms.pruning.iterative import iterative_schedule, parse_target_pruning_ratio
+
+        try:
+            iterative_schedule(args.steps, args.prune_times, args.step_epoch, args.importance or "l1")
+            parse_target_pruning_ratio(args.target_pruning_ratio)
+        except DagpruneError as error:
+            raise PruneUsageError(str(error)) from error
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise PruneUsageError(f"--device {args.device} asked for, but CUDA is not available")
 
@@ -129,6 +179,9 @@ def run_prune(args) -> int:
     LOG.info("data: %s, %d train / %d val images of %s, %d classes", split.name, len(train[0]),
              len(val[0]), "x".join(map(str, input_shape)), split.num_classes)
     model = create_timm_model(args.model, input_shape, num_classes=split.num_classes).to(device)
+    if args.method == "l1":  # unit names, ratios and the FLOPs target fail now, not after the baseline
+        from dagprune_algorithms.pruning.iterative import plan_iterative_pruning
+        plan_iterative_pruning(dagprune.build_from_unstructured_module(model), input_shape, args)
 
     # -- baseline -------------------------------------------------------------------------
     baseline_path = out / "baseline.pt"
@@ -192,9 +245,10 @@ def run_prune(args) -> int:
         pruned, history, gated_accuracy, removal_difference = run_iterative_l1(
             dag, input_shape, args, train, val, device, out, _progress(args, "l1 pruning"))
     final_proportion = dagprune.count_flops(pruned, input_shape).total / original_flops
-    LOG.info("pruned: FLOPs proportion %.4f (target %.2f), accuracy before fine-tuning %.2f%%, "
+    LOG.info("pruned: FLOPs proportion %.4f (%s), accuracy before fine-tuning %.2f%%, "
              "removed model vs gated model max relative difference %.1e", final_proportion,
-             args.target, gated_accuracy, removal_difference)
+             "from --target-pruning-ratio" if args.target is None else f"target {args.target:.2f}",
+             gated_accuracy, removal_difference)
 
     # -- fine-tuning ------------------------------------------------------------------------
     if args.finetune_steps:

@@ -8,7 +8,11 @@ Pinned down here:
   and resumed from a checkpoint (model, optimizer and algorithm state) ends bit-identical to
   an uninterrupted one, also through ``run_iterative_l1``'s checkpoints;
 * exact export: after masked training, the removed model equals the masked model (zoo models
-  and timm models), and the uniform ratio meets the FLOPs target within 0.02.
+  and timm models), and the uniform ratio meets the FLOPs target within 0.02;
+* importance "taylor" by name: each prune keeps the channels with the largest |sum(weight x
+  gradient)| averaged over the training steps since the previous prune (not the L1 ranking),
+  the prune due at step 0 waits for one training step, and the scores resume exactly;
+* the schedule of ``dagprune prune --method l1`` (defaults, and errors naming the flags).
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ import io
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import dagprune as dp
 from dagprune.errors import PruningError
 from dagprune_algorithms.pruning import ChannelMutator, ChannelUnitError, ItePruneAlgorithm
-from dagprune_algorithms.pruning.iterative import FLOPS_TARGET_TOLERANCE, choices_for_flops_target, run_iterative_l1
+from dagprune_algorithms.pruning.iterative import (FLOPS_TARGET_TOLERANCE, choices_for_flops_target,
+                                                   iterative_schedule, plan_iterative_pruning,
+                                                   run_iterative_l1)
 
 from zoo import ZOO, input_shapes, make_example_inputs
 
@@ -134,6 +141,83 @@ def test_a_late_call_applies_the_latest_prune_due_and_repeats_do_nothing():
 def test_bad_arguments_are_refused(kwargs, error, message):
     with pytest.raises(error, match=message):
         ItePruneAlgorithm(zoo_dag("plain_mean_pool"), input_shape=(3, 16, 16), **kwargs)
+
+
+# ------------------------------------------------------------------------------- taylor
+def taylor_case_algorithm(step_epoch: int) -> ItePruneAlgorithm:
+    """conv(3->8) conv(8->4) pool linear; unit '0_(0, 8)_8' prunes 8 -> 5 -> 2 channels.
+
+    conv0's filter i has L1 norm growing with i, but conv1 reads channels 4..7 through tiny
+    weights, so their gradients (and Taylor scores) are small: the two rankings differ.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.rand(8, 3, 1, 1) * 0.1 + torch.arange(1.0, 9.0).view(8, 1, 1, 1))
+        model[1].weight[:, 4:] *= 0.01
+    mutator = ChannelMutator({"default_args": {"importance": "taylor"}}, {"input_shape": [3, 6, 6]})
+    return ItePruneAlgorithm(dp.build_from_unstructured_module(model), mutator,
+                             target_pruning_ratio={"0_(0, 8)_8": 0.25}, step_epoch=step_epoch, prune_times=2)
+
+
+def taylor_training_step(algorithm: ItePruneAlgorithm, optimizer, step: int) -> torch.Tensor:
+    """One step; returns |sum(weight x gradient)| of conv0's filters, computed here from .grad."""
+    generator = torch.Generator().manual_seed(step)
+    x, y = torch.randn(4, 3, 6, 6, generator=generator), torch.randint(0, 2, (4,), generator=generator)
+    loss = torch.nn.functional.cross_entropy(algorithm(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    conv = algorithm.mutator.dag.vertex("_0").module
+    scores = (conv.weight * conv.weight.grad).sum(dim=(1, 2, 3)).abs().detach()
+    optimizer.step()
+    return scores
+
+
+def top(scores: torch.Tensor, count: int) -> set[int]:
+    return set(torch.argsort(scores, descending=True, stable=True)[:count].tolist())
+
+
+def test_taylor_by_name_keeps_the_largest_weight_times_gradient_averaged_between_prunes():
+    algorithm = taylor_case_algorithm(step_epoch=3)
+    optimizer = torch.optim.SGD(algorithm.parameters(), lr=0.05)
+    mask = algorithm.mutator.unit("0_(0, 8)_8").mask
+    conv_weight = algorithm.mutator.dag.vertex("_0").module.weight.detach()
+    l1_ranking = top(conv_weight.abs().flatten(1).sum(1), 5)
+    assert l1_ranking == {3, 4, 5, 6, 7}
+
+    assert not algorithm.maybe_prune(0)  # due, but no gradients yet: waits
+    assert mask.tolist() == [1.0] * 8
+    step0 = taylor_training_step(algorithm, optimizer, 0)
+    assert algorithm.maybe_prune(1)  # prune 1 of 2: 5 channels, ranked by step 0's gradients
+    kept = set(np.flatnonzero(mask.numpy()).tolist())
+    assert kept == top(step0, 5) and kept != l1_ranking
+
+    step1 = taylor_training_step(algorithm, optimizer, 1)
+    step2 = taylor_training_step(algorithm, optimizer, 2)
+    assert step1[mask == 0].abs().max() == 0  # pruned channels get no gradient through the mask
+    assert algorithm.maybe_prune(3)  # prune 2 of 2: 2 channels, mean of steps 1 and 2 (after the reset)
+    assert set(np.flatnonzero(mask.numpy()).tolist()) == top((step1 + step2) / 2, 2)
+    assert algorithm.done
+
+    passes = algorithm.taylor_scores.backward_passes.clone()
+    taylor_training_step(algorithm, optimizer, 3)
+    assert torch.equal(algorithm.taylor_scores.backward_passes, passes)  # no accumulating once done
+
+
+def test_taylor_scores_are_in_the_state_dict_and_resume_exactly():
+    first = taylor_case_algorithm(step_epoch=3)
+    optimizer = torch.optim.SGD(first.parameters(), lr=0.05)
+    for step in range(3):
+        first.maybe_prune(step)
+        taylor_training_step(first, optimizer, step)
+    state = checkpoint(first, optimizer)
+    assert any(key.startswith("taylor_scores.score_sum_") for key in state["algorithm"])
+    resumed = taylor_case_algorithm(step_epoch=3)
+    resumed.load_state_dict(state["algorithm"])
+    assert first.maybe_prune(3) and resumed.maybe_prune(3)  # ranked by the scores of steps 1 and 2
+    assert torch.equal(first.mutator.unit("0_(0, 8)_8").mask, resumed.mutator.unit("0_(0, 8)_8").mask)
+    assert int(resumed.mutator.unit("0_(0, 8)_8").mask.sum()) == 2
 
 
 # ------------------------------------------------------------------------------- resume
@@ -250,6 +334,41 @@ def test_an_unreachable_flops_target_says_the_lowest_reachable():
 
 
 # ------------------------------------------------------------------------------- the prune job
+@pytest.mark.parametrize("steps, prune_times, step_epoch, importance, message", [
+    (10, 0, None, "l1", "--prune-times must be an int >= 1, got 0"),
+    (10, None, 0, "l1", "--step-epoch must be an int >= 1, got 0"),
+    (10, 4, 4, "l1", "puts the last prune at step 12, but the run has --steps 10"),
+    (3, 4, None, "l1", "puts the last prune at step 3"),
+    (1, None, None, "taylor", "needs --steps >= 2"),
+])
+def test_schedule_errors_name_the_flags(steps, prune_times, step_epoch, importance, message):
+    with pytest.raises(PruningError, match=message):
+        iterative_schedule(steps, prune_times, step_epoch, importance)
+
+
+@pytest.mark.parametrize("ratio", [0.5, {"conv2_(0, 16)_16": 0.25, "fc1_(0, 12)_12": 0.5}])
+def test_a_target_pruning_ratio_replaces_the_flops_target(ratio):
+    args = l1_arguments(target=None, target_pruning_ratio=ratio)
+    plan = plan_iterative_pruning(zoo_dag("plain_mean_pool"), (3, 16, 16), args)
+    expected = ratio if isinstance(ratio, dict) else {name: ratio for name in plan.mutator.choice_template()}
+    assert plan.target_pruning_ratio == expected
+    plan.mutator.set_choices(expected)
+    assert plan.predicted_flops_proportion == pytest.approx(plan.mutator.flops_proportion())
+
+
+def test_an_unknown_unit_in_the_target_pruning_ratio_lists_the_closest():
+    args = l1_arguments(target=None, target_pruning_ratio={"conv2_(0, 16)_61": 0.5})
+    with pytest.raises(ChannelUnitError, match=r"--target-pruning-ratio .*unknown unit 'conv2_\(0, 16\)_61'; "
+                                               r"closest: 'conv2_\(0, 16\)_16'"):
+        plan_iterative_pruning(zoo_dag("plain_mean_pool"), (3, 16, 16), args)
+
+
+def test_schedule_defaults_fit_the_prunes_in_the_steps():
+    assert iterative_schedule(12) == (5, 2) and iterative_schedule(12, prune_times=3) == (3, 4)
+    assert iterative_schedule(12, step_epoch=5) == (3, 5)  # prunes at 0, 5, 10
+    assert iterative_schedule(2) == (2, 1)  # the default 5 prunes, lowered to what fits
+
+
 def l1_arguments(**overrides) -> argparse.Namespace:
     values = dict(target=0.5, steps=12, batch_size=8, lr=1e-3, seed=0, checkpoint_every=4,
                   block_size=1, prune_times=3)
@@ -271,15 +390,19 @@ def interrupt_after(steps: int):
     return progress
 
 
-def test_run_iterative_l1_meets_the_target_exports_exactly_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("importance, prunes_done_at_step_0", [("l1", 1), ("taylor", 0)])
+def test_run_iterative_l1_meets_the_target_exports_exactly_and_resumes_exactly(tmp_path, importance,
+                                                                               prunes_done_at_step_0):
     train, val = digits_like_data(64, 0), digits_like_data(16, 1)
-    args = l1_arguments()
+    args = l1_arguments(importance=importance)
     pruned, history, accuracy, difference = run_iterative_l1(
         zoo_dag("plain_mean_pool"), (3, 16, 16), args, train, val, "cpu", tmp_path / "whole")
     assert difference <= REMOVAL_TOLERANCE and 0 <= accuracy <= 100
     original = dp.count_flops(zoo_dag("plain_mean_pool"), (3, 16, 16)).total
     assert abs(dp.count_flops(pruned, (3, 16, 16)).total / original - args.target) <= FLOPS_TARGET_TOLERANCE
-    assert [(entry["step"], entry["prunes_done"]) for entry in history] == [(0, 1), (10, 3), (11, 3)]
+    # taylor's prune due at step 0 waits for step 1's call (gradients of step 0)
+    assert [(entry["step"], entry["prunes_done"]) for entry in history] == \
+        [(0, prunes_done_at_step_0), (10, 3), (11, 3)]
     assert history[-1]["proportion"] == pytest.approx(dp.count_flops(pruned, (3, 16, 16)).total / original)
 
     with pytest.raises(KeyboardInterrupt):  # stopped after step 5; the last checkpoint is step 4

@@ -7,7 +7,8 @@ Pinned down here:
 * templates: the structure of spec 001, a JSON round trip, and parse mode "Config" rebuilding
   the same units from a template with channels without running the channel analysis;
 * choices: ratio / number modes, rounding, divisor, minimum one channel, partial updates, and
-  reading back what was achieved; importance criteria choose which channels stay;
+  reading back what was achieved; importance criteria choose which channels stay ("taylor" by
+  name: the current |weight x gradient|);
 * errors: unknown names list the closest valid ones, out-of-range choices say the range;
 * export: for sampled choices on every zoo model and on resnet34, the removed model equals
   the masked model (eval mode, <= 1e-4 relative) and has the FLOPs the units predict;
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 import dagprune as dp
+from dagprune.errors import PruningError
 from dagprune_algorithms.pruning import units as units_module
 from dagprune_algorithms.pruning import ChannelMutator, ChannelUnit, ChannelUnitError, SequentialChannelUnit
 from dagprune_algorithms.pruning.importance import TaylorImportance
@@ -354,6 +356,24 @@ def test_taylor_scores_from_data_choose_the_kept_channels():
     mutator.set_choices({name: 0.25}, scores={name: scores})
     kept = np.flatnonzero(mutator.unit(name).mask.numpy())
     assert sorted(kept.tolist()) == sorted(np.argsort(-scores, kind="stable")[:4].tolist())
+
+
+def test_taylor_by_name_ranks_by_weight_times_the_gradient_now():
+    mutator = small_mutator(importance="taylor")
+    name = "3_(0, 16)_16"
+    with pytest.raises(PruningError, match=r"has no gradient: run loss.backward\(\)"):
+        mutator.set_choices({name: 0.25})
+    conv = mutator.dag.vertex("_3").module
+    with torch.no_grad():  # L1 would keep filters 12..15
+        conv.weight.mul_(0.01).add_(torch.arange(16.0).view(16, 1, 1, 1))
+    mutator.masked_model.train()
+    inputs = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    mutator.masked_model(inputs).square().sum().backward()
+    taylor = (conv.weight * conv.weight.grad).sum(dim=(1, 2, 3)).abs().detach()
+    mutator.set_choices({name: 0.25})
+    kept = np.flatnonzero(mutator.unit(name).mask.numpy()).tolist()
+    assert kept == sorted(torch.argsort(taylor, descending=True)[:4].tolist())
+    assert kept != [12, 13, 14, 15]
 
 
 # ------------------------------------------------------------------------------- errors

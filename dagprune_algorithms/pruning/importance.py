@@ -1,16 +1,28 @@
 """Channel importance criteria, per channel class of a group, pluggable by name.
 
+A criterion is ``criterion(analysis, group) -> importance per class of the group`` (higher is
+kept first), registered with :func:`register_importance`; a unit names it with
+``importance=...`` (``ChannelMutator({"default_args": {"importance": "taylor"}})``).
+
 * ``"l1"``: mean absolute weight of each output filter over the group's producers (mmrazor's
   L1-norm criterion); needs no data.
 * ``"bn_scale"``: absolute scale of the batch/layer norms that directly follow the producers
   (network-slimming criterion); falls back to ``"l1"`` where no norm follows.
-* ``"taylor"``: ``|activation x gradient|`` accumulated with :class:`TaylorImportance` from
-  real batches (first-order Taylor estimate of the loss change when a channel goes).
+* ``"taylor"``: ``|sum(weight x gradient)|`` over each output filter, the first-order Taylor
+  estimate of the loss change when the filter is zeroed (Molchanov et al. 2019), averaged over
+  the group's producers. It needs gradients: by name it reads the ``.grad`` of the producers'
+  weights (one backward pass, run just before); :class:`~.iterative.ItePruneAlgorithm` instead
+  averages it over the training steps since the previous prune with a
+  :class:`TaylorScoreAccumulator`.
+
+:class:`TaylorImportance` is the activation variant (``|sum(activation x gradient)|`` per
+channel, Molchanov et al. 2017); its scores go in through
+``ChannelMutator.set_choices(choices, scores=...)``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +32,8 @@ from dagprune import ops
 
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis, ChannelGroup
 
-__all__ = ["register_importance", "channel_importance", "IMPORTANCE_CRITERIA", "TaylorImportance"]
+__all__ = ["register_importance", "channel_importance", "IMPORTANCE_CRITERIA", "TaylorImportance",
+           "TaylorScoreAccumulator", "filter_taylor_scores"]
 
 IMPORTANCE_CRITERIA: dict[str, Callable[[ChannelAnalysis, ChannelGroup], np.ndarray]] = {}
 
@@ -44,18 +57,25 @@ def channel_importance(analysis: ChannelAnalysis, group: ChannelGroup, criterion
     return IMPORTANCE_CRITERIA[criterion](analysis, group)
 
 
-def _producer_weight(module: nn.Module, vertex, analysis: ChannelAnalysis):
-    """Weight of a producer with output channels on axis 0, or None."""
+def _producer_weight_and_axis(module: nn.Module, vertex) -> tuple[torch.Tensor, int] | None:
+    """The weight tensor (a leaf: a parameter) of a producer and its output-channel axis, or None."""
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-        return module.weight
+        return module.weight, 0
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        return module.weight.transpose(0, 1)
+        return module.weight, 1
     if isinstance(module, ops.FunctionalOp) and module.function_name == "torch.nn.functional.linear":
         weight = module.argument(1, "weight")
         if isinstance(weight, ops.InputRef):
-            source = vertex.predecessors[weight.index]
-            return getattr(source.module, "value", None)
+            value = getattr(vertex.predecessors[weight.index].module, "value", None)
+            if isinstance(value, torch.Tensor):
+                return value, 0
     return None
+
+
+def _producer_weight(module: nn.Module, vertex, analysis: ChannelAnalysis):
+    """Weight of a producer with output channels on axis 0, or None."""
+    found = _producer_weight_and_axis(module, vertex)
+    return None if found is None else found[0].movedim(found[1], 0)
 
 
 def _accumulate(group: ChannelGroup, analysis: ChannelAnalysis, per_position) -> np.ndarray:
@@ -102,6 +122,125 @@ def bn_scale_importance(analysis: ChannelAnalysis, group: ChannelGroup) -> np.nd
         return None
     scale = _accumulate(group, analysis, per_position)
     return scale if scale.any() else l1_importance(analysis, group)
+
+
+def filter_taylor_scores(weight: torch.Tensor, gradient: torch.Tensor, channel_axis: int = 0) -> torch.Tensor:
+    """``|sum(weight x gradient)|`` over each output filter: the first-order Taylor estimate of
+    how much the loss changes when the filter is zeroed.
+
+    >>> weight = torch.tensor([[1.0, 1.0], [3.0, 0.0]])
+    >>> filter_taylor_scores(weight, torch.tensor([[0.5, 0.5], [0.0, 9.0]]))
+    tensor([1., 0.])
+    """
+    with torch.no_grad():
+        return (weight.detach() * gradient).movedim(channel_axis, 0).flatten(1).sum(1).abs()
+
+
+@register_importance("taylor")
+def taylor_importance(analysis: ChannelAnalysis, group: ChannelGroup) -> np.ndarray:
+    """:func:`filter_taylor_scores` of the producers' weights and their ``.grad`` now.
+
+    Raises:
+        PruningError: a producer's weight has no gradient (no backward pass ran).
+    """
+    without_gradient = []
+
+    def per_position(vertex, axis):
+        found = _producer_weight_and_axis(vertex.module, vertex)
+        if found is None:
+            return None
+        weight, channel_axis = found
+        if weight.grad is None:
+            without_gradient.append(vertex)
+            return None
+        return filter_taylor_scores(weight, weight.grad, channel_axis).cpu().double().numpy()
+    scores = _accumulate(group, analysis, per_position)
+    if without_gradient:
+        from dagprune.errors import PruningError
+        vertex = without_gradient[0]
+        raise PruningError(
+            f"importance 'taylor' ranks the channels of group {group.name!r} by |weight x gradient|, but "
+            f"the weight of {vertex.name!r} ({vertex.qualified_name}) has no gradient: run loss.backward() "
+            "on the masked model right before set_choices, or prune with ItePruneAlgorithm, which "
+            "averages the scores over the training steps between prunes")
+    return scores
+
+
+class TaylorScoreAccumulator(nn.Module):
+    """Averages :func:`filter_taylor_scores` of the groups' producers over backward passes.
+
+    A hook on each producer weight adds the scores of every backward pass that reaches it,
+    so the model trains as usual. The sums and the number of passes are buffers (a state
+    dict restores them exactly); :meth:`reset` starts a new average, :meth:`remove_hooks`
+    stops accumulating.
+
+    Args:
+        analysis: the channel analysis ``groups`` belong to.
+        groups: the groups to score (weights that do not require grad are skipped).
+
+    >>> import dagprune
+    >>> from dagprune_algorithms.pruning import find_channel_groups
+    >>> dag = dagprune.build_from_unstructured_module(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)))
+    >>> analysis = find_channel_groups(dag, (3, 4, 4))
+    >>> taylor = TaylorScoreAccumulator(analysis, analysis.prunable_groups)
+    >>> dag(torch.randn(2, 3, 4, 4)).sum().backward()
+    >>> taylor.ready, taylor.importance(analysis.prunable_groups[0]).shape
+    (True, (4,))
+    """
+
+    def __init__(self, analysis: ChannelAnalysis, groups: Sequence[ChannelGroup]):
+        super().__init__()
+        self.analysis = analysis
+        self._slot_of_producer: dict = {}
+        weights: list[tuple[torch.Tensor, int]] = []
+        for group in groups:
+            for vertex, axis in group.producers:
+                found = _producer_weight_and_axis(vertex.module, vertex)
+                if found is None or not found[0].requires_grad:
+                    continue
+                slot = next((i for i, (w, a) in enumerate(weights) if w is found[0] and a == found[1]), None)
+                if slot is None:
+                    slot = len(weights)
+                    weights.append(found)
+                    self.register_buffer(f"score_sum_{slot}", torch.zeros(
+                        found[0].shape[found[1]], dtype=torch.float32, device=found[0].device))
+                self._slot_of_producer[(vertex, axis)] = slot
+        self.register_buffer("backward_passes", torch.zeros(len(weights), dtype=torch.long))
+        self._handles = [weight.register_hook(self._accumulating_hook(slot, weight, channel_axis))
+                         for slot, (weight, channel_axis) in enumerate(weights)]
+
+    def _accumulating_hook(self, slot: int, weight: torch.Tensor, channel_axis: int):
+        def accumulate(gradient):
+            score_sum = getattr(self, f"score_sum_{slot}")
+            score_sum += filter_taylor_scores(weight, gradient, channel_axis).to(score_sum)
+            self.backward_passes[slot] += 1
+        return accumulate
+
+    @property
+    def ready(self) -> bool:
+        """Whether a backward pass reached the weights since the start or the last :meth:`reset`."""
+        return bool((self.backward_passes > 0).any())
+
+    def importance(self, group: ChannelGroup) -> np.ndarray:
+        """Scores per class of ``group``: the mean over backward passes (0 without any)."""
+        def per_position(vertex, axis):
+            slot = self._slot_of_producer.get((vertex, axis))
+            if slot is None:
+                return None
+            passes = max(int(self.backward_passes[slot]), 1)
+            return (getattr(self, f"score_sum_{slot}") / passes).cpu().double().numpy()
+        return _accumulate(group, self.analysis, per_position)
+
+    def reset(self) -> None:
+        """Clears the sums and the pass counts."""
+        for buffer in self.buffers():
+            buffer.zero_()
+
+    def remove_hooks(self) -> None:
+        """Stops accumulating (the scores so far stay)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
 
 class TaylorImportance:

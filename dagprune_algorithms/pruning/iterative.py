@@ -7,7 +7,13 @@ kept fraction falls linearly and the last prune reaches the target; each prune r
 channels by the units' importance (L1 norm by default) on the current weights. Between prunes
 the masked model trains as usual. The masks are buffers of the masked model and the number of
 prunes done is a buffer of the algorithm, so ``algorithm.state_dict()`` (with the optimizer's)
-is all a run needs to resume exactly. :meth:`ItePruneAlgorithm.remove_channels` exports the
+is all a run needs to resume exactly.
+
+Units with ``importance="taylor"`` rank their channels by ``|sum(weight x gradient)|`` per
+filter, averaged over the backward passes since the previous prune (a
+:class:`~.importance.TaylorScoreAccumulator`, whose sums are buffers too). A prune needs at
+least one such pass: one due before any (the prune at step 0) waits for the first call after a
+training step, so it comes at step 1. :meth:`ItePruneAlgorithm.remove_channels` exports the
 slim model through the same removal as :class:`ChannelPruning`.
 
 A plain PyTorch loop:
@@ -35,8 +41,10 @@ A plain PyTorch loop:
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -47,10 +55,15 @@ from torch import nn
 from dagprune import DagModule
 from dagprune.errors import PruningError
 
-from dagprune_algorithms.pruning.units import ChannelMutator
+from dagprune_algorithms.pruning.importance import TaylorScoreAccumulator, channel_importance
+from dagprune_algorithms.pruning.units import ChannelMutator, ChannelUnitError
 
 __all__ = ["ItePruneAlgorithm", "choices_for_flops_target", "run_iterative_l1", "DEFAULT_PRUNE_TIMES",
-           "FLOPS_TARGET_TOLERANCE"]
+           "FLOPS_TARGET_TOLERANCE", "IterativePlan", "plan_iterative_pruning", "iterative_schedule",
+           "parse_target_pruning_ratio"]
+
+GRADIENT_IMPORTANCE = "taylor"
+"""The importance criterion ranked from gradients accumulated while training."""
 
 DEFAULT_PRUNE_TIMES = 5
 """Prunes of ``dagprune prune --method l1`` when the arguments name none."""
@@ -79,6 +92,8 @@ class ItePruneAlgorithm(nn.Module):
     Attributes:
         architecture: the masked model to train (shares the weights of ``architecture``).
         mutator: the :class:`ChannelMutator` holding the units.
+        taylor_scores: the :class:`~.importance.TaylorScoreAccumulator` of the units of
+            ``target_pruning_ratio`` with ``importance="taylor"`` (None if there are none).
 
     Raises:
         ChannelUnitError: an unknown unit name (the closest are listed) or an out-of-range target.
@@ -109,6 +124,13 @@ class ItePruneAlgorithm(nn.Module):
             mutator.unit(name).kept_count(value)  # checks the name and the range
         self.target_pruning_ratio = targets
         self.register_buffer("prunes_done", torch.zeros((), dtype=torch.long))
+        self._gradient_ranked_units = [name for name in targets
+                                       if mutator.unit(name).importance == GRADIENT_IMPORTANCE]
+        self.taylor_scores = None
+        if self._gradient_ranked_units:
+            self.taylor_scores = TaylorScoreAccumulator(
+                mutator.analysis, [mutator.group_of(name) for name in self._gradient_ranked_units])
+        self._told_prune_waits = False
 
     @staticmethod
     def _prepared_mutator(architecture, mutator_cfg, input_shape) -> ChannelMutator:
@@ -137,7 +159,8 @@ class ItePruneAlgorithm(nn.Module):
     # -- schedule ----------------------------------------------------------------------------------
     @property
     def prune_steps(self) -> list[int]:
-        """The steps at which the model is pruned."""
+        """The steps at which prunes are due (with "taylor" units the one at step 0 comes at the
+        first call after a training step)."""
         return [k * self.step_epoch for k in range(self.prune_times)]
 
     @property
@@ -164,13 +187,32 @@ class ItePruneAlgorithm(nn.Module):
         """Prunes if a prune is due at ``step``; returns whether it pruned.
 
         Call it once per step (or epoch) before the forward pass. Calling it again for the
-        same step does nothing; a call after skipped steps applies the latest prune due.
+        same step does nothing; a call after skipped steps applies the latest prune due. Units
+        with ``importance="taylor"`` are ranked by the Taylor scores averaged since the previous
+        prune; while no backward pass has run since then, a due prune waits (returns False).
         """
+        if self.done:
+            if self.taylor_scores is not None:
+                self.taylor_scores.remove_hooks()
+            return False
         due = [k for k in range(int(self.prunes_done), self.prune_times) if k * self.step_epoch <= step]
         if not due:
             return False
-        self.mutator.set_choices(self.scheduled_choices(due[-1]))
+        scores = None
+        if self.taylor_scores is not None:
+            if not self.taylor_scores.ready:
+                if not self._told_prune_waits:
+                    LOG.info("prune %d (due at step %d) waits for a training step: units with importance "
+                             "'taylor' are ranked by gradients", due[-1] + 1, due[-1] * self.step_epoch)
+                    self._told_prune_waits = True
+                return False
+            scores = {name: self.taylor_scores.importance(self.mutator.group_of(name))
+                      for name in self._gradient_ranked_units}
+            self.taylor_scores.reset()
+        self.mutator.set_choices(self.scheduled_choices(due[-1]), scores=scores)
         self.prunes_done.fill_(due[-1] + 1)
+        if self.done and self.taylor_scores is not None:
+            self.taylor_scores.remove_hooks()
         return True
 
     def remove_channels(self) -> DagModule:
@@ -179,9 +221,11 @@ class ItePruneAlgorithm(nn.Module):
 
 
 def choices_for_flops_target(mutator: ChannelMutator, target: float,
-                             tolerance: float = FLOPS_TARGET_TOLERANCE) -> tuple[dict, float]:
+                             tolerance: float = FLOPS_TARGET_TOLERANCE,
+                             scores: Mapping[str, Any] | None = None) -> tuple[dict, float]:
     """Choices (ratio mode) for every mutable unit whose pruned model has ``target`` of the
-    FLOPs, within ``tolerance``, predicted with the channels ranked by the current importance.
+    FLOPs, within ``tolerance``, predicted with the channels ranked by the current importance
+    (or by ``scores``, ``{unit name: importance per channel}``, for the units it names).
 
     One uniform ratio is found by bisection. Where the kept counts of small units jump over
     the target, the choices are then evened out one step at a time: from the uniform ratio
@@ -201,7 +245,12 @@ def choices_for_flops_target(mutator: ChannelMutator, target: float,
     not_ratio = [unit.name for unit in units if unit.choice_mode != "ratio"]
     if not_ratio:
         raise PruningError(f"choices_for_flops_target needs choice_mode 'ratio'; {not_ratio[:3]} are not")
-    scores = mutator.channel_scores()
+    if scores is None:
+        scores = mutator.channel_scores()
+    else:
+        given = dict(scores)
+        scores = {unit.name: given[unit.name] if unit.name in given
+                  else unit.channel_scores(mutator.analysis, mutator.group_of(unit.name)) for unit in units}
 
     def proportion(choices: dict) -> float:
         return mutator.flops_proportion(choices, scores)
@@ -244,17 +293,171 @@ def choices_for_flops_target(mutator: ChannelMutator, target: float,
     return {name: count / mutator.unit(name).num_channels for name, count in counts.items()}, achieved
 
 
+def iterative_schedule(steps: int, prune_times: int | None = None, step_epoch: int | None = None,
+                       importance: str = "l1") -> tuple[int, int]:
+    """``(prune_times, step_epoch)`` of ``dagprune prune --method l1`` for a run of ``steps``.
+
+    Defaults: ``prune_times`` is :data:`DEFAULT_PRUNE_TIMES`, lowered to what fits in ``steps``;
+    ``step_epoch`` is ``steps // prune_times`` (at least 1), so the prunes are equally spaced.
+
+    >>> iterative_schedule(100), iterative_schedule(100, prune_times=3), iterative_schedule(3)
+    ((5, 20), (3, 33), (3, 1))
+    >>> iterative_schedule(100, step_epoch=30)
+    (4, 30)
+
+    Raises:
+        PruningError: a value below 1, a last prune at or after ``steps``, or "taylor" with
+            fewer than 2 steps (its first prune waits for a training step).
+    """
+    for flag, value in (("--prune-times", prune_times), ("--step-epoch", step_epoch)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise PruningError(f"{flag} must be an int >= 1, got {value!r}")
+    if importance == GRADIENT_IMPORTANCE and steps < 2:
+        raise PruningError(f"--importance {GRADIENT_IMPORTANCE} needs --steps >= 2 (got {steps}): its first "
+                           "prune waits for the gradients of one training step")
+    if prune_times is None:
+        fitting = steps if step_epoch is None else (steps - 1) // step_epoch + 1
+        prune_times = max(1, min(DEFAULT_PRUNE_TIMES, fitting))
+    if step_epoch is None:
+        step_epoch = max(1, steps // prune_times)
+    last_prune = (prune_times - 1) * step_epoch
+    if last_prune >= steps:
+        raise PruningError(f"--prune-times {prune_times} with --step-epoch {step_epoch} puts the last prune at "
+                           f"step {last_prune}, but the run has --steps {steps} (steps 0 to {steps - 1}); "
+                           "lower --prune-times or --step-epoch, or raise --steps")
+    return prune_times, step_epoch
+
+
+def parse_target_pruning_ratio(value: Any) -> float | dict | None:
+    """``--target-pruning-ratio``: one kept share for every unit, or ``{unit name: choice}``.
+
+    Args:
+        value: a number in (0, 1], a mapping, or text: a number, or the path of a JSON file
+            holding ``{unit name: choice}`` (what ``dagprune units MODEL --choice -o FILE``
+            writes); None stays None.
+
+    >>> parse_target_pruning_ratio("0.7"), parse_target_pruning_ratio({"conv_(0, 8)_8": 0.5})
+    (0.7, {'conv_(0, 8)_8': 0.5})
+
+    Raises:
+        PruningError: a number out of (0, 1], a file that does not exist or is not a JSON
+            object of unit names to numbers.
+    """
+    if value is None or isinstance(value, Mapping):
+        return None if value is None else dict(value)
+    ratio = value
+    if isinstance(value, str):
+        try:
+            ratio = float(value)
+        except ValueError:
+            return _read_unit_ratios(value)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise PruningError(f"--target-pruning-ratio must be in (0, 1] (the fraction of each unit's channels "
+                           f"kept) or a JSON file of {{unit name: fraction}}, got {value!r}")
+    return float(ratio)
+
+
+def _read_unit_ratios(path: str) -> dict:
+    if not Path(path).is_file():
+        raise PruningError(f"--target-pruning-ratio {path!r} is neither a number nor a JSON file; give a "
+                           "fraction such as 0.7 or a file written by `dagprune units MODEL --choice -o FILE`")
+    try:
+        ratios = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PruningError(f"--target-pruning-ratio {path}: not valid JSON ({error})") from error
+    if not isinstance(ratios, dict) or not ratios or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in ratios.values()):
+        raise PruningError(f"--target-pruning-ratio {path}: expected a non-empty JSON object {{unit name: "
+                           "fraction kept}}, as `dagprune units MODEL --choice -o FILE` writes")
+    return ratios
+
+
+@dataclass
+class IterativePlan:
+    """What ``dagprune prune --method l1`` will do (see :func:`plan_iterative_pruning`)."""
+
+    mutator: ChannelMutator
+    target_pruning_ratio: dict
+    """``{unit name: kept share}`` reached by the last prune."""
+    predicted_flops_proportion: float
+    prune_times: int
+    step_epoch: int
+    importance: str
+
+    def describe(self, flops_target: float | None = None) -> str:
+        """One line for the log: units, importance, kept shares, predicted FLOPs, schedule."""
+        ratios = sorted(set(self.target_pruning_ratio.values()))
+        kept = f"{ratios[0]:.4f}" if len(ratios) == 1 else f"{ratios[0]:.3f} to {ratios[-1]:.3f}"
+        units = self.mutator.units
+        importance = "" if self.importance == "l1" else f", importance {self.importance!r}"
+        if flops_target is None:
+            goal = (f"keeping {kept} of the channels of {len(self.target_pruning_ratio)} units "
+                    f"(--target-pruning-ratio) gives FLOPs proportion {self.predicted_flops_proportion:.4f}")
+        else:
+            goal = (f"keeping {kept} of each unit's channels gives FLOPs proportion "
+                    f"{self.predicted_flops_proportion:.4f} (target {flops_target:.2f})")
+        return (f"{len(units)} units ({sum(unit.mutable for unit in units)} prunable){importance}; {goal}; "
+                f"{self.prune_times} prunes every {self.step_epoch} steps")
+
+
+def plan_iterative_pruning(dag: DagModule, input_shape: Sequence[int], args) -> IterativePlan:
+    """The units, targets and schedule of ``dagprune prune --method l1`` on ``dag``.
+
+    The targets are ``args.target_pruning_ratio`` (see :func:`parse_target_pruning_ratio`)
+    when given, else the choices meeting the FLOPs target ``args.target``
+    (:func:`choices_for_flops_target`). Kept counts are multiples of ``args.block_size``; the
+    channels are ranked by ``args.importance`` (default "l1"). Where "taylor" has no gradients
+    yet, FLOPs are predicted with the channels ranked by L1 norm (they differ only where a unit
+    spans tensors of different cost).
+
+    Raises:
+        PruningError: a bad schedule, ratio or FLOPs target.
+        ChannelUnitError: a unit name of the ratio file that the model does not have (the
+            closest names are listed) or a ratio out of range.
+    """
+    importance = getattr(args, "importance", None) or "l1"
+    prune_times, step_epoch = iterative_schedule(args.steps, getattr(args, "prune_times", None),
+                                                 getattr(args, "step_epoch", None), importance)
+    given_ratio = getattr(args, "target_pruning_ratio", None)
+    ratio = parse_target_pruning_ratio(given_ratio)
+    mutator = ChannelMutator({"type": "L1ChannelUnit",
+                              "default_args": {"choice_mode": "ratio", "divisor": args.block_size,
+                                               "importance": importance}},
+                             {"type": "ChannelAnalysis", "input_shape": list(input_shape)})
+    mutator.prepare_from_supernet(dag)
+    scores = None
+    if importance == GRADIENT_IMPORTANCE:
+        scores = {unit.name: channel_importance(mutator.analysis, mutator.group_of(unit.name), "l1")
+                  for unit in mutator.mutable_units}
+    if ratio is None:
+        choices, predicted = choices_for_flops_target(mutator, args.target, scores=scores)
+    else:
+        choices = ratio if isinstance(ratio, dict) else {unit.name: ratio for unit in mutator.mutable_units}
+        try:
+            predicted = mutator.flops_proportion(choices, scores)  # checks every name and value
+        except ChannelUnitError as error:
+            source = given_ratio if isinstance(given_ratio, str) else "(a dict)"
+            units_command = (f"dagprune units {getattr(args, 'model', 'MODEL')} --choice --input-size "
+                             f"{' '.join(map(str, input_shape))}")
+            raise ChannelUnitError(f"--target-pruning-ratio {source}: {error}; `{units_command}` prints this "
+                                   "model's unit names") from error
+    return IterativePlan(mutator, choices, predicted, prune_times, step_epoch, importance)
+
+
 def run_iterative_l1(dag: DagModule, input_shape: Sequence[int], args, train, val, device, out,
                      progress=None):
-    """``dagprune prune --method l1``: L1 iterative pruning to a FLOPs target, then export.
+    """``dagprune prune --method l1``: iterative pruning (ItePruneAlgorithm) to a FLOPs target or
+    per-unit ratios, then export.
 
-    One kept ratio for every unit is chosen (:func:`choices_for_flops_target`: uniform, evened
-    out on small units) so that the pruned model has ``args.target`` of the FLOPs (within 0.02),
-    with kept counts multiples of ``args.block_size``; the model is pruned
-    ``args.prune_times`` times (default 5, at most ``args.steps``) at equally spaced steps
-    within ``args.steps``, training the masked model with Adam in between (checkpointed into
-    ``out``, so a stopped run resumes exactly), then the channels are removed. The masked model
-    shares ``dag``'s weights, so ``dag`` is trained in place (as with the gated method).
+    The targets, importance and schedule come from :func:`plan_iterative_pruning`: by default
+    one kept ratio for every unit (uniform, evened out on small units) so that the pruned model
+    has ``args.target`` of the FLOPs (within 0.02); with ``args.target_pruning_ratio`` (a
+    fraction or ``{unit name: fraction}``) those ratios instead. Kept counts are multiples of
+    ``args.block_size``. The model is pruned ``args.prune_times`` times (default 5, at most
+    what fits in ``args.steps``) every ``args.step_epoch`` steps (default ``steps //
+    prune_times``), training the masked model with Adam in between (checkpointed into ``out``,
+    so a stopped run resumes exactly), then the channels are removed. The masked model shares
+    ``dag``'s weights, so ``dag`` is trained in place (as with the gated method).
 
     Returns:
         ``(pruned DAG, history, masked-model validation accuracy in percent, max relative
@@ -263,20 +466,12 @@ def run_iterative_l1(dag: DagModule, input_shape: Sequence[int], args, train, va
     from dagprune import compare_module_outputs
     from dagprune_algorithms.training import StepResult, evaluate_accuracy, train_steps
 
-    prune_times = max(1, min(int(getattr(args, "prune_times", None) or DEFAULT_PRUNE_TIMES), args.steps))
-    step_epoch = max(1, args.steps // prune_times)
-    mutator = ChannelMutator({"type": "L1ChannelUnit",
-                              "default_args": {"choice_mode": "ratio", "divisor": args.block_size}},
-                             {"type": "ChannelAnalysis", "input_shape": list(input_shape)})
-    mutator.prepare_from_supernet(dag)
-    choices, predicted = choices_for_flops_target(mutator, args.target)
-    ratios = sorted(set(choices.values()))
-    LOG.info("l1: %d units (%d prunable); keeping %s of each unit's channels gives FLOPs proportion "
-             "%.4f (target %.2f); %d prunes every %d steps", len(mutator.units), len(mutator.mutable_units),
-             f"{ratios[0]:.4f}" if len(ratios) == 1 else f"{ratios[0]:.3f} to {ratios[-1]:.3f}",
-             predicted, args.target, prune_times, step_epoch)
-    algorithm = ItePruneAlgorithm(dag, mutator, target_pruning_ratio=choices, step_epoch=step_epoch,
-                                  prune_times=prune_times).to(device)
+    plan = plan_iterative_pruning(dag, input_shape, args)
+    flops_target = None if getattr(args, "target_pruning_ratio", None) is not None else args.target
+    LOG.info("l1: %s", plan.describe(flops_target))
+    algorithm = ItePruneAlgorithm(dag, plan.mutator, target_pruning_ratio=plan.target_pruning_ratio,
+                                  step_epoch=plan.step_epoch, prune_times=plan.prune_times).to(device)
+    mutator = plan.mutator
     optimizer = torch.optim.Adam(algorithm.parameters(), lr=args.lr)
     proportion_at: dict[int, float] = {}
 
@@ -289,7 +484,7 @@ def run_iterative_l1(dag: DagModule, input_shape: Sequence[int], args, train, va
     def pruning_step(step, x, y):
         algorithm.maybe_prune(step)
         task_loss = F.cross_entropy(algorithm(x), y)
-        return StepResult(task_loss, {"proportion": current_proportion(), "target": args.target,
+        return StepResult(task_loss, {"proportion": current_proportion(), "target": flops_target,
                                       "task_loss": task_loss.item(),
                                       "prunes_done": int(algorithm.prunes_done)})
 
