@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import dagprune
 from dagprune.errors import DagpruneError
 
+from dagprune_algorithms.pruning.channel_groups import HEAD_PRUNING_MODES
 from dagprune_algorithms.pruning.importance import IMPORTANCE_CRITERIA
 from dagprune_algorithms.pruning.iterative import DEFAULT_PRUNE_TIMES
 from dagprune_algorithms.training import (StepResult, TrainingError, evaluate_accuracy,
@@ -90,6 +91,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate of the weights")
     parser.add_argument("--gate-lr", type=float, default=5e-2, help="Adam learning rate of the gates")
     parser.add_argument("--block-size", type=int, default=1)
+    parser.add_argument("--head-pruning", choices=HEAD_PRUNING_MODES, default="dims",
+                        help="attention: remove the same head dims from every head (dims) or whole "
+                             "heads (heads)")
     parser.add_argument("--limit-train", type=int, default=None)
     parser.add_argument("--limit-val", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -208,7 +212,8 @@ def run_prune(args) -> int:
     original_flops = dagprune.count_flops(dag, input_shape).total
     history: list = []
     if args.method == "dag":
-        pruning = ChannelPruning(dag, input_shape, args.target, args.steps, block_size=args.block_size)
+        pruning = ChannelPruning(dag, input_shape, args.target, args.steps, block_size=args.block_size,
+                                 head_pruning=args.head_pruning)
         gated = pruning.prepare_for_pruning().to(device)
         LOG.info("channel groups: %d (%d prunable); prunable_proportion %.4f, "
                  "max_removable_proportion %.4f", len(pruning.channel_groups),

@@ -28,6 +28,7 @@ class UnitsUsageError(DagpruneError):
 
 def add_units_arguments(parser: argparse.ArgumentParser) -> None:
     """Declares the arguments of ``dagprune units`` (and ``scripts/get_channel_units.py``)."""
+    from dagprune_algorithms.pruning.channel_groups import HEAD_PRUNING_MODES
     from dagprune_algorithms.pruning.units import CHANNEL_UNIT_TYPES, CHOICE_MODES
 
     parser.add_argument("model", metavar="MODEL",
@@ -51,6 +52,8 @@ def add_units_arguments(parser: argparse.ArgumentParser) -> None:
                         help="unit type written into the template (default: L1ChannelUnit)")
     parser.add_argument("--choice-mode", default="ratio", choices=CHOICE_MODES,
                         help="choices as the fraction of channels kept (ratio) or their number")
+    parser.add_argument("--head-pruning", choices=HEAD_PRUNING_MODES, default="dims",
+                        help="attention units hold head dims (dims, default) or whole heads (heads)")
 
 
 def run_units(args: argparse.Namespace) -> int:
@@ -67,7 +70,8 @@ def run_units(args: argparse.Namespace) -> int:
         raise UnitsUsageError(f"--input-size must be positive, got {' '.join(map(str, input_size))}")
     dag = _load_dag(args.model, input_size)
     mutator = ChannelMutator({"type": args.unit_type, "default_args": {"choice_mode": args.choice_mode}},
-                             {"type": "ChannelAnalysis", "input_shape": list(input_size)})
+                             {"type": "ChannelAnalysis", "input_shape": list(input_size),
+                              "head_pruning": args.head_pruning})
     try:
         mutator.prepare_from_supernet(dag)
     except (RuntimeError, ValueError, IndexError) as error:

@@ -176,3 +176,19 @@ def test_units_of_whole_heads_round_trip_through_a_template():
         assert dp.max_relative_difference(rebuilt.masked_model.eval()(x), rebuilt.remove_channels().eval()(x)) <= 1e-4
     with pytest.raises(Exception, match="head_pruning"):
         ChannelMutator(parse_cfg={**parse, "head_pruning": "head"})
+
+
+def test_units_command_lists_whole_head_units(tmp_path, capsys):
+    import json
+
+    from test_units import run_command
+
+    model = ZOO["attention_block"].factory(seed=0)
+    heads = _head_counts(model)
+    saved = dp.build_from_unstructured_module(model).save(tmp_path / "dag")
+    size = ["--input-size", *map(str, input_shapes(ZOO["attention_block"])[0])]
+    choices = json.loads(run_command([saved, "--choice", "--head-pruning", "heads", *size], capsys))
+    widths = {name.split("_(")[0]: int(name.rsplit("_", 1)[1]) for name in choices}
+    assert {name: widths[name] for name in heads} == heads
+    template = json.loads(run_command([saved, "--head-pruning", "heads", *size], capsys))
+    assert template["parse_cfg"]["head_pruning"] == "heads"

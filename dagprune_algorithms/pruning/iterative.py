@@ -423,7 +423,8 @@ def plan_iterative_pruning(dag: DagModule, input_shape: Sequence[int], args) -> 
     mutator = ChannelMutator({"type": "L1ChannelUnit",
                               "default_args": {"choice_mode": "ratio", "divisor": args.block_size,
                                                "importance": importance}},
-                             {"type": "ChannelAnalysis", "input_shape": list(input_shape)})
+                             {"type": "ChannelAnalysis", "input_shape": list(input_shape),
+                              "head_pruning": getattr(args, "head_pruning", "dims")})
     mutator.prepare_from_supernet(dag)
     scores = None
     if importance == GRADIENT_IMPORTANCE:
