@@ -9,6 +9,8 @@ Imported automatically when a model is converted while timm is loaded. It regist
   followed by the standard layer;
 * rewrites of weight-standardised convolutions (``StdConv2d``, ``ScaledStdConv2d`` and their
   ``Same`` variants) into :class:`~dagprune.ops.StandardizedConv2d`;
+* a rewrite of ``DropPath`` (stochastic depth, from ``drop_path_rate``) into
+  :class:`~dagprune.ops.StochasticDepth`, which keeps dropping paths in train mode;
 * timm's own lists of modules and helper functions that must not be traced into (NFNets'
   ``NormFreeBlock`` only where it uses its in-place ``skipinit_gain``).
 """
@@ -22,6 +24,7 @@ from torch import nn
 
 from dagprune.ops.padding import SamePad2d
 from dagprune.ops.standardized_conv import StandardizedConv2d
+from dagprune.ops.stochastic_depth import StochasticDepth
 from dagprune.tracing import register_autowrap_function, register_leaf_module, register_module_rewrite
 
 __all__ = ["NormAct", "PaddedLayer"]
@@ -124,6 +127,11 @@ def _rewrite_standardized_conv(module):
     if same_pad:
         return PaddedLayer(SamePad2d(conv.kernel_size, conv.stride, conv.dilation), conv)
     return conv
+
+
+@register_module_rewrite(importlib.import_module("timm.layers.drop").DropPath)
+def _rewrite_drop_path(module):
+    return StochasticDepth(module.drop_prob, module.scale_by_keep)
 
 
 for _name in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"):

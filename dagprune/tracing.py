@@ -19,6 +19,7 @@ from dagprune.ops.functions import function_name, method_name, register_function
 from dagprune.ops.padding import SamePad2d
 from dagprune.ops.parameter import ModuleCallOp, ParameterOp
 from dagprune.ops.standardized_conv import StandardizedConv2d
+from dagprune.ops.stochastic_depth import StochasticDepth
 from dagprune.ops.templates import InputRef, map_template
 from dagprune.training_mode import evaluation_mode
 
@@ -268,3 +269,4 @@ def _node_origin(node: fx.Node) -> str:
 
 register_leaf_module(SamePad2d)
 register_leaf_module(StandardizedConv2d)
+register_leaf_module(StochasticDepth)

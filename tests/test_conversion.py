@@ -231,3 +231,27 @@ def test_several_outputs_default_to_a_tuple_and_lint_catches_dropped_outputs():
     dropped = dagprune.DagModule([x], [relu, tanh], [tanh, relu], output_structure=dagprune.ops.InputRef(0))
     with pytest.raises(DagLintError, match=r"output vertices \['relu'\] are not in the output structure"):
         dropped.lint()
+
+
+def test_timm_drop_path_keeps_dropping_in_train_mode(tmp_path):
+    """timm's DropPath branches on ``self.training``; the DAG must drop the same paths in
+    training (same random draws) and be the identity in eval, and save/load."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet10t", pretrained=False, drop_path_rate=0.5,
+                              zero_init_last=False).train()  # zero-init branches hide drops
+    dag = dagprune.build_from_unstructured_module(model)
+    assert any(isinstance(v.module, dagprune.ops.StochasticDepth) for v in dag.inner_vertices)
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for module in (model, dag):
+        torch.manual_seed(1)
+        outputs.append(module(x))
+    assert torch.allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    loaded = dagprune.load_dag(dag.save(tmp_path / "dag"))
+    model.eval(), dag.eval(), loaded.eval()
+    with torch.no_grad():  # one identical train step each: the same batch-norm statistics
+        assert torch.allclose(model(x), dag(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(dag(x), loaded(x))
+    dag.train()
+    torch.manual_seed(2)
+    assert not torch.allclose(dag(x), outputs[1], rtol=1e-5, atol=1e-5)  # other draws, other paths

@@ -15,6 +15,7 @@ from dagprune.ops.padding import SamePad2d
 from dagprune.ops.parameter import ModuleCallOp, ParameterOp
 from dagprune.ops.reduction import ReductionOp, SoftmaxOp
 from dagprune.ops.standardized_conv import StandardizedConv2d
+from dagprune.ops.stochastic_depth import StochasticDepth
 from dagprune.ops.shape import (ConcatOp, ExpandOp, GetItemOp, PermuteOp, ReshapeOp, ShapeQueryOp,
                                 SplitOp)
 from dagprune.ops.templates import InputRef
@@ -25,5 +26,5 @@ __all__ = [
     "ElementwiseOp", "PointwiseOp", "DropoutOp", "ReshapeOp", "ExpandOp", "PermuteOp", "ConcatOp",
     "SplitOp", "GetItemOp", "ShapeQueryOp", "ReductionOp", "SoftmaxOp", "MatmulOp", "EinsumOp",
     "AttentionOp", "FunctionalLayerOp", "NormOp", "PoolOp", "InterpolateOp", "PadOp",
-    "ParameterOp", "ModuleCallOp", "SamePad2d", "StandardizedConv2d",
+    "ParameterOp", "ModuleCallOp", "SamePad2d", "StandardizedConv2d", "StochasticDepth",
 ]

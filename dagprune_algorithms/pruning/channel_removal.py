@@ -262,7 +262,7 @@ def _remove_parameter(module, input_masks, output_mask, shapes):
 
 # ------------------------------------------------------------------------------- ops
 _CHANNELWISE = (
-    ops.ElementwiseOp, ops.PointwiseOp, ops.PoolOp, ops.InterpolateOp, ops.PadOp, ops.SamePad2d,
+    ops.ElementwiseOp, ops.PointwiseOp, ops.PoolOp, ops.InterpolateOp, ops.PadOp, ops.SamePad2d, ops.StochasticDepth,
     ops.ConcatOp, ops.PermuteOp, ops.ReductionOp, ops.SoftmaxOp, ops.MatmulOp, ops.ShapeQueryOp,
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
     nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
