@@ -168,7 +168,7 @@ def _describe_by_constructor(module: nn.Module, type_name: str) -> dict:
     try:
         config = to_config(module)
         encoded = encode_template(config)
-        rebuilt = from_config(decode_template(encoded))
+        rebuilt = _rebuild_for_check(from_config, decode_template(encoded))
     except Exception as error:
         raise SerializationError(f"its constructor arguments cannot be described "
                                  f"({type(error).__name__}: {error})") from error
@@ -177,6 +177,18 @@ def _describe_by_constructor(module: nn.Module, type_name: str) -> dict:
             f"{type_name} cannot be rebuilt from its constructor arguments ({rebuilt.extra_repr()} "
             f"vs {module.extra_repr()})")
     return {"type": type_name, "config": encoded}
+
+
+def _rebuild_for_check(from_config: Callable[[dict], nn.Module], config: dict) -> nn.Module:
+    """The module ``config`` describes, for comparing shapes and ``extra_repr`` only: built on
+    the meta device (no memory, no weight initialisation: saving a 300M-parameter model would
+    otherwise initialise 300M weights to throw them away), or normally where a constructor
+    cannot run there."""
+    try:
+        with torch.device("meta"):
+            return from_config(config)
+    except Exception:  # noqa: BLE001 - e.g. a constructor that computes with real tensors
+        return from_config(config)
 
 
 def _build_by_constructor(description: dict) -> nn.Module:
