@@ -117,10 +117,12 @@ def load_dag(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise SerializationError(f"{graph_file} is malformed: {type(error).__name__}: {error}") from error
     try:
-        tensors = safetensors.torch.load_file(str(tensor_file), device=str(map_location))
+        with safetensors.safe_open(str(tensor_file), framework="pt", device=str(map_location)) as reader:
+            _load_tensors(dag, _TensorReader(reader), tensor_file, saves_non_persistent=version >= 2)
+    except SerializationError:
+        raise
     except Exception as error:
         raise SerializationError(f"{tensor_file} cannot be read: {error}") from error
-    _load_tensors(dag, tensors, tensor_file, saves_non_persistent=version >= 2)
     dag.train(bool(document.get("training", False)))
     dag.lint()
     return dag
@@ -204,36 +206,66 @@ def _build(spec: dict, vertex_name: str) -> nn.Module:
     raise SerializationError(f"vertex {vertex_name!r} has an unknown module kind {kind!r}")
 
 
-def _load_tensors(dag: DagModule, tensors: dict[str, torch.Tensor], tensor_file: Path,
+class _TensorReader:
+    """The tensors of an open safetensors file: shapes up front, values one at a time (so that
+    loading a large model holds one vertex's tensors beside the model, not a second copy of all
+    of them)."""
+
+    def __init__(self, reader):
+        self._reader = reader
+        self.shapes = {name: torch.Size(reader.get_slice(name).get_shape()) for name in reader.keys()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._reader.get_tensor(name)
+
+
+def _load_tensors(dag: DagModule, tensors: _TensorReader, tensor_file: Path,
                   saves_non_persistent: bool) -> None:
-    non_persistent = {name[len(NON_PERSISTENT_PREFIX):]: tensor for name, tensor in tensors.items()
+    non_persistent = {name[len(NON_PERSISTENT_PREFIX):]: name for name in tensors.shapes
                       if name.startswith(NON_PERSISTENT_PREFIX)}
-    state = {name: tensor for name, tensor in tensors.items()
+    state = {name: shape for name, shape in tensors.shapes.items()
              if not name.startswith(NON_PERSISTENT_PREFIX)}
     _check_tensors_fit(dag.state_dict(), state, tensor_file, "")
     expected_non_persistent = _non_persistent_buffers(dag)
     if not saves_non_persistent:  # format version 1: the layers' constructors made them
         expected_non_persistent = {}
-    _check_tensors_fit(expected_non_persistent, non_persistent, tensor_file, "non-persistent ")
+    _check_tensors_fit(expected_non_persistent, {name: tensors.shapes[saved] for name, saved
+                                                 in non_persistent.items()}, tensor_file, "non-persistent ")
     targets = {**dict(dag.named_buffers(remove_duplicate=False)),
                **dict(dag.named_parameters(remove_duplicate=False))}
-    for name, tensor in state.items():  # keep dtypes exactly as saved
-        target = targets[name]
-        if target.dtype != tensor.dtype:
-            target.data = target.data.to(tensor.dtype)
-    dag.load_state_dict(state, strict=True)
+    for owner, names in _by_vertex_module(state).items():  # one vertex's tensors at a time
+        loaded = {}
+        for name in names:
+            tensor, target = tensors.get(name), targets[name]
+            if target.dtype != tensor.dtype:  # keep dtypes exactly as saved
+                target.data = target.data.to(tensor.dtype)
+            loaded[name[len(owner) + 1:] if owner else name] = tensor
+        (dag.get_submodule(owner) if owner else dag).load_state_dict(loaded, strict=True)
     with torch.no_grad():
-        for name, tensor in non_persistent.items():
+        for name, saved in non_persistent.items():
             target = expected_non_persistent[name]
-            target.data = tensor.to(target.device).clone()
+            target.data = tensors.get(saved).to(target.device).clone()
 
 
-def _check_tensors_fit(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+def _by_vertex_module(names) -> dict[str, list[str]]:
+    """State-dict names grouped by the vertex module holding them (``vertex_modules.<name>``);
+    the whole DAG (key ``""``) for any name outside a vertex module."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        owner = ".".join(parts[:2]) if parts[0] == "vertex_modules" and len(parts) > 2 else ""
+        groups.setdefault(owner, []).append(name)
+    if "" in groups and len(groups) > 1:  # a name outside the vertex modules: load all at once
+        return {"": [name for group in groups.values() for name in group]}
+    return groups
+
+
+def _check_tensors_fit(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Size],
                        tensor_file: Path, kind: str) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong_shape = [name for name in expected if name in tensors
-                   and tensors[name].shape != expected[name].shape]
+                   and tensors[name] != expected[name].shape]
     if missing or unexpected or wrong_shape:
         raise SerializationError(
             f"{tensor_file} does not fit the graph: {kind}tensors missing {missing[:5]}, "
