@@ -46,6 +46,10 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 # Hooks change what a module computes and hold arbitrary code: such modules cannot be described.
 _BEHAVIOUR_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
                     "_backward_pre_hooks")
+# Caches of values computed from the module's own tensors, saved empty (refilled on use): timm's
+# attention modules keep their eval-mode attention biases in ``attention_bias_cache`` and clear
+# it themselves whenever they switch to train mode.
+_TRANSIENT_ATTRIBUTES = {"attention_bias_cache": {}}
 _PLAIN_TYPES = (type(None), bool, int, float, str)
 _TEMPLATE_TYPES = (torch.dtype, torch.Size, torch.device, torch.memory_format, torch.layout, slice,
                    type(Ellipsis))
@@ -349,8 +353,9 @@ def _describe_structure(module: nn.Module, where: str) -> dict:
                                  "remove the hooks before saving")
     own_tensors = {id(t): name for name, t in [*module._parameters.items(),
                                                *module._buffers.items()] if t is not None}
-    attributes = {name: _encode_attribute(value, own_tensors, f"attribute {name!r} of module "
-                                          f"{where!r} ({module_type_name(type(module))})")
+    attributes = {name: _encode_attribute(_TRANSIENT_ATTRIBUTES.get(name, value), own_tensors,
+                                          f"attribute {name!r} of module {where!r} "
+                                          f"({module_type_name(type(module))})")
                   for name, value in vars(module).items() if name not in _MODULE_INTERNALS}
     return {
         "attributes": attributes,

@@ -12,16 +12,19 @@ Imported automatically when a model is converted while timm is loaded. It regist
 * a rewrite of ``DropPath`` (stochastic depth, from ``drop_path_rate``) into
   :class:`~dagprune.ops.StochasticDepth`, which keeps dropping paths in train mode;
 * timm's own lists of modules and helper functions that must not be traced into (NFNets'
-  ``NormFreeBlock`` only where it uses its in-place ``skipinit_gain``).
+  ``NormFreeBlock`` only where it uses its in-place ``skipinit_gain``);
+* timm's activation functions as storable functions (leaf modules hold them as attributes).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch
 from torch import nn
 
+from dagprune.ops.functions import register_function
 from dagprune.ops.padding import SamePad2d
 from dagprune.ops.standardized_conv import StandardizedConv2d
 from dagprune.ops.stochastic_depth import StochasticDepth
@@ -145,3 +148,9 @@ _nfnet = importlib.import_module("timm.models.nfnet")
 register_leaf_module(_nfnet.NormFreeBlock, when=lambda block: block.skipinit_gain is not None)
 for _function in _timm_fx.get_notrace_functions():
     register_autowrap_function(_function)
+# timm's activation functions, held as attributes by leaf modules (NFNets' GammaAct.act_fn), may
+# be saved by name
+_activations = importlib.import_module("timm.layers.activations")
+for _function in vars(_activations).values():
+    if inspect.isfunction(_function) and _function.__module__ == _activations.__name__:
+        register_function(_function)

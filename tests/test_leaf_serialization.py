@@ -33,6 +33,9 @@ TIMM_LEAF_MODELS = {
     "tiny_vit_5m_224": ({}, 64),  # TinyVitBlock; no img_size argument, pads to its windows
     "efficientnet_cc_b0_4e": ({}, 64),  # CondConv2d (mixture-of-experts convolution)
     "convit_tiny": ({"img_size": 64}, 64),  # GPSA
+    "dm_nfnet_f0": ({}, 64),  # GammaAct holds timm's gelu function as an attribute
+    # LocalWindowAttention: an eval-mode cache of attention biases (saved empty, refilled)
+    "efficientvit_m0": ({"img_size": 64}, 64),
 }
 
 
@@ -97,6 +100,8 @@ class SharedLayerModel(nn.Module):
 # --------------------------------------------------------------------------------- helpers
 def _round_trip(model: nn.Module, inputs: tuple, path: Path) -> tuple:
     dag = dagprune.build_from_unstructured_module(model.eval())
+    with torch.no_grad():
+        dag(*inputs)  # eval-mode caches (timm's attention biases) are full when saving
     loaded = dagprune.load_dag(dag.save(path))
     return dag, loaded, inputs
 
