@@ -112,6 +112,8 @@ def summarize(records: dict[str, dict], all_names: list[str], timm_version: str)
         "convertible_percent": _percent(convertible, total),
         "prunable": prunable,
         "prunable_percent": _percent(prunable, total),
+        "convertible_percent_of_run": _percent(convertible, len(covered)),
+        "prunable_percent_of_run": _percent(prunable, len(covered)),
         "statuses": dict(sorted(statuses.items())),
         "code_versions": dict(collections.Counter(
             f"{r.get('git_head')}{' (dirty tree)' if r.get('source_dirty') else ''}" for r in covered)),
@@ -186,8 +188,10 @@ def render_table(summary: dict, records: dict[str, dict], all_names: list[str]) 
         f"Covered by the run: {s['covered']} of {s['all']} models"
         + (f" ({s['not_covered']} not run, counted as failures)." if s["not_covered"] else ".")
         + " Outcomes: " + ", ".join(f"{k} {v}" for k, v in s["statuses"].items()) + ".",
-        f"Of the {s['covered']} models run, {s['convertible']} are convertible and "
-        f"{s['prunable']} prunable; the models not run are not counted as passing anywhere.",
+        f"Of the {s['covered']} models run, {s['convertible']} ({s['convertible_percent_of_run']}%) are "
+        f"convertible and {s['prunable']} ({s['prunable_percent_of_run']}%) prunable; the models not "
+        "run are not counted as passing anywhere. The sweep visits the names in a fixed hash "
+        "order, so a partial run is an unbiased sample of the zoo, not its first letters.",
         "Rows per dagprune commit they ran on: "
         + ", ".join(f"`{k}` {v}" for k, v in s["code_versions"].items()) + ".",
         "Failures grouped by cause: [coverage_failures.md](coverage_failures.md).",
