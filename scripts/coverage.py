@@ -429,7 +429,8 @@ def done_names(path: Path) -> set[str]:
 
 
 def failed_names(path: Path) -> set[str]:
-    """Names whose last record is not convertible with exact channel removal."""
+    """Names whose last record is not convertible with exact channel removal and bit-exact
+    save/load of the DAG and the slim model."""
     last = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -440,7 +441,8 @@ def failed_names(path: Path) -> set[str]:
             last[record["name"]] = record
     return {name for name, record in last.items()
             if not (record.get("converts_exactly") and record.get("prunable")
-                    and record.get("removal_exact"))}
+                    and record.get("removal_exact") and record.get("roundtrip_exact")
+                    and record.get("slim_roundtrip_exact"))}
 
 
 def append_record(path: Path, record: dict) -> None:
