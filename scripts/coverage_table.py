@@ -86,6 +86,7 @@ def failure_cause(record: dict) -> str | None:
 
 def cause_key(cause: str) -> str:
     """Blanks numbers and quoted names so that one kind of error groups together."""
+    cause = re.sub(r"<?/tmp/[^\s>]*>?", "…", cause)  # temporary file names
     cause = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", cause)
     cause = re.sub(r"'[^']*'", "'…'", cause)
     return cause
