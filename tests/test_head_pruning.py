@@ -17,6 +17,7 @@ from torch.nn import functional as F
 import dagprune as dp
 from dagprune.errors import PruningError
 from dagprune_algorithms.pruning import ChannelPruning
+from dagprune_algorithms.pruning.channel_groups import find_channel_groups
 
 from test_channel_removal import (TIMM_INPUT, TimmCase, check_random_states, create_timm_model, prepare,
                                   prepare_zoo, set_gate_logits)
@@ -109,6 +110,8 @@ def test_unknown_head_pruning_mode_is_refused():
     dag = dp.build_from_unstructured_module(ZOO["attention_block"].factory(seed=0))
     with pytest.raises(PruningError, match="head_pruning must be one of .*'heads'.*got 'head'"):
         ChannelPruning(dag, input_shapes(ZOO["attention_block"])[0], 0.5, 10, head_pruning="head")
+    with pytest.raises(PruningError, match="head_pruning must be one of .*got 'all'"):
+        find_channel_groups(dag, input_shapes(ZOO["attention_block"])[0], head_pruning="all")
 
 
 @pytest.mark.parametrize("case", [TimmCase("vit_tiny_patch16_224", (("img_size", 64), ("depth", 3))), SMALL_BEIT],

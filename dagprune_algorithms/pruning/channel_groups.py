@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from dagprune import DagModule, InnerVertex, Vertex
+from dagprune.errors import PruningError
 from dagprune.flops import vertex_flops
 from dagprune.shape_prop import example_inputs, propagate_values, value_shape
 
@@ -41,6 +42,14 @@ HEAD_PRUNING_MODES = ("dims", "heads")
 """How attention is pruned: ``"dims"`` removes the same head dimensions from every head (the
 number of heads stays); ``"heads"`` removes whole heads (q, k and v of a head together; the head
 dimension stays). Attention with a single head is always pruned by dims."""
+
+
+def check_head_pruning(mode) -> str:
+    """``mode`` if it is one of :data:`HEAD_PRUNING_MODES`; raises :class:`PruningError` else."""
+    if mode not in HEAD_PRUNING_MODES:
+        raise PruningError(f"head_pruning must be one of {HEAD_PRUNING_MODES} (same dims removed "
+                           f"from every head, or whole heads), got {mode!r}")
+    return mode
 
 
 @dataclasses.dataclass
@@ -302,8 +311,7 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence,
     """
     from dagprune_algorithms.pruning.coupling_rules import apply_coupling_rule
 
-    if head_pruning not in HEAD_PRUNING_MODES:
-        raise ValueError(f"head_pruning must be one of {HEAD_PRUNING_MODES}, got {head_pruning!r}")
+    check_head_pruning(head_pruning)
     inputs = example_inputs(dag, input_shape_without_batch)
     values = propagate_values(dag, inputs)
     context = CouplingContext(dag.users(), head_pruning)

@@ -12,7 +12,7 @@ from torch import nn
 from dagprune import DagModule, InnerVertex
 from dagprune.errors import PruningError
 
-from dagprune_algorithms.pruning.channel_groups import (HEAD_PRUNING_MODES, ChannelAnalysis, ChannelGroup,
+from dagprune_algorithms.pruning.channel_groups import (ChannelAnalysis, ChannelGroup, check_head_pruning,
                                                         find_channel_groups)
 from dagprune_algorithms.pruning.channel_removal import remove_channels_from_dag
 from dagprune_algorithms.pruning.importance import channel_importance
@@ -67,9 +67,7 @@ class ChannelPruning:
             raise PruningError(f"num_training_steps must be a positive int, got {num_training_steps!r}")
         if not isinstance(block_size, int) or block_size < 1:
             raise PruningError(f"block_size must be a positive int, got {block_size!r}")
-        if head_pruning not in HEAD_PRUNING_MODES:
-            raise PruningError(f"head_pruning must be one of {HEAD_PRUNING_MODES} (same dims "
-                               f"removed from every head, or whole heads), got {head_pruning!r}")
+        check_head_pruning(head_pruning)
         self.model = model
         self.input_shape_without_batch = tuple(input_shape_without_batch)
         self.pruning_proportion = float(pruning_proportion)
