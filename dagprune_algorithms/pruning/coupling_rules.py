@@ -573,8 +573,14 @@ def whole_size_input(module) -> int | None:
     return sizes.index if whole else None
 
 
-def _couple_sizes(ctx, module, layouts, result: Layout, ndim: int) -> Layout:
-    """Unifies output axes with the channel axes their run-time sizes were read from."""
+def _couple_sizes(ctx, module, layouts, result: Layout, ndim: int, unify_tracked: bool) -> Layout:
+    """Couples output axes with the channel axes their run-time sizes were read from.
+
+    A size shaping an axis that carries no channels, or another number of them, bars the axis it
+    was read from (and that output axis). An axis carrying as many channels is unified with the size's
+    axis only with ``unify_tracked`` (expand); a reshape's size there becomes the kept count at
+    removal, so the axis it was read from (a residual stream's ``C`` shaping the merged
+    attention heads) is pruned on its own."""
     result = dict(result or {})
     tags = [layouts[size.index] if isinstance(size, InputRef) else None
             for size in _size_arguments(module, ndim)]
@@ -588,11 +594,8 @@ def _couple_sizes(ctx, module, layouts, result: Layout, ndim: int) -> Layout:
             continue
         atoms = result.get(axis)
         if atoms is not None and len(atoms) == len(tag.atoms):
-            if getattr(module, "short_name", None) == "expand":
+            if unify_tracked:
                 ctx.unify(atoms, tag.atoms)
-            # else: a reshape's size for an axis carrying its input's channels becomes the kept
-            # count at removal; the axis it was read from (a residual stream's ``C`` shaping the
-            # merged attention heads) is pruned on its own
         else:
             ctx.barrier(tag.atoms, "size read from a channel axis shapes an untracked axis")
             if atoms is not None:
@@ -619,7 +622,7 @@ def _reshape_rule(ctx, vertex, module, layouts, values, output):
     if other_tensors and result:
         ctx.barrier_layout(result, "reshaped like another tensor")
         result = None
-    return _couple_sizes(ctx, module, layouts, result, output.ndim) or None
+    return _couple_sizes(ctx, module, layouts, result, output.ndim, unify_tracked=False) or None
 
 
 def _permutation(module, values, ndim) -> list[int] | None:
@@ -671,7 +674,7 @@ def _expand_rule(ctx, vertex, module, layouts, values, output):
     for index, layout_other in enumerate(layouts[1:], start=1):
         if isinstance(values[index], torch.Tensor):
             ctx.barrier_layout(layout_other, "expand template tensor")
-    return _couple_sizes(ctx, module, layouts, result, output.ndim) or None
+    return _couple_sizes(ctx, module, layouts, result, output.ndim, unify_tracked=True) or None
 
 
 @register_coupling_rule(ops.ConcatOp)
