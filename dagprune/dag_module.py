@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any, Iterable, Sequence
+import os
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from dagprune.errors import DagLintError
+from dagprune.errors import DagLintError, SerializationError
 from dagprune.ops.base import FunctionalOp
 from dagprune.ops.parameter import ModuleCallOp
 from dagprune.ops.templates import InputRef, fill_template, template_inputs
@@ -289,10 +290,49 @@ class DagModule(nn.Module):
         return f"DagModule({self.extra_repr()})"
 
     # ----------------------------------------------------------------------------- saving
-    def save(self, path) -> "str":
-        """Saves the DAG without pickle (see :func:`dagprune.io.save_dag`); returns the path."""
-        from dagprune.io import save_dag
-        return save_dag(self, path)
+    def save(self, path: str | os.PathLike) -> str:
+        """Saves the DAG without pickle to the directory ``path``; returns the path.
+
+        This calls :func:`dagprune.io.save_dag`, which is registered with
+        :func:`register_dag_saver` when dagprune is imported.
+
+        Raises:
+            SerializationError: a module or constant of the DAG cannot be described.
+
+        >>> import tempfile
+        >>> x = InputVertex("x")
+        >>> relu = InnerVertex("relu", nn.ReLU(), [x])
+        >>> with tempfile.TemporaryDirectory() as directory:
+        ...     sorted(os.listdir(DagModule([x], [relu], [relu]).save(f"{directory}/relu")))
+        ['graph.json', 'tensors.safetensors']
+        """
+        if _dag_saver is None:  # only while dagprune/__init__.py runs, before it imports io
+            raise SerializationError("DagModule.save needs dagprune.io, which registers the saver; "
+                                     "import dagprune before saving")
+        return _dag_saver(self, path)
+
+
+# The saving format lives in dagprune.io, which depends on this module; io registers its save
+# function here when imported, and importing any part of dagprune imports it (through
+# dagprune/__init__.py). So DagModule.save works while the dependency points one way.
+_dag_saver: Callable[[DagModule, str | os.PathLike], str] | None = None
+
+
+def register_dag_saver(saver: Callable[[DagModule, str | os.PathLike], str]
+                       ) -> Callable[[DagModule, str | os.PathLike], str]:
+    """Makes :meth:`DagModule.save` call ``saver(dag, path)``.
+
+    :mod:`dagprune.io` registers :func:`~dagprune.io.save_dag` this way.
+
+    Args:
+        saver: saves a DAG to a path and returns the path it saved to.
+
+    Returns:
+        ``saver``, so that this can be used as a decorator.
+    """
+    global _dag_saver
+    _dag_saver = saver
+    return saver
 
 
 def _describe_module(module: nn.Module) -> str:

@@ -11,7 +11,6 @@ __all__ = [
     "SerializationError",
     "UnsupportedOpError",
     "PruningError",
-    "DataError",
 ]
 
 
@@ -38,6 +37,3 @@ class UnsupportedOpError(DagpruneError):
 class PruningError(DagpruneError):
     """Channel pruning cannot proceed with the given model or arguments."""
 
-
-class DataError(DagpruneError, ValueError):
-    """A data set could not be found or read."""

@@ -1,17 +1,17 @@
-"""FLOPs of a DAG, counted per vertex by handlers registered per op.
+"""FLOPs of a DAG, counted per vertex by the flops facet of each op's spec.
 
 What is counted: ``2 x multiply-adds`` of the ops that dominate compute: convolutions (incl.
 transposed and grouped), linear layers, recurrent layers' projections, matrix products
 (``matmul``, ``bmm``, ``@``, ``einsum``, ``addmm``) and scaled dot-product attention. Biases,
 normalisation, activations, elementwise arithmetic, pooling and resampling count zero.
 
-Leaf modules with no handler (timm modules kept whole, such as ``MobileVitBlock`` or
+Leaf modules with no spec of their own (timm modules kept whole, such as ``MobileVitBlock`` or
 ``LiteMLA``, ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``, modules passed as
 ``leaf_modules``) are black boxes: when they hold parameters, buffers or submodules, they are
 run once more on the vertex's inputs under :class:`torch.utils.flop_counter.FlopCounterMode`,
 which reports ``2 x multiply-adds`` of the same matmul- and convolution-like aten ops (``mm``,
 ``addmm``, ``bmm``, ``baddbmm``, ``convolution``, attention kernels) and nothing else. Modules
-with no handler and nothing inside (activations, reshapes, dagprune's shape ops) count zero
+with no spec and nothing inside (activations, reshapes, dagprune's shape ops) count zero
 without being run.
 
 Compared with fvcore's ``FlopCountAnalysis`` (one multiply-add = one FLOP): on the ops above
@@ -29,40 +29,19 @@ longer be the share its gates predict. fvcore does not count the fused
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
-from torch import nn
-from torch.nn.utils.rnn import PackedSequence
-from torch.utils.flop_counter import FlopCounterMode
+from torch import nn  # noqa: F401  (used by the examples)
 
 from dagprune.dag_module import DagModule, InnerVertex
 from dagprune.errors import UnsupportedOpError
-from dagprune.ops.base import handler_for
-from dagprune.ops.layers import FunctionalLayerOp
-from dagprune.ops.linear_algebra import AttentionOp, EinsumOp, MatmulOp
-from dagprune.ops.parameter import ModuleCallOp, ParameterOp
-from dagprune.ops.templates import fill_template
+from dagprune.ops.registry import op_flops
+from dagprune.ops.spec import describe_op
 from dagprune.shape_prop import example_inputs, propagate_values
-from dagprune.training_mode import evaluation_mode
 
-__all__ = ["register_flops", "count_flops", "FlopsReport", "vertex_flops"]
-
-FlopsHandler = Callable[[nn.Module, list, Any], int]
-_HANDLERS: dict[Any, FlopsHandler] = {}
-
-
-def register_flops(*keys):
-    """Registers ``handler(module, input_values, output_value) -> FLOPs`` for module types or
-    function names (``"torch.matmul"``). Values are the tensors the vertex saw."""
-    def decorator(handler: FlopsHandler) -> FlopsHandler:
-        for key in keys:
-            _HANDLERS[key] = handler
-        return handler
-    return decorator
+__all__ = ["count_flops", "FlopsReport", "vertex_flops"]
 
 
 @dataclasses.dataclass
@@ -86,23 +65,23 @@ def vertex_flops(vertex: InnerVertex, inputs: list, output: Any) -> int:
         output: the value it produced.
 
     Returns:
-        The registered handler's count; for a black box (no handler, but parameters, buffers
-        or submodules) the count measured by running it once; 0 otherwise.
+        The count of the flops facet of the vertex's op spec (see :mod:`dagprune.ops.spec`).
 
     Raises:
-        UnsupportedOpError: counting failed (a handler raised, or a black box could not run
-            again on ``inputs``); the message names the vertex and how to register a counter.
+        UnsupportedOpError: counting failed (the facet raised, or a black box could not run
+            again on ``inputs``); the message names the vertex and how to register a spec.
     """
     module = vertex.module
     if isinstance(module, DagModule):
         return count_flops(module, inputs=inputs).total
     try:
-        return _module_flops(module, inputs, output)
+        return op_flops(module, inputs, output)
     except Exception as error:
         where = f"vertex {vertex.name!r}" + (f" ({vertex.qualified_name})" if vertex.qualified_name else "")
         raise UnsupportedOpError(
-            f"cannot count the FLOPs of {where}, a {type(module).__qualname__}: {error}. Register a "
-            f"counter with @dagprune.register_flops({type(module).__qualname__})") from error
+            f"cannot count the FLOPs of {where}, which calls {describe_op(module)}: {error}. "
+            "Describe the op with dagprune.ops.register_op(dagprune.ops.OpSpec(...)) and its "
+            "flops facet") from error
 
 
 def count_flops(dag: DagModule, input_shape_without_batch: Sequence | None = None,
@@ -129,148 +108,3 @@ def count_flops(dag: DagModule, input_shape_without_batch: Sequence | None = Non
         inputs_of_vertex = [values[p] for p in vertex.predecessors]
         per_vertex[vertex.name] = vertex_flops(vertex, inputs_of_vertex, values[vertex])
     return FlopsReport(sum(per_vertex.values()), per_vertex)
-
-
-# --------------------------------------------------------------------------------- dispatch
-def _module_flops(module: nn.Module, inputs: list, output: Any) -> int:
-    """The handler's count, the measured count of a black box, or 0 (nothing inside)."""
-    handler = handler_for(_HANDLERS, module)
-    if handler is not None:
-        return int(handler(module, inputs, output))
-    if _is_black_box(module):
-        return _measured_flops(module, inputs, output)
-    return 0
-
-
-def _is_black_box(module: nn.Module) -> bool:
-    """True when ``module`` holds parameters, buffers or submodules, so it may compute inside."""
-    return any(True for _ in module.parameters(recurse=False)) or any(
-        True for _ in module.buffers(recurse=False)) or any(True for _ in module.children())
-
-
-@contextlib.contextmanager
-def _unfused_transformer_kernels():
-    """Turns off torch's fused transformer fast path for the ``with`` block.
-
-    In eval mode without gradients, ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``
-    run one fused kernel that FlopCounterMode does not count; the unfused path runs the same
-    projections and attention as separate, counted ops.
-    """
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
-
-
-def _measured_flops(module: nn.Module, inputs: list, output: Any) -> int:
-    """FLOPs of a black box: runs it once on ``inputs`` under FlopCounterMode.
-
-    Counted are FlopCounterMode's matmul- and convolution-like ops, ``2 x multiply-adds`` as in
-    this module's handlers; norms and elementwise ops inside count zero. The module runs in eval
-    mode without gradients (batch-norm statistics are left alone); FLOPs that depend on the
-    input values (routing) are those of ``inputs``.
-    """
-    with _unfused_transformer_kernels(), evaluation_mode(module), torch.no_grad(), \
-            FlopCounterMode(display=False) as counter:
-        module(*inputs)
-    return int(counter.get_total_flops())
-
-
-@register_flops(EinsumOp, "torch.nn.functional.conv_transpose1d",
-                "torch.nn.functional.conv_transpose2d")
-def _measured_function_flops(module, inputs, output) -> int:
-    """Functions whose count depends on an equation or layout: measured like a black box."""
-    return _measured_flops(module, inputs, output)
-
-
-@register_flops(ModuleCallOp)
-def _module_call_flops(module: ModuleCallOp, inputs, output) -> int:
-    """A leaf module called with constant arguments: its handler sees the positional arguments;
-    without a handler the call (keywords included) is measured."""
-    handler = handler_for(_HANDLERS, module.module)
-    if handler is not None:
-        return int(handler(module.module, list(fill_template(module.args, inputs)), output))
-    return _measured_flops(module, inputs, output) if _is_black_box(module.module) else 0
-
-
-# --------------------------------------------------------------------------------- layers
-@register_flops(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm,
-                nn.GroupNorm, nn.RMSNorm, nn.PReLU, nn.Embedding, nn.EmbeddingBag, ParameterOp)
-def _no_flops(module: nn.Module, inputs, output) -> int:
-    """Layers with parameters but no multiply-add-dominated op: zero, and never measured."""
-    return 0
-
-
-@register_flops(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def _conv_flops(module: nn.Conv2d, inputs, output) -> int:
-    kernel = math.prod(module.kernel_size)
-    return 2 * output.numel() * (module.in_channels // module.groups) * kernel
-
-
-@register_flops(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-def _conv_transpose_flops(module: nn.ConvTranspose2d, inputs, output) -> int:
-    kernel = math.prod(module.kernel_size)
-    return 2 * inputs[0].numel() * (module.out_channels // module.groups) * kernel
-
-
-@register_flops(nn.Linear)
-def _linear_flops(module: nn.Linear, inputs, output) -> int:
-    return 2 * output.numel() * module.in_features
-
-
-@register_flops(nn.RNNBase, nn.RNNCellBase)
-def _recurrent_flops(module: nn.RNNBase, inputs, output) -> int:
-    """Every weight matrix (input, hidden, projection; all layers and directions) at every step.
-
-    Counted by formula: on CPU torch runs LSTMs with a oneDNN kernel FlopCounterMode cannot see.
-    """
-    sequence = inputs[0].data if isinstance(inputs[0], PackedSequence) else inputs[0]
-    steps = sequence.numel() // module.input_size  # batch x time
-    matrices = sum(weight.numel() for name, weight in module.named_parameters()
-                   if name.startswith("weight_"))
-    return 2 * steps * matrices
-
-
-# --------------------------------------------------------------------------------- functions
-def _argument_value(module, inputs: list, position: int, keyword: str) -> Any:
-    argument = module.argument(position, keyword)
-    return inputs[argument.index] if hasattr(argument, "index") else argument
-
-
-@register_flops(*MatmulOp.function_names)
-def _matmul_flops(module: MatmulOp, inputs, output) -> int:
-    first_value = _argument_value(module, inputs, 0, "input")
-    if not isinstance(first_value, torch.Tensor) or not isinstance(output, torch.Tensor):
-        return 0
-    return 2 * output.numel() * first_value.shape[-1]
-
-
-@register_flops(*AttentionOp.function_names)
-def _attention_flops(module: AttentionOp, inputs, output) -> int:
-    query, key = inputs[0], inputs[1]
-    value_dim = output.shape[-1]
-    scores = query.numel() // query.shape[-1] * key.shape[-2]  # (..., L, S)
-    return 2 * scores * (query.shape[-1] + value_dim)
-
-
-@register_flops("torch.nn.functional.linear")
-def _functional_linear_flops(module, inputs, output) -> int:
-    weight = _argument_value(module, inputs, 1, "weight")
-    return 2 * output.numel() * weight.shape[-1]
-
-
-@register_flops("torch.addmm")
-def _addmm_flops(module: FunctionalLayerOp, inputs, output) -> int:
-    """``addmm(bias, mat1, mat2)``: the product only, like :func:`_linear_flops`."""
-    first = _argument_value(module, inputs, 1, "mat1")
-    return 2 * output.numel() * first.shape[-1]
-
-
-@register_flops("torch.nn.functional.conv1d", "torch.nn.functional.conv2d",
-                "torch.nn.functional.conv3d", "torch.conv2d", "torch.conv1d")
-def _functional_conv_flops(module, inputs, output) -> int:
-    weight = _argument_value(module, inputs, 1, "weight")
-    return 2 * output.numel() * math.prod(weight.shape[1:])

@@ -18,14 +18,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import safetensors.torch
 import torch
 from torch import nn
 
-from dagprune.dag_module import _NO_DEFAULT, DagModule, InnerVertex, InputVertex, Vertex
+from dagprune.dag_module import (_NO_DEFAULT, DagModule, InnerVertex, InputVertex, Vertex,
+                                 register_dag_saver)
 from dagprune.errors import SerializationError
+from dagprune.integrations import load_support_for_graph
 from dagprune.module_serialization import build_module, describe_module
 from dagprune.ops.base import OP_TYPES
 from dagprune.ops.parameter import ModuleCallOp
@@ -41,8 +42,11 @@ GRAPH_FILE = "graph.json"
 TENSORS_FILE = "tensors.safetensors"
 
 
+@register_dag_saver
 def save_dag(dag: DagModule, path: str | os.PathLike) -> str:
     """Saves ``dag`` to the directory ``path`` atomically; returns the path.
+
+    :meth:`DagModule.save` calls this function.
 
     The directory is written under a temporary name and renamed into place, so an interrupted
     save leaves either the previous contents or the new ones, never a mix.
@@ -108,8 +112,8 @@ def load_dag(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
     if document.get("tensors_sha256") != _sha256(tensor_file):
         raise SerializationError(f"{tensor_file} does not match {graph_file} (checksum differs): "
                                  "the tensor file is truncated, corrupt or from another save")
-    _register_timm_support_if_needed(document)
     try:
+        load_support_for_graph(document["graph"])
         dag = _build_dag(document["graph"])
         _restore_sharing(dag, document.get("shared", {}))
     except SerializationError:
@@ -356,11 +360,6 @@ def _tensor_at(dag: DagModule, path: str, registry: str) -> torch.Tensor:
     if tensor is None:
         raise SerializationError(f"the graph shares {path!r}, which is not a {registry[1:-1]}")
     return tensor
-
-
-def _register_timm_support_if_needed(document: dict) -> None:
-    if '"timm.' in json.dumps(document["graph"]):
-        import dagprune.timm_layers  # noqa: F401  (registers timm's functions and layers)
 
 
 # --------------------------------------------------------------------------------- files

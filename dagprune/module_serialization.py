@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from dagprune.errors import ConversionError, SerializationError
+from dagprune.leaf_modules import LEAF_MODULE_TYPES
 from dagprune.ops.functions import function_name, resolve_function
 from dagprune.ops.templates import decode_template, encode_template
-from dagprune.tracing import LEAF_MODULE_TYPES
 
 __all__ = ["register_module_serializer", "describe_module", "build_module", "module_type_name"]
 

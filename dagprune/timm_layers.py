@@ -1,6 +1,8 @@
 """Support for timm layers that torch.fx cannot trace faithfully.
 
-Imported automatically when a model is converted while timm is loaded. It registers:
+Loaded by :mod:`dagprune.integrations` when a model is converted while timm is imported, or when
+a saved graph names timm types. It depends only on the registries of
+:mod:`dagprune.leaf_modules` and on :mod:`dagprune.ops`, never on tracing or saving. It registers:
 
 * rewrites of fused norm + activation layers (``BatchNormAct2d``, ``GroupNormAct``, ...) into a
   standard norm, dropout and activation sharing the same parameters, so that batch-norm
@@ -21,14 +23,13 @@ from __future__ import annotations
 import importlib
 import inspect
 
-import torch
 from torch import nn
 
+from dagprune.leaf_modules import register_autowrap_function, register_leaf_module, register_module_rewrite
 from dagprune.ops.functions import register_function
 from dagprune.ops.padding import SamePad2d
 from dagprune.ops.standardized_conv import StandardizedConv2d
 from dagprune.ops.stochastic_depth import StochasticDepth
-from dagprune.tracing import register_autowrap_function, register_leaf_module, register_module_rewrite
 
 __all__ = ["NormAct", "PaddedLayer"]
 

@@ -1,12 +1,15 @@
-"""torch.fx -> DagModule conversion, and the registry of leaf module types."""
+"""torch.fx -> DagModule conversion.
+
+What tracing keeps whole, rewrites first or records as one call is registered in
+:mod:`dagprune.leaf_modules`; its registration functions are re-exported here.
+"""
 
 from __future__ import annotations
 
 import copy
 import os
-import sys
 import traceback
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -14,64 +17,25 @@ from torch import nn
 
 from dagprune.dag_module import _NO_DEFAULT, DagModule, InnerVertex, InputVertex, Vertex
 from dagprune.errors import ConversionError
+from dagprune.integrations import load_support_for_imported_libraries
+from dagprune.leaf_modules import (LEAF_MODULE_TYPES, apply_module_rewrites, autowrap_functions,
+                                   is_registered_leaf, register_autowrap_function,
+                                   register_leaf_module, register_module_rewrite)
 from dagprune.ops.base import op_class_for_function
 from dagprune.ops.functions import function_name, method_name, register_function
-from dagprune.ops.padding import SamePad2d
 from dagprune.ops.parameter import ModuleCallOp, ParameterOp
-from dagprune.ops.standardized_conv import StandardizedConv2d
-from dagprune.ops.stochastic_depth import StochasticDepth
 from dagprune.ops.templates import InputRef, map_template
 from dagprune.training_mode import evaluation_mode
 
 __all__ = ["build_from_unstructured_module", "register_leaf_module", "register_module_rewrite",
-           "LEAF_MODULE_TYPES"]
+           "register_autowrap_function", "LEAF_MODULE_TYPES"]
 
-LEAF_MODULE_TYPES: set[type] = set()
-_LEAF_CONDITIONS: dict[type, Callable[[nn.Module], bool]] = {}
-_MODULE_REWRITES: dict[type, Callable[[nn.Module], nn.Module]] = {}
-_AUTOWRAP_FUNCTIONS: list[Callable] = []
 register_function(torch._assert, "torch._assert")
-
-
-def register_leaf_module(cls: type, when: Callable[[nn.Module], bool] | None = None) -> type:
-    """Makes tracing keep modules of type ``cls`` whole (one vertex) instead of tracing inside.
-
-    Use it for layers torch.fx cannot trace (data-dependent control flow) and that pruning or
-    saving should treat as a unit. ``when(module)``, if given, limits this to the instances
-    for which it returns True (a block that is untraceable only in some configurations).
-    Returns ``cls`` so it can be used as a class decorator.
-    """
-    LEAF_MODULE_TYPES.add(cls)
-    if when is None:
-        _LEAF_CONDITIONS.pop(cls, None)
-    else:
-        _LEAF_CONDITIONS[cls] = when
-    return cls
-
-
-def register_module_rewrite(cls: type):
-    """Registers ``fn(module) -> equivalent module`` applied to every ``cls`` before tracing.
-
-    Rewrites turn layers that torch.fx cannot trace faithfully (a fused norm + activation whose
-    train/eval behaviour would be frozen at trace time, a padding computed in Python) into
-    standard layers that share the original parameters.
-    """
-    def decorator(fn):
-        _MODULE_REWRITES[cls] = fn
-        return fn
-    return decorator
-
-
-def register_autowrap_function(function: Callable) -> Callable:
-    """Makes tracing record calls to ``function`` as one op instead of tracing inside it."""
-    register_function(function)
-    _AUTOWRAP_FUNCTIONS.append(function)
-    return function
 
 
 class _DagTracer(fx.Tracer):
     def __init__(self, leaf_types: tuple[type, ...], leaf_names: set[str]):
-        super().__init__(autowrap_functions=tuple(_AUTOWRAP_FUNCTIONS), param_shapes_constant=True)
+        super().__init__(autowrap_functions=autowrap_functions(), param_shapes_constant=True)
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names
 
@@ -80,21 +44,9 @@ class _DagTracer(fx.Tracer):
             return True
         if isinstance(module, DagModule):
             return True
-        if type(module) in LEAF_MODULE_TYPES:
-            condition = _LEAF_CONDITIONS.get(type(module))
-            return condition is None or bool(condition(module))
+        if type(module) in LEAF_MODULE_TYPES:  # its condition decides, even for torch.nn types
+            return is_registered_leaf(module)
         return super().is_leaf_module(module, qualified_name)
-
-
-def _apply_rewrites(module: nn.Module) -> nn.Module:
-    rewrite = _MODULE_REWRITES.get(type(module))
-    if rewrite is not None:
-        return rewrite(module)
-    for name, child in list(module.named_children()):
-        replacement = _apply_rewrites(child)
-        if replacement is not child:
-            setattr(module, name, replacement)
-    return module
 
 
 def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = (),
@@ -128,13 +80,12 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
     >>> [v.name for v in dag.inner_vertices]
     ['_0', '_1', '_2', '_3']
     """
-    if "timm" in sys.modules:
-        import dagprune.timm_layers  # noqa: F401  (registers timm's rewrites and leaves)
+    load_support_for_imported_libraries()
     leaf_modules = list(leaf_modules)
     leaf_types = tuple(item for item in leaf_modules if isinstance(item, type))
     leaf_names = {item for item in leaf_modules if isinstance(item, str)}
     source = copy.deepcopy(model) if copy_model else model
-    source = _apply_rewrites(source)
+    source = apply_module_rewrites(source)
     was_training = source.training
     tracer = _DagTracer(leaf_types, leaf_names)
     try:
@@ -266,7 +217,3 @@ def _node_origin(node: fx.Node) -> str:
             else str(next(reversed(stack)))
     return node.stack_trace.strip().splitlines()[-1] if node.stack_trace else "the model"
 
-
-register_leaf_module(SamePad2d)
-register_leaf_module(StandardizedConv2d)
-register_leaf_module(StochasticDepth)

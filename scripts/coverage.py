@@ -64,13 +64,14 @@ def _source_root() -> Path:
 
 SOURCE_ROOT = _source_root()
 sys.path.insert(0, str(SOURCE_ROOT))
+sys.path.insert(1, str(REPO_ROOT / "tests"))  # make_weights_informative, shared with the test suite
 
 import timm  # noqa: E402
 
 import dagprune as dp  # noqa: E402
-from dagprune.compare import make_weights_informative  # noqa: E402
-from dagprune_algorithms.models import create_timm_model  # noqa: E402
+from dagprune_algorithms.app.models import create_timm_model  # noqa: E402
 from dagprune_algorithms.pruning import ChannelPruning  # noqa: E402
+from informative_weights import make_weights_informative  # noqa: E402
 
 DEFAULT_RESULTS = REPO_ROOT / "build" / "coverage" / "results.jsonl"
 SMALL_SIDE = 64

@@ -17,7 +17,7 @@ from typing import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     from dagprune.errors import DagpruneError
-    from dagprune_algorithms.units_command import add_units_arguments, run_units
+    from dagprune_algorithms.app.units_command import add_units_arguments, run_units
 
     parser = argparse.ArgumentParser(prog="get_channel_units.py",
                                      description="Get the channel units of a model.")

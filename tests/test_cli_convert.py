@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import dagprune
-from dagprune_algorithms.cli import main
+from dagprune_algorithms.app.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

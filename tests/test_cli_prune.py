@@ -7,7 +7,7 @@ import logging
 import pytest
 
 import dagprune
-from dagprune_algorithms.cli import main
+from dagprune_algorithms.app.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -67,7 +67,7 @@ def test_empty_data_dir_is_reported(tmp_path, capsys):
 # ------------------------------------------------------------------------------- --method l1
 def fast_latency(monkeypatch):
     """The latency columns are not under test here; timing them is most of a tiny run."""
-    from dagprune_algorithms import latency
+    from dagprune_algorithms.app import latency
 
     measured = latency.LatencyResult(median_ms=1.0, iqr_ms=0.0, p25_ms=1.0, p75_ms=1.0, batch_size=32,
                                      num_threads=1, device="cpu", repeats=1)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from dagprune_algorithms.data import (
+from dagprune.errors import DagpruneError
+from dagprune_algorithms.app.data import (
     DataError,
     DatasetSplit,
     load_dataset,
@@ -20,8 +21,8 @@ from dagprune_algorithms.data import (
     make_loaders,
     read_idx,
 )
-from dagprune_algorithms.latency import LatencyResult, measure_latency
-from dagprune_algorithms.report import (
+from dagprune_algorithms.app.latency import LatencyResult, measure_latency
+from dagprune_algorithms.app.report import (
     format_comparison_table,
     plot_training_history,
     write_json_report,
@@ -291,8 +292,8 @@ def test_error_mismatched_counts(tmp_path):
         load_dataset(tmp_path)
 
 
-def test_data_error_is_value_error():
-    assert issubclass(DataError, ValueError)
+def test_data_error_is_value_error_and_a_dagprune_error():
+    assert issubclass(DataError, ValueError) and issubclass(DataError, DagpruneError)
     assert DataError.__doc__
 
 

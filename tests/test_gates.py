@@ -90,7 +90,7 @@ def test_masked_consumer_equals_the_layer_on_the_masked_input(layer, shape):
     axis = len(shape) - 1 if isinstance(layer, nn.Linear) else 1
     x = torch.randn(shape, requires_grad=True)
     mask = torch.rand(6, requires_grad=True)
-    consumer = MaskedConsumer(layer, torch.arange(1, 7)).train()
+    consumer = MaskedConsumer(layer, torch.arange(1, 7), axis).train()
     out = consumer(x, mask)
     view = [1] * len(shape)
     view[axis] = 6

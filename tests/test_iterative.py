@@ -12,6 +12,8 @@ Pinned down here:
 * importance "taylor" by name: each prune keeps the channels with the largest |sum(weight x
   gradient)| averaged over the training steps since the previous prune (not the L1 ranking),
   the prune due at step 0 waits for one training step, and the scores resume exactly;
+* the library's plan (plain arguments) and loop (:func:`prune_iteratively` around the caller's
+  training step) give the same slim model as the app's checkpointed ``--method l1`` loop;
 * the schedule of ``dagprune prune --method l1`` (defaults, and errors naming the flags).
 """
 
@@ -23,14 +25,16 @@ import io
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import dagprune as dp
 from dagprune.errors import PruningError
 from dagprune_algorithms.pruning import ChannelMutator, ChannelUnitError, ItePruneAlgorithm
+from dagprune_algorithms.app.iterative_job import iterative_schedule, plan_from_arguments, run_iterative_l1
+from dagprune_algorithms.app.training import batch_indices
 from dagprune_algorithms.pruning.iterative import (FLOPS_TARGET_TOLERANCE, choices_for_flops_target,
-                                                   iterative_schedule, plan_iterative_pruning,
-                                                   run_iterative_l1)
+                                                   plan_iterative_pruning, prune_iteratively)
 
 from zoo import ZOO, input_shapes, make_example_inputs
 
@@ -348,8 +352,8 @@ def test_schedule_errors_name_the_flags(steps, prune_times, step_epoch, importan
 
 @pytest.mark.parametrize("ratio", [0.5, {"conv2_(0, 16)_16": 0.25, "fc1_(0, 12)_12": 0.5}])
 def test_a_target_pruning_ratio_replaces_the_flops_target(ratio):
-    args = l1_arguments(target=None, target_pruning_ratio=ratio)
-    plan = plan_iterative_pruning(zoo_dag("plain_mean_pool"), (3, 16, 16), args)
+    plan = plan_iterative_pruning(zoo_dag("plain_mean_pool"), (3, 16, 16), prune_times=3, step_epoch=4,
+                                  target_pruning_ratio=ratio)
     expected = ratio if isinstance(ratio, dict) else {name: ratio for name in plan.mutator.choice_template()}
     assert plan.target_pruning_ratio == expected
     plan.mutator.set_choices(expected)
@@ -360,7 +364,24 @@ def test_an_unknown_unit_in_the_target_pruning_ratio_lists_the_closest():
     args = l1_arguments(target=None, target_pruning_ratio={"conv2_(0, 16)_61": 0.5})
     with pytest.raises(ChannelUnitError, match=r"--target-pruning-ratio .*unknown unit 'conv2_\(0, 16\)_61'; "
                                                r"closest: 'conv2_\(0, 16\)_16'"):
-        plan_iterative_pruning(zoo_dag("plain_mean_pool"), (3, 16, 16), args)
+        plan_from_arguments(zoo_dag("plain_mean_pool"), (3, 16, 16), args)
+
+
+def test_the_plan_takes_one_of_a_flops_target_and_unit_ratios():
+    for target, ratio in ((None, None), (0.5, 0.5)):
+        with pytest.raises(PruningError, match="give one of target .* and target_pruning_ratio"):
+            plan_iterative_pruning(zoo_dag("plain_mean_pool"), (3, 16, 16), prune_times=2, step_epoch=1,
+                                   target=target, target_pruning_ratio=ratio)
+
+
+def test_the_arguments_plan_is_the_plain_arguments_plan():
+    args = l1_arguments(importance="taylor", head_pruning="heads")
+    from_arguments = plan_from_arguments(zoo_dag("plain_mean_pool"), (3, 16, 16), args)
+    plain = plan_iterative_pruning(zoo_dag("plain_mean_pool"), (3, 16, 16), prune_times=3, step_epoch=4,
+                                   target=0.5, importance="taylor", head_pruning="heads")
+    assert (from_arguments.target_pruning_ratio, from_arguments.predicted_flops_proportion) == \
+        (plain.target_pruning_ratio, plain.predicted_flops_proportion)
+    assert (from_arguments.prune_times, from_arguments.step_epoch, from_arguments.importance) == (3, 4, "taylor")
 
 
 def test_schedule_defaults_fit_the_prunes_in_the_steps():
@@ -422,6 +443,35 @@ def test_run_iterative_l1_with_fewer_steps_than_prunes(tmp_path):
                                                       train, val, "cpu", tmp_path)
     assert difference <= REMOVAL_TOLERANCE
     assert [entry["prunes_done"] for entry in history] == [1, 2]
+
+
+@pytest.mark.parametrize("importance", ["l1", "taylor"])
+def test_prune_iteratively_around_the_same_training_step_gives_the_app_s_slim_model(tmp_path, importance):
+    train, val = digits_like_data(64, 0), digits_like_data(16, 1)
+    args = l1_arguments(importance=importance, checkpoint_every=0)
+    from_app, _, _, _ = run_iterative_l1(zoo_dag("plain_mean_pool"), (3, 16, 16), args, train, val, "cpu",
+                                         tmp_path)
+
+    algorithm = plan_from_arguments(zoo_dag("plain_mean_pool"), (3, 16, 16), args).create_algorithm().train()
+    optimizer = torch.optim.Adam(algorithm.parameters(), lr=args.lr)
+
+    def train_step(masked_model, step):
+        index = batch_indices(len(train[0]), args.batch_size, args.seed + 1, step)
+        loss = F.cross_entropy(masked_model(train[0][index]), train[1][index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    from_library = prune_iteratively(algorithm, train_step, args.steps)
+    assert algorithm.done
+    for (key, expected), (other, actual) in zip(from_app.state_dict().items(), from_library.state_dict().items()):
+        assert key == other and torch.equal(expected, actual), key
+
+
+def test_prune_iteratively_refuses_steps_that_end_before_the_last_prune():
+    plan = plan_iterative_pruning(zoo_dag("plain_mean_pool"), (3, 16, 16), prune_times=3, step_epoch=4, target=0.5)
+    with pytest.raises(PruningError, match=r"steps=8 ends before the last prune \(step 8\)"):
+        prune_iteratively(plan.create_algorithm(), lambda model, step: None, steps=8)
 
 
 # ------------------------------------------------------------------------------- the guide

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 import dagprune
-from dagprune.compare import make_weights_informative
 from dagprune.errors import SerializationError
+
+from informative_weights import make_weights_informative
 
 timm = pytest.importorskip("timm")
 

@@ -16,7 +16,7 @@ from torch import nn
 import dagprune
 from dagprune_algorithms.pruning import ChannelPruning
 from dagprune_algorithms.pruning.losses import anneal, scheduled_target
-from dagprune_algorithms.training import StepResult, TrainingError, load_checkpoint, train_steps
+from dagprune_algorithms.app.training import StepResult, TrainingError, load_checkpoint, train_steps
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -35,7 +35,7 @@ from dagprune.errors import PruningError
 from dagprune_algorithms.pruning import units as units_module
 from dagprune_algorithms.pruning import ChannelMutator, ChannelUnit, ChannelUnitError, SequentialChannelUnit
 from dagprune_algorithms.pruning.importance import TaylorImportance
-from dagprune_algorithms.units_command import UnitsUsageError, add_units_arguments, run_units
+from dagprune_algorithms.app.units_command import UnitsUsageError, add_units_arguments, run_units
 
 from zoo import ZOO, input_shapes, make_example_inputs
 

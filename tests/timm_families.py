@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from dagprune.compare import make_weights_informative
+from informative_weights import make_weights_informative
 
 CNN_INPUT = (3, 64, 64)
 VIT_KWARGS = (("img_size", 64),)  # ViT-like models have a fixed input size: rebuild them at 64 px

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dagprune.compare import randomize_normalization_layers
+from informative_weights import randomize_normalization_layers
 
 Shape = Tuple[int, ...]
 InputShape = Union[Shape, Tuple[Shape, ...]]

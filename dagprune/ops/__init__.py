@@ -1,12 +1,13 @@
-"""Small modules standing for the functional calls of a traced model.
+"""Ops: the small modules standing for a traced model's calls, and one spec per op.
 
 Each op family (elementwise arithmetic, reshapes, concatenation, reductions, matmul, ...) is a
-registered subclass of :class:`FunctionalOp`. Passes (FLOPs, channel coupling, channel removal)
-register their behaviour per family or per function name.
+registered subclass of :class:`FunctionalOp`. What an op means for FLOPs, channel coupling,
+channel removal, masking and importance is declared once, in its :class:`OpSpec`
+(``dagprune/ops/specs/``); passes read the specs from :data:`OPS`, which users extend with
+:func:`register_op`.
 """
 
-from dagprune.ops.base import (OP_TYPES, FunctionalOp, handler_for, op_class_for_function,
-                               register_op_type)
+from dagprune.ops.base import OP_TYPES, FunctionalOp, op_class_for_function, register_op_type
 from dagprune.ops.elementwise import DropoutOp, ElementwiseOp, PointwiseOp
 from dagprune.ops.functions import function_name, register_function, resolve_function
 from dagprune.ops.layers import FunctionalLayerOp, InterpolateOp, NormOp, PadOp, PoolOp
@@ -19,9 +20,12 @@ from dagprune.ops.stochastic_depth import StochasticDepth
 from dagprune.ops.shape import (ConcatOp, ExpandOp, GetItemOp, PermuteOp, ReshapeOp, ShapeQueryOp,
                                 SplitOp)
 from dagprune.ops.templates import InputRef
+from dagprune.ops.spec import ChannelWeight, OpRegistry, OpSpec, opaque_coupling
+from dagprune.ops.registry import OPS, op_flops, register_op, spec_for
 
 __all__ = [
-    "OP_TYPES", "FunctionalOp", "handler_for", "op_class_for_function", "register_op_type", "register_function",
+    "OPS", "OpSpec", "OpRegistry", "ChannelWeight", "opaque_coupling", "register_op", "spec_for",
+    "op_flops", "OP_TYPES", "FunctionalOp", "op_class_for_function", "register_op_type", "register_function",
     "function_name", "resolve_function", "InputRef",
     "ElementwiseOp", "PointwiseOp", "DropoutOp", "ReshapeOp", "ExpandOp", "PermuteOp", "ConcatOp",
     "SplitOp", "GetItemOp", "ShapeQueryOp", "ReductionOp", "SoftmaxOp", "MatmulOp", "EinsumOp",

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from dagprune.errors import SerializationError
-from dagprune.ops.functions import resolve_function
+from dagprune.ops.functions import declare_function_names, resolve_function
 from dagprune.ops.templates import (InputRef, decode_template, encode_template, fill_template,
                                     map_template)
 
-__all__ = ["FunctionalOp", "OP_TYPES", "register_op_type", "op_class_for_function", "handler_for"]
+__all__ = ["FunctionalOp", "OP_TYPES", "register_op_type", "op_class_for_function"]
 
 OP_TYPES: dict[str, type[nn.Module]] = {}
 _OP_CLASS_BY_FUNCTION: dict[str, type["FunctionalOp"]] = {}
@@ -25,24 +25,10 @@ def register_op_type(cls):
     tracing turns a call to one of them into an instance of ``cls``.
     """
     OP_TYPES[cls.__name__] = cls
+    declare_function_names(getattr(cls, "function_names", ()))
     for name in getattr(cls, "function_names", ()):
         _OP_CLASS_BY_FUNCTION[name] = cls
     return cls
-
-
-def handler_for(registry: dict, module: nn.Module):
-    """The entry of a per-op ``registry`` that applies to ``module``, or None.
-
-    Registries of passes (FLOPs, channel coupling, channel removal) are keyed by function name
-    (for :class:`FunctionalOp` instances) and by module or op type; the function name wins, then
-    the most derived type.
-    """
-    if isinstance(module, FunctionalOp) and module.function_name in registry:
-        return registry[module.function_name]
-    for cls in type(module).__mro__:
-        if cls in registry:
-            return registry[cls]
-    return None
 
 
 def op_class_for_function(name: str) -> type["FunctionalOp"]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from dagprune.ops.base import FunctionalOp, register_op_type
 

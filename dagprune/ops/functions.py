@@ -1,12 +1,21 @@
 """The functions a DAG may call, by name.
 
 A saved DAG names the functions its ops call (``"torch.cat"``, ``"Tensor.view"``,
-``"operator.add"``). Loading resolves those names through this table only, so a file can never
-make dagprune call something outside it (``torch.load``, ``os.system``, ...). The table holds the
-public functions of ``torch``, ``torch.nn.functional``, ``torch.special``, ``torch.linalg``,
-``torch.fft``, ``operator`` and ``math``, the public ``torch.Tensor`` methods (as ``Tensor.<name>``),
-a few builtins, and whatever is registered with :func:`register_function` (timm's helper functions
-that torch.fx must not trace into are registered that way).
+``"operator.add"``). Conversion and loading resolve those names through an allowlist only, so a
+file can never make dagprune call something outside it (``torch.load``, ``os.system``, ...).
+The allowlist holds:
+
+* the tensor computations of ``torch``, ``torch.nn.functional``, ``torch.special``,
+  ``torch.linalg`` and ``torch.fft``, and the ``torch.Tensor`` methods (as ``Tensor.<name>``),
+  as torch itself defines them: the functions ``torch.overrides.get_overridable_functions``
+  lists (those that dispatch on their tensor arguments), their in-place variants, and a named
+  list of tensor factories (``torch.zeros``, ``torch.arange``, ``Tensor.new_zeros``, ...);
+  functions that change global state or touch files, processes or memory are not among them,
+  and the few tensor methods that do (hooks, storage, conversion to Python) are refused by name;
+* the pure functions of ``operator`` and ``math`` named below, and a few builtins;
+* every function name an op family or an op spec declares (see :mod:`dagprune.ops.spec`);
+* whatever is registered with :func:`register_function` (timm's helper functions that torch.fx
+  must not trace into are registered that way).
 """
 
 from __future__ import annotations
@@ -21,21 +30,31 @@ import torch.nn.functional as F
 
 from dagprune.errors import ConversionError, SerializationError
 
-__all__ = ["register_function", "function_name", "resolve_function", "call_method"]
+__all__ = ["register_function", "function_name", "resolve_function", "call_method",
+           "declare_function_names"]
 
-# Names that touch files, processes, global state or the network; never callable from a DAG.
-_FORBIDDEN = {
-    "load", "save", "from_file", "hub", "set_default_dtype", "set_default_device",
-    "set_default_tensor_type", "manual_seed", "seed", "set_rng_state", "use_deterministic_algorithms",
-    "set_num_threads", "set_num_interop_threads", "compile", "jit", "classes", "ops", "library",
-    "set_printoptions", "set_grad_enabled", "set_warn_always", "set_flush_denormal",
-    "storage", "untyped_storage", "share_memory_", "tolist", "numpy", "pin_memory",
+# Tensor methods that dispatch on tensors but register code, expose memory or leave torch.
+_FORBIDDEN_METHODS = {
+    "storage", "untyped_storage", "share_memory_", "tolist", "numpy", "pin_memory", "item",
     "register_hook", "register_post_accumulate_grad_hook", "backward", "set_", "data_ptr",
-    "import_ir_module", "import_ir_module_from_buffer", "get_file_path", "call", "cond", "vmap",
-    "while_loop", "map", "func", "export", "onnx", "profiler", "utils", "distributed",
+    "map_", "apply_", "map2_", "record_stream", "retain_grad", "requires_grad_", "resize_",
+    "resize_as_", "storage_offset", "untyped_storage", "dim_order", "__reduce_ex__",
+    "__setstate__", "__deepcopy__", "__torch_function__", "__torch_dispatch__",
 }
-# Prefixes of names that change global state or touch files.
-_FORBIDDEN_PREFIXES = ("set_", "_", "load", "save", "import_", "use_", "enable_", "disable_")
+# Tensor factories: they read no tensor, so torch.overrides does not list them.
+_FACTORIES = ("zeros", "ones", "full", "empty", "arange", "range", "linspace", "logspace", "eye",
+              "tensor", "as_tensor", "scalar_tensor", "rand", "randn", "randint", "randperm",
+              "tril_indices", "triu_indices")
+_TENSOR_FACTORIES = ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor")
+_OPERATORS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "neg", "pos",
+              "abs", "invert", "inv", "and_", "or_", "xor", "lshift", "rshift", "lt", "le", "eq",
+              "ne", "ge", "gt", "not_", "truth", "getitem", "index", "iadd", "isub", "imul",
+              "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior", "ixor", "contains")
+_MATH = ("sqrt", "isqrt", "ceil", "floor", "trunc", "prod", "log", "log2", "log10", "exp",
+         "sin", "cos", "tan", "atan", "atan2", "tanh", "erf", "fabs", "gcd", "lcm", "pow",
+         "hypot", "copysign", "isfinite", "isinf", "isnan", "radians", "degrees", "fsum")
+_NAMESPACES = (("torch", torch), ("torch.nn.functional", F), ("torch.special", torch.special),
+               ("torch.linalg", torch.linalg), ("torch.fft", torch.fft))
 _BUILTINS = {"getattr": builtins.getattr, "len": builtins.len, "int": builtins.int,
              "float": builtins.float, "tuple": builtins.tuple, "list": builtins.list,
              "slice": builtins.slice, "max": builtins.max, "min": builtins.min}
@@ -46,15 +65,65 @@ _NAME_BY_ID: dict[int, str] = {}
 _FUNCTION_BY_NAME: dict[str, Callable] = {}
 
 
-def _register_namespace(prefix: str, namespace) -> None:
-    for attribute in dir(namespace):
-        if attribute.startswith(_FORBIDDEN_PREFIXES) or attribute in _FORBIDDEN:
+def _tensor_computations() -> tuple[set[int], set[str]]:
+    """The ids of torch's overridable functions and the names of its overridable Tensor methods."""
+    overridable = torch.overrides.get_overridable_functions()
+    functions = {id(f) for namespace, found in overridable.items() if namespace is not torch.Tensor
+                 for f in found}
+    methods = {getattr(f, "__name__", None) for f in overridable.get(torch.Tensor, ())}
+    return functions, {m for m in methods if m} | set(_TENSOR_FACTORIES)
+
+
+_COMPUTATIONS, _TENSOR_METHODS = _tensor_computations()
+
+
+def _allowed_in_namespace(namespace, attribute: str) -> bool:
+    value = getattr(namespace, attribute, None)
+    if not callable(value) or isinstance(value, type) or attribute.startswith("_"):
+        return False
+    if id(value) in _COMPUTATIONS or (namespace is torch and attribute in _FACTORIES):
+        return True
+    base = getattr(namespace, attribute[:-1], None) if attribute.endswith("_") else None
+    return base is not None and id(base) in _COMPUTATIONS  # in-place variant (relu_)
+
+
+def _allow(name: str, function: Callable) -> None:
+    _FUNCTION_BY_NAME.setdefault(name, function)
+    _NAME_BY_ID.setdefault(id(function), name)
+
+
+def _allow_namespaces() -> None:
+    for prefix, namespace in _NAMESPACES:
+        for attribute in dir(namespace):
+            if _allowed_in_namespace(namespace, attribute):
+                _allow(f"{prefix}.{attribute}", getattr(namespace, attribute))
+    for names, prefix, namespace in ((_OPERATORS, "operator", operator), (_MATH, "math", math)):
+        for attribute in names:
+            if hasattr(namespace, attribute):
+                _allow(f"{prefix}.{attribute}", getattr(namespace, attribute))
+    for name, builtin in _BUILTINS.items():
+        _FUNCTION_BY_NAME[name] = builtin
+        _NAME_BY_ID.setdefault(id(builtin), name)
+    _NAME_BY_ID[id(builtins.getattr)] = "getattr"
+
+
+def declare_function_names(names) -> None:
+    """Allows the functions an op family or op spec declares it stands for (``"torch.cat"``).
+
+    Names outside ``torch``, ``operator`` and ``math``, ``Tensor.`` methods and names that
+    resolve to nothing are skipped: a declaration never imports anything.
+    """
+    roots = {"torch": torch, "operator": operator, "math": math}
+    for name in names:
+        if name.startswith("Tensor."):
+            _DECLARED_METHODS.add(name)
             continue
-        value = getattr(namespace, attribute, None)
-        if callable(value) and not isinstance(value, type):
-            name = f"{prefix}.{attribute}"
-            _FUNCTION_BY_NAME.setdefault(name, value)
-            _NAME_BY_ID.setdefault(id(value), name)
+        root, _, path = name.partition(".")
+        value = roots.get(root)
+        for part in path.split(".") if value is not None and path else ():
+            value = getattr(value, part, None)
+        if callable(value) and not isinstance(value, type) and value is not torch:
+            _allow(name, value)
 
 
 def register_function(function: Callable, name: str | None = None) -> Callable:
@@ -91,7 +160,7 @@ def function_name(function: Callable) -> str:
 
 def method_name(method: str) -> str:
     """The registered name of the Tensor method ``method``, e.g. ``"Tensor.view"``."""
-    if method.startswith("_") and method not in ("__getitem__",) or method in _FORBIDDEN:
+    if not _tensor_method_allowed(method):
         raise ConversionError(f"the tensor method {method!r} cannot be stored in a DAG")
     return f"Tensor.{method}"
 
@@ -114,8 +183,7 @@ def resolve_function(name: str) -> Callable:
     """The callable registered under ``name``; raises :class:`SerializationError` if unknown."""
     if name.startswith("Tensor."):
         method = name[len("Tensor."):]
-        if (method.startswith("_") and method != "__getitem__") or method in _FORBIDDEN \
-                or not hasattr(torch.Tensor, method):
+        if not _tensor_method_allowed(method) or not hasattr(torch.Tensor, method):
             raise SerializationError(f"unknown or forbidden tensor method {name!r}")
         return call_method(method)
     if name == "getattr":
@@ -131,11 +199,14 @@ def resolve_function(name: str) -> Callable:
     return function
 
 
-for _prefix, _namespace in (("torch", torch), ("torch.nn.functional", F),
-                            ("torch.special", torch.special), ("torch.linalg", torch.linalg),
-                            ("torch.fft", torch.fft), ("operator", operator), ("math", math)):
-    _register_namespace(_prefix, _namespace)
-for _name, _builtin in _BUILTINS.items():
-    _FUNCTION_BY_NAME[_name] = _builtin
-    _NAME_BY_ID.setdefault(id(_builtin), _name)
-_NAME_BY_ID[id(builtins.getattr)] = "getattr"
+def _tensor_method_allowed(method: str) -> bool:
+    """Whether ``Tensor.<method>`` may be stored in and called from a DAG."""
+    if method in _FORBIDDEN_METHODS:
+        return False
+    if f"Tensor.{method}" in _DECLARED_METHODS or method == "__getitem__":
+        return True
+    return not method.startswith("_") and (method in _TENSOR_METHODS or method.rstrip("_") in _TENSOR_METHODS)
+
+
+_DECLARED_METHODS: set[str] = set()
+_allow_namespaces()

@@ -2,8 +2,8 @@
 
 Every channel a producer creates (a conv or linear output channel, an element of a parameter
 along one of its axes) is an *atom*. The analysis runs the DAG once on an example input and,
-vertex by vertex, applies the coupling rule registered for its op (see
-:mod:`dagprune_algorithms.pruning.coupling_rules`). A rule receives, for each input, its
+vertex by vertex, applies the coupling facet of its op's spec (see
+:mod:`dagprune.ops.spec`). A facet receives, for each input, its
 *layout* (for each tensor axis that carries atoms, the atom id at every position), and returns
 the output's layout while recording constraints:
 
@@ -31,12 +31,13 @@ import torch
 from dagprune import DagModule, InnerVertex, Vertex
 from dagprune.errors import PruningError
 from dagprune.flops import vertex_flops
+from dagprune.ops import spec_for
+from dagprune.ops.channel_map import Layout, ShapeTag, is_size_layout, iter_layout_atoms
+from dagprune.ops.spec import describe_op
 from dagprune.shape_prop import example_inputs, propagate_values, value_shape
 
 __all__ = ["ChannelGroup", "ChannelAnalysis", "CouplingContext", "find_channel_groups", "Layout",
            "ShapeTag", "HEAD_PRUNING_MODES"]
-
-Layout = dict  # axis (non-negative int) -> np.ndarray of atom ids, for a tensor value
 
 HEAD_PRUNING_MODES = ("dims", "heads")
 """How attention is pruned: ``"dims"`` removes the same head dimensions from every head (the
@@ -136,7 +137,7 @@ class CouplingContext:
             self._barrier[atoms] = True
             key = int(atoms[0])
             if reason and key not in self.barrier_reasons:
-                where = self.current_vertex.name if self.current_vertex else "model boundary"
+                where = _vertex_label(self.current_vertex) if self.current_vertex else "model boundary"
                 self.barrier_reasons[key] = f"{where}: {reason}"
 
     def barrier_layout(self, layout: Any, reason: str = "") -> None:
@@ -190,28 +191,6 @@ def _connected_components(count: int, first: np.ndarray, second: np.ndarray) -> 
         high = np.maximum(root_first[differ], root_second[differ])
         np.minimum.at(parent, high, low)
         compress()
-
-
-@dataclasses.dataclass
-class ShapeTag:
-    """The layout of a Python int read from a tensor's shape: the atoms of that axis.
-
-    A size read at run time (``C = x.shape[2]``) and used to shape another tensor couples the
-    two axes: after removal both must have the same number of kept channels.
-    """
-
-    atoms: np.ndarray
-
-
-def iter_layout_atoms(layout: Any):
-    """Yields every atom array in a (possibly nested) layout."""
-    if isinstance(layout, dict):
-        yield from layout.values()
-    elif isinstance(layout, ShapeTag):
-        yield layout.atoms
-    elif isinstance(layout, (tuple, list)):
-        for item in layout:
-            yield from iter_layout_atoms(item)
 
 
 @dataclasses.dataclass
@@ -296,6 +275,56 @@ class ChannelAnalysis:
         return found
 
 
+def _vertex_label(vertex: InnerVertex) -> str:
+    """The vertex's name and, when it differs, the model's module path it came from."""
+    path = vertex.qualified_name
+    return vertex.name if not path or path == vertex.name else f"{vertex.name} ({path})"
+
+
+def apply_coupling(ctx: CouplingContext, vertex: InnerVertex, layouts: list, values: list,
+                   output: Any) -> Any:
+    """Applies the coupling facet of ``vertex``'s op spec and checks its result.
+
+    Sizes read from channel axes reach only facets that declare ``reads_sizes``; for other
+    facets they are barriers (a channel count used in a way that is not followed).
+    """
+    spec = spec_for(vertex.module)
+    if not spec.reads_sizes and any(is_size_layout(layout) for layout in layouts):
+        layouts = list(layouts)
+        for index, layout in enumerate(layouts):
+            if is_size_layout(layout):
+                ctx.barrier_layout(layout, f"channel count used by {describe_op(vertex.module)}")
+                layouts[index] = None
+    layout = spec.coupling(ctx, vertex, vertex.module, layouts, values, output)
+    return _fit_layout(ctx, layout, output)
+
+
+def _fit_layout(ctx: CouplingContext, layout: Any, output: Any) -> Any:
+    """Drops (and bars) atoms that do not fit the output's shape: a facet's safety net."""
+    if isinstance(layout, ShapeTag):
+        if isinstance(output, int) and output == len(layout.atoms):
+            return layout
+        ctx.barrier(layout.atoms, "size tag does not match the value")
+        return None
+    if isinstance(layout, dict):
+        if not isinstance(output, torch.Tensor):
+            ctx.barrier_layout(layout, "channels flow into a non-tensor value")
+            return None
+        fitted = {}
+        for axis, atoms in layout.items():
+            if 0 <= axis < output.ndim and output.shape[axis] == len(atoms):
+                fitted[axis] = atoms
+            else:
+                ctx.barrier(atoms, "layout does not match output shape")
+        return fitted or None
+    if isinstance(layout, (tuple, list)) and isinstance(output, (tuple, list)) \
+            and len(layout) == len(output):
+        return type(layout)(_fit_layout(ctx, item, value) for item, value in zip(layout, output))
+    if layout is not None:
+        ctx.barrier_layout(layout, "layout does not match output structure")
+    return None
+
+
 def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence,
                         head_pruning: str = "dims") -> ChannelAnalysis:
     """Finds the channel groups of ``dag`` by running it once on a random input (batch 1).
@@ -309,8 +338,6 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence,
     >>> [(g.name, g.size, g.prunable) for g in analysis.groups]
     [('0', 8, True), ('3', 4, False)]
     """
-    from dagprune_algorithms.pruning.coupling_rules import apply_coupling_rule
-
     check_head_pruning(head_pruning)
     inputs = example_inputs(dag, input_shape_without_batch)
     values = propagate_values(dag, inputs)
@@ -320,8 +347,8 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence,
         context.current_vertex = vertex
         input_layouts = [layouts[p] for p in vertex.predecessors]
         input_values = [values[p] for p in vertex.predecessors]
-        layouts[vertex] = apply_coupling_rule(context, vertex, input_layouts, input_values,
-                                              values[vertex])
+        layouts[vertex] = apply_coupling(context, vertex, input_layouts, input_values,
+                                         values[vertex])
     context.current_vertex = None
     for vertex in dag.output_vertices:
         context.barrier_layout(layouts[vertex], "reaches the model output")

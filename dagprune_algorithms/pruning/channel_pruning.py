@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -11,12 +10,13 @@ from torch import nn
 
 from dagprune import DagModule, InnerVertex
 from dagprune.errors import PruningError
+from dagprune.ops import spec_for
 
 from dagprune_algorithms.pruning.channel_groups import (ChannelAnalysis, ChannelGroup, check_head_pruning,
                                                         find_channel_groups)
 from dagprune_algorithms.pruning.channel_removal import remove_channels_from_dag
 from dagprune_algorithms.pruning.importance import channel_importance
-from dagprune_algorithms.pruning.gates import ChannelGate, GateSet, MaskApply, MaskedConsumer, MaskedNorm
+from dagprune_algorithms.pruning.gates import ChannelGate, GateSet, MaskApply, MaskedConsumer
 from dagprune_algorithms.pruning.losses import (ExpectedFlops, PruningLossConfig, anneal,
                                                 binary_entropy, removed_energy_share, scheduled_target)
 
@@ -99,7 +99,8 @@ class ChannelPruning:
             raise PruningError(
                 f"{self.model.name} has no prunable channel group (found {len(self.analysis.groups)} "
                 f"groups, none prunable: {blocked}); every channel reaches the model's boundary or "
-                "an op without a coupling rule (register one with register_coupling_rule)")
+                "an op whose channels are not followed (find_channel_groups(...) lists each group's "
+                "reason; describe a missing op with dagprune.ops.register_op(OpSpec(...)))")
         reachable = 1.0 - self.max_removable_proportion
         if self.pruning_proportion < reachable - 1e-9:
             raise PruningError(
@@ -117,7 +118,8 @@ class ChannelPruning:
         self._expected_flops = ExpectedFlops(self.analysis)
         self._gate_set = GateSet(self.gates)
         self._mask_modules = [module for module in self.pruning_model.modules()
-                              if isinstance(module, (MaskApply, MaskedConsumer))]
+                              if isinstance(module, MaskApply) or (
+                                  isinstance(module, MaskedConsumer) and module.records_energy)]
         return self.pruning_model
 
     def _require_prepared(self) -> ChannelAnalysis:
@@ -280,13 +282,10 @@ class ChannelPruning:
         return slim.to(device)
 
 
-def _masks_through_weight(module: nn.Module, site) -> bool:
-    """Whether the site's mask can scale the consumer's weight instead of its input."""
-    if site.input_index != 0:
-        return False
-    if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):  # grouped and depthwise too
-        return site.axis == 1
-    return type(module) is nn.Linear
+def _masks_inside(module: nn.Module, site) -> bool:
+    """Whether the op applies the site's mask itself (its spec's masking facet): always for a
+    normalisation, whose statistics must skip removed channels; else on input 0 only."""
+    return spec_for(module).masking is not None and (site.kind == "norm" or site.input_index == 0)
 
 
 def _build_gated_dag(analysis: ChannelAnalysis, gates: list[ChannelGate]) -> DagModule:
@@ -324,11 +323,9 @@ def _build_gated_dag(analysis: ChannelAnalysis, gates: list[ChannelGate]) -> Dag
                 index[where] = offsets[slot] + position_of_class[site.atoms[where]]
             index = torch.as_tensor(index)
             gate_inputs = [gate_vertices[slot] for slot in slots]
-            if site.kind == "norm":
-                module = MaskedNorm(module, site.axis, index, num_inputs=len(predecessors))
-                predecessors = predecessors + gate_inputs
-            elif _masks_through_weight(module, site):
-                module = MaskedConsumer(module, index)
+            if _masks_inside(module, site):
+                module = MaskedConsumer(module, index, site.axis, num_inputs=len(predecessors),
+                                        records_energy=site.kind != "norm")
                 predecessors = predecessors + gate_inputs
             else:
                 mask_vertex = InnerVertex(f"{vertex.name}_mask{site.input_index}",

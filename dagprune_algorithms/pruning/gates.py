@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dagprune import ops
+from dagprune.errors import PruningError
+from dagprune.ops import spec_for
+from dagprune.ops.spec import describe_op
 
-__all__ = ["ChannelGate", "GateSet", "MaskApply", "MaskedConsumer", "MaskedNorm", "keep_mask_from_logits"]
+__all__ = ["ChannelGate", "GateSet", "MaskApply", "MaskedConsumer", "keep_mask_from_logits"]
 
 
 def keep_mask_from_logits(logits: torch.Tensor, block_size: int = 1) -> torch.Tensor:
@@ -241,106 +242,42 @@ class MaskApply(_PositionMasked):
         return f"axis={self.axis}, positions={self.index.numel()}"
 
 
-def _conv_weight_mask(conv: nn.Module, mask: torch.Tensor) -> torch.Tensor:
-    """The factor on ``conv.weight`` (out, in / groups, *kernel) equal to masking the conv's
-    input channels with ``mask``: output channel ``o`` of conv group ``g`` reads input channel
-    ``g * in_per_group + j`` through ``weight[o, j]`` (depthwise convs included)."""
-    groups, kernel_axes = conv.groups, [1] * (conv.weight.ndim - 2)
-    if groups == 1:
-        return mask.view(1, -1, *kernel_axes)
-    in_per_group, out_per_group = conv.in_channels // groups, conv.out_channels // groups
-    per_output = mask.view(groups, 1, in_per_group).expand(groups, out_per_group, in_per_group)
-    return per_output.reshape(conv.out_channels, in_per_group, *kernel_axes)
-
-
 class MaskedConsumer(_PositionMasked):
-    """A conv (grouped and depthwise included) or linear layer with masked input channels.
+    """An op that consumes gated channels of its input 0 along ``axis``, through the masking
+    facet of its spec (see :mod:`dagprune.ops.spec`).
 
-    ``layer(x * m)`` equals ``layer`` run with its weight scaled by ``m`` where the weight reads
-    each input channel. Each call scales whichever of the two is smaller: the weight for large
-    activations (high resolution, many tokens), the activation for small ones (the forward
-    multiply and both backward products are then of that size).
+    A conv or linear layer scales its weight or its input, whichever is smaller; a
+    normalisation takes its statistics over the kept channels only, so that with hard masks it
+    equals the same op with the removed channels cut out. Called with the op's original
+    ``num_inputs`` inputs followed by the gates' masks.
+
+    Args:
+        layer: the op's module (the vertex's module in the ungated DAG).
+        index: see :class:`_PositionMasked`.
+        axis: the consumed axis of input 0.
+        num_inputs: how many inputs the op itself takes.
+        records_energy: keep the masked input's energy for the distillation loss (the
+            input of a normalisation is counted where it is produced instead).
     """
 
-    def __init__(self, layer: nn.Module, index: torch.Tensor):
+    def __init__(self, layer: nn.Module, index: torch.Tensor, axis: int, num_inputs: int = 1,
+                 records_energy: bool = True):
         super().__init__(index)
         self.layer = layer
-
-    def forward(self, x, *masks):
-        mask = self.position_mask(masks, x.dtype)
-        layer = self.layer
-        linear = isinstance(layer, nn.Linear)
-        axis = x.ndim - 1 if linear else 1
-        self.record_energy(x, axis, mask)
-        if x.numel() <= layer.weight.numel():
-            return layer(x * mask.view(_broadcast_shape(x.ndim, axis, mask.numel())))
-        if linear:
-            return F.linear(x, layer.weight * mask, layer.bias)
-        return layer._conv_forward(x, layer.weight * _conv_weight_mask(layer, mask), layer.bias)
-
-    def extra_repr(self) -> str:
-        return f"positions={self.index.numel()}"
-
-
-class MaskedNorm(_PositionMasked):
-    """A LayerNorm/GroupNorm whose statistics count only kept channels.
-
-    Wraps the original vertex module; called with the original inputs followed by the masks.
-    With hard masks it equals the same norm on the tensor with the removed channels cut out.
-    """
-
-    def __init__(self, norm: nn.Module, axis: int, index: torch.Tensor, num_inputs: int):
-        super().__init__(index)
-        self.norm = norm
         self.axis = axis
         self.num_inputs = num_inputs
-
-    def _parameters_and_groups(self, inputs):
-        norm = self.norm
-        if isinstance(norm, nn.LayerNorm):
-            return norm.weight, norm.bias, 1, norm.eps
-        if isinstance(norm, nn.GroupNorm):
-            return norm.weight, norm.bias, norm.num_groups, norm.eps
-        # functional layer_norm(x, shape, weight, bias, eps) / group_norm(x, groups, weight, bias, eps)
-        def value(position, keyword, default=None):
-            argument = norm.argument(position, keyword, default)
-            return inputs[argument.index] if isinstance(argument, ops.InputRef) else argument
-        groups = value(1, "num_groups") if norm.short_name == "group_norm" else 1
-        return value(2, "weight"), value(3, "bias"), groups, value(4, "eps", 1e-5)
+        self.records_energy = records_energy
+        self._masking = spec_for(layer).masking
+        if self._masking is None:
+            raise PruningError(f"{describe_op(layer)} has no masking facet in its op spec")
 
     def forward(self, *inputs):
         inputs, masks = inputs[:self.num_inputs], inputs[self.num_inputs:]
-        x = inputs[0]
-        weight, bias, groups, eps = self._parameters_and_groups(inputs)
-        mask = self.position_mask(masks, x.dtype)
-        channels = x.shape[self.axis]
-        if self.axis == x.ndim - 1:  # layer norm over the last axis
-            # mask-weighted mean and variance as products with the normalized mask: two
-            # passes (exact in float32 where E[x^2] - mean^2 would cancel), few full-size ops
-            # like native layer_norm, the output is contiguous in x's logical layout: a permuted
-            # input (channels-last conv nets) then gives channels-last activations downstream
-            x = x.contiguous()
-            weights = mask / mask.sum()
-            centered = x - (x @ weights).unsqueeze(-1)
-            var = (centered * centered) @ weights
-            y = centered * torch.rsqrt(var + eps).unsqueeze(-1)
-            if weight is not None and bias is not None:
-                return torch.addcmul(bias, y, weight)
-            shape = [channels]
-        else:  # group norm over (channels of a group, spatial axes), channels on axis 1
-            batch = x.shape[0]
-            grouped = x.reshape(batch, groups, channels // groups, -1)
-            m = mask.view(1, groups, channels // groups, 1)
-            total = m.sum(dim=(2,), keepdim=True) * grouped.shape[-1]
-            mean = (grouped * m).sum(dim=(2, 3), keepdim=True) / total
-            var = (((grouped - mean) ** 2) * m).sum(dim=(2, 3), keepdim=True) / total
-            y = ((grouped - mean) / torch.sqrt(var + eps)).reshape(x.shape)
-            shape = _broadcast_shape(x.ndim, 1, channels)
-        if weight is not None:
-            y = y * weight.reshape(shape)
-        if bias is not None:
-            y = y + bias.reshape(shape)
-        return y
+        mask = self.position_mask(masks, inputs[0].dtype)
+        if self.records_energy:
+            self.record_energy(inputs[0], self.axis, mask)
+        return self._masking(self.layer, inputs, mask, self.axis)
 
     def extra_repr(self) -> str:
-        return f"axis={self.axis}"
+        return f"axis={self.axis}, positions={self.index.numel()}"
+

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dagprune import ops
+from dagprune.ops import spec_for
 
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis, ChannelGroup
 
@@ -58,18 +58,13 @@ def channel_importance(analysis: ChannelAnalysis, group: ChannelGroup, criterion
 
 
 def _producer_weight_and_axis(module: nn.Module, vertex) -> tuple[torch.Tensor, int] | None:
-    """The weight tensor (a leaf: a parameter) of a producer and its output-channel axis, or None."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-        return module.weight, 0
-    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        return module.weight, 1
-    if isinstance(module, ops.FunctionalOp) and module.function_name == "torch.nn.functional.linear":
-        weight = module.argument(1, "weight")
-        if isinstance(weight, ops.InputRef):
-            value = getattr(vertex.predecessors[weight.index].module, "value", None)
-            if isinstance(value, torch.Tensor):
-                return value, 0
-    return None
+    """A producer's filters (a leaf tensor: a parameter) and their output-channel axis, from
+    the importance facet of its op spec; None for ops without filters."""
+    facet = spec_for(module).importance
+    found = facet(module, vertex) if facet is not None else None
+    if found is None or found.kind != "filter":
+        return None
+    return found.tensor, found.axis
 
 
 def _producer_weight(module: nn.Module, vertex, analysis: ChannelAnalysis):
@@ -115,10 +110,10 @@ def bn_scale_importance(analysis: ChannelAnalysis, group: ChannelGroup) -> np.nd
 
     def per_position(vertex, axis):
         for user in users.get(vertex, []):
-            module = user.module
-            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm,
-                                   nn.GroupNorm)) and getattr(module, "weight", None) is not None:
-                return module.weight.detach().abs().cpu().double().numpy()
+            facet = spec_for(user.module).importance
+            found = facet(user.module, user) if facet is not None else None
+            if found is not None and found.kind == "scale":
+                return found.tensor.detach().abs().cpu().double().numpy()
         return None
     scale = _accumulate(group, analysis, per_position)
     return scale if scale.any() else l1_importance(analysis, group)

@@ -1,4 +1,4 @@
-"""Iterative pruning on a schedule (mmrazor's ``ItePruneAlgorithm``) and ``dagprune prune --method l1``.
+"""Iterative pruning on a schedule (mmrazor's ``ItePruneAlgorithm``).
 
 The model is pruned ``prune_times`` times, at step 0 and every ``step_epoch`` steps after it
 (a "step" is whatever the caller counts: epochs or iterations). Prune ``k`` (0-based) sets every
@@ -15,6 +15,12 @@ filter, averaged over the backward passes since the previous prune (a
 least one such pass: one due before any (the prune at step 0) waits for the first call after a
 training step, so it comes at step 1. :meth:`ItePruneAlgorithm.remove_channels` exports the
 slim model through the same removal as :class:`ChannelPruning`.
+
+Two ways in: call :meth:`ItePruneAlgorithm.maybe_prune` in your own loop (below), or let
+:func:`plan_iterative_pruning` choose the per-unit targets (e.g. for a FLOPs target) and
+:func:`prune_iteratively` run the loop around your training step. ``dagprune prune --method l1``
+(:mod:`dagprune_algorithms.app.iterative_job`) makes the same plan and calls ``maybe_prune``
+from the app's checkpointed training loop.
 
 A plain PyTorch loop:
 
@@ -41,37 +47,30 @@ A plain PyTorch loop:
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dagprune import DagModule
 from dagprune.errors import PruningError
 
 from dagprune_algorithms.pruning.importance import TaylorScoreAccumulator, channel_importance
-from dagprune_algorithms.pruning.units import ChannelMutator, ChannelUnitError
+from dagprune_algorithms.pruning.units import ChannelMutator
 
-__all__ = ["ItePruneAlgorithm", "choices_for_flops_target", "run_iterative_l1", "DEFAULT_PRUNE_TIMES",
-           "FLOPS_TARGET_TOLERANCE", "IterativePlan", "plan_iterative_pruning", "iterative_schedule",
-           "parse_target_pruning_ratio"]
+__all__ = ["ItePruneAlgorithm", "choices_for_flops_target", "FLOPS_TARGET_TOLERANCE", "GRADIENT_IMPORTANCE",
+           "IterativePlan", "plan_iterative_pruning", "prune_iteratively"]
 
 GRADIENT_IMPORTANCE = "taylor"
 """The importance criterion ranked from gradients accumulated while training."""
 
-DEFAULT_PRUNE_TIMES = 5
-"""Prunes of ``dagprune prune --method l1`` when the arguments name none."""
-
 FLOPS_TARGET_TOLERANCE = 0.02
 """Largest ``|achieved FLOPs proportion - target|`` accepted by :func:`choices_for_flops_target`."""
 
-LOG = logging.getLogger("dagprune.prune")
+LOG = logging.getLogger(__name__)
 
 
 class ItePruneAlgorithm(nn.Module):
@@ -293,215 +292,141 @@ def choices_for_flops_target(mutator: ChannelMutator, target: float,
     return {name: count / mutator.unit(name).num_channels for name, count in counts.items()}, achieved
 
 
-def iterative_schedule(steps: int, prune_times: int | None = None, step_epoch: int | None = None,
-                       importance: str = "l1") -> tuple[int, int]:
-    """``(prune_times, step_epoch)`` of ``dagprune prune --method l1`` for a run of ``steps``.
-
-    Defaults: ``prune_times`` is :data:`DEFAULT_PRUNE_TIMES`, lowered to what fits in ``steps``;
-    ``step_epoch`` is ``steps // prune_times`` (at least 1), so the prunes are equally spaced.
-
-    >>> iterative_schedule(100), iterative_schedule(100, prune_times=3), iterative_schedule(3)
-    ((5, 20), (3, 33), (3, 1))
-    >>> iterative_schedule(100, step_epoch=30)
-    (4, 30)
-
-    Raises:
-        PruningError: a value below 1, a last prune at or after ``steps``, or "taylor" with
-            fewer than 2 steps (its first prune waits for a training step).
-    """
-    for flag, value in (("--prune-times", prune_times), ("--step-epoch", step_epoch)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise PruningError(f"{flag} must be an int >= 1, got {value!r}")
-    if importance == GRADIENT_IMPORTANCE and steps < 2:
-        raise PruningError(f"--importance {GRADIENT_IMPORTANCE} needs --steps >= 2 (got {steps}): its first "
-                           "prune waits for the gradients of one training step")
-    if prune_times is None:
-        fitting = steps if step_epoch is None else (steps - 1) // step_epoch + 1
-        prune_times = max(1, min(DEFAULT_PRUNE_TIMES, fitting))
-    if step_epoch is None:
-        step_epoch = max(1, steps // prune_times)
-    last_prune = (prune_times - 1) * step_epoch
-    if last_prune >= steps:
-        raise PruningError(f"--prune-times {prune_times} with --step-epoch {step_epoch} puts the last prune at "
-                           f"step {last_prune}, but the run has --steps {steps} (steps 0 to {steps - 1}); "
-                           "lower --prune-times or --step-epoch, or raise --steps")
-    return prune_times, step_epoch
-
-
-def parse_target_pruning_ratio(value: Any) -> float | dict | None:
-    """``--target-pruning-ratio``: one kept share for every unit, or ``{unit name: choice}``.
-
-    Args:
-        value: a number in (0, 1], a mapping, or text: a number, or the path of a JSON file
-            holding ``{unit name: choice}`` (what ``dagprune units MODEL --choice -o FILE``
-            writes); None stays None.
-
-    >>> parse_target_pruning_ratio("0.7"), parse_target_pruning_ratio({"conv_(0, 8)_8": 0.5})
-    (0.7, {'conv_(0, 8)_8': 0.5})
-
-    Raises:
-        PruningError: a number out of (0, 1], a file that does not exist or is not a JSON
-            object of unit names to numbers.
-    """
-    if value is None or isinstance(value, Mapping):
-        return None if value is None else dict(value)
-    ratio = value
-    if isinstance(value, str):
-        try:
-            ratio = float(value)
-        except ValueError:
-            return _read_unit_ratios(value)
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise PruningError(f"--target-pruning-ratio must be in (0, 1] (the fraction of each unit's channels "
-                           f"kept) or a JSON file of {{unit name: fraction}}, got {value!r}")
-    return float(ratio)
-
-
-def _read_unit_ratios(path: str) -> dict:
-    if not Path(path).is_file():
-        raise PruningError(f"--target-pruning-ratio {path!r} is neither a number nor a JSON file; give a "
-                           "fraction such as 0.7 or a file written by `dagprune units MODEL --choice -o FILE`")
-    try:
-        ratios = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PruningError(f"--target-pruning-ratio {path}: not valid JSON ({error})") from error
-    if not isinstance(ratios, dict) or not ratios or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in ratios.values()):
-        raise PruningError(f"--target-pruning-ratio {path}: expected a non-empty JSON object {{unit name: "
-                           "fraction kept}}, as `dagprune units MODEL --choice -o FILE` writes")
-    return ratios
 
 
 @dataclass
 class IterativePlan:
-    """What ``dagprune prune --method l1`` will do (see :func:`plan_iterative_pruning`)."""
+    """Per-unit targets and a schedule for :class:`ItePruneAlgorithm` (see :func:`plan_iterative_pruning`).
+
+    Attributes:
+        mutator: the :class:`ChannelMutator`, prepared on the model (``mutator.dag``).
+        target_pruning_ratio: ``{unit name: kept share}`` reached by the last prune.
+        predicted_flops_proportion: the pruned model's FLOPs as a fraction of the model's, with
+            the channels ranked as when the plan was made.
+        prune_times: prunes to reach the targets.
+        step_epoch: steps between two prunes.
+        importance: how the channels are ranked ("l1", "bn_scale", "taylor", ...).
+    """
 
     mutator: ChannelMutator
     target_pruning_ratio: dict
-    """``{unit name: kept share}`` reached by the last prune."""
     predicted_flops_proportion: float
     prune_times: int
     step_epoch: int
     importance: str
 
-    def describe(self, flops_target: float | None = None) -> str:
-        """One line for the log: units, importance, kept shares, predicted FLOPs, schedule."""
-        ratios = sorted(set(self.target_pruning_ratio.values()))
-        kept = f"{ratios[0]:.4f}" if len(ratios) == 1 else f"{ratios[0]:.3f} to {ratios[-1]:.3f}"
-        units = self.mutator.units
-        importance = "" if self.importance == "l1" else f", importance {self.importance!r}"
-        if flops_target is None:
-            goal = (f"keeping {kept} of the channels of {len(self.target_pruning_ratio)} units "
-                    f"(--target-pruning-ratio) gives FLOPs proportion {self.predicted_flops_proportion:.4f}")
-        else:
-            goal = (f"keeping {kept} of each unit's channels gives FLOPs proportion "
-                    f"{self.predicted_flops_proportion:.4f} (target {flops_target:.2f})")
-        return (f"{len(units)} units ({sum(unit.mutable for unit in units)} prunable){importance}; {goal}; "
-                f"{self.prune_times} prunes every {self.step_epoch} steps")
+    def create_algorithm(self) -> ItePruneAlgorithm:
+        """The :class:`ItePruneAlgorithm` that carries out this plan on ``mutator.dag``."""
+        return ItePruneAlgorithm(self.mutator.dag, self.mutator, target_pruning_ratio=self.target_pruning_ratio,
+                                 step_epoch=self.step_epoch, prune_times=self.prune_times)
 
 
-def plan_iterative_pruning(dag: DagModule, input_shape: Sequence[int], args) -> IterativePlan:
-    """The units, targets and schedule of ``dagprune prune --method l1`` on ``dag``.
+def plan_iterative_pruning(dag: DagModule, input_shape: Sequence[int], *, prune_times: int, step_epoch: int,
+                           target: float | None = None,
+                           target_pruning_ratio: float | Mapping[str, float] | None = None,
+                           block_size: int = 1, importance: str = "l1",
+                           head_pruning: str = "dims") -> IterativePlan:
+    """Finds the channel units of ``dag`` and the kept share each one reaches.
 
-    The targets are ``args.target_pruning_ratio`` (see :func:`parse_target_pruning_ratio`)
-    when given, else the choices meeting the FLOPs target ``args.target``
-    (:func:`choices_for_flops_target`). Kept counts are multiples of ``args.block_size``; the
-    channels are ranked by ``args.importance`` (default "l1"). Where "taylor" has no gradients
-    yet, FLOPs are predicted with the channels ranked by L1 norm (they differ only where a unit
-    spans tensors of different cost).
+    With ``target_pruning_ratio`` the shares are those (one for every unit, or ``{unit name:
+    share}``, units not named are not pruned); otherwise they are the choices that leave
+    ``target`` of the FLOPs (:func:`choices_for_flops_target`: one uniform share, evened out on
+    small units). Where ``importance`` is "taylor", which has no gradients yet, FLOPs are
+    predicted with the channels ranked by L1 norm (they differ only where a unit spans tensors
+    of different cost).
+
+    Args:
+        dag: the model to prune.
+        input_shape: its input shape without batch.
+        prune_times, step_epoch: the schedule of :class:`ItePruneAlgorithm`.
+        target: the FLOPs to keep, as a fraction of the model's (not with ``target_pruning_ratio``).
+        target_pruning_ratio: the kept share of every unit, or ``{unit name: share}``.
+        block_size: kept channel counts are multiples of it.
+        importance: how the channels are ranked (a name of ``IMPORTANCE_CRITERIA``).
+        head_pruning: "dims" or "heads" (see :class:`ChannelPruning`).
+
+    Returns:
+        The plan; :meth:`IterativePlan.create_algorithm` turns it into an :class:`ItePruneAlgorithm`.
 
     Raises:
-        PruningError: a bad schedule, ratio or FLOPs target.
-        ChannelUnitError: a unit name of the ratio file that the model does not have (the
-            closest names are listed) or a ratio out of range.
+        PruningError: neither or both of ``target`` and ``target_pruning_ratio``; an unreachable
+            FLOPs target.
+        ChannelUnitError: a unit name the model does not have (the closest names are listed) or
+            a share out of range.
+
+    >>> import dagprune
+    >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3))
+    >>> plan = plan_iterative_pruning(dagprune.build_from_unstructured_module(model), (3, 8, 8),
+    ...                               prune_times=2, step_epoch=3, target_pruning_ratio=0.5)
+    >>> plan.target_pruning_ratio, round(plan.predicted_flops_proportion, 3)
+    ({'0_(0, 16)_16': 0.5}, 0.5)
     """
-    importance = getattr(args, "importance", None) or "l1"
-    prune_times, step_epoch = iterative_schedule(args.steps, getattr(args, "prune_times", None),
-                                                 getattr(args, "step_epoch", None), importance)
-    given_ratio = getattr(args, "target_pruning_ratio", None)
-    ratio = parse_target_pruning_ratio(given_ratio)
+    if (target is None) == (target_pruning_ratio is None):
+        raise PruningError("give one of target (the FLOPs to keep, e.g. 0.5) and target_pruning_ratio (the "
+                           f"kept share of each unit's channels), got target={target!r}, "
+                           f"target_pruning_ratio={target_pruning_ratio!r}")
     mutator = ChannelMutator({"type": "L1ChannelUnit",
-                              "default_args": {"choice_mode": "ratio", "divisor": args.block_size,
+                              "default_args": {"choice_mode": "ratio", "divisor": block_size,
                                                "importance": importance}},
                              {"type": "ChannelAnalysis", "input_shape": list(input_shape),
-                              "head_pruning": getattr(args, "head_pruning", "dims")})
+                              "head_pruning": head_pruning})
     mutator.prepare_from_supernet(dag)
     scores = None
     if importance == GRADIENT_IMPORTANCE:
         scores = {unit.name: channel_importance(mutator.analysis, mutator.group_of(unit.name), "l1")
                   for unit in mutator.mutable_units}
-    if ratio is None:
-        choices, predicted = choices_for_flops_target(mutator, args.target, scores=scores)
+    if target_pruning_ratio is None:
+        choices, predicted = choices_for_flops_target(mutator, target, scores=scores)
     else:
-        choices = ratio if isinstance(ratio, dict) else {unit.name: ratio for unit in mutator.mutable_units}
-        try:
-            predicted = mutator.flops_proportion(choices, scores)  # checks every name and value
-        except ChannelUnitError as error:
-            source = given_ratio if isinstance(given_ratio, str) else "(a dict)"
-            units_command = (f"dagprune units {getattr(args, 'model', 'MODEL')} --choice --input-size "
-                             f"{' '.join(map(str, input_shape))}")
-            raise ChannelUnitError(f"--target-pruning-ratio {source}: {error}; `{units_command}` prints this "
-                                   "model's unit names") from error
+        choices = (dict(target_pruning_ratio) if isinstance(target_pruning_ratio, Mapping)
+                   else {unit.name: target_pruning_ratio for unit in mutator.mutable_units})
+        predicted = mutator.flops_proportion(choices, scores)  # checks every name and value
     return IterativePlan(mutator, choices, predicted, prune_times, step_epoch, importance)
 
 
-def run_iterative_l1(dag: DagModule, input_shape: Sequence[int], args, train, val, device, out,
-                     progress=None):
-    """``dagprune prune --method l1``: iterative pruning (ItePruneAlgorithm) to a FLOPs target or
-    per-unit ratios, then export.
+def prune_iteratively(algorithm: ItePruneAlgorithm, train_step: Callable[[nn.Module, int], None],
+                      steps: int, start_step: int = 0) -> DagModule:
+    """Runs the caller's training steps with the algorithm's prunes in between, then removes
+    the channels.
 
-    The targets, importance and schedule come from :func:`plan_iterative_pruning`: by default
-    one kept ratio for every unit (uniform, evened out on small units) so that the pruned model
-    has ``args.target`` of the FLOPs (within 0.02); with ``args.target_pruning_ratio`` (a
-    fraction or ``{unit name: fraction}``) those ratios instead. Kept counts are multiples of
-    ``args.block_size``. The model is pruned ``args.prune_times`` times (default 5, at most
-    what fits in ``args.steps``) every ``args.step_epoch`` steps (default ``steps //
-    prune_times``), training the masked model with Adam in between (checkpointed into ``out``,
-    so a stopped run resumes exactly), then the channels are removed. The masked model shares
-    ``dag``'s weights, so ``dag`` is trained in place (as with the gated method).
+    Step ``s`` (``start_step <= s < steps``) first applies the prune due at ``s``
+    (:meth:`ItePruneAlgorithm.maybe_prune`), then calls ``train_step(model, s)``, where
+    ``model`` is the masked model (:attr:`ItePruneAlgorithm.architecture`): the caller's
+    forward pass, loss, backward pass and optimizer step. To resume a stopped run, load the
+    algorithm's and the optimizer's state dicts and pass the step to continue from.
+
+    Args:
+        algorithm: the algorithm (e.g. from :meth:`IterativePlan.create_algorithm`).
+        train_step: ``(model, step) -> None``, one training step of ``model``.
+        steps: steps in all; every prune must fall before the last one.
+        start_step: the first step to run.
 
     Returns:
-        ``(pruned DAG, history, masked-model validation accuracy in percent, max relative
-        difference between the removed and the masked model)``.
+        The slim model (:meth:`ItePruneAlgorithm.remove_channels`).
+
+    Raises:
+        PruningError: ``steps`` ends before the last prune.
+
+    >>> import dagprune, torch
+    >>> model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3))
+    >>> plan = plan_iterative_pruning(dagprune.build_from_unstructured_module(model), (3, 8, 8),
+    ...                               prune_times=2, step_epoch=2, target=0.5)
+    >>> algorithm = plan.create_algorithm()
+    >>> optimizer = torch.optim.SGD(algorithm.parameters(), lr=0.01)
+    >>> def train_step(masked_model, step):
+    ...     loss = masked_model(torch.randn(2, 3, 8, 8)).square().mean()
+    ...     optimizer.zero_grad(); loss.backward(); optimizer.step()
+    >>> slim = prune_iteratively(algorithm, train_step, steps=4)
+    >>> slim.vertex("_0").module.out_channels
+    8
     """
-    from dagprune import compare_module_outputs
-    from dagprune_algorithms.training import StepResult, evaluate_accuracy, train_steps
-
-    plan = plan_iterative_pruning(dag, input_shape, args)
-    flops_target = None if getattr(args, "target_pruning_ratio", None) is not None else args.target
-    LOG.info("l1: %s", plan.describe(flops_target))
-    algorithm = ItePruneAlgorithm(dag, plan.mutator, target_pruning_ratio=plan.target_pruning_ratio,
-                                  step_epoch=plan.step_epoch, prune_times=plan.prune_times).to(device)
-    mutator = plan.mutator
-    optimizer = torch.optim.Adam(algorithm.parameters(), lr=args.lr)
-    proportion_at: dict[int, float] = {}
-
-    def current_proportion() -> float:
-        done = int(algorithm.prunes_done)
-        if done not in proportion_at:
-            proportion_at[done] = mutator.flops_proportion()
-        return proportion_at[done]
-
-    def pruning_step(step, x, y):
+    last_prune = (algorithm.prune_times - 1) * algorithm.step_epoch
+    if algorithm.taylor_scores is not None:
+        last_prune = max(last_prune, 1)  # a prune due at step 0 waits for step 1
+    if not algorithm.done and steps <= last_prune:
+        raise PruningError(f"steps={steps} ends before the last prune (step {last_prune}); raise steps, or lower "
+                           "prune_times or step_epoch")
+    for step in range(start_step, steps):
         algorithm.maybe_prune(step)
-        task_loss = F.cross_entropy(algorithm(x), y)
-        return StepResult(task_loss, {"proportion": current_proportion(), "target": flops_target,
-                                      "task_loss": task_loss.item(),
-                                      "prunes_done": int(algorithm.prunes_done)})
-
-    def validate(step, logs):
-        if step % 100 and step != args.steps - 1:
-            return {}
-        return {"val_accuracy": evaluate_accuracy(algorithm, *val, device=device) / 100.0}
-
-    history: list = []
-    train_steps(algorithm, optimizer, train, args.batch_size, args.seed + 1, args.steps,
-                step_fn=pruning_step, checkpoint_path=Path(out) / "l1_pruning.ckpt",
-                checkpoint_every=args.checkpoint_every, device=device, progress=progress,
-                history=history, on_log=validate)
-    algorithm.eval()
-    masked = algorithm.architecture
-    accuracy = evaluate_accuracy(masked, *val, device=device)
-    pruned = algorithm.remove_channels().to(device)
-    difference = compare_module_outputs(masked, pruned, (4, *input_shape), raise_error=False, device=device)
-    return pruned, history, accuracy, difference
+        train_step(algorithm.architecture, step)
+    return algorithm.remove_channels()

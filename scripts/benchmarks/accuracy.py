@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from dagprune_algorithms.data import load_dataset
-from dagprune_algorithms.models import create_timm_model
-from dagprune_algorithms.prune_job import add_prune_arguments, run_prune
-from dagprune_algorithms.training import evaluate_accuracy, materialize, save_checkpoint, train_steps
+from dagprune_algorithms.app.data import load_dataset
+from dagprune_algorithms.app.models import create_timm_model
+from dagprune_algorithms.app.prune_job import add_prune_arguments, run_prune
+from dagprune_algorithms.app.training import evaluate_accuracy, materialize, save_checkpoint, train_steps
 
 from .common import error_text
 from .peers import run_peer

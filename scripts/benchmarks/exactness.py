@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import dagprune
-from dagprune_algorithms.models import create_timm_model
+from dagprune_algorithms.app.models import create_timm_model
 from dagprune_algorithms.pruning import ChannelPruning
 
 from .common import error_text, fixed_input, log, record_removal_exactness, unit_layer_scales

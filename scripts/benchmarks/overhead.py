@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import dagprune
-from dagprune_algorithms.models import create_timm_model
+from dagprune_algorithms.app.models import create_timm_model
 from dagprune_algorithms.pruning import ChannelPruning
 
 from .common import log, error_text, interleaved_medians

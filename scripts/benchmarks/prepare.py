@@ -12,7 +12,7 @@ import statistics
 import torch
 
 import dagprune
-from dagprune_algorithms.models import create_timm_model
+from dagprune_algorithms.app.models import create_timm_model
 from dagprune_algorithms.pruning import ChannelPruning
 
 from .common import log, error_text, seconds

@@ -70,7 +70,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from dagprune_algorithms.models import create_timm_model  # noqa: E402
+from dagprune_algorithms.app.models import create_timm_model  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))  # the shared helpers
 from benchmarks.common import (StageError, record_removal_exactness, stage,  # noqa: E402
@@ -603,7 +603,7 @@ def empty_accuracy_row(target: float, seed: int) -> dict:
 
 def prune_and_finetune(baseline: nn.Module, target: float, args, data: dict) -> dict:
     """One target of the accuracy section: search, prune, train, fine-tune, evaluate."""
-    from dagprune_algorithms.training import evaluate_accuracy, train_steps
+    from dagprune_algorithms.app.training import evaluate_accuracy, train_steps
 
     started = time.perf_counter()
     row = empty_accuracy_row(target, args.seed)
@@ -640,8 +640,8 @@ def prune_and_finetune(baseline: nn.Module, target: float, args, data: dict) -> 
 
 def load_baseline(args) -> tuple[nn.Module, dict]:
     """The baseline model and what every target shares: data, example input, accuracy, FLOPs."""
-    from dagprune_algorithms.data import load_dataset
-    from dagprune_algorithms.training import evaluate_accuracy, load_checkpoint, materialize
+    from dagprune_algorithms.app.data import load_dataset
+    from dagprune_algorithms.app.training import evaluate_accuracy, load_checkpoint, materialize
 
     with stage("data"):
         split = load_dataset(args.data_dir, image_size=args.image_size, seed=args.seed)

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 import dagprune
 from dagprune.errors import DagpruneError
 
+from dagprune_algorithms.app.iterative_job import DEFAULT_PRUNE_TIMES
+from dagprune_algorithms.app.training import (StepResult, TrainingError, evaluate_accuracy,
+                                              load_checkpoint, materialize, save_checkpoint, train_steps)
 from dagprune_algorithms.pruning.channel_groups import HEAD_PRUNING_MODES
 from dagprune_algorithms.pruning.importance import IMPORTANCE_CRITERIA
-from dagprune_algorithms.pruning.iterative import DEFAULT_PRUNE_TIMES
-from dagprune_algorithms.training import (StepResult, TrainingError, evaluate_accuracy,
-                                          load_checkpoint, materialize, save_checkpoint, train_steps)
 
 __all__ = ["add_prune_arguments", "run_prune"]
 
@@ -125,7 +125,7 @@ def _validate(args) -> None:
     if args.target is not None and not 0 < args.target < 1:
         raise PruneUsageError(f"--target must be in (0, 1) (a fraction of the original FLOPs), got {args.target}")
     if args.method == "l1":
-        from dagprune_algorithms.pruning.iterative import iterative_schedule, parse_target_pruning_ratio
+        from dagprune_algorithms.app.iterative_job import iterative_schedule, parse_target_pruning_ratio
 
         try:
             iterative_schedule(args.steps, args.prune_times, args.step_epoch, args.importance or "l1")
@@ -146,7 +146,7 @@ def _progress(args, description: str):
 
 
 def _measure(model, name, data_val, input_shape, original_flops, device, accuracy=None):
-    from dagprune_algorithms.latency import measure_latency
+    from dagprune_algorithms.app.latency import measure_latency
     from dagprune_algorithms.pruning import compute_flops
 
     flops = compute_flops(model, input_shape)
@@ -163,10 +163,10 @@ def _measure(model, name, data_val, input_shape, original_flops, device, accurac
 
 def run_prune(args) -> int:
     """Runs the whole job; returns the exit code."""
-    from dagprune_algorithms.data import load_dataset
-    from dagprune_algorithms.models import create_timm_model
+    from dagprune_algorithms.app.data import load_dataset
+    from dagprune_algorithms.app.models import create_timm_model
     from dagprune_algorithms.pruning import ChannelPruning
-    from dagprune_algorithms.report import format_comparison_table, plot_training_history, write_json_report
+    from dagprune_algorithms.app.report import format_comparison_table, plot_training_history, write_json_report
 
     _validate(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -184,8 +184,8 @@ def run_prune(args) -> int:
              len(val[0]), "x".join(map(str, input_shape)), split.num_classes)
     model = create_timm_model(args.model, input_shape, num_classes=split.num_classes).to(device)
     if args.method == "l1":  # unit names, ratios and the FLOPs target fail now, not after the baseline
-        from dagprune_algorithms.pruning.iterative import plan_iterative_pruning
-        plan_iterative_pruning(dagprune.build_from_unstructured_module(model), input_shape, args)
+        from dagprune_algorithms.app.iterative_job import plan_from_arguments
+        plan_from_arguments(dagprune.build_from_unstructured_module(model), input_shape, args)
 
     # -- baseline -------------------------------------------------------------------------
     baseline_path = out / "baseline.pt"
@@ -246,7 +246,7 @@ def run_prune(args) -> int:
                                                              raise_error=False, device=device)
         gated_accuracy = evaluate_accuracy(gated, *val, device=device)
     else:
-        from dagprune_algorithms.pruning.iterative import run_iterative_l1
+        from dagprune_algorithms.app.iterative_job import run_iterative_l1
         pruned, history, gated_accuracy, removal_difference = run_iterative_l1(
             dag, input_shape, args, train, val, device, out, _progress(args, "l1 pruning"))
     final_proportion = dagprune.count_flops(pruned, input_shape).total / original_flops

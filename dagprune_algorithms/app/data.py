@@ -25,7 +25,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from dagprune.errors import DataError
+from dagprune_algorithms.app.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -120,7 +120,7 @@ def format_json(value, indent: int = 4, level: int = 0) -> str:
 
 def _load_dag(model: str, input_size: tuple[int, ...]):
     import dagprune
-    from dagprune_algorithms.models import UnknownModelError, create_timm_model
+    from dagprune_algorithms.app.models import UnknownModelError, create_timm_model
 
     if os.path.exists(model):
         return dagprune.load_dag(model).eval()

@@ -130,7 +130,7 @@ def _load_model(model: str, input_size: tuple[int, ...]) -> tuple[nn.Module, str
     """The model named by ``model`` (a saved DAG directory or a timm name), in eval mode."""
     if os.path.exists(model):
         return dagprune.load_dag(model).eval(), f"saved DAG {model}"
-    from dagprune_algorithms.models import UnknownModelError, create_timm_model, timm_size_kwargs
+    from dagprune_algorithms.app.models import UnknownModelError, create_timm_model, timm_size_kwargs
 
     try:
         created = create_timm_model(model, input_size)
@@ -189,7 +189,7 @@ def _outputs_equal(first, second) -> bool:
 
 # --------------------------------------------------------------------------------- prune
 def _add_prune_command(subparsers) -> None:
-    from dagprune_algorithms.prune_job import add_prune_arguments, run_prune
+    from dagprune_algorithms.app.prune_job import add_prune_arguments, run_prune
 
     parser = subparsers.add_parser(
         "prune", help="prune a timm model to a FLOPs target (or per-unit ratios) and report before/after",
@@ -206,7 +206,7 @@ def _add_prune_command(subparsers) -> None:
 
 # --------------------------------------------------------------------------------- units
 def _add_units_command(subparsers) -> None:
-    from dagprune_algorithms.units_command import add_units_arguments, run_units
+    from dagprune_algorithms.app.units_command import add_units_arguments, run_units
 
     parser = subparsers.add_parser(
         "units", help="print a model's channel units as JSON (mmrazor's config template)",

@@ -1,0 +1,144 @@
+"""What tracing keeps whole, rewrites first or records as one call: the tables and their registration.
+
+Three tables, filled by :func:`register_leaf_module`, :func:`register_module_rewrite` and
+:func:`register_autowrap_function` and read by :mod:`dagprune.tracing` (to convert models) and
+:mod:`dagprune.module_serialization` (registered leaf types may be loaded by structure). Keeping
+them here, below both, lets optional integrations such as :mod:`dagprune.timm_layers` register
+their layers without depending on tracing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from dagprune.ops.functions import register_function
+from dagprune.ops.padding import SamePad2d
+from dagprune.ops.standardized_conv import StandardizedConv2d
+from dagprune.ops.stochastic_depth import StochasticDepth
+
+__all__ = ["LEAF_MODULE_TYPES", "register_leaf_module", "register_module_rewrite",
+           "register_autowrap_function", "is_registered_leaf", "apply_module_rewrites",
+           "autowrap_functions"]
+
+LEAF_MODULE_TYPES: set[type] = set()
+_LEAF_CONDITIONS: dict[type, Callable[[nn.Module], bool]] = {}
+_MODULE_REWRITES: dict[type, Callable[[nn.Module], nn.Module]] = {}
+_AUTOWRAP_FUNCTIONS: list[Callable] = []
+
+
+def register_leaf_module(cls: type, when: Callable[[nn.Module], bool] | None = None) -> type:
+    """Makes tracing keep modules of type ``cls`` whole (one vertex) instead of tracing inside.
+
+    Use it for layers torch.fx cannot trace (data-dependent control flow) and that pruning or
+    saving should treat as a unit. Registered types may also be loaded from a saved DAG by their
+    structure.
+
+    Args:
+        cls: the module type.
+        when: if given, only the instances for which ``when(module)`` returns True are kept
+            whole (a block that is untraceable only in some configurations).
+
+    Returns:
+        ``cls``, so that this can be used as a class decorator.
+
+    >>> @register_leaf_module
+    ... class Clamp(nn.Module):
+    ...     def forward(self, x):
+    ...         return x if x.min() >= 0 else x.clamp(min=0)
+    >>> is_registered_leaf(Clamp())
+    True
+    """
+    LEAF_MODULE_TYPES.add(cls)
+    if when is None:
+        _LEAF_CONDITIONS.pop(cls, None)
+    else:
+        _LEAF_CONDITIONS[cls] = when
+    return cls
+
+
+def register_module_rewrite(cls: type) -> Callable[[Callable[[nn.Module], nn.Module]],
+                                                   Callable[[nn.Module], nn.Module]]:
+    """Registers ``fn(module) -> equivalent module``, applied to every ``cls`` before tracing.
+
+    Rewrites turn layers that torch.fx cannot trace faithfully (a fused norm + activation whose
+    train/eval behaviour would be frozen at trace time, a padding computed in Python) into
+    standard layers that share the original parameters.
+
+    Args:
+        cls: the module type to rewrite (exactly this type, not its subclasses).
+
+    Returns:
+        A decorator that registers ``fn`` and returns it unchanged.
+
+    >>> class CheckedIdentity(nn.Module):  # torch.fx cannot trace the data-dependent check
+    ...     def forward(self, x):
+    ...         if x.isnan().any():
+    ...             raise ValueError("NaN input")
+    ...         return x
+    >>> @register_module_rewrite(CheckedIdentity)
+    ... def _without_check(module):
+    ...     return nn.Identity()
+    >>> apply_module_rewrites(nn.Sequential(CheckedIdentity()))
+    Sequential(
+      (0): Identity()
+    )
+    """
+    def decorator(fn: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], nn.Module]:
+        _MODULE_REWRITES[cls] = fn
+        return fn
+    return decorator
+
+
+def register_autowrap_function(function: Callable) -> Callable:
+    """Makes tracing record calls to ``function`` as one op instead of tracing inside it.
+
+    The function is also registered by name (:func:`dagprune.ops.register_function`), so that
+    DAGs calling it can be saved.
+
+    Returns:
+        ``function``, so that this can be used as a decorator.
+    """
+    register_function(function)
+    _AUTOWRAP_FUNCTIONS.append(function)
+    return function
+
+
+def is_registered_leaf(module: nn.Module) -> bool:
+    """Whether ``module``'s exact type is a registered leaf and its condition, if any, holds.
+
+    >>> is_registered_leaf(SamePad2d((3, 3), (1, 1))), is_registered_leaf(nn.Conv2d(1, 1, 1))
+    (True, False)
+    """
+    if type(module) not in LEAF_MODULE_TYPES:
+        return False
+    condition = _LEAF_CONDITIONS.get(type(module))
+    return condition is None or bool(condition(module))
+
+
+def apply_module_rewrites(module: nn.Module) -> nn.Module:
+    """``module`` with every registered rewrite applied, outermost first, in place.
+
+    Returns:
+        The rewritten module: ``module`` itself (with rewritten children) unless its own type
+        has a rewrite.
+    """
+    rewrite = _MODULE_REWRITES.get(type(module))
+    if rewrite is not None:
+        return rewrite(module)
+    for name, child in list(module.named_children()):
+        replacement = apply_module_rewrites(child)
+        if replacement is not child:
+            setattr(module, name, replacement)
+    return module
+
+
+def autowrap_functions() -> tuple[Callable, ...]:
+    """The functions registered with :func:`register_autowrap_function`, in registration order."""
+    return tuple(_AUTOWRAP_FUNCTIONS)
+
+
+register_leaf_module(SamePad2d)
+register_leaf_module(StandardizedConv2d)
+register_leaf_module(StochasticDepth)

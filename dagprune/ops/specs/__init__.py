@@ -1,0 +1,17 @@
+"""The op specs dagprune ships, one file per family of ops (see :mod:`dagprune.ops.spec`)."""
+
+from __future__ import annotations
+
+from dagprune.ops.spec import OpSpec
+from dagprune.ops.specs import (channelwise, convolution, elementwise, indexing, leaves, linear,
+                                normalization, products, reduction, reshape, rms_norm)
+
+__all__ = ["builtin_specs"]
+
+_FAMILIES = (convolution, linear, normalization, rms_norm, channelwise, elementwise, reduction,
+             products, reshape, indexing, leaves)
+
+
+def builtin_specs() -> tuple[OpSpec, ...]:
+    """Every spec dagprune ships, in a fixed order."""
+    return tuple(spec for family in _FAMILIES for spec in family.SPECS)

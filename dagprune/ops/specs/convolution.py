@@ -1,0 +1,188 @@
+"""Convolutions: nn.Conv*d, nn.ConvTranspose*d, timm's weight-standardised conv, F.conv*d."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from dagprune.ops.channel_map import channel_atoms, tensor_layout
+from dagprune.ops.flop_counting import argument_value, measured_flops
+from dagprune.ops.layers import FunctionalLayerOp
+from dagprune.ops.slicing import kept_count, replace_tensor, slice_tensor
+from dagprune.ops.spec import ChannelWeight, OpSpec, opaque_coupling
+from dagprune.ops.standardized_conv import StandardizedConv2d
+
+__all__ = ["SPECS"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+# ------------------------------------------------------------------------------- flops
+def conv_flops(module: nn.Conv2d, inputs, output) -> int:
+    return 2 * output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+
+
+def conv_transpose_flops(module: nn.ConvTranspose2d, inputs, output) -> int:
+    kernel = math.prod(module.kernel_size)
+    return 2 * inputs[0].numel() * (module.out_channels // module.groups) * kernel
+
+
+def functional_conv_flops(module, inputs, output) -> int:
+    weight = argument_value(module, inputs, 1, "weight")
+    return 2 * output.numel() * math.prod(weight.shape[1:])
+
+
+# ------------------------------------------------------------------------------- coupling
+def _tie_conv_groups(ctx, in_atoms, out_atoms, module) -> None:
+    """A whole conv group (its input and output channels) is kept or removed together."""
+    in_per_group = module.in_channels // module.groups
+    out_per_group = module.out_channels // module.groups
+    for group in range(module.groups):
+        ctx.tie(np.concatenate([in_atoms[group * in_per_group:(group + 1) * in_per_group],
+                                out_atoms[group * out_per_group:(group + 1) * out_per_group]]))
+
+
+def conv_coupling(ctx, vertex, module, layouts, values, output):
+    """Output channels are new; input channels are consumed (or tied per conv group)."""
+    in_atoms = channel_atoms(ctx, tensor_layout(layouts[0]),
+                             "convolution over a channel-tracked spatial axis")
+    out_atoms = ctx.produce(module.out_channels, axis=1)
+    if module.groups == 1:
+        if in_atoms is not None:
+            ctx.consume(vertex, 0, 1, in_atoms)
+        factors = [out_atoms] + ([in_atoms] if in_atoms is not None else [])
+    elif in_atoms is None:
+        ctx.barrier(out_atoms, "grouped convolution of an untracked input")
+        factors = [out_atoms]
+    else:
+        _tie_conv_groups(ctx, in_atoms, out_atoms, module)
+        factors = [out_atoms]
+    flops = (conv_transpose_flops if isinstance(module, _TRANSPOSED) else conv_flops)(
+        module, values, output)
+    ctx.count_flops(vertex, flops, factors)
+    return {1: out_atoms}
+
+
+# ------------------------------------------------------------------------------- removal
+def _slice_extra_output_state(module: nn.Module, out_channels: int, out_mask) -> None:
+    """Per-output-channel tensors of conv subclasses (e.g. timm's weight-standardised convs
+    keep a ``gain`` of shape (out, 1, 1, 1))."""
+    if out_mask is None:
+        return
+    named = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+    for name, tensor in named:
+        if name not in ("weight", "bias") and tensor is not None and tensor.ndim >= 1 \
+                and tensor.shape[0] == out_channels:
+            replace_tensor(module, name, slice_tensor(tensor, 0, out_mask))
+
+
+def _remove_from_conv(module, in_mask, out_mask, transposed: bool):
+    """Slices weight, bias and per-channel state. The weight's axis 0 holds every output
+    channel (every input channel when ``transposed``); its axis 1 the channels of one conv
+    group on the other side, sliced only when there is a single group (otherwise whole groups
+    go, tied by the coupling)."""
+    module = copy.deepcopy(module)
+    full_mask, grouped_mask = (in_mask, out_mask) if transposed else (out_mask, in_mask)
+    weight = slice_tensor(module.weight, 0, full_mask)
+    if module.groups == 1:
+        weight = slice_tensor(weight, 1, grouped_mask)
+    else:
+        full_size = module.in_channels if transposed else module.out_channels
+        module.groups = kept_count(full_mask, full_size) // (full_size // module.groups)
+    replace_tensor(module, "weight", weight)
+    if module.bias is not None:
+        replace_tensor(module, "bias", slice_tensor(module.bias, 0, out_mask))
+    _slice_extra_output_state(module, module.out_channels, out_mask)
+    module.out_channels = kept_count(out_mask, module.out_channels)
+    module.in_channels = kept_count(in_mask, module.in_channels)
+    return module
+
+
+def remove_from_conv(module, input_masks, output_mask, shapes):
+    return _remove_from_conv(module, input_masks[0].get(1), output_mask.get(1), transposed=False)
+
+
+def remove_from_conv_transpose(module, input_masks, output_mask, shapes):
+    return _remove_from_conv(module, input_masks[0].get(1), output_mask.get(1), transposed=True)
+
+
+def remove_from_standardized_conv(module, input_masks, output_mask, shapes):
+    """Output channels (and whole conv groups) go without changing any kept filter's
+    statistics; removing input channels of an ungrouped layer would, so that layer becomes a
+    plain conv holding the standardised weight, sliced."""
+    if module.groups == 1 and input_masks[0].get(1) is not None:
+        module = module.to_plain_conv()
+    return remove_from_conv(module, input_masks, output_mask, shapes)
+
+
+# ------------------------------------------------------------------------------- masking
+def _conv_weight_mask(conv: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """The factor on ``conv.weight`` (out, in / groups, *kernel) equal to masking the conv's
+    input channels with ``mask``: output channel ``o`` of conv group ``g`` reads input channel
+    ``g * in_per_group + j`` through ``weight[o, j]`` (depthwise convs included)."""
+    groups, kernel_axes = conv.groups, [1] * (conv.weight.ndim - 2)
+    if groups == 1:
+        return mask.view(1, -1, *kernel_axes)
+    in_per_group, out_per_group = conv.in_channels // groups, conv.out_channels // groups
+    per_output = mask.view(groups, 1, in_per_group).expand(groups, out_per_group, in_per_group)
+    return per_output.reshape(conv.out_channels, in_per_group, *kernel_axes)
+
+
+def mask_conv_input(conv: nn.Conv2d, inputs, mask: torch.Tensor, axis: int) -> torch.Tensor:
+    """``conv(x * mask)``, computed by scaling whichever is smaller: the input or the weight."""
+    x = inputs[0]
+    if x.numel() <= conv.weight.numel() or type(conv) not in _CONVS:  # a subclass's own forward
+        shape = [1] * x.ndim
+        shape[1] = mask.numel()
+        return conv(x * mask.view(shape))
+    return conv._conv_forward(x, conv.weight * _conv_weight_mask(conv, mask), conv.bias)
+
+
+# ------------------------------------------------------------------------------- importance
+def conv_filters(module, vertex) -> ChannelWeight:
+    return ChannelWeight(module.weight, 0)
+
+
+def conv_transpose_filters(module, vertex) -> ChannelWeight:
+    return ChannelWeight(module.weight, 1)
+
+
+def _conv_example():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=4), nn.Conv2d(8, 4, 1)), \
+        (torch.randn(1, 3, 9, 9),)
+
+
+def _conv_transpose_example():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 6, 2, stride=2),
+                         nn.Conv2d(6, 4, 1)), (torch.randn(1, 3, 6, 6),)
+
+
+def _standardized_conv_example():
+    return nn.Sequential(nn.Conv2d(3, 8, 1), StandardizedConv2d(8, 8, 3, padding=1),
+                         StandardizedConv2d(8, 4, 1, groups=2)), (torch.randn(1, 3, 5, 5),)
+
+
+SPECS = (
+    OpSpec("conv", _CONVS, flops=conv_flops, coupling=conv_coupling, removal=remove_from_conv,
+           masking=mask_conv_input, importance=conv_filters, example=_conv_example),
+    OpSpec("conv_transpose", _TRANSPOSED, flops=conv_transpose_flops, coupling=conv_coupling,
+           removal=remove_from_conv_transpose, importance=conv_transpose_filters,
+           example=_conv_transpose_example),
+    # its forward standardises the weight: scaling the weight by a mask would change that
+    OpSpec("standardized_conv", (StandardizedConv2d,), flops=conv_flops, coupling=conv_coupling,
+           removal=remove_from_standardized_conv, importance=conv_filters,
+           example=_standardized_conv_example),
+    # weights arrive as inputs; their channels are not followed through the call
+    OpSpec("functional_conv", ("torch.nn.functional.conv1d", "torch.nn.functional.conv2d",
+                               "torch.nn.functional.conv3d", "torch.conv1d", "torch.conv2d"),
+           flops=functional_conv_flops, coupling=opaque_coupling),
+    OpSpec("functional_layer", (FunctionalLayerOp,), flops=measured_flops, coupling=opaque_coupling),
+    OpSpec("functional_conv_transpose", ("torch.nn.functional.conv_transpose1d",
+                                         "torch.nn.functional.conv_transpose2d"),
+           flops=measured_flops, coupling=opaque_coupling),
+)

@@ -1,0 +1,58 @@
+"""Elementwise ops: arithmetic between broadcast operands, and functions of each element.
+
+The operands' channel axes are the same channels (a residual ``a + b`` joins its branches);
+an axis carrying channels in one operand and broadcast or untracked in another is a barrier.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dagprune.ops.channel_map import broadcast_axes, tensor_layout
+from dagprune.ops.elementwise import ElementwiseOp, PointwiseOp
+from dagprune.ops.flop_counting import no_flops
+from dagprune.ops.slicing import unchanged_removal
+from dagprune.ops.spec import OpSpec, opaque_coupling
+
+__all__ = ["SPECS"]
+
+_DTYPE_SOURCES = ("type_as", "to", "expand_as")  # a second tensor only gives dtype or device
+
+
+def _tensor_operands(layouts, values) -> list:
+    return [(tensor_layout(layouts[i]), v) for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+
+
+def elementwise_coupling(ctx, vertex, module, layouts, values, output):
+    if not isinstance(output, torch.Tensor):
+        return None  # arithmetic on Python numbers (shapes)
+    return broadcast_axes(ctx, _tensor_operands(layouts, values), output.shape,
+                          "elementwise with untracked operand") or None
+
+
+def pointwise_coupling(ctx, vertex, module, layouts, values, output):
+    if not isinstance(output, torch.Tensor):
+        return opaque_coupling(ctx, vertex, module, layouts, values, output)
+    tensors = _tensor_operands(layouts, values)
+    if module.short_name in _DTYPE_SOURCES and len(tensors) > 1:
+        tensors = tensors[:1]
+    return broadcast_axes(ctx, tensors, output.shape, f"{module.function_name} broadcast") or None
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.branch, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.sigmoid(x + self.branch(x) * 0.5))
+
+
+SPECS = (
+    OpSpec("elementwise", (ElementwiseOp,), flops=no_flops, coupling=elementwise_coupling,
+           removal=unchanged_removal, example=lambda: (_Residual(), (torch.randn(1, 3, 5, 5),))),
+    OpSpec("pointwise", (PointwiseOp,), flops=no_flops, coupling=pointwise_coupling,
+           removal=unchanged_removal, example=lambda: (_Residual(), (torch.randn(1, 3, 5, 5),))),
+)

@@ -1,0 +1,310 @@
+"""Ops that move channels without arithmetic: permute, concatenation, split, indexing,
+shape queries, and im2col / col2im (unfold / fold)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from dagprune.ops.channel_map import (Layout, ShapeTag, argument_input, argument_value,
+                                      barrier_all, channel_atoms, tensor_layout)
+from dagprune.ops.flop_counting import no_flops
+from dagprune.ops.shape import ConcatOp, GetItemOp, PermuteOp, ShapeQueryOp, SplitOp
+from dagprune.ops.slicing import kept_count, unchanged_removal
+from dagprune.ops.spec import OpSpec
+from dagprune.ops.templates import InputRef
+
+__all__ = ["SPECS"]
+
+
+def shape_query_coupling(ctx, vertex, module, layouts, values, output):
+    """Sizes read from channel axes carry those axes' atoms (see :class:`ShapeTag`)."""
+    layout = tensor_layout(layouts[0]) if layouts else {}
+    if not layout or not isinstance(values[0], torch.Tensor):
+        return None
+    name = module.short_name
+
+    def tag(axis):
+        return ShapeTag(layout[axis]) if axis in layout else None
+
+    if name == "getattr" and module.argument(1, None) == "shape" or (
+            name == "size" and argument_value(module, values, 1, "dim") is None):
+        return tuple(tag(axis) for axis in range(values[0].ndim))
+    if name == "size":
+        return tag(argument_value(module, values, 1, "dim") % values[0].ndim)
+    if name in ("len", "__len__"):
+        return tag(0)
+    if name == "numel":
+        ctx.barrier_layout(layout, "numel of a channel-tracked tensor")
+    return None
+
+
+def _permutation(module, values, ndim) -> list[int] | None:
+    name = module.short_name
+    if name in ("permute",):
+        dims = [a for a in module.args[1:]] if len(module.args) > 2 or not isinstance(
+            module.argument(1, "dims"), (tuple, list)) else list(module.argument(1, "dims"))
+        if any(not isinstance(d, int) for d in dims):
+            return None
+        return [d % ndim for d in dims]
+    if name in ("transpose", "swapaxes"):
+        first, second = module.argument(1, "dim0"), module.argument(2, "dim1")
+        if not isinstance(first, int) or not isinstance(second, int):
+            return None
+        order = list(range(ndim))
+        order[first % ndim], order[second % ndim] = order[second % ndim], order[first % ndim]
+        return order
+    if name == "t":
+        return list(range(ndim))[::-1]
+    if name in ("movedim", "moveaxis"):
+        source, destination = module.argument(1, "source"), module.argument(2, "destination")
+        if not isinstance(source, int) or not isinstance(destination, int):
+            return None
+        order = list(range(ndim))
+        order.insert(destination % ndim, order.pop(source % ndim))
+        return order
+    return None
+
+
+def permute_coupling(ctx, vertex, module, layouts, values, output):
+    layout = tensor_layout(layouts[0])
+    order = _permutation(module, values, values[0].ndim)
+    if order is None:
+        return barrier_all(ctx, layouts, f"{module.function_name} with dynamic axes")
+    return {new: layout[old] for new, old in enumerate(order) if old in layout} or None
+
+
+def concat_coupling(ctx, vertex, module, layouts, values, output):
+    tensors = module.argument(0, "tensors")
+    if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, InputRef) for t in tensors):
+        return barrier_all(ctx, layouts, "concatenation of a computed list")
+    dim = argument_value(module, values, 1, "dim", 0)
+    parts = [(tensor_layout(layouts[t.index]), values[t.index]) for t in tensors]
+    stacking = module.short_name == "stack"
+    ndim = output.ndim
+    dim %= ndim
+    result = {}
+    if not stacking:
+        pieces = [layout.get(dim) for layout, _ in parts]
+        if any(piece is not None for piece in pieces):
+            filled = []
+            for piece, (_, value) in zip(pieces, parts):
+                if piece is None:
+                    piece = ctx.fresh(value.shape[dim])
+                    ctx.barrier(piece, "concatenated with an untracked tensor")
+                filled.append(piece)
+            result[dim] = np.concatenate(filled)
+    for axis in range(ndim):
+        if axis == dim:
+            continue
+        source_axis = axis if not stacking or axis < dim else axis - 1
+        tracked = [layout.get(source_axis) for layout, _ in parts]
+        present = [atoms for atoms in tracked if atoms is not None]
+        if not present:
+            continue
+        if len(present) < len(tracked):
+            for atoms in present:
+                ctx.barrier(atoms, "concatenated beside an untracked tensor")
+            continue
+        for atoms in present[1:]:
+            ctx.unify(present[0], atoms)
+        result[axis] = present[0]
+    return result or None
+
+
+def split_coupling(ctx, vertex, module, layouts, values, output):
+    layout = tensor_layout(layouts[0])
+    if not isinstance(output, (tuple, list)):
+        return barrier_all(ctx, layouts, "split without a tuple result")
+    ndim = values[0].ndim
+    dim_position = 1 if module.short_name == "unbind" else 2
+    dim = argument_value(module, values, dim_position, "dim", 0) % ndim
+    pieces = []
+    start = 0
+    for piece in output:
+        size = 1 if module.short_name == "unbind" else piece.shape[dim]
+        piece_layout = {}
+        for axis, atoms in layout.items():
+            if axis == dim:
+                if module.short_name == "unbind":
+                    ctx.barrier(atoms, "unbind of a channel axis")
+                    continue
+                piece_layout[axis] = atoms[start:start + size]
+            else:
+                piece_layout[axis - 1 if module.short_name == "unbind" and axis > dim else axis] = atoms
+        pieces.append(piece_layout or None)
+        start += size
+    return tuple(pieces)
+
+
+def getitem_coupling(ctx, vertex, module, layouts, values, output):
+    container, index = values[0], argument_value(module, values, 1, None)
+    layout = layouts[0]
+    if not isinstance(container, torch.Tensor):
+        if isinstance(container, (tuple, list)) and isinstance(index, int) and isinstance(layout, (tuple, list)):
+            return layout[index]
+        if isinstance(layout, (tuple, list)) and isinstance(index, slice):
+            return type(layout)(layout[index])
+        return None
+    layout = tensor_layout(layout)
+    if isinstance(index, torch.Tensor) and not index.dtype.is_floating_point and index.dtype != torch.bool:
+        return _gather_rows(ctx, layouts, layout, index)
+    items = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(item, (torch.Tensor, list)) or isinstance(item, InputRef) for item in items):
+        return barrier_all(ctx, layouts, "advanced indexing")
+    explicit = sum(1 for item in items if item is not None and item is not Ellipsis)
+    result, in_axis, out_axis = {}, 0, 0
+    for item in items:
+        if item is Ellipsis:
+            skipped = container.ndim - explicit
+            for _ in range(skipped):
+                if in_axis in layout:
+                    result[out_axis] = layout[in_axis]
+                in_axis, out_axis = in_axis + 1, out_axis + 1
+        elif item is None:
+            out_axis += 1
+        elif isinstance(item, int):
+            if in_axis in layout:
+                ctx.barrier(layout[in_axis], "integer index into a channel axis")
+            in_axis += 1
+        elif isinstance(item, slice):
+            if in_axis in layout:
+                if any(bound is not None and not isinstance(bound, int)
+                       for bound in (item.start, item.stop, item.step)):
+                    # e.g. pit's x[:, :token_length], token_length read from a shape at run time
+                    ctx.barrier(layout[in_axis], "slice of a channel axis with run-time bounds")
+                elif item.step not in (None, 1):
+                    ctx.barrier(layout[in_axis], "strided slice of a channel axis")
+                else:
+                    result[out_axis] = layout[in_axis][item]
+            in_axis, out_axis = in_axis + 1, out_axis + 1
+        else:
+            return barrier_all(ctx, layouts, f"index {item!r}")
+    while in_axis < container.ndim:
+        if in_axis in layout:
+            result[out_axis] = layout[in_axis]
+        in_axis, out_axis = in_axis + 1, out_axis + 1
+    return result or None
+
+
+def _gather_rows(ctx, layouts: list, layout: Layout, index: torch.Tensor) -> Layout | None:
+    """``x[index]`` with an integer tensor: rows of axis 0 are gathered (a relative position
+    table indexed by pair), the other axes keep their channels, shifted behind the index's axes."""
+    for other in layouts[1:]:
+        ctx.barrier_layout(other, "a channel axis used as an index")
+    if 0 in layout:
+        ctx.barrier(layout[0], "rows of a channel axis gathered by an index")
+    return {axis - 1 + index.ndim: atoms for axis, atoms in layout.items() if axis > 0} or None
+
+
+def _image_channels(ctx, module, layouts, values, output, dims: tuple[int, int], what: str):
+    """The channel atoms (axis 1) of the image input of unfold (``dims`` 4 -> 3) or fold (3 ->
+    4), or None after making every channel a barrier."""
+    is_module = isinstance(module, (nn.Unfold, nn.Fold))
+    x_index = 0 if is_module else argument_input(module, 0, "input")
+    if x_index is None or values[x_index].ndim != dims[0] or output.ndim != dims[1]:
+        return barrier_all(ctx, layouts, f"{what} of an unbatched or constant input")
+    return channel_atoms(ctx, tensor_layout(layouts[x_index]), f"{what} over a channel-tracked axis")
+
+
+def unfold_coupling(ctx, vertex, module, layouts, values, output):
+    """im2col: output channel ``c * k*k + p`` is input channel ``c`` at kernel position ``p``."""
+    atoms = _image_channels(ctx, module, layouts, values, output, (4, 3), "unfold")
+    if atoms is None:
+        return None
+    return {1: np.repeat(atoms, output.shape[1] // len(atoms))}
+
+
+def fold_coupling(ctx, vertex, module, layouts, values, output):
+    """col2im: output channel ``c`` sums input channels ``c * k*k`` to ``c * k*k + k*k - 1``."""
+    atoms = _image_channels(ctx, module, layouts, values, output, (3, 4), "fold")
+    if atoms is None:
+        return None
+    per_channel = atoms.reshape(output.shape[1], -1)
+    for summed in per_channel:  # summed together: kept or removed together
+        ctx.tie(summed)
+    return {1: np.ascontiguousarray(per_channel[:, 0])}
+
+
+def remove_from_split(module, input_masks, output_mask, shapes):
+    if module.short_name == "unbind":  # never unbinds a channel axis (a barrier): same op works;
+        return copy.deepcopy(module)   # rewriting it as split would keep the unbound axis
+    ndim = len(shapes[0])
+    dim_position = 1 if module.short_name == "unbind" else 2
+    dim = module.argument(dim_position, "dim", 0) % ndim
+    pieces = [kept_count(piece.get(dim), shape[dim]) for piece, shape in zip(output_mask, shapes[-1])]
+    namespace = "Tensor" if module.function_name.startswith("Tensor.") else "torch"
+    return SplitOp(f"{namespace}.split", (module.args[0], pieces), {"dim": dim})
+
+
+def remove_from_getitem(module, input_masks, output_mask, shapes):
+    module = copy.deepcopy(module)
+    in_masks = input_masks[0]
+    if not isinstance(in_masks, dict) or not in_masks:
+        return module
+    index = module.argument(1, None)
+    items = list(index) if isinstance(index, tuple) else [index]
+    ndim = len(shapes[0])
+    explicit = sum(1 for item in items if item is not None and item is not Ellipsis)
+    in_axis, rewritten = 0, []
+    for item in items:
+        if item is Ellipsis:
+            in_axis += ndim - explicit
+        elif isinstance(item, slice):
+            mask = in_masks.get(in_axis)
+            if mask is not None:
+                start, stop, _ = item.indices(len(mask))
+                item = slice(int(mask[:start].sum()), int(mask[:stop].sum()), None)
+            in_axis += 1
+        elif isinstance(item, int):
+            in_axis += 1
+        rewritten.append(item)
+    module.set_argument(1, None, tuple(rewritten) if isinstance(index, tuple) else rewritten[0])
+    return module
+
+
+class _Indexing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        joined = torch.cat([self.a(x), self.b(x)], dim=1)
+        first, second = joined.split([5, 5], dim=1)
+        picked = (first + second)[:, 1:5]
+        return self.head(picked.permute(0, 1, 3, 2).reshape(x.shape[0], picked.size(1), x.shape[2], -1))
+
+
+class _Unfolded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fold, self.head = nn.Conv2d(3, 4, 1), nn.Fold((4, 4), 2, stride=2), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.fold(torch.nn.functional.unfold(self.conv(x), 2, stride=2)))
+
+
+def _example(model_class, shape):
+    return lambda: (model_class(), (torch.randn(*shape),))
+
+
+SPECS = (
+    OpSpec("shape_query", (ShapeQueryOp,), flops=no_flops, coupling=shape_query_coupling,
+           removal=unchanged_removal, example=_example(_Indexing, (1, 3, 4, 4))),
+    OpSpec("permute", (PermuteOp,), flops=no_flops, coupling=permute_coupling,
+           removal=unchanged_removal, example=_example(_Indexing, (1, 3, 4, 4))),
+    OpSpec("concat", (ConcatOp,), flops=no_flops, coupling=concat_coupling,
+           removal=unchanged_removal, example=_example(_Indexing, (1, 3, 4, 4))),
+    OpSpec("split", (SplitOp,), flops=no_flops, coupling=split_coupling,
+           removal=remove_from_split, example=_example(_Indexing, (1, 3, 4, 4))),
+    OpSpec("getitem", (GetItemOp,), flops=no_flops, coupling=getitem_coupling,
+           removal=remove_from_getitem, reads_sizes=True, example=_example(_Indexing, (1, 3, 4, 4))),
+    # im2col / col2im hold no per-channel state; their sizes are spatial
+    OpSpec("unfold", (nn.Unfold, "torch.nn.functional.unfold"), flops=no_flops,
+           coupling=unfold_coupling, removal=unchanged_removal, example=_example(_Unfolded, (1, 3, 4, 4))),
+    OpSpec("fold", (nn.Fold, "torch.nn.functional.fold"), flops=no_flops,
+           coupling=fold_coupling, removal=unchanged_removal, example=_example(_Unfolded, (1, 3, 4, 4))),
+)

@@ -1,0 +1,305 @@
+"""Normalisation layers: batch, instance, layer and group norm, as modules and functions.
+
+Per-channel norms (batch and instance norm) pass channels through; norms whose statistics mix
+channels (layer norm over the channel axis, group norm) *consume* them: in the gated model
+their statistics count only kept channels (the masking facet), so that removing the channels
+gives the same output. RMSNorm has its own file (:mod:`dagprune.ops.specs.rms_norm`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dagprune.ops.channel_map import (ShapeTag, argument_input, argument_value, channel_atoms,
+                                      tensor_layout)
+from dagprune.ops.flop_counting import no_flops
+from dagprune.ops.layers import NormOp
+from dagprune.ops.slicing import kept_count, slice_per_channel_state, unchanged_removal
+from dagprune.ops.spec import ChannelWeight, OpSpec, opaque_coupling
+from dagprune.ops.templates import InputRef
+
+__all__ = ["SPECS", "norm_over_last_axes", "norm_scale", "pass_through_coupling",
+           "couple_normalized_shape", "shrink_normalized_shape", "layer_norm_coupling",
+           "remove_from_layer_norm"]
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+_F = "torch.nn.functional."
+
+
+def pass_through_coupling(ctx, vertex, module, layouts, values, output):
+    """Channel-wise ops: the output has the first input's channels on the same axes; other
+    tensor operands (weights) must not carry channels."""
+    first = next((i for i, v in enumerate(values) if isinstance(v, torch.Tensor)), None)
+    if first is None:
+        return None
+    for index, other in enumerate(layouts):
+        if index != first:
+            ctx.barrier_layout(other, f"extra operand of vertex {vertex.name}")
+    layout = tensor_layout(layouts[first])
+    return dict(layout) if layout else None
+
+
+# ------------------------------------------------------------------------------- coupling
+def norm_over_last_axes(ctx, vertex, x_index, normalized_ndim, layouts, values, params):
+    """Couples a norm over the last ``normalized_ndim`` axes: over one channel axis, its
+    statistics consume the channels and its parameters (input indices ``params``) follow them."""
+    x_layout = tensor_layout(layouts[x_index])
+    ndim = values[x_index].ndim
+    tracked = [axis for axis in range(ndim - normalized_ndim, ndim) if axis in x_layout]
+    param_layouts = [tensor_layout(layouts[i]) for i in params if i is not None]
+    if not tracked:
+        ctx.barrier_layout(param_layouts, "norm parameters of an untracked axis")
+        return dict(x_layout) or None
+    if normalized_ndim != 1:
+        ctx.barrier_layout([x_layout, param_layouts], "normalisation over several axes")
+        return None
+    atoms = x_layout[ndim - 1]
+    for layout in param_layouts:
+        if layout.get(0) is not None:
+            ctx.unify(atoms, layout[0])
+    ctx.consume(vertex, x_index, ndim - 1, atoms, kind="norm")
+    return dict(x_layout)
+
+
+def couple_normalized_shape(ctx, module, layouts, x_layout: dict, ndim: int) -> None:
+    """Sizes in a functional norm's ``normalized_shape`` read at run time from channel axes
+    (``F.rms_norm(x, (x.shape[-1],))``) are those axes' channels: they are unified with the
+    normalised axes they stand for (after removal they read the kept count by themselves)."""
+    template = module.argument(1, "normalized_shape")
+    if isinstance(template, InputRef) and isinstance(layouts[template.index], tuple):
+        tags = list(layouts[template.index])
+    else:
+        items = template if isinstance(template, (tuple, list)) else (template,)
+        tags = [layouts[item.index] if isinstance(item, InputRef) else None for item in items]
+    for offset, tag in enumerate(reversed(tags)):
+        if not isinstance(tag, ShapeTag):
+            continue
+        atoms = x_layout.get(ndim - 1 - offset)
+        if atoms is not None and len(atoms) == len(tag.atoms):
+            ctx.unify(atoms, tag.atoms)
+        else:
+            ctx.barrier(tag.atoms, "normalized_shape read from another axis")
+
+
+def layer_norm_coupling(ctx, vertex, module, layouts, values, output):
+    """A norm module over its ``normalized_shape`` (LayerNorm, RMSNorm)."""
+    return norm_over_last_axes(ctx, vertex, 0, len(module.normalized_shape), layouts, values, [])
+
+
+def functional_layer_norm_coupling(ctx, vertex, module, layouts, values, output):
+    x_index = argument_input(module, 0, "input")
+    shape = argument_value(module, values, 1, "normalized_shape")
+    if x_index is None or shape is None:
+        return opaque_coupling(ctx, vertex, module, layouts, values, output)
+    params = [argument_input(module, 2, "weight"), argument_input(module, 3, "bias")]
+    couple_normalized_shape(ctx, module, layouts, tensor_layout(layouts[x_index]), values[x_index].ndim)
+    return norm_over_last_axes(ctx, vertex, x_index, len(shape), layouts, values, params)
+
+
+def _group_norm(ctx, vertex, x_index, num_groups, layouts, params):
+    atoms = channel_atoms(ctx, tensor_layout(layouts[x_index]), "group norm over a tracked spatial axis")
+    param_layouts = [tensor_layout(layouts[i]) for i in params if i is not None]
+    if atoms is None:
+        ctx.barrier_layout(param_layouts, "group norm of untracked channels")
+        return None
+    per_group = len(atoms) // num_groups
+    for position in range(per_group):  # every group keeps the same channel positions
+        ctx.tie(atoms[position::per_group])
+    for layout in param_layouts:
+        if layout.get(0) is not None:
+            ctx.unify(atoms, layout[0])
+    ctx.consume(vertex, x_index, 1, atoms, kind="norm")
+    return {1: atoms}
+
+
+def group_norm_coupling(ctx, vertex, module, layouts, values, output):
+    return _group_norm(ctx, vertex, 0, module.num_groups, layouts, [])
+
+
+def functional_group_norm_coupling(ctx, vertex, module, layouts, values, output):
+    x_index = argument_input(module, 0, "input")
+    groups = argument_value(module, values, 1, "num_groups")
+    if x_index is None or not isinstance(groups, int):
+        return opaque_coupling(ctx, vertex, module, layouts, values, output)
+    params = [argument_input(module, 2, "weight"), argument_input(module, 3, "bias")]
+    return _group_norm(ctx, vertex, x_index, groups, layouts, params)
+
+
+def functional_batch_norm_coupling(ctx, vertex, module, layouts, values, output):
+    """Channels on axis 1 pass; parameters and statistics (inputs) follow them."""
+    x_index = argument_input(module, 0, "input")
+    x_layout = dict(tensor_layout(layouts[x_index])) if x_index is not None else {}
+    for axis in [a for a in x_layout if a != 1]:  # statistics are taken over these axes
+        ctx.barrier(x_layout.pop(axis), "batch-norm statistics over a channel axis")
+    atoms = x_layout.get(1)
+    for index, layout in enumerate(layouts):
+        param_atoms = tensor_layout(layout).get(0) if index != x_index else None
+        if param_atoms is None:
+            continue
+        if atoms is not None:
+            ctx.unify(atoms, param_atoms)
+        else:
+            ctx.barrier(param_atoms, "batch norm of untracked channels")
+    return dict(x_layout) or None
+
+
+# ------------------------------------------------------------------------------- removal
+def _slice_channels_on_axis_1(module, output_mask, count_attribute: str):
+    mask = output_mask.get(1)
+    module = slice_per_channel_state(module, mask)
+    setattr(module, count_attribute, kept_count(mask, getattr(module, count_attribute)))
+    return module
+
+
+def remove_from_batch_norm(module, input_masks, output_mask, shapes):
+    return _slice_channels_on_axis_1(module, output_mask, "num_features")
+
+
+def remove_from_layer_norm(module, input_masks, output_mask, shapes):
+    """A norm module over the last axis (LayerNorm, RMSNorm): its weight (and bias) and its
+    ``normalized_shape`` shrink."""
+    mask = output_mask.get(len(shapes[0]) - 1)
+    module = slice_per_channel_state(module, mask)
+    module.normalized_shape = (kept_count(mask, module.normalized_shape[0]),)
+    return module
+
+
+def remove_from_group_norm(module, input_masks, output_mask, shapes):
+    return _slice_channels_on_axis_1(module, output_mask, "num_channels")
+
+
+def shrink_normalized_shape(module, input_masks, output_mask, shapes):
+    """A functional norm over the last axis: its ``normalized_shape`` argument shrinks (its
+    weight and bias are ParameterOp inputs, sliced by their own spec)."""
+    module = copy.deepcopy(module)
+    mask = output_mask.get(len(shapes[0]) - 1)
+    shape = module.argument(1, "normalized_shape")
+    if mask is not None and isinstance(shape, (tuple, list)) and isinstance(shape[-1], int):
+        module.set_argument(1, "normalized_shape", type(shape)([*shape[:-1], int(mask.sum())]))
+    return module
+
+
+# ------------------------------------------------------------------------------- masking
+def _affine(y, weight, bias, shape):
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+def masked_layer_norm(x, mask, weight, bias, eps) -> torch.Tensor:
+    """Layer norm over the last axis with statistics over the kept (mask-weighted) channels.
+
+    Mask-weighted mean and variance as products with the normalised mask: two passes (exact in
+    float32 where E[x^2] - mean^2 would cancel), few full-size ops like native layer_norm; the
+    output is contiguous in x's logical layout (channels-last activations stay channels-last).
+    """
+    x = x.contiguous()
+    weights = mask / mask.sum()
+    centered = x - (x @ weights).unsqueeze(-1)
+    var = (centered * centered) @ weights
+    y = centered * torch.rsqrt(var + eps).unsqueeze(-1)
+    if weight is not None and bias is not None:
+        return torch.addcmul(bias, y, weight)
+    return _affine(y, weight, bias, [x.shape[-1]])
+
+
+def masked_group_norm(x, mask, groups, weight, bias, eps) -> torch.Tensor:
+    """Group norm (channels on axis 1) with statistics over the kept channels of each group."""
+    batch, channels = x.shape[0], x.shape[1]
+    grouped = x.reshape(batch, groups, channels // groups, -1)
+    m = mask.view(1, groups, channels // groups, 1)
+    total = m.sum(dim=(2,), keepdim=True) * grouped.shape[-1]
+    mean = (grouped * m).sum(dim=(2, 3), keepdim=True) / total
+    var = (((grouped - mean) ** 2) * m).sum(dim=(2, 3), keepdim=True) / total
+    y = ((grouped - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    return _affine(y, weight, bias, [1, channels] + [1] * (x.ndim - 2))
+
+
+def mask_layer_norm(norm, inputs, mask, axis):
+    return masked_layer_norm(inputs[0], mask, norm.weight, norm.bias, norm.eps)
+
+
+def mask_functional_layer_norm(op, inputs, mask, axis):
+    value = lambda position, keyword, default=None: argument_value(op, inputs, position, keyword, default)  # noqa: E731
+    return masked_layer_norm(value(0, "input"), mask, value(2, "weight"), value(3, "bias"),
+                             value(4, "eps", 1e-5))
+
+
+def mask_group_norm(norm, inputs, mask, axis):
+    return masked_group_norm(inputs[0], mask, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+
+def mask_functional_group_norm(op, inputs, mask, axis):
+    value = lambda position, keyword, default=None: argument_value(op, inputs, position, keyword, default)  # noqa: E731
+    return masked_group_norm(value(0, "input"), mask, value(1, "num_groups"), value(2, "weight"),
+                             value(3, "bias"), value(4, "eps", 1e-5))
+
+
+# ------------------------------------------------------------------------------- importance
+def norm_scale(module, vertex) -> ChannelWeight | None:
+    """The norm's per-channel scale (its affine weight), when it has one."""
+    weight = getattr(module, "weight", None)
+    return ChannelWeight(weight, 0, kind="scale") if isinstance(weight, torch.Tensor) else None
+
+
+def _norm_example(norm: nn.Module, channels_last: bool = False):
+    def example():
+        if channels_last:
+            return nn.Sequential(nn.Linear(5, 8), norm, nn.Linear(8, 3)), (torch.randn(2, 4, 5),)
+        return nn.Sequential(nn.Conv2d(3, 8, 1), norm, nn.Conv2d(8, 3, 1)), (torch.randn(2, 3, 4, 4),)
+    return example
+
+
+class _FunctionalNorms(nn.Module):
+    """Functional layer, group and batch norm with parameters read in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+        self.scale, self.shift = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.randn(8))
+        self.register_buffer("mean", torch.randn(8))
+        self.register_buffer("var", torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        x = F.batch_norm(self.conv(x), self.mean, self.var, self.scale, self.shift)
+        x = F.group_norm(x, 4, self.scale, self.shift)
+        x = F.layer_norm(x.permute(0, 2, 3, 1), (8,), self.scale, self.shift).permute(0, 3, 1, 2)
+        return self.head(x)
+
+
+def _functional_example():
+    return _FunctionalNorms(), (torch.randn(2, 3, 4, 4),)
+
+
+SPECS = (
+    OpSpec("batch_norm", _BATCH_NORMS, flops=no_flops, coupling=pass_through_coupling,
+           removal=remove_from_batch_norm, importance=norm_scale,
+           example=_norm_example(nn.BatchNorm2d(8))),
+    OpSpec("instance_norm", _INSTANCE_NORMS, flops=no_flops, coupling=pass_through_coupling,
+           removal=remove_from_batch_norm, importance=norm_scale,
+           example=_norm_example(nn.InstanceNorm2d(8, affine=True))),
+    OpSpec("layer_norm", (nn.LayerNorm,), flops=no_flops, coupling=layer_norm_coupling,
+           removal=remove_from_layer_norm, masking=mask_layer_norm, importance=norm_scale,
+           example=_norm_example(nn.LayerNorm(8), channels_last=True)),
+    OpSpec("group_norm", (nn.GroupNorm,), flops=no_flops, coupling=group_norm_coupling,
+           removal=remove_from_group_norm, masking=mask_group_norm, importance=norm_scale,
+           example=_norm_example(nn.GroupNorm(2, 8))),
+    OpSpec("functional_layer_norm", (_F + "layer_norm", "torch.layer_norm"), flops=no_flops,
+           coupling=functional_layer_norm_coupling, removal=shrink_normalized_shape,
+           masking=mask_functional_layer_norm, reads_sizes=True, example=_functional_example),
+    OpSpec("functional_group_norm", (_F + "group_norm", "torch.group_norm"), flops=no_flops,
+           coupling=functional_group_norm_coupling, removal=unchanged_removal,
+           masking=mask_functional_group_norm, example=_functional_example),
+    OpSpec("functional_batch_norm", (_F + "batch_norm", "torch.batch_norm"), flops=no_flops,
+           coupling=functional_batch_norm_coupling, removal=unchanged_removal,
+           example=_functional_example),
+    # F.normalize, F.instance_norm: statistics over axes the call decides; not followed
+    OpSpec("functional_norm", (NormOp,), flops=no_flops, coupling=opaque_coupling),
+)

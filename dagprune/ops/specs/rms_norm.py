@@ -1,0 +1,81 @@
+"""RMSNorm (``nn.RMSNorm``, ``F.rms_norm``): the norm of LLaMA-style residual streams.
+
+``y = x / sqrt(mean(x^2 over the last axes) + eps) * weight``. Over one channel axis the
+mean mixes channels, so the norm *consumes* them: in the gated model the mean runs over the
+kept channels only, and removing channels slices the weight and shrinks ``normalized_shape``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dagprune.ops.channel_map import argument_input, argument_value, tensor_layout
+from dagprune.ops.flop_counting import no_flops
+from dagprune.ops.spec import OpSpec, opaque_coupling
+from dagprune.ops.specs.normalization import (couple_normalized_shape, layer_norm_coupling,
+                                             norm_over_last_axes, norm_scale,
+                                             remove_from_layer_norm, shrink_normalized_shape)
+
+__all__ = ["SPECS", "masked_rms_norm"]
+
+
+def functional_rms_norm_coupling(ctx, vertex, module, layouts, values, output):
+    x_index = argument_input(module, 0, "input")
+    shape = argument_value(module, values, 1, "normalized_shape")
+    if x_index is None or shape is None:
+        return opaque_coupling(ctx, vertex, module, layouts, values, output)
+    params = [argument_input(module, 2, "weight")]
+    couple_normalized_shape(ctx, module, layouts, tensor_layout(layouts[x_index]), values[x_index].ndim)
+    return norm_over_last_axes(ctx, vertex, x_index, len(shape), layouts, values, params)
+
+
+def masked_rms_norm(x: torch.Tensor, mask: torch.Tensor, weight, eps) -> torch.Tensor:
+    """RMSNorm over the last axis with the mean of squares taken over kept channels only.
+
+    With a 0/1 mask this equals ``F.rms_norm`` of ``x`` with the removed channels cut out.
+
+    >>> x, mask = torch.randn(2, 4), torch.tensor([1.0, 0.0, 1.0, 1.0])
+    >>> kept = torch.nn.functional.rms_norm(x[:, [0, 2, 3]], (3,), eps=1e-6)
+    >>> torch.allclose(masked_rms_norm(x, mask, None, 1e-6)[:, [0, 2, 3]], kept)
+    True
+    """
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    mean_square = (x * x) @ (mask / mask.sum())
+    y = x * torch.rsqrt(mean_square + eps).unsqueeze(-1)
+    return y * weight if weight is not None else y
+
+
+def mask_rms_norm(norm, inputs, mask, axis):
+    return masked_rms_norm(inputs[0], mask, norm.weight, norm.eps)
+
+
+def mask_functional_rms_norm(op, inputs, mask, axis):
+    return masked_rms_norm(argument_value(op, inputs, 0, "input"), mask,
+                           argument_value(op, inputs, 2, "weight"), argument_value(op, inputs, 3, "eps"))
+
+
+class _FunctionalRMSNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.weight, self.down = nn.Linear(5, 8), nn.Parameter(torch.rand(8)), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.rms_norm(self.up(x), (8,), self.weight, 1e-6))
+
+
+def _example():
+    return nn.Sequential(nn.Linear(5, 8), nn.RMSNorm(8), nn.Linear(8, 3)), (torch.randn(2, 4, 5),)
+
+
+SPECS = (
+    # the module: coupled and sliced like LayerNorm (a weight over normalized_shape)
+    OpSpec("rms_norm", (nn.RMSNorm,), flops=no_flops, coupling=layer_norm_coupling,
+           removal=remove_from_layer_norm, masking=mask_rms_norm, importance=norm_scale,
+           example=_example),
+    OpSpec("functional_rms_norm", ("torch.nn.functional.rms_norm", "torch.rms_norm"),
+           flops=no_flops, coupling=functional_rms_norm_coupling,
+           removal=shrink_normalized_shape, masking=mask_functional_rms_norm, reads_sizes=True,
+           example=lambda: (_FunctionalRMSNorm(), (torch.randn(2, 5),))),
+)
