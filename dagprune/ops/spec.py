@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from dagprune.ops.functions import declare_function_names
+from dagprune.ops.parameter import ModuleCallOp
 
 __all__ = ["OpSpec", "OpRegistry", "ChannelWeight", "ChannelContext", "opaque_coupling",
            "FACETS", "REQUIRED_FACETS"]
@@ -86,14 +87,24 @@ class ChannelWeight:
 
 def opaque_coupling(ctx: ChannelContext, vertex, module, layouts, values, output) -> None:
     """The coupling facet of an op whose channel behaviour is unknown: a barrier."""
-    ctx.barrier_layout(layouts, f"{describe_op(module)} has no channel rule")
+    ctx.barrier_layout(layouts, f"{describe_op(module)} does not say how its channels flow "
+                                "(describe it with dagprune.ops.register_op)")
     return None
 
 
 def describe_op(module: nn.Module) -> str:
-    """The torch op a module stands for: a function name, or the module's class name."""
+    """The torch op a module stands for: a function name, or the class name of the layer
+    (of the called layer, for a layer called with constant arguments).
+
+    >>> describe_op(nn.Conv2d(1, 1, 1))
+    'Conv2d'
+    """
     name = getattr(module, "function_name", None)
-    return name if isinstance(name, str) else type(module).__qualname__
+    if isinstance(name, str):
+        return name
+    if isinstance(module, ModuleCallOp):
+        module = module.module
+    return type(module).__qualname__
 
 
 @dataclasses.dataclass(frozen=True)

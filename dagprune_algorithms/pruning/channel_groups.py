@@ -276,9 +276,9 @@ class ChannelAnalysis:
 
 
 def _vertex_label(vertex: InnerVertex) -> str:
-    """The vertex's name and, when it differs, the model's module path it came from."""
+    """The model's module path a vertex came from (and the vertex's name when it differs)."""
     path = vertex.qualified_name
-    return vertex.name if not path or path == vertex.name else f"{vertex.name} ({path})"
+    return vertex.name if not path or path == vertex.name else f"{path} (vertex {vertex.name})"
 
 
 def apply_coupling(ctx: CouplingContext, vertex: InnerVertex, layouts: list, values: list,

@@ -29,6 +29,7 @@ __all__ = ["SPECS", "norm_over_last_axes", "norm_scale", "pass_through_coupling"
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 _F = "torch.nn.functional."
+_DEFAULT_EPS = 1e-5  # eps of F.layer_norm / F.group_norm when the call gives none
 
 
 def pass_through_coupling(ctx, vertex, module, layouts, values, output):
@@ -229,7 +230,7 @@ def mask_layer_norm(norm, inputs, mask, axis):
 def mask_functional_layer_norm(op, inputs, mask, axis):
     value = lambda position, keyword, default=None: argument_value(op, inputs, position, keyword, default)  # noqa: E731
     return masked_layer_norm(value(0, "input"), mask, value(2, "weight"), value(3, "bias"),
-                             value(4, "eps", 1e-5))
+                             value(4, "eps", _DEFAULT_EPS))
 
 
 def mask_group_norm(norm, inputs, mask, axis):
@@ -239,7 +240,7 @@ def mask_group_norm(norm, inputs, mask, axis):
 def mask_functional_group_norm(op, inputs, mask, axis):
     value = lambda position, keyword, default=None: argument_value(op, inputs, position, keyword, default)  # noqa: E731
     return masked_group_norm(value(0, "input"), mask, value(1, "num_groups"), value(2, "weight"),
-                             value(3, "bias"), value(4, "eps", 1e-5))
+                             value(3, "bias"), value(4, "eps", _DEFAULT_EPS))
 
 
 # ------------------------------------------------------------------------------- importance
