@@ -157,7 +157,7 @@ def test_beit_residual_width_is_not_tied_to_its_attention():
 
 
 def test_units_of_whole_heads_round_trip_through_a_template():
-    from dagprune_algorithms.pruning.units import ChannelMutator
+    from dagprune_algorithms.pruning.mutator import ChannelMutator
 
     model = ZOO["attention_block"].factory(seed=0)
     heads = _head_counts(model)

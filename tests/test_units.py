@@ -32,7 +32,7 @@ from torch import nn
 
 import dagprune as dp
 from dagprune.errors import PruningError
-from dagprune_algorithms.pruning import units as units_module
+from dagprune_algorithms.pruning import mutator as mutator_module
 from dagprune_algorithms.pruning import ChannelMutator, ChannelUnit, ChannelUnitError, SequentialChannelUnit
 from dagprune_algorithms.pruning.importance import TaylorImportance
 from dagprune_algorithms.app.units_command import UnitsUsageError, add_units_arguments, run_units
@@ -99,7 +99,7 @@ def empties_a_tensor(mutator: ChannelMutator) -> bool:
     keep = mutator.kept_classes()
     analysis = mutator.analysis
     return any(len(classes) and not keep[classes].any() for vertex in analysis.dag.inner_vertices
-               for classes in units_module.iter_layout_atoms(analysis.layouts[vertex]))
+               for classes in mutator_module.iter_layout_atoms(analysis.layouts[vertex]))
 
 
 def check_export(mutator: ChannelMutator, inputs) -> dp.DagModule:
@@ -231,7 +231,7 @@ def test_config_parse_mode_rebuilds_the_units_without_analysing_the_model(name, 
         raise AssertionError("parse mode 'Config' ran the channel analysis")
 
     with monkeypatch.context() as patch:
-        patch.setattr(units_module, "find_channel_groups", no_analysis)
+        patch.setattr(mutator_module, "find_channel_groups", no_analysis)
         rebuilt = ChannelMutator.from_config(template)
         rebuilt.prepare_from_supernet(fresh)
         assert [u.name for u in rebuilt.units] == [u.name for u in traced.units]

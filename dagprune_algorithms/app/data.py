@@ -321,6 +321,26 @@ def _has_idx_files(directory: Path) -> bool:
     return any(_find_idx_file(directory, stem, suffix) for stem, suffix in _IDX_PARTS.values())
 
 
+def _read_idx_part(files: dict, part: str, limit: Optional[int], seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The images and int64 labels of ``part`` ("train" or "val"), at most ``limit`` of them."""
+    images = read_idx(files[f"{part}_images"], expected_ndim=3)
+    labels = read_idx(files[f"{part}_labels"], expected_ndim=1)
+    if len(images) != len(labels):
+        raise DataError(
+            f"'{files[f'{part}_images']}' holds {len(images)} images but "
+            f"'{files[f'{part}_labels']}' holds {len(labels)} labels; the files do not belong "
+            "together, replace them with a matching pair"
+        )
+    if len(images) == 0:
+        raise DataError(f"IDX file '{files[f'{part}_images']}' holds no images; replace it")
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit_{part} must be positive, got {limit}")
+        keep = np.sort(np.random.default_rng(seed).permutation(len(images))[:limit])
+        images, labels = images[keep], labels[keep]
+    return images, labels.astype(np.int64)
+
+
 def load_idx_dataset(
     directory: PathLike,
     image_size: int = 32,
@@ -364,26 +384,8 @@ def load_idx_dataset(
             )
         files[key] = found
 
-    parts = {}
-    for part, limit, part_seed in (("train", limit_train, seed), ("val", limit_val, seed + 1)):
-        images = read_idx(files[f"{part}_images"], expected_ndim=3)
-        labels = read_idx(files[f"{part}_labels"], expected_ndim=1)
-        if len(images) != len(labels):
-            raise DataError(
-                f"'{files[f'{part}_images']}' holds {len(images)} images but "
-                f"'{files[f'{part}_labels']}' holds {len(labels)} labels; the files do not belong "
-                "together, replace them with a matching pair"
-            )
-        if len(images) == 0:
-            raise DataError(f"IDX file '{files[f'{part}_images']}' holds no images; replace it")
-        if limit is not None:
-            if limit < 1:
-                raise ValueError(f"limit_{part} must be positive, got {limit}")
-            keep = np.sort(np.random.default_rng(part_seed).permutation(len(images))[:limit])
-            images, labels = images[keep], labels[keep]
-        parts[part] = (images, labels.astype(np.int64))
-
-    (train_images, train_labels), (val_images, val_labels) = parts["train"], parts["val"]
+    train_images, train_labels = _read_idx_part(files, "train", limit_train, seed)
+    val_images, val_labels = _read_idx_part(files, "val", limit_val, seed + 1)
     if train_images.shape[1:] != val_images.shape[1:]:
         raise DataError(
             f"training images in '{files['train_images']}' are {train_images.shape[1:]} but "
@@ -409,6 +411,40 @@ def load_idx_dataset(
 
 
 # --------------------------------------------------------------------------- image folder
+
+
+def _image_class_names(root: Path, extensions) -> list:
+    """Names of the class subfolders of ``root`` holding images with ``extensions`` (at least two)."""
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(
+            f"image folder '{root}' has no class subfolders; arrange the images as "
+            f"'{root}/<class_name>/<image>.png', one subfolder per class"
+        )
+    counts = {}
+    for class_dir in class_dirs:
+        try:
+            counts[class_dir.name] = sum(
+                1 for f in class_dir.iterdir() if f.is_file() and f.suffix.lower() in extensions
+            )
+        except OSError as exc:
+            raise DataError(
+                f"class folder '{class_dir}' cannot be read ({exc.strerror or exc}); "
+                "check its permissions"
+            ) from exc
+    class_names = [name for name, count in counts.items() if count > 0]
+    if not class_names:
+        raise DataError(
+            f"no images found in the class subfolders of '{root}' "
+            f"({', '.join(sorted(counts))}); supported extensions are "
+            f"{', '.join(sorted(extensions))}"
+        )
+    if len(class_names) < 2:
+        raise DataError(
+            f"image folder '{root}' has images for only one class ('{class_names[0]}'); "
+            "a classifier needs at least two class subfolders with images"
+        )
+    return class_names
 
 
 def load_image_folder_dataset(
@@ -450,36 +486,7 @@ def load_image_folder_dataset(
         raise ValueError(f"image_size must be positive, got {image_size}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be strictly between 0 and 1, got {val_fraction}")
-    extensions = get_img_extensions(as_set=True)
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise DataError(
-            f"image folder '{root}' has no class subfolders; arrange the images as "
-            f"'{root}/<class_name>/<image>.png', one subfolder per class"
-        )
-    counts = {}
-    for class_dir in class_dirs:
-        try:
-            counts[class_dir.name] = sum(
-                1 for f in class_dir.iterdir() if f.is_file() and f.suffix.lower() in extensions
-            )
-        except OSError as exc:
-            raise DataError(
-                f"class folder '{class_dir}' cannot be read ({exc.strerror or exc}); "
-                "check its permissions"
-            ) from exc
-    class_names = [name for name, count in counts.items() if count > 0]
-    if not class_names:
-        raise DataError(
-            f"no images found in the class subfolders of '{root}' "
-            f"({', '.join(sorted(counts))}); supported extensions are "
-            f"{', '.join(sorted(extensions))}"
-        )
-    if len(class_names) < 2:
-        raise DataError(
-            f"image folder '{root}' has images for only one class ('{class_names[0]}'); "
-            "a classifier needs at least two class subfolders with images"
-        )
+    class_names = _image_class_names(root, get_img_extensions(as_set=True))
     class_map = {name: idx for idx, name in enumerate(class_names)}
 
     def make(is_training: bool) -> Dataset:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +24,8 @@ import dagprune
 from dagprune.errors import DagpruneError
 
 from dagprune_algorithms.app.iterative_job import DEFAULT_PRUNE_TIMES
-from dagprune_algorithms.app.training import (StepResult, TrainingError, evaluate_accuracy,
-                                              load_checkpoint, materialize, save_checkpoint, train_steps)
+from dagprune_algorithms.app.training import (StepResult, evaluate_accuracy, load_checkpoint, materialize,
+                                              save_checkpoint, train_steps)
 from dagprune_algorithms.pruning.channel_groups import HEAD_PRUNING_MODES
 from dagprune_algorithms.pruning.importance import IMPORTANCE_CRITERIA
 
@@ -161,12 +161,147 @@ def _measure(model, name, data_val, input_shape, original_flops, device, accurac
             "latency_ms": latency.median_ms, "latency_iqr_ms": latency.iqr_ms}
 
 
+@dataclass
+class _PruneJob:
+    """What every phase of a run needs: the arguments, the data tensors, the device and the output
+    directory."""
+
+    args: argparse.Namespace
+    train: tuple
+    val: tuple
+    device: torch.device
+    out: Path
+
+
+def _load_data(args):
+    """The data split and its ``(inputs, labels)`` train and validation tensors; logs what they are."""
+    from dagprune_algorithms.app.data import load_dataset
+
+    split = load_dataset(args.data_dir, image_size=args.image_size, seed=args.seed,
+                         limit_train=args.limit_train, limit_val=args.limit_val)
+    train, val = materialize(split.train), materialize(split.val)
+    LOG.info("data: %s, %d train / %d val images of %s, %d classes", split.name, len(train[0]),
+             len(val[0]), "x".join(map(str, split.input_shape)), split.num_classes)
+    return split, train, val
+
+
+def _train_with_adam(job: _PruneJob, model, lr: float, seed: int, steps: int, checkpoint: str,
+                     phase: str) -> None:
+    """Trains ``model`` on cross-entropy for ``steps`` steps, resuming from ``out/checkpoint``."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    train_steps(model, optimizer, job.train, job.args.batch_size, seed, steps, checkpoint_path=job.out / checkpoint,
+                checkpoint_every=job.args.checkpoint_every, device=job.device, progress=_progress(job.args, phase))
+
+
+def _prepare_baseline(job: _PruneJob, model, num_classes: int) -> float:
+    """Loads ``--baseline-checkpoint`` into ``model`` or trains it (saving ``baseline.pt``);
+    returns its validation accuracy in percent."""
+    args = job.args
+    if args.baseline_checkpoint:
+        state = load_checkpoint(args.baseline_checkpoint)
+        try:
+            model.load_state_dict(state.get("model", state))
+        except RuntimeError as error:
+            raise PruneUsageError(f"--baseline-checkpoint {args.baseline_checkpoint} does not fit "
+                                  f"{args.model} with {num_classes} classes: {error}") from error
+        LOG.info("baseline: loaded %s", args.baseline_checkpoint)
+    elif args.baseline_steps:
+        _train_with_adam(job, model, args.lr, args.seed, args.baseline_steps, "baseline_training.ckpt", "baseline")
+        save_checkpoint(job.out / "baseline.pt", {"model": model.state_dict()})
+    baseline_accuracy = evaluate_accuracy(model, *job.val, device=job.device)
+    LOG.info("baseline: accuracy %.2f%%", baseline_accuracy)
+    return baseline_accuracy
+
+
+def _prune_with_gates(job: _PruneJob, dag, input_shape):
+    """``--method dag``: trains the channel gates for ``--steps`` steps, then removes the closed
+    channels; returns ``(pruned, history, gated accuracy, removed vs gated max difference)``."""
+    from dagprune_algorithms.pruning import ChannelPruning
+
+    args, device, val = job.args, job.device, job.val
+    pruning = ChannelPruning(dag, input_shape, args.target, args.steps, block_size=args.block_size,
+                             head_pruning=args.head_pruning)
+    gated = pruning.prepare_for_pruning().to(device)
+    LOG.info("channel groups: %d (%d prunable); prunable_proportion %.4f, "
+             "max_removable_proportion %.4f", len(pruning.channel_groups),
+             len(pruning.prunable_groups), pruning.prunable_proportion,
+             pruning.max_removable_proportion)
+    optimizer = torch.optim.Adam([{"params": pruning.weight_parameters(), "lr": args.lr},
+                                  {"params": pruning.gate_parameters(), "lr": args.gate_lr}])
+
+    def pruning_step(step, x, y):
+        task_loss = F.cross_entropy(gated(x), y)
+        proportion, flops_loss, entropy_loss, bkd_loss = \
+            pruning.compute_current_proportion_and_pruning_losses(global_step=step)
+        return StepResult(task_loss + flops_loss + entropy_loss + bkd_loss,
+                          {"proportion": proportion.item(), "hard_proportion": pruning.current_hard_proportion(),
+                           "task_loss": task_loss.item(), "flops_loss": flops_loss.item(),
+                           "entropy_loss": entropy_loss.item(), "bkd_loss": bkd_loss.item()})
+
+    def validate(step, logs):
+        if step % 100 and step != args.steps - 1:
+            return {}
+        return {"val_accuracy": evaluate_accuracy(gated, *val, device=device) / 100.0}
+
+    history: list = []
+    train_steps(gated, optimizer, job.train, args.batch_size, args.seed + 1, args.steps,
+                step_fn=pruning_step, checkpoint_path=job.out / "pruning.ckpt",
+                checkpoint_every=args.checkpoint_every, device=device,
+                progress=_progress(args, "pruning"), history=history, on_log=validate)
+    gated.eval()
+    pruned = pruning.remove_channels().to(device)
+    removal_difference = dagprune.compare_module_outputs(gated, pruned, (4, *input_shape),
+                                                         raise_error=False, device=device)
+    gated_accuracy = evaluate_accuracy(gated, *val, device=device)
+    return pruned, history, gated_accuracy, removal_difference
+
+
+def _prune(job: _PruneJob, dag, input_shape):
+    """Prunes ``dag`` by ``--method``; returns ``(pruned, history, gated accuracy, removal difference)``."""
+    if job.args.method == "dag":
+        return _prune_with_gates(job, dag, input_shape)
+    from dagprune_algorithms.app.iterative_job import run_iterative_l1
+
+    return run_iterative_l1(dag, input_shape, job.args, job.train, job.val, job.device, job.out,
+                            _progress(job.args, "l1 pruning"))
+
+
+def _finetune(job: _PruneJob, pruned) -> float:
+    """Fine-tunes the pruned model for ``--finetune-steps``; returns its validation accuracy in percent."""
+    args = job.args
+    if args.finetune_steps:  # a tenth of the learning rate, gentle: weights already adapted
+        _train_with_adam(job, pruned, args.lr / 10, args.seed + 2, args.finetune_steps, "finetune.ckpt",
+                         "fine-tuning")
+    pruned.eval()
+    return evaluate_accuracy(pruned, *job.val, device=job.device)
+
+
+def _reference_accuracy(job: _PruneJob, model) -> float:
+    """Trains a copy of the unpruned model for the same total steps as the pruned one; returns its
+    validation accuracy in percent."""
+    args = job.args
+    reference = copy.deepcopy(model).to(job.device)
+    _train_with_adam(job, reference, args.lr, args.seed + 3, args.steps + args.finetune_steps, "reference.ckpt",
+                     "reference")
+    return evaluate_accuracy(reference, *job.val, device=job.device)
+
+
+def _write_report(report: dict, out: Path, started: float) -> None:
+    """Writes ``report.json`` and the plot of the pruning history; prints where they are."""
+    from dagprune_algorithms.app.report import plot_training_history, write_json_report
+
+    history = report["history"]
+    write_json_report(out / "report.json", report)
+    if history:
+        plot_training_history(history, out / "pruning.png", target=report["target"])
+    print(f"saved: {out / 'pruned'} (pruned DAG, load with dagprune.load_dag), {out / 'report.json'}"
+          + (f", {out / 'pruning.png'}" if history else "") + f"; {time.time() - started:.0f} s")
+
+
 def run_prune(args) -> int:
     """Runs the whole job; returns the exit code."""
-    from dagprune_algorithms.app.data import load_dataset
     from dagprune_algorithms.app.models import create_timm_model
-    from dagprune_algorithms.pruning import ChannelPruning
-    from dagprune_algorithms.app.report import format_comparison_table, plot_training_history, write_json_report
+    from dagprune_algorithms.app.report import format_comparison_table
 
     _validate(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -175,109 +310,31 @@ def run_prune(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
-
-    split = load_dataset(args.data_dir, image_size=args.image_size, seed=args.seed,
-                         limit_train=args.limit_train, limit_val=args.limit_val)
-    train, val = materialize(split.train), materialize(split.val)
+    split, train, val = _load_data(args)
+    job = _PruneJob(args, train, val, device, out)
     input_shape = tuple(split.input_shape)
-    LOG.info("data: %s, %d train / %d val images of %s, %d classes", split.name, len(train[0]),
-             len(val[0]), "x".join(map(str, input_shape)), split.num_classes)
     model = create_timm_model(args.model, input_shape, num_classes=split.num_classes).to(device)
     if args.method == "l1":  # unit names, ratios and the FLOPs target fail now, not after the baseline
         from dagprune_algorithms.app.iterative_job import plan_from_arguments
         plan_from_arguments(dagprune.build_from_unstructured_module(model), input_shape, args)
+    baseline_accuracy = _prepare_baseline(job, model, split.num_classes)
 
-    # -- baseline -------------------------------------------------------------------------
-    baseline_path = out / "baseline.pt"
-    if args.baseline_checkpoint:
-        state = load_checkpoint(args.baseline_checkpoint)
-        try:
-            model.load_state_dict(state.get("model", state))
-        except RuntimeError as error:
-            raise PruneUsageError(f"--baseline-checkpoint {args.baseline_checkpoint} does not fit "
-                                  f"{args.model} with {split.num_classes} classes: {error}") from error
-        LOG.info("baseline: loaded %s", args.baseline_checkpoint)
-    elif args.baseline_steps:
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-        train_steps(model, optimizer, train, args.batch_size, args.seed, args.baseline_steps,
-                    checkpoint_path=out / "baseline_training.ckpt", checkpoint_every=args.checkpoint_every,
-                    device=device, progress=_progress(args, "baseline"))
-        save_checkpoint(baseline_path, {"model": model.state_dict()})
-    baseline_accuracy = evaluate_accuracy(model, *val, device=device)
-    LOG.info("baseline: accuracy %.2f%%", baseline_accuracy)
-
-    # -- pruning --------------------------------------------------------------------------
     dag = dagprune.build_from_unstructured_module(model)
     dagprune.compare_module_outputs(model, dag, (2, *input_shape), device=device)
     original_flops = dagprune.count_flops(dag, input_shape).total
-    history: list = []
-    if args.method == "dag":
-        pruning = ChannelPruning(dag, input_shape, args.target, args.steps, block_size=args.block_size,
-                                 head_pruning=args.head_pruning)
-        gated = pruning.prepare_for_pruning().to(device)
-        LOG.info("channel groups: %d (%d prunable); prunable_proportion %.4f, "
-                 "max_removable_proportion %.4f", len(pruning.channel_groups),
-                 len(pruning.prunable_groups), pruning.prunable_proportion,
-                 pruning.max_removable_proportion)
-        optimizer = torch.optim.Adam([{"params": pruning.weight_parameters(), "lr": args.lr},
-                                      {"params": pruning.gate_parameters(), "lr": args.gate_lr}])
-
-        def pruning_step(step, x, y):
-            task_loss = F.cross_entropy(gated(x), y)
-            proportion, flops_loss, entropy_loss, bkd_loss = \
-                pruning.compute_current_proportion_and_pruning_losses(global_step=step)
-            return StepResult(task_loss + flops_loss + entropy_loss + bkd_loss,
-                              {"proportion": proportion.item(), "hard_proportion": pruning.current_hard_proportion(),
-                               "task_loss": task_loss.item(), "flops_loss": flops_loss.item(),
-                               "entropy_loss": entropy_loss.item(), "bkd_loss": bkd_loss.item()})
-
-        def validate(step, logs):
-            if step % 100 and step != args.steps - 1:
-                return {}
-            return {"val_accuracy": evaluate_accuracy(gated, *val, device=device) / 100.0}
-
-        train_steps(gated, optimizer, train, args.batch_size, args.seed + 1, args.steps,
-                    step_fn=pruning_step, checkpoint_path=out / "pruning.ckpt",
-                    checkpoint_every=args.checkpoint_every, device=device,
-                    progress=_progress(args, "pruning"), history=history, on_log=validate)
-        gated.eval()
-        pruned = pruning.remove_channels().to(device)
-        removal_difference = dagprune.compare_module_outputs(gated, pruned, (4, *input_shape),
-                                                             raise_error=False, device=device)
-        gated_accuracy = evaluate_accuracy(gated, *val, device=device)
-    else:
-        from dagprune_algorithms.app.iterative_job import run_iterative_l1
-        pruned, history, gated_accuracy, removal_difference = run_iterative_l1(
-            dag, input_shape, args, train, val, device, out, _progress(args, "l1 pruning"))
+    pruned, history, gated_accuracy, removal_difference = _prune(job, dag, input_shape)
     final_proportion = dagprune.count_flops(pruned, input_shape).total / original_flops
     LOG.info("pruned: FLOPs proportion %.4f (%s), accuracy before fine-tuning %.2f%%, "
              "removed model vs gated model max relative difference %.1e", final_proportion,
              "from --target-pruning-ratio" if args.target is None else f"target {args.target:.2f}",
              gated_accuracy, removal_difference)
 
-    # -- fine-tuning ------------------------------------------------------------------------
-    if args.finetune_steps:
-        optimizer = torch.optim.Adam(pruned.parameters(), lr=args.lr / 10)  # gentle: weights already adapted
-        train_steps(pruned, optimizer, train, args.batch_size, args.seed + 2, args.finetune_steps,
-                    checkpoint_path=out / "finetune.ckpt", checkpoint_every=args.checkpoint_every,
-                    device=device, progress=_progress(args, "fine-tuning"))
-    pruned.eval()
-    pruned_accuracy = evaluate_accuracy(pruned, *val, device=device)
+    pruned_accuracy = _finetune(job, pruned)
     pruned.to("cpu").save(out / "pruned")
+    reference_accuracy = None if args.no_reference else _reference_accuracy(job, model)
 
-    # -- reference: the unpruned model trained for the same total steps ------------------------
-    reference_accuracy = None
-    if not args.no_reference:
-        reference = copy.deepcopy(model).to(device)
-        optimizer = torch.optim.Adam(reference.parameters(), lr=args.lr)
-        train_steps(reference, optimizer, train, args.batch_size, args.seed + 3,
-                    args.steps + args.finetune_steps, checkpoint_path=out / "reference.ckpt",
-                    checkpoint_every=args.checkpoint_every, device=device,
-                    progress=_progress(args, "reference"))
-        reference_accuracy = evaluate_accuracy(reference, *val, device=device)
-
-    # -- report ---------------------------------------------------------------------------------
-    model_cpu, dag = model.to("cpu").eval(), dag.to("cpu")
+    model.to("cpu").eval()
+    dag = dag.to("cpu")
     rows = [_measure(dag, f"{args.model} (baseline)", val, input_shape, original_flops, "cpu",
                      baseline_accuracy)]
     if reference_accuracy is not None:
@@ -285,16 +342,11 @@ def run_prune(args) -> int:
                      "accuracy": reference_accuracy / 100.0})
     rows.append(_measure(pruned.to("cpu"), f"{args.model} (pruned, fine-tuned)", val, input_shape,
                          original_flops, "cpu", pruned_accuracy))
-    table = format_comparison_table(rows)
-    print(table)
+    print(format_comparison_table(rows))
     report = {"model": args.model, "data": split.name, "method": args.method, "target": args.target,
               "final_proportion": final_proportion, "removal_max_relative_difference": removal_difference,
               "accuracy_before_finetune": gated_accuracy, "rows": rows, "history": history,
               "arguments": {k: v for k, v in vars(args).items() if k != "run"},
               "elapsed_s": time.time() - started}
-    write_json_report(out / "report.json", report)
-    if history:
-        plot_training_history(history, out / "pruning.png", target=args.target)
-    print(f"saved: {out / 'pruned'} (pruned DAG, load with dagprune.load_dag), {out / 'report.json'}"
-          + (f", {out / 'pruning.png'}" if history else "") + f"; {time.time() - started:.0f} s")
+    _write_report(report, out, started)
     return 0

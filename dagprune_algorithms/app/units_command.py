@@ -63,7 +63,7 @@ def run_units(args: argparse.Namespace) -> int:
         UnitsUsageError: MODEL is neither a saved DAG nor a timm model, or the input size is unusable.
         PruningError: the channel analysis fails.
     """
-    from dagprune_algorithms.pruning.units import ChannelMutator
+    from dagprune_algorithms.pruning.mutator import ChannelMutator
 
     input_size = tuple(args.input_size)
     if any(dim <= 0 for dim in input_size):

@@ -14,9 +14,9 @@ __all__ = [
     "keep_mask_from_logits",
 ]
 
-from dagprune_algorithms.pruning.units import (CHANNEL_UNIT_TYPES, ChannelMutator, ChannelUnit,  # noqa: E402
-                                               ChannelUnitError, SequentialChannelUnit,
-                                               register_channel_unit)
+from dagprune_algorithms.pruning.units import (CHANNEL_UNIT_TYPES, ChannelUnit, ChannelUnitError,  # noqa: E402
+                                               SequentialChannelUnit, register_channel_unit)
+from dagprune_algorithms.pruning.mutator import ChannelMutator  # noqa: E402
 from dagprune_algorithms.pruning.iterative import (IterativePlan, ItePruneAlgorithm,  # noqa: E402
                                                    choices_for_flops_target, plan_iterative_pruning,
                                                    prune_iteratively)

@@ -59,7 +59,7 @@ from dagprune import DagModule
 from dagprune.errors import PruningError
 
 from dagprune_algorithms.pruning.importance import TaylorScoreAccumulator, channel_importance
-from dagprune_algorithms.pruning.units import ChannelMutator
+from dagprune_algorithms.pruning.mutator import ChannelMutator
 
 __all__ = ["ItePruneAlgorithm", "choices_for_flops_target", "FLOPS_TARGET_TOLERANCE", "GRADIENT_IMPORTANCE",
            "IterativePlan", "plan_iterative_pruning", "prune_iteratively"]
