@@ -1,15 +1,23 @@
-"""Checking that two modules compute the same thing."""
+"""Checking that two modules compute the same thing, and that their numbers are finite.
+
+NaN and Inf are never "equal" to anything here: an output holding a non-finite value makes
+:func:`max_relative_difference` infinite and :func:`compare_module_outputs` fail, with a message
+that says NaN or Inf and where it is.
+"""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from dagprune.shape_prop import module_device, module_dtype, random_inputs
 from dagprune.training_mode import evaluation_mode
 
-__all__ = ["compare_module_outputs", "max_relative_difference"]
+__all__ = ["compare_module_outputs", "max_relative_difference", "describe_non_finite",
+           "non_finite_tensors"]
 
 
 def _flatten_outputs(value: Any) -> list[torch.Tensor]:
@@ -22,8 +30,90 @@ def _flatten_outputs(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def _count_non_finite(tensor: torch.Tensor) -> str | None:
+    """``"2 NaN and 1 Inf of 8 values"`` when ``tensor`` holds non-finite values, else None."""
+    tensor = tensor.detach()
+    if not tensor.is_floating_point() and not tensor.is_complex():
+        return None
+    counts = {"NaN": int(torch.isnan(tensor).sum()), "Inf": int(torch.isinf(tensor).sum())}
+    found = [f"{count} {kind}" for kind, count in counts.items() if count]
+    return f"{' and '.join(found)} of {tensor.numel()} values" if found else None
+
+
+def describe_non_finite(value: Any, what: str = "output") -> str | None:
+    """Where ``value`` (a tensor or a nest of tuples, lists and dicts of tensors) holds NaN or
+    Inf, or None when every number in it is finite.
+
+    Args:
+        value: the tensors to inspect.
+        what: what the tensors are, for the message (e.g. ``"the DAG's output"``).
+
+    Returns:
+        E.g. ``"output 0 holds 1 NaN of 2 values"``; one clause per non-finite tensor.
+
+    >>> describe_non_finite((torch.tensor([1.0, float("nan")]), torch.ones(2)))
+    'output 0 holds 1 NaN of 2 values'
+    >>> describe_non_finite(torch.ones(3)) is None
+    True
+    """
+    clauses = [f"{what} {index} holds {counts}"
+               for index, tensor in enumerate(_flatten_outputs(value))
+               if (counts := _count_non_finite(tensor)) is not None]
+    return "; ".join(clauses) or None
+
+
+def non_finite_tensors(module: nn.Module) -> list[str]:
+    """The parameters and buffers of ``module`` that hold NaN or Inf, described one per entry.
+
+    A :class:`~dagprune.DagModule`'s tensors are named by vertex (``vertex 'conv1' (layer1.0.conv1)
+    running_var: 2 NaN of 8 values``); other modules' by their qualified names. Reads every
+    tensor once and synchronises with the device once when all are finite.
+
+    >>> layer = nn.BatchNorm1d(2)
+    >>> layer.running_var[0] = float("nan")
+    >>> non_finite_tensors(layer)
+    ['running_var: 1 NaN of 2 values']
+    >>> non_finite_tensors(nn.Linear(2, 2))
+    []
+    """
+    named = list(_named_tensors(module))
+    floating = [(name, tensor) for name, tensor in named if tensor.is_floating_point()]
+    if not floating:
+        return []
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(tensor).all().to(floating[0][1].device)
+                              for _, tensor in floating]).tolist()
+    return [f"{name}: {_count_non_finite(tensor)}"
+            for (name, tensor), ok in zip(floating, finite) if not ok]
+
+
+def _named_tensors(module: nn.Module):
+    """(description, tensor) for every parameter and buffer; by vertex for a DAG."""
+    vertices = getattr(module, "inner_vertices", None)
+    if vertices is None:
+        yield from itertools.chain(module.named_parameters(), module.named_buffers())
+        return
+    seen: set[int] = set()
+    for vertex in vertices:
+        where = f"vertex {vertex.name!r}" + (f" ({vertex.qualified_name})" if vertex.qualified_name else "")
+        for name, tensor in itertools.chain(vertex.module.named_parameters(), vertex.module.named_buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                yield f"{where} {name}", tensor
+
+
 def max_relative_difference(first: Any, second: Any) -> float:
-    """Largest ``|a - b|`` over all output tensors, relative to the largest ``|a|`` (at least 1e-12)."""
+    """Largest ``|a - b|`` over all output tensors, relative to the largest ``|a|`` (at least 1e-12).
+
+    Returns:
+        The difference; ``inf`` when the outputs differ in structure or shape, or when either
+        holds a NaN or Inf (non-finite numbers never count as equal, not even to themselves).
+
+    >>> max_relative_difference(torch.tensor([2.0, 4.0]), torch.tensor([2.0, 3.0]))
+    0.25
+    >>> max_relative_difference(torch.tensor([float("nan")]), torch.tensor([float("nan")]))
+    inf
+    """
     first_tensors, second_tensors = _flatten_outputs(first), _flatten_outputs(second)
     if len(first_tensors) != len(second_tensors):
         return float("inf")
@@ -31,16 +121,21 @@ def max_relative_difference(first: Any, second: Any) -> float:
     for a, b in zip(first_tensors, second_tensors):
         if a.shape != b.shape:
             return float("inf")
+        if not a.numel():
+            continue
         a, b = a.detach().double(), b.detach().double()
-        scale = max(a.abs().max().item() if a.numel() else 0.0, 1e-12)
-        worst = max(worst, (a - b).abs().max().item() / scale if a.numel() else 0.0)
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            return float("inf")
+        scale = max(a.abs().max().item(), 1e-12)
+        worst = max(worst, (a - b).abs().max().item() / scale)
     return worst
 
 
 def compare_module_outputs(first_module: nn.Module, second_module: nn.Module,
                            input_shape: Sequence[int] | Sequence[Sequence[int]],
                            atol: float = 1e-5, seed: int = 0, raise_error: bool = True,
-                           device: str | torch.device | None = None) -> float:
+                           device: str | torch.device | None = None,
+                           dtype: torch.dtype | None = None) -> float:
     """Runs both modules in eval mode on the same random input and compares their outputs.
 
     Args:
@@ -51,9 +146,16 @@ def compare_module_outputs(first_module: nn.Module, second_module: nn.Module,
         seed: seed of the random input.
         raise_error: raise ``AssertionError`` when the difference exceeds ``atol``.
         device: where to run (defaults to the first module's parameters' device).
+        dtype: dtype of the random input (defaults to the first module's, see
+            :func:`dagprune.shape_prop.module_dtype`): a bfloat16 model gets bfloat16 inputs.
 
     Returns:
-        The largest difference relative to the output scale.
+        The largest difference relative to the output scale; ``inf`` when an output holds
+        NaN or Inf.
+
+    Raises:
+        AssertionError: with ``raise_error``, the difference exceeds ``atol``, or an output
+            holds NaN or Inf (the message says which output and how many).
 
     >>> model = nn.Sequential(nn.Linear(4, 3), nn.GELU())
     >>> import dagprune
@@ -61,13 +163,22 @@ def compare_module_outputs(first_module: nn.Module, second_module: nn.Module,
     0.0
     """
     shapes = [input_shape] if isinstance(input_shape[0], int) else list(input_shape)
-    if device is None:
-        parameter = next(iter(first_module.parameters()), None)
-        device = parameter.device if parameter is not None else "cpu"
-    generator = torch.Generator().manual_seed(seed)
-    inputs = [torch.randn(*shape, generator=generator).to(device) for shape in shapes]
+    inputs = random_inputs(shapes, module_device(first_module) if device is None else device,
+                           module_dtype(first_module) if dtype is None else dtype, seed)
     with evaluation_mode(first_module, second_module), torch.no_grad():
-        difference = max_relative_difference(first_module(*inputs), second_module(*inputs))
+        first_output, second_output = first_module(*inputs), second_module(*inputs)
+    difference = max_relative_difference(first_output, second_output)
     if raise_error and not difference <= atol:
-        raise AssertionError(f"outputs differ: max relative difference {difference:.3g} > {atol:g}")
+        raise AssertionError(_difference_message(first_output, second_output, difference, atol))
     return difference
+
+
+def _difference_message(first_output: Any, second_output: Any, difference: float, atol: float) -> str:
+    non_finite = [text for text in (describe_non_finite(first_output, "the first module's output"),
+                                    describe_non_finite(second_output, "the second module's output"))
+                  if text]
+    if non_finite:
+        return (f"outputs are not finite: {'; '.join(non_finite)}; NaN and Inf never compare equal. "
+                "Look for non-finite weights or statistics with "
+                "dagprune.compare.non_finite_tensors(module)")
+    return f"outputs differ: max relative difference {difference:.3g} > {atol:g}"

@@ -88,9 +88,24 @@ def count_flops(dag: DagModule, input_shape_without_batch: Sequence | None = Non
                 inputs: Sequence[torch.Tensor] | None = None) -> FlopsReport:
     """Counts the FLOPs of one forward pass with batch size 1 (or of the given ``inputs``).
 
+    Args:
+        dag: the DAG to count.
+        input_shape_without_batch: shape of the random input (see
+            :func:`~dagprune.shape_prop.example_inputs`: it takes the DAG's dtype and device,
+            so float16, bfloat16 and float64 models are counted as they are).
+        inputs: the inputs to run instead, with their batch axis.
+
+    Returns:
+        The total and the FLOPs of every vertex.
+
+    Raises:
+        UnsupportedOpError: a vertex's FLOPs cannot be counted (see :func:`vertex_flops`).
+
     >>> import dagprune
     >>> dag = dagprune.build_from_unstructured_module(nn.Sequential(nn.Linear(4, 3)))
     >>> count_flops(dag, (4,)).total
+    24
+    >>> count_flops(dagprune.build_from_unstructured_module(nn.Linear(4, 3).to(torch.bfloat16)), (4,)).total
     24
 
     A leaf module is measured inside (here the leaf ``"0"`` holds the linear layer):

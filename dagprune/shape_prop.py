@@ -2,26 +2,84 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from dagprune.dag_module import DagModule, Vertex
 from dagprune.training_mode import evaluation_mode
 
-__all__ = ["example_inputs", "propagate_values", "propagate_shapes", "value_shape"]
+__all__ = ["example_inputs", "module_device", "module_dtype", "propagate_values", "propagate_shapes",
+           "random_inputs", "value_shape"]
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype of ``module``'s weights: the one holding most of its floating
+    parameter and buffer elements (a few float32 gate logits in a bfloat16 model do not
+    change it); the default dtype when it has none.
+
+    >>> module_dtype(nn.Linear(2, 2).to(torch.bfloat16))
+    torch.bfloat16
+    >>> module_dtype(nn.ReLU())
+    torch.float32
+    """
+    elements: dict[torch.dtype, int] = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.is_floating_point():
+            elements[tensor.dtype] = elements.get(tensor.dtype, 0) + tensor.numel()
+    if not elements:
+        return torch.get_default_dtype()
+    return max(elements, key=elements.get)  # the first one seen wins a tie
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (the CPU when it has none)."""
+    parameter = next(iter(module.parameters()), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def random_inputs(shapes: Sequence[Sequence[int]], device: torch.device | str,
+                  dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """Standard normal tensors of the given full shapes, on ``device`` as ``dtype``.
+
+    The values are drawn in float32 from a generator seeded with ``seed`` and then cast, so
+    models of different dtypes see the same inputs (up to rounding).
+
+    >>> [tuple(x.shape) for x in random_inputs([(1, 2), (3,)], "cpu", torch.float64)]
+    [(1, 2), (3,)]
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+            for shape in shapes]
 
 
 def example_inputs(dag: DagModule, input_shape_without_batch: Sequence, batch_size: int = 1,
-                   device: torch.device | str | None = None) -> list[torch.Tensor]:
-    """Random inputs for ``dag``: one shape, or one shape per input (a sequence of shapes)."""
+                   device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Random inputs for ``dag``: one shape, or one shape per input (a sequence of shapes).
+
+    Args:
+        dag: the model the inputs are for.
+        input_shape_without_batch: e.g. ``(3, 224, 224)``, or one such shape per input.
+        batch_size: the leading axis added to every shape.
+        device: where the inputs live (default: the device of the DAG's first parameter).
+        dtype: their dtype (default: the DAG's, see :func:`module_dtype`).
+
+    Returns:
+        One tensor per shape, the same values on every call.
+
+    >>> import dagprune
+    >>> dag = dagprune.build_from_unstructured_module(nn.Sequential(nn.Linear(4, 3)).double())
+    >>> [(tuple(x.shape), x.dtype) for x in example_inputs(dag, (4,), batch_size=2)]
+    [((2, 4), torch.float64)]
+    """
     shapes = ([tuple(input_shape_without_batch)] if isinstance(input_shape_without_batch[0], int)
               else [tuple(shape) for shape in input_shape_without_batch])
-    if device is None:
-        parameter = next(iter(dag.parameters()), None)
-        device = parameter.device if parameter is not None else "cpu"
-    generator = torch.Generator().manual_seed(0)
-    return [torch.randn(batch_size, *shape, generator=generator).to(device) for shape in shapes]
+    return random_inputs([(batch_size, *shape) for shape in shapes],
+                         module_device(dag) if device is None else device,
+                         module_dtype(dag) if dtype is None else dtype)
 
 
 def propagate_values(dag: DagModule, inputs: Sequence[torch.Tensor]) -> dict[Vertex, Any]:
@@ -44,7 +102,6 @@ def propagate_shapes(dag: DagModule, input_shape_without_batch: Sequence,
     """The output shape of every vertex, for random inputs of the given shape.
 
     >>> import dagprune
-    >>> from torch import nn
     >>> dag = dagprune.build_from_unstructured_module(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
     >>> shapes = propagate_shapes(dag, (3, 10, 10))
     >>> shapes[dag.output_vertices[0]]

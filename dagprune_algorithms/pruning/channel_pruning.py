@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 import numpy as np
@@ -9,18 +11,26 @@ import torch
 from torch import nn
 
 from dagprune import DagModule, InnerVertex
+from dagprune.compare import non_finite_tensors
 from dagprune.errors import PruningError
 from dagprune.ops import spec_for
+from dagprune.shape_prop import module_device
 
 from dagprune_algorithms.pruning.channel_groups import (ChannelAnalysis, ChannelGroup, check_head_pruning,
                                                         find_channel_groups)
 from dagprune_algorithms.pruning.channel_removal import remove_channels_from_dag
 from dagprune_algorithms.pruning.importance import channel_importance
 from dagprune_algorithms.pruning.gates import ChannelGate, GateSet, MaskApply, MaskedConsumer
-from dagprune_algorithms.pruning.losses import (ExpectedFlops, PruningLossConfig, anneal,
+from dagprune_algorithms.pruning.losses import (ExpectedFlops, NonFiniteLossWatch, PruningLossConfig, anneal,
                                                 binary_entropy, removed_energy_share, scheduled_target)
 
-__all__ = ["ChannelPruning"]
+__all__ = ["ChannelPruning", "check_flops_target"]
+
+FINITE_CHECK_INTERVAL = 100
+"""Default number of training steps between two reads of the non-finite checks."""
+
+TARGET_TOLERANCE = 0.02
+"""Default largest excess of the reached FLOPs share over the target (an absolute share)."""
 
 
 class ChannelPruning:
@@ -42,6 +52,14 @@ class ChannelPruning:
         head_pruning: ``"dims"`` (default) removes the same head dimensions from every
             attention head; ``"heads"`` removes whole heads (see
             :data:`~.channel_groups.HEAD_PRUNING_MODES`).
+        finite_check_interval: training steps between two reads of the non-finite checks
+            (see :meth:`compute_current_proportion_and_pruning_losses`).
+
+    Raises:
+        PruningError: an argument is out of range or not finite.
+
+    Any dtype works: a float16, bfloat16 or float64 model keeps its dtype; the gate logits
+    and the losses are float32, the masks are cast to the dtype of the activations they scale.
 
     >>> import dagprune
     >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
@@ -56,7 +74,8 @@ class ChannelPruning:
                  pruning_proportion: float, num_training_steps: int, block_size: int = 1,
                  initial_logit: float = 3.0, temperature: float = 0.5,
                  loss_config: PruningLossConfig | None = None, initial_importance: str | None = "l1",
-                 initial_logit_spread: float = 1.0, head_pruning: str = "dims"):
+                 initial_logit_spread: float = 1.0, head_pruning: str = "dims",
+                 finite_check_interval: int = FINITE_CHECK_INTERVAL):
         if not isinstance(model, DagModule):
             raise PruningError(f"ChannelPruning needs a DagModule, got {type(model).__name__}; "
                                "convert it first with dagprune.build_from_unstructured_module(model)")
@@ -67,6 +86,12 @@ class ChannelPruning:
             raise PruningError(f"num_training_steps must be a positive int, got {num_training_steps!r}")
         if not isinstance(block_size, int) or block_size < 1:
             raise PruningError(f"block_size must be a positive int, got {block_size!r}")
+        if not isinstance(finite_check_interval, int) or finite_check_interval < 1:
+            raise PruningError(f"finite_check_interval must be a positive int, got {finite_check_interval!r}")
+        _check_finite_numbers(initial_logit=initial_logit, temperature=temperature,
+                              initial_logit_spread=initial_logit_spread)
+        if temperature <= 0:
+            raise PruningError(f"temperature must be > 0, got {temperature!r}")
         check_head_pruning(head_pruning)
         self.model = model
         self.input_shape_without_batch = tuple(input_shape_without_batch)
@@ -79,6 +104,8 @@ class ChannelPruning:
         self.initial_importance = initial_importance
         self.initial_logit_spread = initial_logit_spread
         self.head_pruning = head_pruning
+        self.finite_check_interval = finite_check_interval
+        self._loss_watch = NonFiniteLossWatch()
         self.analysis: ChannelAnalysis | None = None
         self.pruning_model: DagModule | None = None
         self.gates: list[ChannelGate] = []
@@ -87,11 +114,22 @@ class ChannelPruning:
     def prepare_for_pruning(self) -> DagModule:
         """Finds the channel groups and returns the gated model (sharing the model's weights).
 
+        Calling it again returns the same gated model, with the same gates: an optimizer
+        built on :meth:`gate_parameters` keeps training the gates the model uses. To start
+        over with other settings, create a new :class:`ChannelPruning`.
+
+        Returns:
+            The gated DAG, on the model's device; the model keeps its dtype, the gates are float32.
+
         Raises:
-            PruningError: the model has no prunable group, or the target is below what
-                removing every prunable channel could reach.
+            PruningError: the model's weights or normalisation statistics hold NaN or Inf (the
+                message names the vertices), the model has no prunable group, or the target
+                is below what removing every prunable channel could reach.
         """
-        device = next(iter(self.model.parameters()), torch.zeros(0)).device
+        if self.pruning_model is not None:
+            return self.pruning_model
+        self._check_model_finite("prepare_for_pruning()")
+        device = module_device(self.model)
         self.analysis = find_channel_groups(self.model, self.input_shape_without_batch,
                                             self.head_pruning)
         if not self.prunable_groups:
@@ -114,6 +152,7 @@ class ChannelPruning:
                 ranks = channel_importance(self.analysis, group, self.initial_importance).argsort().argsort()
                 spread = (torch.as_tensor(ranks, dtype=torch.float32) / max(group.size - 1, 1) - 0.5) * 2
                 gate.logits.data += self.initial_logit_spread * spread
+        self._check_gates_finite("prepare_for_pruning()")
         self.pruning_model = _build_gated_dag(self.analysis, self.gates).to(device)
         self._expected_flops = ExpectedFlops(self.analysis)
         self._gate_set = GateSet(self.gates)
@@ -177,15 +216,35 @@ class ChannelPruning:
     def compute_current_proportion_and_pruning_losses(self, global_step: int):
         """The pruning losses to add to the task loss at ``global_step``.
 
+        Non-finite values are caught without a host synchronisation per step: every step
+        records on the device whether a loss was NaN or Inf (:class:`.losses.NonFiniteLossWatch`,
+        a few tiny tensor ops); on steps divisible by ``finite_check_interval`` (step 0
+        included) and on the last step of the schedule, :meth:`check_finite` reads that record
+        together with the gates, weights and statistics, waiting for the device a few times. A device-side
+        assertion (``torch._assert_async``) would need no such read, but on a GPU it aborts
+        the process's CUDA context with a message naming no vertex, so it is not used. Call
+        :meth:`check_finite` yourself when you log, to stop sooner.
+
+        Args:
+            global_step: index of the training step, a Python int >= 0.
+
         Returns:
             ``(proportion, flops_loss, entropy_loss, bkd_loss)``: the expected FLOPs share and
             the three losses (scalar tensors; see :mod:`dagprune_algorithms.pruning.losses`).
             ``bkd_loss`` uses the activations of the latest train-mode forward pass of the
             gated model, so call this after the forward pass.
+
+        Raises:
+            PruningError: ``global_step`` is not an int >= 0; on a checked step, a loss since the
+                previous check, a gate logit, a weight or a statistic is NaN or Inf (the
+                message names the step, the group or the vertex).
         """
+        _check_global_step(global_step)
         model = self._require_gated()
         config = self.loss_config
-        frozen = global_step >= (1.0 - config.freeze_fraction) * self.num_training_steps
+        last_step = self.num_training_steps - 1
+        frozen = config.freeze_fraction > 0 and global_step >= min(
+            (1.0 - config.freeze_fraction) * self.num_training_steps, last_step)
         if frozen and not self.gates[0].frozen:
             self.calibrate_to_target()
         for gate in self.gates:
@@ -206,7 +265,55 @@ class ChannelPruning:
         entropy_loss = config.entropy_weight * strength * entropies.clamp_min(config.entropy_floor).mean()
         removed = removed_energy_share(self._mask_modules) if model.training else None
         bkd_loss = config.bkd_weight * removed if removed is not None else proportion.new_zeros(())
+        self._loss_watch.record(global_step, proportion, flops_loss, entropy_loss, bkd_loss)
+        if global_step % self.finite_check_interval == 0 or global_step == last_step:
+            self._check_all_finite(f"pruning losses at step {global_step}")
         return proportion, flops_loss, entropy_loss, bkd_loss
+
+    # ------------------------------------------------------------------------------ non-finite
+    def check_finite(self) -> None:
+        """Raises when the gates, the model's weights and statistics, or the losses of any step
+        so far are NaN or Inf. Reads a few flags from the device (one wait each), so call it
+        where the loop synchronises anyway, e.g. when logging.
+
+        Raises:
+            PruningError: naming the channel groups whose gate logits, or the vertices whose
+                parameters or buffers, are not finite, or else the first step whose losses
+                were not finite; with what to do next.
+        """
+        self._check_all_finite("check_finite()")
+
+    def _check_all_finite(self, during: str) -> None:
+        self._require_gated()
+        self._check_gates_finite(during)
+        self._check_model_finite(during)
+        step = self._loss_watch.first_step()
+        if step is not None:
+            raise PruningError(
+                f"{during}: the pruning losses were NaN or Inf at step {step} while the gates, weights and "
+                "statistics are finite; check the loss_config weights and the gate learning rate, "
+                "and restart from the last good checkpoint")
+
+    def _check_gates_finite(self, during: str) -> None:
+        with torch.no_grad():
+            finite = torch.stack([torch.isfinite(gate.logits).all() for gate in self.gates]).tolist()
+        bad = [f"{group.name!r} ({int((~torch.isfinite(gate.logits)).sum())} of {gate.logits.numel()})"
+               for group, gate, ok in zip(self.prunable_groups, self.gates, finite) if not ok]
+        if bad:
+            raise PruningError(
+                f"{during}: the gate logits of channel group(s) {', '.join(bad[:5])} are NaN or "
+                f"Inf{' (and more)' if len(bad) > 5 else ''}; a diverged loss or too high a gate "
+                "learning rate makes them so: lower the gate learning rate or clip the gradients, "
+                "and restart from the last good checkpoint")
+
+    def _check_model_finite(self, during: str) -> None:
+        bad = non_finite_tensors(self.model)
+        if bad:
+            raise PruningError(
+                f"{during}: {self.model.name} holds NaN or Inf in {len(bad)} weight or statistic "
+                f"tensor(s): {'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; pruning would "
+                "give a meaningless model: load a good checkpoint (or re-initialise these "
+                "tensors) and prepare again")
 
     def calibrate_to_target(self) -> float:
         """Flips the least certain gate decisions so the hard model lands nearest the target.
@@ -219,8 +326,12 @@ class ChannelPruning:
 
         Returns:
             The hard FLOPs share after calibration.
+
+        Raises:
+            PruningError: a gate's logits are NaN or Inf (the message names its group).
         """
         self._require_gated()
+        self._check_gates_finite("calibrate_to_target()")
         with torch.no_grad():
             logits = torch.cat([gate.logits.detach() for gate in self.gates]).cpu()
             keep = self._gate_set.hard_masks().cpu()
@@ -274,12 +385,84 @@ class ChannelPruning:
         return analysis.predicted_flops(self.kept_classes()) / analysis.total_flops
 
     def remove_channels(self) -> DagModule:
-        """A plain, slim DAG computing what the gated model computes in eval mode."""
+        """A plain, slim DAG computing what the gated model computes in eval mode.
+
+        Returns:
+            The slim DAG, on the model's device and in the model's dtype.
+
+        Raises:
+            PruningError: a gate's logits, a weight, a statistic or a pruning loss since the
+                last check is NaN or Inf (see :meth:`check_finite`).
+        """
         analysis = self._require_prepared()
+        self._check_all_finite("remove_channels()")
         slim = remove_channels_from_dag(analysis, self.kept_classes())
         slim.train(self._require_gated().training)
-        device = next(iter(self.model.parameters()), torch.zeros(0)).device
-        return slim.to(device)
+        return slim.to(module_device(self.model))
+
+    def check_target_reached(self, tolerance: float = TARGET_TOLERANCE,
+                             proportion: float | None = None) -> float:
+        """Checks that the pruned model's FLOPs share is at most the target plus ``tolerance``.
+
+        Args:
+            tolerance: the largest allowed excess, as a share of the original FLOPs.
+            proportion: the reached FLOPs share, e.g. measured on the slim model; default:
+                :meth:`current_hard_proportion` (what :meth:`remove_channels` gives).
+
+        Returns:
+            The miss, ``proportion - pruning_proportion`` (<= 0 when at or below the target).
+
+        Raises:
+            PruningError: the share exceeds the target by more than ``tolerance``.
+        """
+        reached = self.current_hard_proportion() if proportion is None else proportion
+        return check_flops_target(reached, self.pruning_proportion, tolerance)
+
+
+def check_flops_target(proportion: float, target: float, tolerance: float = TARGET_TOLERANCE) -> float:
+    """Checks that a reached FLOPs share is at most ``target + tolerance``.
+
+    Below the target counts as reached: the target is a budget.
+
+    Args:
+        proportion: the reached FLOPs share (pruned FLOPs / original FLOPs).
+        target: the requested share, e.g. ``pruning_proportion``.
+        tolerance: the largest allowed excess, as a share of the original FLOPs.
+
+    Returns:
+        The miss, ``proportion - target``.
+
+    Raises:
+        PruningError: ``proportion`` exceeds ``target`` by more than ``tolerance``, or is not finite.
+
+    >>> round(check_flops_target(0.51, 0.5), 3)
+    0.01
+    >>> check_flops_target(1.0, 0.5)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    dagprune.errors.PruningError: FLOPs target missed: ... target 0.5000, 0.5000 above it (tolerance 0.0200); ...
+    """
+    _check_finite_numbers(proportion=proportion, target=target, tolerance=tolerance)
+    miss = proportion - target
+    if miss > tolerance:
+        raise PruningError(
+            f"FLOPs target missed: the pruned model keeps {proportion:.4f} of the original FLOPs, "
+            f"target {target:.4f}, {miss:.4f} above it (tolerance {tolerance:.4f}); train for more "
+            "steps, raise the FLOPs loss weight or the gate learning rate")
+    return miss
+
+
+def _check_finite_numbers(**values) -> None:
+    for name, value in values.items():
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise PruningError(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_global_step(global_step) -> None:
+    if isinstance(global_step, bool) or not isinstance(global_step, numbers.Integral) or global_step < 0:
+        raise PruningError(
+            f"global_step must be an int >= 0 (the index of the training step), got {global_step!r}; "
+            "pass the loop's step counter (a Python int, not a tensor or a float)")
 
 
 def _masks_inside(module: nn.Module, site) -> bool:

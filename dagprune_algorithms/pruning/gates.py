@@ -206,11 +206,13 @@ class _PositionMasked(nn.Module):
         """In train mode keeps, for the distillation loss, the energy of ``x`` per position of
         ``axis`` (no gradient into ``x``; on the first :data:`ENERGY_SAMPLES` samples when axis
         0 is the batch) and the mask applied to it (see
-        :func:`~dagprune_algorithms.pruning.losses.removed_energy_share`)."""
+        :func:`~dagprune_algorithms.pruning.losses.removed_energy_share`). The energy is summed
+        in float32 at least: squares of float16 activations above 256 would overflow."""
         if not self.training:
             self.channel_energy = self.energy_mask = None
             return
         sample = x.detach()[:ENERGY_SAMPLES] if axis != 0 and x.ndim > 1 else x.detach()
+        sample = sample.to(torch.promote_types(sample.dtype, torch.float32))
         reduce_axes = [a for a in range(sample.ndim) if a != axis]
         squares = sample * sample
         self.channel_energy = squares.sum(reduce_axes) if reduce_axes else squares

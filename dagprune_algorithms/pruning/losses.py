@@ -11,9 +11,10 @@
   ``target_warmup`` share of the schedule, and ``a(t) = 1 - 0.1 ** (t / T)`` ramps the pruning
   pressure up. The two-sided term keeps the model from overshooting below the target, which
   costs accuracy without need.
-* In the last ``freeze_fraction`` of the schedule the gates are frozen at their hard decisions
-  (train-mode forward passes use the hard masks too), so the weights and batch-norm statistics
-  adapt to the model that :meth:`remove_channels` will cut out.
+* In the last ``freeze_fraction`` of the schedule (and at least on its last step, so that a
+  short schedule still ends calibrated to the target) the gates are frozen at their hard
+  decisions (train-mode forward passes use the hard masks too), so the weights and batch-norm
+  statistics adapt to the model that :meth:`remove_channels` will cut out.
 * ``entropy_loss``: ``w_entropy * a(t) * mean over groups of the mean binary entropy`` of the
   keep probabilities, pushing each gate to decide (0 or 1) so the hard model that
   ``remove_channels`` cuts out is the model that was trained.
@@ -35,7 +36,8 @@ import torch
 
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis
 
-__all__ = ["PruningLossConfig", "ExpectedFlops", "anneal", "binary_entropy", "removed_energy_share"]
+__all__ = ["PruningLossConfig", "ExpectedFlops", "NonFiniteLossWatch", "anneal", "binary_entropy",
+           "removed_energy_share"]
 
 
 @dataclasses.dataclass
@@ -145,3 +147,39 @@ class ExpectedFlops:
         per_term = per_term.index_add(0, self.term_of_factor.to(device), log_fraction)
         expected = (self.bases.to(device) * torch.exp(per_term)).sum() + self.constant_flops
         return (expected / self.total).float()
+
+
+class NonFiniteLossWatch:
+    """Remembers, on the losses' device, the first step whose losses held a NaN or Inf.
+
+    :meth:`record` runs every training step and never waits for the device (a few tiny tensor
+    ops, no ``.item()``); :meth:`first_step` reads the answer, synchronising once, and is
+    meant to be called every few hundred steps and at the end.
+
+    >>> watch = NonFiniteLossWatch()
+    >>> watch.record(0, torch.tensor(1.0), torch.tensor(2.0))
+    >>> watch.record(1, torch.tensor(float("nan")), torch.tensor(2.0))
+    >>> watch.record(2, torch.tensor(float("inf")), torch.tensor(2.0))
+    >>> watch.first_step()
+    1
+    """
+
+    def __init__(self):
+        self._first_step: torch.Tensor | None = None  # -1 while every loss was finite
+
+    def record(self, step: int, *losses: torch.Tensor) -> None:
+        """Notes ``step`` if any of the scalar ``losses`` is NaN or Inf (no host synchronisation)."""
+        with torch.no_grad():
+            finite = torch.isfinite(torch.stack([loss.detach().float() for loss in losses])).all()
+            if self._first_step is None:
+                self._first_step = torch.full((), -1, dtype=torch.long, device=finite.device)
+            self._first_step = self._first_step.to(finite.device)
+            seen_before = self._first_step >= 0
+            self._first_step = torch.where(finite | seen_before, self._first_step, step)
+
+    def first_step(self) -> int | None:
+        """The first recorded step with a non-finite loss, or None (reads it from the device)."""
+        if self._first_step is None:
+            return None
+        step = int(self._first_step)
+        return step if step >= 0 else None
