@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from dagprune.errors import DagpruneError
+from dagprune.example_inputs import ExampleInputs, as_example_inputs
 from dagprune.shape_prop import module_device, module_dtype, random_inputs
 from dagprune.training_mode import evaluation_mode
 
@@ -132,16 +134,18 @@ def max_relative_difference(first: Any, second: Any) -> float:
 
 
 def compare_module_outputs(first_module: nn.Module, second_module: nn.Module,
-                           input_shape: Sequence[int] | Sequence[Sequence[int]],
+                           input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
                            atol: float = 1e-5, seed: int = 0, raise_error: bool = True,
                            device: str | torch.device | None = None,
-                           dtype: torch.dtype | None = None) -> float:
-    """Runs both modules in eval mode on the same random input and compares their outputs.
+                           dtype: torch.dtype | None = None, example_inputs: Any = None) -> float:
+    """Runs both modules in eval mode on the same inputs and compares their outputs.
 
     Args:
         first_module, second_module: the modules to compare (e.g. a model and its DAG).
-        input_shape: the input shape with batch, e.g. ``(8, 3, 224, 224)``; a sequence of
-            shapes for models with several inputs.
+        input_shape: the input shape with batch, e.g. ``(8, 3, 224, 224)``, of a random float
+            input; a sequence of shapes for models with several inputs.
+        example_inputs: instead of ``input_shape``, the inputs themselves: a tensor, a tuple of
+            positional values or a dict of keyword values, of any dtype (token IDs, masks).
         atol: the largest allowed difference relative to the output scale.
         seed: seed of the random input.
         raise_error: raise ``AssertionError`` when the difference exceeds ``atol``.
@@ -162,15 +166,25 @@ def compare_module_outputs(first_module: nn.Module, second_module: nn.Module,
     >>> compare_module_outputs(model, dagprune.build_from_unstructured_module(model), (2, 4))
     0.0
     """
-    shapes = [input_shape] if isinstance(input_shape[0], int) else list(input_shape)
-    inputs = random_inputs(shapes, module_device(first_module) if device is None else device,
-                           module_dtype(first_module) if dtype is None else dtype, seed)
+    inputs = _comparison_inputs(first_module, input_shape, example_inputs, seed, device, dtype)
     with evaluation_mode(first_module, second_module), torch.no_grad():
-        first_output, second_output = first_module(*inputs), second_module(*inputs)
+        first_output, second_output = inputs.call(first_module), inputs.call(second_module)
     difference = max_relative_difference(first_output, second_output)
     if raise_error and not difference <= atol:
         raise AssertionError(_difference_message(first_output, second_output, difference, atol))
     return difference
+
+
+def _comparison_inputs(module: nn.Module, input_shape, example_inputs, seed: int, device,
+                       dtype) -> ExampleInputs:
+    if example_inputs is not None:
+        inputs = as_example_inputs(example_inputs)
+        return inputs if device is None else inputs.to(device)
+    if input_shape is None:
+        raise DagpruneError("compare_module_outputs needs input_shape (with batch) or example_inputs")
+    shapes = [input_shape] if isinstance(input_shape[0], int) else list(input_shape)
+    return ExampleInputs(tuple(random_inputs(shapes, module_device(module) if device is None else device,
+                                             module_dtype(module) if dtype is None else dtype, seed)))
 
 
 def _difference_message(first_output: Any, second_output: Any, difference: float, atol: float) -> str:

@@ -53,15 +53,30 @@ class Vertex:
 
 
 class InputVertex(Vertex):
-    """An input of the DAG: the value passed to ``forward`` at its position (or its default)."""
+    """An input of the DAG: the value passed to ``forward`` at its position (or its default).
 
-    def __init__(self, name: str, default: Any = _NO_DEFAULT):
+    A *fixed* input is an argument the model was converted with a constant value for (a flag,
+    a scale, ``attention_mask=None``; see ``example_inputs`` of
+    :func:`~dagprune.build_from_unstructured_module`): the DAG computes what the model computes
+    for ``default`` and refuses any other value.
+    """
+
+    def __init__(self, name: str, default: Any = _NO_DEFAULT, fixed: bool = False):
         super().__init__(name)
         self.default = default
+        self.fixed = fixed
 
     @property
     def has_default(self) -> bool:
         return self.default is not _NO_DEFAULT
+
+    def check_fixed(self, value: Any, dag_name: str) -> None:
+        """Raises ``TypeError`` when a fixed input is given another value than its own."""
+        same = value is self.default or (not isinstance(value, torch.Tensor) and type(value) is type(self.default)
+                                         and value == self.default)
+        if self.fixed and not same:
+            raise TypeError(f"{dag_name} was converted with {self.name}={self.default!r} fixed, got "
+                            f"{value!r}; convert the model again with that value in example_inputs")
 
 
 class InnerVertex(Vertex):
@@ -183,11 +198,15 @@ class DagModule(nn.Module):
                 raise TypeError(f"{self.name} is missing its input {vertex.name!r}")
         if kwargs:
             raise TypeError(f"{self.name} got unexpected inputs {sorted(kwargs)}")
+        for vertex in self.inputs:
+            if vertex.fixed:
+                vertex.check_fixed(values[vertex], self.name)
         return values
 
-    def forward_with_all_values(self, *args) -> dict[Vertex, Any]:
-        """Runs the DAG and returns the value of every vertex (for analysis passes)."""
-        values = self._bind_inputs(args, {})
+    def forward_with_all_values(self, *args, **kwargs) -> dict[Vertex, Any]:
+        """Runs the DAG like ``forward`` and returns the value of every vertex (for analysis
+        passes)."""
+        values = self._bind_inputs(args, dict(kwargs))
         for vertex in self.inner_vertices:
             values[vertex] = vertex.module(*[values[p] for p in vertex.predecessors])
         return values

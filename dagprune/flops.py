@@ -39,7 +39,7 @@ from dagprune.dag_module import DagModule, InnerVertex
 from dagprune.errors import UnsupportedOpError
 from dagprune.ops.registry import op_flops
 from dagprune.ops.spec import describe_op
-from dagprune.shape_prop import example_inputs, propagate_values
+from dagprune.shape_prop import propagate_values, resolve_inputs
 
 __all__ = ["count_flops", "FlopsReport", "vertex_flops"]
 
@@ -85,15 +85,17 @@ def vertex_flops(vertex: InnerVertex, inputs: list, output: Any) -> int:
 
 
 def count_flops(dag: DagModule, input_shape_without_batch: Sequence | None = None,
-                inputs: Sequence[torch.Tensor] | None = None) -> FlopsReport:
-    """Counts the FLOPs of one forward pass with batch size 1 (or of the given ``inputs``).
+                inputs: Sequence[torch.Tensor] | None = None, example_inputs: Any = None) -> FlopsReport:
+    """Counts the FLOPs of one forward pass with batch size 1 (or of the given inputs).
 
     Args:
         dag: the DAG to count.
         input_shape_without_batch: shape of the random input (see
-            :func:`~dagprune.shape_prop.example_inputs`: it takes the DAG's dtype and device,
-            so float16, bfloat16 and float64 models are counted as they are).
-        inputs: the inputs to run instead, with their batch axis.
+            :func:`~dagprune.shape_prop.example_inputs_for_shape`: it takes the DAG's dtype and
+            device, so float16, bfloat16 and float64 models are counted as they are).
+        inputs: positional tensors to run instead, with their batch axis.
+        example_inputs: a tensor, a tuple of positional values or a dict of keyword values
+            (token IDs, masks...), with their batch axis; FLOPs are those of this batch.
 
     Returns:
         The total and the FLOPs of every vertex.
@@ -107,6 +109,10 @@ def count_flops(dag: DagModule, input_shape_without_batch: Sequence | None = Non
     24
     >>> count_flops(dagprune.build_from_unstructured_module(nn.Linear(4, 3).to(torch.bfloat16)), (4,)).total
     24
+    >>> embed = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+    >>> count_flops(dagprune.build_from_unstructured_module(embed),
+    ...             example_inputs=(torch.tensor([[1, 2, 3]]),)).total
+    48
 
     A leaf module is measured inside (here the leaf ``"0"`` holds the linear layer):
 
@@ -116,7 +122,7 @@ def count_flops(dag: DagModule, input_shape_without_batch: Sequence | None = Non
     24
     """
     if inputs is None:
-        inputs = example_inputs(dag, input_shape_without_batch)
+        inputs = resolve_inputs(dag, input_shape_without_batch, example_inputs)
     values = propagate_values(dag, inputs)
     per_vertex = {}
     for vertex in dag.inner_vertices:

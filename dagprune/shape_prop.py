@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from dagprune.dag_module import DagModule, Vertex
+from dagprune.errors import DagpruneError
+from dagprune.example_inputs import ExampleInputs, as_example_inputs
 from dagprune.training_mode import evaluation_mode
 
-__all__ = ["example_inputs", "module_device", "module_dtype", "propagate_values", "propagate_shapes",
+__all__ = ["example_inputs_for_shape", "resolve_inputs", "module_device", "module_dtype", "propagate_values", "propagate_shapes",
            "random_inputs", "value_shape"]
 
 
@@ -55,7 +57,7 @@ def random_inputs(shapes: Sequence[Sequence[int]], device: torch.device | str,
             for shape in shapes]
 
 
-def example_inputs(dag: DagModule, input_shape_without_batch: Sequence, batch_size: int = 1,
+def example_inputs_for_shape(dag: DagModule, input_shape_without_batch: Sequence, batch_size: int = 1,
                    device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Random inputs for ``dag``: one shape, or one shape per input (a sequence of shapes).
@@ -72,7 +74,7 @@ def example_inputs(dag: DagModule, input_shape_without_batch: Sequence, batch_si
 
     >>> import dagprune
     >>> dag = dagprune.build_from_unstructured_module(nn.Sequential(nn.Linear(4, 3)).double())
-    >>> [(tuple(x.shape), x.dtype) for x in example_inputs(dag, (4,), batch_size=2)]
+    >>> [(tuple(x.shape), x.dtype) for x in example_inputs_for_shape(dag, (4,), batch_size=2)]
     [((2, 4), torch.float64)]
     """
     shapes = ([tuple(input_shape_without_batch)] if isinstance(input_shape_without_batch[0], int)
@@ -82,10 +84,36 @@ def example_inputs(dag: DagModule, input_shape_without_batch: Sequence, batch_si
                          module_dtype(dag) if dtype is None else dtype)
 
 
-def propagate_values(dag: DagModule, inputs: Sequence[torch.Tensor]) -> dict[Vertex, Any]:
-    """The value of every vertex for ``inputs``, computed in eval mode without gradients."""
+def propagate_values(dag: DagModule, inputs: Sequence[torch.Tensor] | ExampleInputs) -> dict[Vertex, Any]:
+    """The value of every vertex for ``inputs`` (positional tensors, or
+    :class:`~dagprune.example_inputs.ExampleInputs`), computed in eval mode without gradients."""
+    if not isinstance(inputs, ExampleInputs):
+        inputs = ExampleInputs(tuple(inputs))
     with evaluation_mode(dag), torch.no_grad():
-        return dag.forward_with_all_values(*inputs)
+        return dag.forward_with_all_values(*inputs.args, **inputs.kwargs)
+
+
+def resolve_inputs(dag: DagModule, input_shape_without_batch: Sequence | None = None,
+                   example_inputs: Any = None, batch_size: int = 1) -> ExampleInputs:
+    """The inputs a pass runs ``dag`` on: ``example_inputs`` as given, or random inputs of
+    ``input_shape_without_batch`` (the DAG's dtype and device, ``batch_size``).
+
+    Args:
+        dag: the model.
+        input_shape_without_batch: e.g. ``(3, 224, 224)``, or one shape per input.
+        example_inputs: a tensor, a tuple of positional values or a dict of keyword values
+            (see :func:`~dagprune.example_inputs.as_example_inputs`); wins over the shape.
+        batch_size: the batch of random inputs.
+
+    Raises:
+        DagpruneError: neither is given.
+    """
+    if example_inputs is not None:
+        return as_example_inputs(example_inputs)
+    if input_shape_without_batch is None:
+        raise DagpruneError(f"{dag.name}: give input_shape_without_batch (float inputs) or "
+                            "example_inputs (a tuple or dict of the tensors the model takes)")
+    return ExampleInputs(tuple(example_inputs_for_shape(dag, input_shape_without_batch, batch_size)))
 
 
 def value_shape(value: Any) -> Any:
@@ -97,9 +125,10 @@ def value_shape(value: Any) -> Any:
     return value
 
 
-def propagate_shapes(dag: DagModule, input_shape_without_batch: Sequence,
-                     batch_size: int = 1) -> dict[Vertex, Any]:
-    """The output shape of every vertex, for random inputs of the given shape.
+def propagate_shapes(dag: DagModule, input_shape_without_batch: Sequence | None = None,
+                     batch_size: int = 1, example_inputs: Any = None) -> dict[Vertex, Any]:
+    """The output shape of every vertex, for random inputs of the given shape (or for
+    ``example_inputs``, see :func:`resolve_inputs`).
 
     >>> import dagprune
     >>> dag = dagprune.build_from_unstructured_module(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
@@ -107,5 +136,5 @@ def propagate_shapes(dag: DagModule, input_shape_without_batch: Sequence,
     >>> shapes[dag.output_vertices[0]]
     torch.Size([1, 8, 8, 8])
     """
-    inputs = example_inputs(dag, input_shape_without_batch, batch_size)
+    inputs = resolve_inputs(dag, input_shape_without_batch, example_inputs, batch_size)
     return {vertex: value_shape(value) for vertex, value in propagate_values(dag, inputs).items()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import traceback
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -17,6 +17,7 @@ from torch import nn
 
 from dagprune.dag_module import _NO_DEFAULT, DagModule, InnerVertex, InputVertex, Vertex
 from dagprune.errors import ConversionError
+from dagprune.example_inputs import as_example_inputs
 from dagprune.integrations import load_support_for_imported_libraries
 from dagprune.leaf_modules import (LEAF_MODULE_TYPES, apply_module_rewrites, autowrap_functions,
                                    is_registered_leaf, register_autowrap_function,
@@ -25,6 +26,7 @@ from dagprune.ops.base import op_class_for_function
 from dagprune.ops.functions import function_name, method_name, register_function
 from dagprune.ops.parameter import ModuleCallOp, ParameterOp
 from dagprune.ops.templates import InputRef, map_template
+from dagprune.specialization import FIXED_META, fixed_arguments, remove_fixed_placeholders
 from dagprune.training_mode import evaluation_mode
 
 __all__ = ["build_from_unstructured_module", "register_leaf_module", "register_module_rewrite",
@@ -50,7 +52,8 @@ class _DagTracer(fx.Tracer):
 
 
 def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = (),
-                                   name: str | None = None, copy_model: bool = True) -> DagModule:
+                                   name: str | None = None, copy_model: bool = True,
+                                   example_inputs: Any = None) -> DagModule:
     """Converts any traceable ``nn.Module`` into an equivalent :class:`DagModule`.
 
     Each leaf module (standard ``torch.nn`` layers, registered leaf types, ``leaf_modules``)
@@ -66,6 +69,12 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
         name: the DAG's name (defaults to the model's class name).
         copy_model: convert a deep copy (default) so the DAG never shares parameters with
             ``model``; pass False to share them.
+        example_inputs: what the model is called with (a tensor, a tuple of positional values
+            or a dict of keyword values). Arguments given as tensors become the DAG's inputs;
+            arguments given as other values, and those left out that have defaults, are fixed
+            to that value (branches on them follow the example; see
+            :mod:`dagprune.specialization`). The DAG is then called like the model with the
+            same tensors: ``dag(*args)`` / ``dag(**kwargs)``.
 
     Returns:
         The DAG, checked with :meth:`DagModule.lint`.
@@ -73,6 +82,9 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
     Raises:
         ConversionError: torch.fx cannot trace a part of the model; the message names the module
             path, the failing call and its source line, and suggests ``leaf_modules=[...]``.
+            Also for what is not an eager ``nn.Module``: a ``DataParallel`` or
+            ``DistributedDataParallel`` wrapper (pass ``model.module``), a ``torch.compile``d
+            model (pass ``model._orig_mod``) or a TorchScript module (pass the eager module).
 
     >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
     >>> _ = model(torch.zeros(1, 3, 5, 5))
@@ -80,6 +92,7 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
     >>> [v.name for v in dag.inner_vertices]
     ['_0', '_1', '_2', '_3']
     """
+    _check_eager_module(model)
     load_support_for_imported_libraries()
     leaf_modules = list(leaf_modules)
     leaf_types = tuple(item for item in leaf_modules if isinstance(item, type))
@@ -88,9 +101,11 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
     source = apply_module_rewrites(source)
     was_training = source.training
     tracer = _DagTracer(leaf_types, leaf_names)
+    fixed = {} if example_inputs is None else fixed_arguments(source, as_example_inputs(example_inputs))
     try:
         with evaluation_mode(source):
-            graph = tracer.trace(source)
+            graph = tracer.trace(source, concrete_args=fixed or None)
+        remove_fixed_placeholders(graph, source, fixed)
     except ConversionError:
         raise
     except Exception as error:  # torch.fx raises many types; all mean "cannot trace"
@@ -99,6 +114,24 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
     dag.train(was_training)
     dag.lint()
     return dag
+
+
+def _check_eager_module(model) -> None:
+    """Raises :class:`ConversionError` with the fix for what torch.fx cannot trace as a whole:
+    wrappers around a module, compiled and scripted modules, and non-modules."""
+    kind = type(model).__name__
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise ConversionError(f"the model is wrapped in {kind}, which cannot be traced; unwrap with .module: "
+                              "build_from_unstructured_module(model.module)")
+    if isinstance(model, nn.Module) and kind == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        raise ConversionError("the model was compiled with torch.compile, whose OptimizedModule cannot be "
+                              "traced; pass the original module: build_from_unstructured_module(model._orig_mod)")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ConversionError(f"the model is a TorchScript module ({kind}), which cannot be traced: its Python "
+                              "code is gone; pass the eager nn.Module it was scripted or traced from")
+    if not isinstance(model, nn.Module):
+        raise ConversionError(f"build_from_unstructured_module needs an nn.Module, got {kind}; wrap a function "
+                              "in an nn.Module whose forward calls it")
 
 
 def _conversion_error(error: Exception, tracer: _DagTracer) -> ConversionError:
@@ -134,10 +167,11 @@ def _graph_to_dag(graph: fx.Graph, root: nn.Module, name: str) -> DagModule:
     output_structure = None
     names: set[str] = set()
     for node in graph.nodes:
+        if FIXED_META in node.meta:  # a fixed argument keeps its name: it may be passed by keyword
+            node.name = node.meta[FIXED_META][0]
         node.name = _unique_vertex_name(node.name, names)
         if node.op == "placeholder":
-            default = node.args[0] if node.args else _NO_DEFAULT
-            vertex = InputVertex(node.name, default)
+            vertex = _input_vertex(node)
             inputs.append(vertex)
         elif node.op == "get_attr":
             if node.target in attribute_vertices:
@@ -167,6 +201,13 @@ def _graph_to_dag(graph: fx.Graph, root: nn.Module, name: str) -> DagModule:
             raise ConversionError(f"unexpected torch.fx node kind {node.op!r} at {node.name}")
         vertex_of[node] = vertex
     return DagModule(inputs, inner, output_vertices, output_structure, name=name)
+
+
+def _input_vertex(node: fx.Node) -> InputVertex:
+    """The DAG input of a placeholder: a fixed argument keeps its name and value."""
+    if FIXED_META in node.meta:
+        return InputVertex(node.name, node.meta[FIXED_META][1], fixed=True)
+    return InputVertex(node.name, node.args[0] if node.args else _NO_DEFAULT)
 
 
 def _nodes_to_holes(template, nodes: list) -> object:

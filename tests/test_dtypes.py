@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dagprune
-from dagprune.shape_prop import example_inputs, module_dtype
+from dagprune.shape_prop import example_inputs_for_shape as example_inputs, module_dtype
 from dagprune_algorithms.pruning import ChannelPruning, compute_normalized_flops
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -115,22 +115,20 @@ def test_spec_example_converts_counts_and_removes_exactly(spec):
     torch.manual_seed(0)
     model, inputs = spec.example()
     model.eval()
-    dag = dagprune.build_from_unstructured_module(model)
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=inputs)
     with torch.no_grad():
         assert dagprune.max_relative_difference(model(*inputs), dag(*inputs)) <= 1e-5
-    shapes = [tuple(x.shape[1:]) for x in inputs]
-    shape = shapes[0] if len(shapes) == 1 else shapes
-    assert dagprune.count_flops(dag, shape).total > 0
-    analysis = find_channel_groups(dag, shape)
+    assert dagprune.count_flops(dag, example_inputs=inputs).total > 0
+    analysis = find_channel_groups(dag, example_inputs=inputs)
     _check_facets_that_apply(spec, dag, analysis)
     assert analysis.prunable_groups, f"the example of {spec.name} has nothing to prune"
-    config = ChannelPruning(model=dag, input_shape_without_batch=shape, pruning_proportion=0.99,
-                            num_training_steps=1)
+    config = ChannelPruning(model=dag, input_shape_without_batch=None, pruning_proportion=0.99,
+                            num_training_steps=1, example_inputs=inputs)
     gated = config.prepare_for_pruning().eval()
     for seed in range(3):
         _random_gate_state(config, seed)
         slim = config.remove_channels().eval()
         with torch.no_grad():
             assert dagprune.max_relative_difference(gated(*inputs), slim(*inputs)) <= 1e-4
-        measured = dagprune.count_flops(slim, shape).total / analysis.total_flops
+        measured = dagprune.count_flops(slim, example_inputs=inputs).total / analysis.total_flops
         assert measured == pytest.approx(config.current_hard_proportion(), abs=1e-9)

@@ -34,7 +34,8 @@ from dagprune.flops import vertex_flops
 from dagprune.ops import spec_for
 from dagprune.ops.channel_map import Layout, ShapeTag, is_size_layout, iter_layout_atoms
 from dagprune.ops.spec import describe_op
-from dagprune.shape_prop import example_inputs, propagate_values, value_shape
+from dagprune.example_inputs import ExampleInputs
+from dagprune.shape_prop import propagate_values, resolve_inputs, value_shape
 
 __all__ = ["ChannelGroup", "ChannelAnalysis", "CouplingContext", "find_channel_groups", "Layout",
            "ShapeTag", "HEAD_PRUNING_MODES"]
@@ -231,11 +232,14 @@ class ChannelAnalysis:
         layouts: vertex -> layout of its output, with atoms replaced by their classes.
         atom_class: class of every atom.
         consumer_sites, flops_terms: see :class:`ConsumerSite`, :class:`FlopsTerm`.
-        total_flops: FLOPs of the unpruned DAG for the analysed input (batch 1).
+        total_flops: FLOPs of the unpruned DAG for the analysed input (batch 1, or the
+            example inputs' batch).
+        input_shape_without_batch: the shape analysed, or None when ``example_inputs`` were.
+        example_inputs: the inputs the DAG was analysed on.
     """
 
     dag: DagModule
-    input_shape_without_batch: tuple
+    input_shape_without_batch: tuple | None
     head_pruning: str
     groups: list[ChannelGroup]
     layouts: dict[Vertex, Any]
@@ -244,6 +248,7 @@ class ChannelAnalysis:
     flops_terms: list[FlopsTerm]
     total_flops: int
     values_shapes: dict[Vertex, Any]
+    example_inputs: ExampleInputs | None = None
 
     @property
     def prunable_groups(self) -> list[ChannelGroup]:
@@ -325,9 +330,11 @@ def _fit_layout(ctx: CouplingContext, layout: Any, output: Any) -> Any:
     return None
 
 
-def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence,
-                        head_pruning: str = "dims") -> ChannelAnalysis:
-    """Finds the channel groups of ``dag`` by running it once on a random input (batch 1).
+def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence | None = None,
+                        head_pruning: str = "dims", example_inputs: Any = None) -> ChannelAnalysis:
+    """Finds the channel groups of ``dag`` by running it once on a random input (batch 1) of
+    ``input_shape_without_batch``, or on ``example_inputs`` (a tensor, a tuple of positional
+    values or a dict of keyword values of any dtype, e.g. token IDs).
 
     ``head_pruning`` says how attention is pruned (see :data:`HEAD_PRUNING_MODES`).
 
@@ -339,7 +346,7 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence,
     [('0', 8, True), ('3', 4, False)]
     """
     check_head_pruning(head_pruning)
-    inputs = example_inputs(dag, input_shape_without_batch)
+    inputs = resolve_inputs(dag, input_shape_without_batch, example_inputs)
     values = propagate_values(dag, inputs)
     context = CouplingContext(dag.users(), head_pruning)
     layouts: dict[Vertex, Any] = {vertex: None for vertex in dag.inputs}
@@ -386,8 +393,9 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence,
                 context.flops_terms.append(FlopsTerm(vertex, flops, []))
     total = sum(term.base_flops for term in context.flops_terms)
     shapes = {vertex: value_shape(value) for vertex, value in values.items()}
-    return ChannelAnalysis(dag, tuple(input_shape_without_batch), head_pruning, groups, resolved_layouts,
-                           atom_class, context.consumer_sites, context.flops_terms, total, shapes)
+    shape = None if example_inputs is not None else tuple(input_shape_without_batch)
+    return ChannelAnalysis(dag, shape, head_pruning, groups, resolved_layouts, atom_class,
+                           context.consumer_sites, context.flops_terms, total, shapes, inputs)
 
 
 def _class_signatures(layouts: dict, atom_class: np.ndarray) -> np.ndarray:

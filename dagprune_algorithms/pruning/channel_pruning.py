@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from dagprune import DagModule, InnerVertex
 from dagprune.compare import non_finite_tensors
 from dagprune.errors import PruningError
 from dagprune.ops import spec_for
+from dagprune.example_inputs import as_example_inputs
 from dagprune.shape_prop import module_device
 
 from dagprune_algorithms.pruning.channel_groups import (ChannelAnalysis, ChannelGroup, check_head_pruning,
@@ -33,12 +34,23 @@ TARGET_TOLERANCE = 0.02
 """Default largest excess of the reached FLOPs share over the target (an absolute share)."""
 
 
+def _analysed_inputs(model: DagModule, input_shape_without_batch, example_inputs):
+    """``(shape, None)`` or ``(None, ExampleInputs)``: what the channel analysis runs on."""
+    if example_inputs is not None:
+        return None, as_example_inputs(example_inputs)
+    if input_shape_without_batch is None:
+        raise PruningError(f"{model.name}: give input_shape_without_batch (float inputs) or "
+                           "example_inputs= (the tensors the model takes: token IDs, masks...)")
+    return tuple(input_shape_without_batch), None
+
+
 class ChannelPruning:
     """Finds channel groups, gates them, and removes the closed channels after training.
 
     Args:
         model: the DAG to prune (see :func:`dagprune.build_from_unstructured_module`).
-        input_shape_without_batch: e.g. ``(3, 224, 224)``; FLOPs are counted for it.
+        input_shape_without_batch: e.g. ``(3, 224, 224)``; FLOPs are counted for it (batch 1,
+            random float inputs). None when ``example_inputs`` are given.
         pruning_proportion: the target FLOPs as a fraction of the original, in (0, 1).
         num_training_steps: length of the pruning schedule (used by the losses).
         block_size: kept channel counts are multiples of this (hardware-friendly).
@@ -52,6 +64,8 @@ class ChannelPruning:
         head_pruning: ``"dims"`` (default) removes the same head dimensions from every
             attention head; ``"heads"`` removes whole heads (see
             :data:`~.channel_groups.HEAD_PRUNING_MODES`).
+        example_inputs: instead of a shape, the inputs the model takes: a tensor, a tuple of
+            positional values or a dict of keyword values, of any dtype (token IDs, masks).
         finite_check_interval: training steps between two reads of the non-finite checks
             (see :meth:`compute_current_proportion_and_pruning_losses`).
 
@@ -70,12 +84,12 @@ class ChannelPruning:
     (1.0, 2)
     """
 
-    def __init__(self, model: DagModule, input_shape_without_batch: Sequence[int],
+    def __init__(self, model: DagModule, input_shape_without_batch: Sequence[int] | None,
                  pruning_proportion: float, num_training_steps: int, block_size: int = 1,
                  initial_logit: float = 3.0, temperature: float = 0.5,
                  loss_config: PruningLossConfig | None = None, initial_importance: str | None = "l1",
                  initial_logit_spread: float = 1.0, head_pruning: str = "dims",
-                 finite_check_interval: int = FINITE_CHECK_INTERVAL):
+                 finite_check_interval: int = FINITE_CHECK_INTERVAL, example_inputs: Any = None):
         if not isinstance(model, DagModule):
             raise PruningError(f"ChannelPruning needs a DagModule, got {type(model).__name__}; "
                                "convert it first with dagprune.build_from_unstructured_module(model)")
@@ -94,7 +108,8 @@ class ChannelPruning:
             raise PruningError(f"temperature must be > 0, got {temperature!r}")
         check_head_pruning(head_pruning)
         self.model = model
-        self.input_shape_without_batch = tuple(input_shape_without_batch)
+        self.input_shape_without_batch, self.example_inputs = _analysed_inputs(
+            model, input_shape_without_batch, example_inputs)
         self.pruning_proportion = float(pruning_proportion)
         self.num_training_steps = num_training_steps
         self.block_size = block_size
@@ -131,7 +146,7 @@ class ChannelPruning:
         self._check_model_finite("prepare_for_pruning()")
         device = module_device(self.model)
         self.analysis = find_channel_groups(self.model, self.input_shape_without_batch,
-                                            self.head_pruning)
+                                            self.head_pruning, self.example_inputs)
         if not self.prunable_groups:
             blocked = [f"{g.name}: {g.reason}" for g in self.analysis.groups][:5]
             raise PruningError(

@@ -55,7 +55,7 @@ def remove_channels_from_dag(analysis: ChannelAnalysis, keep_class: np.ndarray) 
     new_vertices: dict[Any, Any] = {}
     inputs = []
     for vertex in dag.inputs:
-        new_vertex = InputVertex(vertex.name, vertex.default)
+        new_vertex = InputVertex(vertex.name, vertex.default, vertex.fixed)
         new_vertices[vertex] = new_vertex
         inputs.append(new_vertex)
     inner = []

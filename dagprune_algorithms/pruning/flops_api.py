@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
+from typing import Any, Sequence
 
 from dagprune import DagModule, count_flops
+from dagprune.example_inputs import positions_per_sample
+from dagprune.shape_prop import resolve_inputs
 
 __all__ = ["compute_flops", "compute_normalized_flops"]
 
 
-def compute_flops(model: DagModule, input_shape_without_batch: Sequence[int]) -> int:
-    """FLOPs (2 x multiply-adds) of one forward pass with batch size 1."""
-    return count_flops(model, input_shape_without_batch).total
+def compute_flops(model: DagModule, input_shape_without_batch: Sequence | None = None,
+                  example_inputs: Any = None) -> int:
+    """FLOPs (2 x multiply-adds) of one forward pass per sample: batch 1 of the input shape
+    (one shape, or one per input), or ``example_inputs`` divided by their batch size."""
+    inputs = resolve_inputs(model, input_shape_without_batch, example_inputs)
+    return count_flops(model, example_inputs=inputs).total // inputs.first_tensor().shape[0]
 
 
-def compute_normalized_flops(model: DagModule, input_shape_without_batch: Sequence[int]) -> float:
-    """kmapp: FLOPs / (H * W * 1000) for an input ``(C, H, W)`` (or ``(..., L)``: FLOPs / (L * 1000)).
+def compute_normalized_flops(model: DagModule, input_shape_without_batch: Sequence | None = None,
+                             example_inputs: Any = None) -> float:
+    """kmapp: FLOPs per sample / (H * W * 1000) for a first input ``(C, H, W)``; for other
+    first inputs the product of its sizes after the first (token IDs ``(L,)``: FLOPs / 1000).
 
     >>> import dagprune
     >>> from torch import nn
@@ -24,5 +30,5 @@ def compute_normalized_flops(model: DagModule, input_shape_without_batch: Sequen
     >>> compute_normalized_flops(dag, (3, 10, 10))
     0.048
     """
-    spatial = math.prod(input_shape_without_batch[1:]) if len(input_shape_without_batch) > 1 else 1
-    return compute_flops(model, input_shape_without_batch) / (spatial * 1000)
+    inputs = resolve_inputs(model, input_shape_without_batch, example_inputs)
+    return compute_flops(model, example_inputs=inputs) / (positions_per_sample(inputs) * 1000)

@@ -87,6 +87,8 @@ class ItePruneAlgorithm(nn.Module):
         step_epoch: steps between two prunes.
         prune_times: prunes to reach the target.
         input_shape: input shape without batch for the analysis (overrides ``parse_cfg``).
+        example_inputs: instead of a shape, the inputs the model takes (a tensor, a tuple of
+            positional values or a dict of keyword values: token IDs, masks...).
 
     Attributes:
         architecture: the masked model to train (shares the weights of ``architecture``).
@@ -101,7 +103,7 @@ class ItePruneAlgorithm(nn.Module):
 
     def __init__(self, architecture: nn.Module, mutator_cfg: Mapping | ChannelMutator | None = None,
                  target_pruning_ratio: float | Mapping[str, Any] | None = None, step_epoch: int = 1,
-                 prune_times: int = 1, input_shape: Sequence | None = None):
+                 prune_times: int = 1, input_shape: Sequence | None = None, example_inputs: Any = None):
         super().__init__()
         for name, value in (("step_epoch", step_epoch), ("prune_times", prune_times)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -110,7 +112,7 @@ class ItePruneAlgorithm(nn.Module):
             raise PruningError("target_pruning_ratio is required: one choice for every unit (e.g. 0.7 "
                                "keeps 70% of each unit's channels) or {unit name: choice}; "
                                "`dagprune units MODEL --choice` prints the unit names")
-        mutator = self._prepared_mutator(architecture, mutator_cfg, input_shape)
+        mutator = self._prepared_mutator(architecture, mutator_cfg, input_shape, example_inputs)
         self.mutator = mutator
         self.architecture = mutator.masked_model
         self.step_epoch = step_epoch
@@ -132,7 +134,7 @@ class ItePruneAlgorithm(nn.Module):
         self._told_prune_waits = False
 
     @staticmethod
-    def _prepared_mutator(architecture, mutator_cfg, input_shape) -> ChannelMutator:
+    def _prepared_mutator(architecture, mutator_cfg, input_shape, example_inputs) -> ChannelMutator:
         if isinstance(mutator_cfg, ChannelMutator):
             mutator = mutator_cfg
             if mutator.masked_model is not None:
@@ -149,7 +151,7 @@ class ItePruneAlgorithm(nn.Module):
                 parse["input_shape"] = list(input_shape)
                 config["parse_cfg"] = parse
             mutator = ChannelMutator.from_config(config)
-        mutator.prepare_from_supernet(architecture)
+        mutator.prepare_from_supernet(architecture, example_inputs)
         return mutator
 
     def forward(self, *args, **kwargs):

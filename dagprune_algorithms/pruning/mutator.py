@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dagprune import DagModule
+from dagprune import DagModule, build_from_unstructured_module
 
 from dagprune_algorithms.pruning.channel_groups import (HEAD_PRUNING_MODES, ChannelAnalysis, ChannelGroup,
                                                         ConsumerSite, find_channel_groups, iter_layout_atoms)
@@ -185,6 +185,7 @@ class ChannelMutator:
         self.units: list[ChannelUnit] = []
         self.masked_model: DagModule | None = None
         self.dag: DagModule | None = None
+        self.example_inputs: Any = None
         self._analysis: ChannelAnalysis | None = None  # the analysis the units were built from
         self._traced: ChannelAnalysis | None = None  # the full analysis (export, FLOPs)
         self._traced_groups: dict[str, ChannelGroup] = {}
@@ -200,27 +201,30 @@ class ChannelMutator:
         return cls(config.get("channel_unit_cfg"), config.get("parse_cfg"))
 
     # -- parsing ---------------------------------------------------------------------------------
-    def prepare_from_supernet(self, model: nn.Module) -> None:
+    def prepare_from_supernet(self, model: nn.Module, example_inputs: Any = None) -> None:
         """Builds the units of ``model`` and its masked model (:attr:`masked_model`).
 
         ``model`` is a :class:`DagModule` (an ``nn.Module`` is converted first); the masked
         model shares its weights. Unit settings and choices of ``channel_unit_cfg["units"]`` are
-        applied (choices rank channels by the current weights).
+        applied (choices rank channels by the current weights). ``example_inputs`` (a tensor, a
+        tuple of positional values or a dict of keyword values: token IDs, masks...) replace
+        ``parse_cfg["input_shape"]`` for the conversion and the analysis.
 
         Raises:
             ChannelUnitError: a configured unit does not exist, or its channels or width do
                 not match the model.
         """
         if not isinstance(model, DagModule):
-            import dagprune
-            model = dagprune.build_from_unstructured_module(model)
+            model = build_from_unstructured_module(model, example_inputs=example_inputs)
         self.dag = model
+        self.example_inputs = example_inputs
         if self.parse_mode == FROM_CONFIG:
             self.units = [self._unit_from_config(name, entry) for name, entry in self.units_cfg.items()]
             self._analysis = _analysis_from_units(model, self.input_shape, self.head_pruning, self.units)
             self._traced = None
         else:
-            self._analysis = find_channel_groups(model, self.input_shape, self.head_pruning)
+            self._analysis = find_channel_groups(model, self.input_shape, self.head_pruning,
+                                                 self.example_inputs)
             self.units = self._units_from_analysis(self._analysis)
             self._set_traced(self._analysis)
         self._groups = dict(zip([unit.name for unit in self.mutable_units], self._analysis.prunable_groups))
@@ -402,7 +406,7 @@ class ChannelMutator:
         checked against the units)."""
         self._require_prepared()
         if self._traced is None:
-            traced = find_channel_groups(self.dag, self.input_shape, self.head_pruning)
+            traced = find_channel_groups(self.dag, self.input_shape, self.head_pruning, self.example_inputs)
             expected = {unit.name: unit for unit in self.mutable_units}
             for name, group in zip(unit_names(traced), traced.groups):
                 unit = expected.pop(name, None)

@@ -78,7 +78,6 @@ SPECS = (
     OpSpec("module_call", (ModuleCallOp,), flops=measured_if_black_box, coupling=opaque_coupling,
            wraps=called_module),
     OpSpec("recurrent", (nn.RNNBase, nn.RNNCellBase), flops=recurrent_flops, coupling=opaque_coupling),
-    OpSpec("embedding", (nn.Embedding, nn.EmbeddingBag), flops=no_flops, coupling=opaque_coupling),
     # torch.nn layers kept whole: attention and transformer blocks, layers whose channel maps
     # are not described yet (pixel shuffles, unpooling, bilinear forms, local response norms)
     OpSpec("black_box_layer", BLACK_BOX_LAYERS, flops=measured_if_black_box, coupling=opaque_coupling),
