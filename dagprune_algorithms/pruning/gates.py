@@ -10,7 +10,6 @@ FLOPs loss can push logits down while the task loss sees the effect of closing c
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -32,16 +31,43 @@ def keep_mask_from_logits(logits: torch.Tensor, block_size: int = 1) -> torch.Te
     >>> keep_mask_from_logits(torch.tensor([-1.0, 2.0, 0.5, -3.0]), block_size=4)
     tensor([True, True, True, True])
     """
-    logits = logits.detach()
-    keep = logits > 0
-    count = int(keep.sum())
-    target = max(count, 1)
-    if block_size > 1:
-        target = min(logits.numel(), int(math.ceil(target / block_size) * block_size))
-    if target != count:
-        keep = torch.zeros_like(keep)
-        keep[torch.topk(logits, target).indices] = True
-    return keep
+    logits = logits.detach().reshape(-1)
+    group_index = torch.zeros(logits.numel(), dtype=torch.long, device=logits.device)
+    sizes = torch.tensor([logits.numel()], device=logits.device)
+    blocks = torch.tensor([block_size], device=logits.device)
+    return grouped_keep_masks(logits, group_index, sizes, blocks)
+
+
+def grouped_keep_masks(logits: torch.Tensor, group_index: torch.Tensor, sizes: torch.Tensor,
+                       block_sizes: torch.Tensor) -> torch.Tensor:
+    """The keep rule for joined logits of several groups, on the logits' device (no host sync).
+
+    A group keeps its logits > 0; at least its best one; with a block size N > 1 its count is
+    rounded up to a multiple of N (at most its size) by its next-highest logits. Ties between
+    equal logits go to the lower position.
+
+    Args:
+        logits: the groups' logits, joined (group 0 first).
+        group_index: the group of each logit.
+        sizes, block_sizes: per group.
+
+    Returns:
+        Booleans, one per logit.
+    """
+    counts = torch.zeros_like(sizes).index_add_(0, group_index, (logits > 0).long())
+    target = counts.clamp(min=1)
+    target = torch.minimum((target + block_sizes - 1) // block_sizes * block_sizes, sizes)
+    return _ranks_within_groups(logits, group_index, sizes) < target[group_index]
+
+
+def _ranks_within_groups(logits: torch.Tensor, group_index: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Each logit's rank in its group, highest first (ties: lower position first)."""
+    by_value = torch.sort(logits, descending=True, stable=True).indices
+    order = by_value[torch.sort(group_index[by_value], stable=True).indices]
+    starts = torch.cumsum(sizes, 0) - sizes
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device) - starts[group_index[order]]
+    return ranks
 
 
 class ChannelGate(nn.Module):
@@ -127,6 +153,7 @@ class GateSet:
         self.gates = list(gates)
         self.sizes = [gate.logits.numel() for gate in self.gates]
         self._group_index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._block_sizes: dict[torch.device, torch.Tensor] = {}
 
     def _index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate of each joined channel, size of each gate) on ``device``."""
@@ -155,21 +182,13 @@ class GateSet:
 
     def masks_for_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The keep rule (:func:`keep_mask_from_logits`, each gate's block size) applied to
-        joined ``logits``, as floats."""
-        keep = logits > 0
-        group_index, _ = self._index(logits.device)
-        counts = torch.zeros(len(self.gates), dtype=torch.long, device=logits.device)
-        counts = counts.index_add_(0, group_index, keep.long()).tolist()
-        masks = keep.to(logits.dtype)
-        offset = 0
-        for gate, size, count in zip(self.gates, self.sizes, counts):
-            # the plain rule (logit > 0) holds unless the gate keeps nothing or must round its
-            # count to a block
-            if count == 0 or (gate.block_size > 1 and count % gate.block_size and count < size):
-                masks[offset:offset + size] = keep_mask_from_logits(logits[offset:offset + size],
-                                                                    gate.block_size)
-            offset += size
-        return masks
+        joined ``logits``, as floats, without reading anything back to the host."""
+        group_index, sizes = self._index(logits.device)
+        if logits.device not in self._block_sizes:
+            self._block_sizes[logits.device] = torch.tensor([gate.block_size for gate in self.gates],
+                                                            device=logits.device)
+        keep = grouped_keep_masks(logits.detach(), group_index, sizes, self._block_sizes[logits.device])
+        return keep.to(logits.dtype)
 
     def group_means(self, values: torch.Tensor) -> torch.Tensor:
         """Mean of joined per-channel ``values`` over each gate's channels (one value per gate)."""
