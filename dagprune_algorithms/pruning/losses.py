@@ -128,25 +128,31 @@ class ExpectedFlops:
                 term_of_factor.append(term_index)
                 factor_index += 1
         self.constant_flops = constant_terms
+        self.constant_share = constant_terms / self.total if self.total else 0.0
         indices = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
-        self.factor_matrix = torch.sparse_coo_tensor(indices, torch.tensor(weights, dtype=torch.float32),
-                                                     (factor_index, max(offset, 1)),
-                                                     check_invariants=True).coalesce()
-        self.factor_constants = torch.tensor(constants, dtype=torch.float32)
-        self.term_of_factor = torch.tensor(term_of_factor, dtype=torch.long)
-        self.bases = torch.tensor(bases, dtype=torch.float64)
+        factor_matrix = torch.sparse_coo_tensor(indices, torch.tensor(weights, dtype=torch.float32),
+                                                (factor_index, max(offset, 1)), check_invariants=True)
+        # shares of the original FLOPs (float32 keeps 7 digits of a share, plenty for a loss)
+        shares = torch.tensor(bases, dtype=torch.float64) / max(self.total, 1.0)
+        self._tables = {torch.device("cpu"): (
+            factor_matrix.coalesce(), torch.tensor(constants, dtype=torch.float32),
+            torch.tensor(term_of_factor, dtype=torch.long), shares.float())}
+
+    def tables(self, device: torch.device) -> tuple:
+        """(factor matrix, factor constants, term of each factor, term shares) on ``device``,
+        moved there once and kept."""
+        if device not in self._tables:
+            self._tables[device] = tuple(t.to(device) for t in self._tables[torch.device("cpu")])
+        return self._tables[device]
 
     def proportion(self, keep_probabilities: torch.Tensor) -> torch.Tensor:
-        """Expected FLOPs / original FLOPs for the concatenated keep probabilities of all groups."""
-        device = keep_probabilities.device
-        matrix = self.factor_matrix.to(device)
-        fractions = torch.sparse.mm(matrix, keep_probabilities.float().unsqueeze(1)).squeeze(1)
-        fractions = fractions + self.factor_constants.to(device)
-        log_fraction = torch.log(fractions.clamp_min(1e-12)).double()
-        per_term = torch.zeros(len(self.bases), dtype=torch.float64, device=device)
-        per_term = per_term.index_add(0, self.term_of_factor.to(device), log_fraction)
-        expected = (self.bases.to(device) * torch.exp(per_term)).sum() + self.constant_flops
-        return (expected / self.total).float()
+        """Expected FLOPs / original FLOPs for the concatenated keep probabilities of all groups
+        (float32, on their device; the log-domain product over each term's factors)."""
+        matrix, constants, term_of_factor, shares = self.tables(keep_probabilities.device)
+        fractions = torch.sparse.mm(matrix, keep_probabilities.float().unsqueeze(1)).squeeze(1) + constants
+        log_fraction = torch.log(fractions.clamp_min(1e-12))
+        per_term = torch.zeros(len(shares), device=log_fraction.device).index_add(0, term_of_factor, log_fraction)
+        return (shares * torch.exp(per_term)).sum() + self.constant_share
 
 
 class NonFiniteLossWatch:
