@@ -247,7 +247,8 @@ class ChannelPruning:
             ``(proportion, flops_loss, entropy_loss, bkd_loss)``: the expected FLOPs share and
             the three losses (scalar tensors; see :mod:`dagprune_algorithms.pruning.losses`).
             ``bkd_loss`` uses the activations of the latest train-mode forward pass of the
-            gated model, so call this after the forward pass.
+            gated model, so call this after the forward pass. Under ``torch.autocast`` the
+            losses are still computed in float32.
 
         Raises:
             PruningError: ``global_step`` is not an int >= 0; on a checked step, a loss since the
@@ -255,6 +256,12 @@ class ChannelPruning:
                 message names the step, the group or the vertex).
         """
         _check_global_step(global_step)
+        device_type = module_device(self._require_gated()).type
+        with torch.autocast(device_type=device_type, enabled=False):  # losses in float32
+            return self._losses_at(global_step)
+
+    def _losses_at(self, global_step: int):
+        """The body of :meth:`compute_current_proportion_and_pruning_losses`."""
         model = self._require_gated()
         config = self.loss_config
         last_step = self.num_training_steps - 1
@@ -482,8 +489,9 @@ def _check_global_step(global_step) -> None:
 
 def _masks_inside(module: nn.Module, site) -> bool:
     """Whether the op applies the site's mask itself (its spec's masking facet): always for a
-    normalisation, whose statistics must skip removed channels; else on input 0 only."""
-    return spec_for(module).masking is not None and (site.kind == "norm" or site.input_index == 0)
+    normalisation, whose statistics must skip removed channels, and for channels the op reads
+    back inside itself (kind ``"inner"``); else on input 0 only."""
+    return spec_for(module).masking is not None and (site.kind in ("norm", "inner") or site.input_index == 0)
 
 
 def _build_gated_dag(analysis: ChannelAnalysis, gates: list[ChannelGate]) -> DagModule:
@@ -523,7 +531,7 @@ def _build_gated_dag(analysis: ChannelAnalysis, gates: list[ChannelGate]) -> Dag
             gate_inputs = [gate_vertices[slot] for slot in slots]
             if _masks_inside(module, site):
                 module = MaskedConsumer(module, index, site.axis, num_inputs=len(predecessors),
-                                        records_energy=site.kind != "norm")
+                                        records_energy=site.kind == "mask")
                 predecessors = predecessors + gate_inputs
             else:
                 mask_vertex = InnerVertex(f"{vertex.name}_mask{site.input_index}",
