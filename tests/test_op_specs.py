@@ -20,6 +20,7 @@ from dagprune.ops import OP_TYPES, OPS, FunctionalOp, OpRegistry, OpSpec, opaque
 from dagprune.ops.spec import ChannelWeight
 
 from dagprune_algorithms.pruning import ChannelPruning, find_channel_groups
+from gate_states import assert_removal_matches_gates, random_gate_states
 
 # torch.nn classes that never become an op of a traced model, one reason each.
 NOT_OPS = {
@@ -104,12 +105,6 @@ def _check_facets_that_apply(spec, dag, analysis) -> None:
             assert spec.masking is not None, f"{spec.name} normalises over channels without masking"
 
 
-def _random_gate_state(config: ChannelPruning, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    for gate in config.gates:
-        gate.logits.data = torch.randn(gate.logits.shape, generator=generator)
-
-
 @pytest.mark.parametrize("spec", [s for s in OPS if s.example is not None], ids=lambda s: s.name)
 def test_spec_example_converts_counts_and_removes_exactly(spec):
     torch.manual_seed(0)
@@ -125,10 +120,5 @@ def test_spec_example_converts_counts_and_removes_exactly(spec):
     config = ChannelPruning(model=dag, input_shape_without_batch=None, pruning_proportion=0.99,
                             num_training_steps=1, example_inputs=inputs)
     gated = config.prepare_for_pruning().eval()
-    for seed in range(3):
-        _random_gate_state(config, seed)
-        slim = config.remove_channels().eval()
-        with torch.no_grad():
-            assert dagprune.max_relative_difference(gated(*inputs), slim(*inputs)) <= 1e-4
-        measured = dagprune.count_flops(slim, example_inputs=inputs).total / analysis.total_flops
-        assert measured == pytest.approx(config.current_hard_proportion(), abs=1e-9)
+    for _ in random_gate_states(config, seed=0):
+        assert_removal_matches_gates(config, gated, inputs)
