@@ -312,11 +312,13 @@ class DagModule(nn.Module):
     def save(self, path: str | os.PathLike) -> str:
         """Saves the DAG without pickle to the directory ``path``; returns the path.
 
-        This calls :func:`dagprune.io.save_dag`, which is registered with
+        A previous save at ``path`` is replaced atomically, and the directory's other files are
+        kept. This calls :func:`dagprune.io.save_dag`, which is registered with
         :func:`register_dag_saver` when dagprune is imported.
 
         Raises:
-            SerializationError: a module or constant of the DAG cannot be described.
+            SerializationError: a module or constant of the DAG cannot be described, or ``path``
+                is a file or a directory holding other files but no saved DAG.
 
         >>> import tempfile
         >>> x = InputVertex("x")

@@ -8,51 +8,88 @@ records which modules, parameters and buffers are one object reached by several 
 called at two places, tied weights), and loading restores that sharing. Loading instantiates
 only registered op types and allowed layer types, and calls only registered functions, so a
 file cannot run code.
+
+Saving replaces a previous save in the same directory atomically (a complete DAG, the old one
+or the new one, loads from the path at every instant) and never touches the directory's other
+files; :mod:`dagprune.save_directory` describes how.
+
+Loading is bounded, and checks everything before it allocates anything:
+
+1. ``graph.json`` is read within fixed limits of size, nesting and integer range, and every
+   field is checked for presence and type (:mod:`dagprune.saved_graph`).
+2. The tensor file is found by the digest the graph records, and its header (names, shapes,
+   dtypes) is read; safetensors checks that the header fits the file's length.
+3. The modules are built on the meta device, which allocates nothing, with at most
+   :data:`OPERATIONS_PER_TENSOR` tensor operations per tensor of the file (a constructor looping
+   over a huge ``num_layers`` stops there). Every parameter and buffer must match a tensor of
+   the file in name and shape, and in dtype: exactly where the graph records the dtype (layers
+   saved by structure, parameter ops), floating point for floating point where a layer's
+   constructor chooses it (the file keeps a half-precision model half).
+4. Only then are the modules built on ``map_location`` and filled from the file, one vertex at a
+   time.
+
+So a small file cannot make loading allocate more than its tensor file holds, and every
+corruption raises :class:`~dagprune.errors.SerializationError` naming the file, the field and
+the vertex.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
+import difflib
 import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import Any
 
-import safetensors.torch
+import safetensors
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from dagprune.dag_module import (_NO_DEFAULT, DagModule, InnerVertex, InputVertex, Vertex,
                                  register_dag_saver)
-from dagprune.errors import SerializationError
+from dagprune.errors import DagLintError, SerializationError
 from dagprune.integrations import load_support_for_graph
-from dagprune.module_serialization import build_module, describe_module
+from dagprune.module_serialization import (build_module, check_config_reads_back,
+                                           describe_module, tensors_with_recorded_dtype)
 from dagprune.ops.base import OP_TYPES
-from dagprune.ops.parameter import ModuleCallOp
+from dagprune.ops.parameter import ModuleCallOp, ParameterOp
 from dagprune.ops.templates import decode_template, encode_template
+from dagprune.save_directory import (GRAPH_FILE, TENSORS_FILE, file_sha256, tensor_file_candidates,
+                                     write_dag_files)
+from dagprune.saved_graph import (FORMAT_NAME, field_error, format_field_path,
+                                  read_graph_document)
 
 __all__ = ["save_dag", "load_dag", "load_dag_from_path", "FORMAT_NAME", "FORMAT_VERSION"]
 
-FORMAT_NAME = "dagprune-dag"
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: no structural modules, non-persistent buffers or sharing
 NON_PERSISTENT_PREFIX = "non_persistent:"  # DAG state-dict keys all start with "vertex_modules."
-GRAPH_FILE = "graph.json"
-TENSORS_FILE = "tensors.safetensors"
+OPERATIONS_PER_TENSOR = 64
+"""Tensor operations allowed per tensor of the file while building modules (layers need ~6)."""
+_OPERATIONS_BASE = 10_000
+_MAX_UNSAVED_BYTES = 64 << 20  # format 1: non-persistent buffers its constructors make
+_sha256 = file_sha256
+_SAFETENSORS_DTYPES = {code: getattr(torch, name) for code, name in (
+    ("BOOL", "bool"), ("U8", "uint8"), ("I8", "int8"), ("I16", "int16"), ("U16", "uint16"),
+    ("I32", "int32"), ("U32", "uint32"), ("I64", "int64"), ("U64", "uint64"),
+    ("F16", "float16"), ("BF16", "bfloat16"), ("F32", "float32"), ("F64", "float64"),
+    ("C64", "complex64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+    if hasattr(torch, name)}
 
 
 @register_dag_saver
 def save_dag(dag: DagModule, path: str | os.PathLike) -> str:
-    """Saves ``dag`` to the directory ``path`` atomically; returns the path.
+    """Saves ``dag`` to the directory ``path``; returns the path.
 
     :meth:`DagModule.save` calls this function.
 
-    The directory is written under a temporary name and renamed into place, so an interrupted
-    save leaves either the previous contents or the new ones, never a mix.
+    A previous save at ``path`` is replaced atomically: at every instant the path holds a
+    complete DAG, the previous one or the new one, and an interrupted save leaves no staging
+    files. Files of the directory that the save did not write are kept.
 
     Raises:
-        SerializationError: a module or constant of the DAG cannot be described.
+        SerializationError: a module or constant of the DAG cannot be described, or ``path`` is
+            a file or a directory that holds other files but no saved DAG (nothing is written).
 
     >>> import tempfile, dagprune
     >>> dag = dagprune.build_from_unstructured_module(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
@@ -62,79 +99,100 @@ def save_dag(dag: DagModule, path: str | os.PathLike) -> str:
     True
     """
     dag.lint()
-    path = Path(path)
-    graph = _describe_dag(dag)
+    graph, shared = _describe_dag(dag), _shared_objects(dag)
     tensors = {name: tensor.detach().to("cpu").contiguous().clone()
                for name, tensor in _tensors_to_save(dag).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        tensor_file = staging / TENSORS_FILE
-        safetensors.torch.save_file(tensors, str(tensor_file), metadata={"format": FORMAT_NAME})
-        document = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-                    "torch_version": torch.__version__,
-                    "tensors_sha256": _sha256(tensor_file), "training": dag.training,
-                    "graph": graph, "shared": _shared_objects(dag)}
-        _write_synced(staging / GRAPH_FILE, json.dumps(document, indent=1).encode())
-        _replace_directory(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    def document_for(tensors_sha256: str) -> dict:
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+                "torch_version": torch.__version__, "tensors_sha256": tensors_sha256,
+                "training": dag.training, "graph": graph, "shared": shared}
+
+    write_dag_files(Path(path), tensors, document_for)
     return str(path)
 
 
 def load_dag(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DagModule:
     """Loads a DAG saved by :func:`save_dag` (or :meth:`DagModule.save`).
 
+    Args:
+        path: the directory of the save.
+        map_location: the device to build the DAG on: any ``torch.device`` or device string
+            (``"cpu"``, ``"cuda:1"``, ``"meta"`` for its structure without values).
+
     Raises:
-        SerializationError: the path is missing, foreign, truncated or corrupt; the message says
-            which file and what is wrong.
+        SerializationError: the path is missing, foreign, truncated or corrupt, or
+            ``map_location`` is not a device of this machine; the message says which file and
+            field are wrong, and which vertex they belong to.
+
+    >>> import tempfile, dagprune
+    >>> dag = dagprune.build_from_unstructured_module(nn.Sequential(nn.Linear(2, 3)))
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     skeleton = dagprune.load_dag(dag.save(f"{d}/model"), map_location="meta")
+    >>> skeleton(torch.ones(1, 2, device="meta")).shape, skeleton.vertex_modules["_0"].weight.device
+    (torch.Size([1, 3]), device(type='meta'))
     """
+    device = _device_to_load_on(map_location)
     path = Path(path)
-    graph_file, tensor_file = path / GRAPH_FILE, path / TENSORS_FILE
-    if not path.is_dir():
-        raise SerializationError(f"{path} is not a saved dagprune DAG (expected a directory with "
-                                 f"{GRAPH_FILE} and {TENSORS_FILE})")
-    for required in (graph_file, tensor_file):
-        if not required.is_file():
-            raise SerializationError(f"{path} lacks {required.name}: not a complete dagprune save")
+    graph_file = _graph_file_of(path)
+    document = read_graph_document(graph_file)
+    tensor_file = _find_tensor_file(path, document["tensors_sha256"], graph_file)
+    load_support_for_graph(document["graph"])
+    loading = _Loading(graph_file, tensor_file, document)
+    with _open_saved_tensors(tensor_file) as saved:
+        dag = loading.build(saved, torch.device("meta"))
+        if device.type != "meta":
+            dag = loading.build(saved, device)
+            loading.fill(dag, saved)
+    dag.train(document.get("training", False))
     try:
-        document = json.loads(graph_file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SerializationError(f"{graph_file} is not valid JSON (truncated or corrupt): {error}") from error
-    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
-        raise SerializationError(f"{graph_file} is not a dagprune graph (format "
-                                 f"{document.get('format') if isinstance(document, dict) else None!r})")
-    version = document.get("version")
-    if version not in READABLE_VERSIONS:
-        raise SerializationError(f"{graph_file} has format version {version!r}; this dagprune "
-                                 f"reads versions {', '.join(map(str, READABLE_VERSIONS))}")
-    if document.get("tensors_sha256") != _sha256(tensor_file):
-        raise SerializationError(f"{tensor_file} does not match {graph_file} (checksum differs): "
-                                 "the tensor file is truncated, corrupt or from another save")
-    try:
-        load_support_for_graph(document["graph"])
-        dag = _build_dag(document["graph"])
-        _restore_sharing(dag, document.get("shared", {}))
-    except SerializationError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise SerializationError(f"{graph_file} is malformed: {type(error).__name__}: {error}") from error
-    try:
-        with safetensors.safe_open(str(tensor_file), framework="pt", device=str(map_location)) as reader:
-            _load_tensors(dag, _TensorReader(reader), tensor_file, saves_non_persistent=version >= 2)
-    except SerializationError:
-        raise
-    except Exception as error:
-        raise SerializationError(f"{tensor_file} cannot be read: {error}") from error
-    dag.train(bool(document.get("training", False)))
-    dag.lint()
+        dag.lint()
+    except DagLintError as error:
+        raise SerializationError(f"{graph_file} describes a malformed DAG: {error}") from error
     return dag
 
 
 def load_dag_from_path(path: str | os.PathLike) -> DagModule:
     """Alias of :func:`load_dag`, under the name torch-dag users know."""
     return load_dag(path)
+
+
+def _device_to_load_on(map_location: Any) -> torch.device:
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise SerializationError(f"map_location={map_location!r} is not a device ({error}); pass "
+                                 "a torch.device or a string such as 'cpu', 'cuda:0' or "
+                                 "'meta'") from error
+    if device.type != "meta":
+        try:
+            torch.empty(0, device=device)
+        except Exception as error:  # noqa: BLE001 - each backend fails its own way
+            reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+            raise SerializationError(f"cannot load onto {device}: this machine cannot allocate "
+                                     f"there ({reason}); pass map_location='cpu'") from error
+    return device
+
+
+def _graph_file_of(path: Path) -> Path:
+    if not path.is_dir():
+        raise SerializationError(f"{path} is not a saved dagprune DAG (expected a directory with "
+                                 f"{GRAPH_FILE} and {TENSORS_FILE})")
+    if not (path / GRAPH_FILE).is_file():
+        raise SerializationError(f"{path} lacks {GRAPH_FILE}: not a complete dagprune save")
+    return path / GRAPH_FILE
+
+
+def _find_tensor_file(path: Path, digest: str, graph_file: Path) -> Path:
+    """The tensor file whose SHA-256 is the graph's ``digest`` (see dagprune.save_directory)."""
+    present = [file for file in tensor_file_candidates(path, digest) if file.is_file()]
+    if not present:
+        raise SerializationError(f"{path} lacks {TENSORS_FILE}: not a complete dagprune save")
+    for file in present:
+        if _sha256(file) == digest:
+            return file
+    raise SerializationError(f"{present[-1]} does not match {graph_file} (checksum differs): "
+                             "the tensor file is truncated, corrupt or from another save")
 
 
 # --------------------------------------------------------------------------------- describing
@@ -165,90 +223,268 @@ def _describe(module: nn.Module, vertex: Vertex) -> dict:
         raise SerializationError(f"cannot save vertex {vertex.name!r}: {error}") from error
 
 
-# --------------------------------------------------------------------------------- building
-def _build_dag(graph: dict) -> DagModule:
-    by_name: dict[str, Vertex] = {}
-    inputs = []
-    for entry in graph["inputs"]:
-        vertex = InputVertex(entry["name"], decode_template(entry["default"]) if "default" in entry
-                             else _NO_DEFAULT)
-        by_name[vertex.name] = vertex
-        inputs.append(vertex)
-    inner = []
-    for entry in graph["vertices"]:
-        missing = [p for p in entry["predecessors"] if p not in by_name]
-        if missing or entry["name"] in by_name:
-            raise SerializationError(f"vertex {entry['name']!r} is duplicated or reads undefined "
-                                     f"vertices {missing}")
-        module = _build(entry["module"], entry["name"])
-        vertex = InnerVertex(entry["name"], module, [by_name[p] for p in entry["predecessors"]],
-                             entry.get("qualified_name"))
-        by_name[vertex.name] = vertex
-        inner.append(vertex)
-    outputs = [by_name[name] for name in graph["outputs"]]
-    return DagModule(inputs, inner, outputs, decode_template(graph["output_structure"]),
-                     name=graph.get("name", "dag"))
+# --------------------------------------------------------------------------------- loading
+class _SavedTensors:
+    """The tensors of an open safetensors file: names, shapes and dtypes from its header, values
+    one at a time (so that loading holds one vertex's tensors beside the model, not a copy)."""
 
-
-def _build(spec: dict, vertex_name: str) -> nn.Module:
-    kind = spec.get("kind")
-    try:
-        if kind == "dag":
-            return _build_dag(spec["dag"])
-        if kind == "module_call":
-            return ModuleCallOp(_build(spec["module"], vertex_name), decode_template(spec["args"]),
-                                decode_template(spec["kwargs"]))
-        if kind == "op":
-            op_type = OP_TYPES.get(spec["type"])
-            if op_type is None:
-                raise SerializationError(f"unknown op type {spec['type']!r}")
-            return op_type.from_config(spec["config"])
-        if kind == "layer":
-            return build_module(spec, vertex_name)
-    except SerializationError as error:
-        raise SerializationError(f"cannot load vertex {vertex_name!r}: {error}") from error
-    raise SerializationError(f"vertex {vertex_name!r} has an unknown module kind {kind!r}")
-
-
-class _TensorReader:
-    """The tensors of an open safetensors file: shapes up front, values one at a time (so that
-    loading a large model holds one vertex's tensors beside the model, not a second copy of all
-    of them)."""
-
-    def __init__(self, reader):
+    def __init__(self, reader, tensor_file: Path):
         self._reader = reader
-        self.shapes = {name: torch.Size(reader.get_slice(name).get_shape()) for name in reader.keys()}
+        self.shapes: dict[str, torch.Size] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        for name in reader.keys():
+            view = reader.get_slice(name)
+            if view.get_dtype() not in _SAFETENSORS_DTYPES:
+                raise SerializationError(f"{tensor_file}: tensor {name!r} has the dtype "
+                                         f"{view.get_dtype()}, which dagprune does not load")
+            self.shapes[name] = torch.Size(view.get_shape())
+            self.dtypes[name] = _SAFETENSORS_DTYPES[view.get_dtype()]
 
     def get(self, name: str) -> torch.Tensor:
         return self._reader.get_tensor(name)
 
 
-def _load_tensors(dag: DagModule, tensors: _TensorReader, tensor_file: Path,
-                  saves_non_persistent: bool) -> None:
-    non_persistent = {name[len(NON_PERSISTENT_PREFIX):]: name for name in tensors.shapes
-                      if name.startswith(NON_PERSISTENT_PREFIX)}
-    state = {name: shape for name, shape in tensors.shapes.items()
-             if not name.startswith(NON_PERSISTENT_PREFIX)}
-    _check_tensors_fit(dag.state_dict(), state, tensor_file, "")
-    expected_non_persistent = _non_persistent_buffers(dag)
-    if not saves_non_persistent:  # format version 1: the layers' constructors made them
-        expected_non_persistent = {}
-    _check_tensors_fit(expected_non_persistent, {name: tensors.shapes[saved] for name, saved
-                                                 in non_persistent.items()}, tensor_file, "non-persistent ")
+@contextlib.contextmanager
+def _open_saved_tensors(tensor_file: Path):
+    """The tensors of ``tensor_file``, while it is open; a file safetensors refuses is reported."""
+    try:
+        reader = safetensors.safe_open(str(tensor_file), framework="pt", device="cpu")
+    except Exception as error:  # noqa: BLE001 - safetensors reports its own error types
+        raise SerializationError(f"{tensor_file} cannot be read: {error}") from error
+    with reader:
+        yield _SavedTensors(reader, tensor_file)
+
+
+class _OperationBudget(TorchFunctionMode):
+    """Stops the building of a graph's modules after ``limit`` tensor operations.
+
+    Constructors loop over arguments from the file (an ``nn.LSTM`` config with
+    ``num_layers=10**8``): on the meta device that allocates nothing but would still take hours
+    and fill memory with Python objects.
+    """
+
+    def __init__(self, limit: int, graph_file: Path, tensor_count: int):
+        super().__init__()
+        self.limit, self.used = limit, 0
+        self._graph_file, self._tensor_count = graph_file, tensor_count
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.used += 1
+        if self.used > self.limit:
+            raise SerializationError(
+                f"building the modules of {self._graph_file} takes more than {self.limit:,} "
+                f"tensor operations, far more than {self._tensor_count} saved tensors need: a "
+                "layer's arguments describe many more tensors than the tensor file holds")
+        return func(*args, **(kwargs or {}))
+
+
+class _Loading:
+    """Builds the DAG a checked graph document describes, and fills it from its tensor file."""
+
+    def __init__(self, graph_file: Path, tensor_file: Path, document: dict):
+        self.graph_file, self.tensor_file, self.document = graph_file, tensor_file, document
+        self.saves_non_persistent = document["version"] >= 2
+
+    def build(self, saved: _SavedTensors, device: torch.device) -> DagModule:
+        """The DAG on ``device``, its tensors checked against the file's (not yet filled)."""
+        budget = _OperationBudget(OPERATIONS_PER_TENSOR * len(saved.shapes) + _OPERATIONS_BASE,
+                                  self.graph_file, len(saved.shapes))
+        with torch.device(device), budget:
+            dag = self._build_dag(self.document["graph"], ("graph",))
+            self._restore_shared_objects(dag)
+        self._check_tensors_fit(dag, saved)
+        if device.type == "meta":
+            _adopt_saved_dtypes(dag, saved)
+        return dag
+
+    def fill(self, dag: DagModule, saved: _SavedTensors) -> None:
+        """Copies the file's values into ``dag``, one vertex module at a time."""
+        try:
+            _load_tensors(dag, saved, self.saves_non_persistent)
+        except SerializationError:
+            raise
+        except Exception as error:  # noqa: BLE001 - safetensors or torch reading the file
+            raise SerializationError(f"{self.tensor_file} cannot be read: {error}") from error
+
+    # ------------------------------------------------------------------------- building
+    def _build_dag(self, graph: dict, path: tuple) -> DagModule:
+        by_name: dict[str, Vertex] = {}
+        inputs = []
+        for index, entry in enumerate(graph["inputs"]):
+            default = self._decode(entry["default"], (*path, "inputs", index, "default")) \
+                if "default" in entry else _NO_DEFAULT
+            vertex = InputVertex(entry["name"], default)
+            by_name[vertex.name] = vertex
+            inputs.append(vertex)
+        inner = []
+        for index, entry in enumerate(graph["vertices"]):
+            module = self._build_vertex_module(entry, (*path, "vertices", index, "module"))
+            vertex = InnerVertex(entry["name"], module, [by_name[p] for p in entry["predecessors"]],
+                                 entry.get("qualified_name"))
+            by_name[vertex.name] = vertex
+            inner.append(vertex)
+        structure = self._decode(graph["output_structure"], (*path, "output_structure"))
+        try:
+            return DagModule(inputs, inner, [by_name[name] for name in graph["outputs"]],
+                             structure, name=graph.get("name", "dag"))
+        except Exception as error:  # noqa: BLE001 - e.g. a vertex name nn.ModuleDict refuses
+            raise self._field_error(path, f"does not form a DAG ({type(error).__name__}: "
+                                          f"{error})") from error
+
+    def _build_vertex_module(self, entry: dict, path: tuple) -> nn.Module:
+        """The vertex's module; an error names the vertex and the field (a nested DAG's errors
+        name its own vertices, by their full field path)."""
+        try:
+            return self._build(entry["module"], entry["name"], path)
+        except Exception as error:  # noqa: BLE001 - an allowed constructor refusing file data
+            if entry["module"]["kind"] == "dag" and isinstance(error, SerializationError):
+                raise
+            reason = str(error) if isinstance(error, SerializationError) else \
+                f"{type(error).__name__}: {error}"
+            raise SerializationError(f"cannot load vertex {entry['name']!r}: {reason} (in "
+                                     f"{self.graph_file}, field {format_field_path(path)!r})"
+                                     ) from error
+
+    def _build(self, spec: dict, vertex_name: str, path: tuple) -> nn.Module:
+        kind = spec["kind"]
+        if kind == "dag":
+            return self._build_dag(spec["dag"], (*path, "dag"))
+        if kind == "module_call":
+            return ModuleCallOp(self._build(spec["module"], vertex_name, (*path, "module")),
+                                decode_template(spec["args"]), decode_template(spec["kwargs"]))
+        if kind == "op":
+            return _build_op(spec)
+        return build_module(spec, vertex_name)
+
+    def _decode(self, data: Any, path: tuple) -> Any:
+        try:
+            return decode_template(data)
+        except SerializationError as error:
+            raise self._field_error(path, f"is not a valid constant: {error}") from error
+
+    def _restore_shared_objects(self, dag: DagModule) -> None:
+        try:
+            _restore_sharing(dag, self.document.get("shared", {}))
+        except SerializationError as error:
+            raise self._field_error(("shared",), f"cannot be restored: {error}") from error
+        except Exception as error:  # noqa: BLE001 - paths that name no module or tensor
+            raise self._field_error(("shared",), f"names a path the DAG does not have "
+                                                 f"({type(error).__name__}: {error})") from error
+
+    def _field_error(self, path: tuple, problem: str) -> SerializationError:
+        return field_error(self.graph_file, self.document, path, problem)
+
+    # ------------------------------------------------------------------------- checking
+    def _check_tensors_fit(self, dag: DagModule, saved: _SavedTensors) -> None:
+        """Every tensor of ``dag`` must be in the file with its shape and a fitting dtype."""
+        recorded = _recorded_dtype_names(self.document["graph"])
+        expected = dict(dag.state_dict(keep_vars=True))
+        non_persistent = _non_persistent_buffers(dag)
+        if self.saves_non_persistent:
+            expected.update({NON_PERSISTENT_PREFIX + name: buffer
+                             for name, buffer in non_persistent.items()})
+        else:
+            self._check_unsaved_buffers_are_small(non_persistent)
+        problems = _misfits(expected, saved, recorded)
+        found = "; ".join(f"{kind} {names[:5]}" for kind, names in problems.items() if names)
+        if found:
+            raise SerializationError(
+                f"{self.tensor_file} does not fit the graph {self.graph_file}: tensors {found}; "
+                "the two files are from different saves or corrupt: save the DAG again")
+
+    def _check_unsaved_buffers_are_small(self, buffers: dict[str, torch.Tensor]) -> None:
+        size = sum(buffer.numel() * buffer.element_size() for buffer in buffers.values())
+        if size > _MAX_UNSAVED_BYTES:
+            raise SerializationError(
+                f"{self.graph_file} (format version 1) describes {size:,} bytes of non-persistent "
+                f"buffers, more than the {_MAX_UNSAVED_BYTES:,} such a save can hold: the file is "
+                "corrupt")
+
+
+def _misfits(expected: dict[str, torch.Tensor], saved: _SavedTensors,
+             recorded: set[str]) -> dict[str, list[str]]:
+    """The tensors missing from the file, unexpected in it, or there with another shape or a
+    dtype that does not fit (see :func:`_dtype_fits`), by kind of problem."""
+    common = [name for name in expected if name in saved.shapes]
+    return {
+        "missing": sorted(set(expected) - set(saved.shapes)),
+        "unexpected": sorted(set(saved.shapes) - set(expected)),
+        "wrong shape": [f"{name} (graph {list(expected[name].shape)}, file "
+                        f"{list(saved.shapes[name])})" for name in common
+                        if saved.shapes[name] != expected[name].shape],
+        "wrong dtype": [f"{name} (graph {expected[name].dtype}, file {saved.dtypes[name]})"
+                        for name in common if not _dtype_fits(
+                            expected[name].dtype, saved.dtypes[name],
+                            name.removeprefix(NON_PERSISTENT_PREFIX) in recorded)],
+    }
+
+
+def _build_op(spec: dict) -> nn.Module:
+    op_type = OP_TYPES.get(spec["type"])
+    if op_type is None:
+        close = difflib.get_close_matches(spec["type"], OP_TYPES, n=3)
+        raise SerializationError(f"unknown op type {spec['type']!r}" + (
+            f" (closest: {', '.join(close)})" if close else "") + "; if a package defines it, "
+            "import that package before loading so that it registers the op type")
+    op = op_type.from_config(spec["config"])
+    check_config_reads_back(spec["type"], spec["config"], op.get_config())
+    return op
+
+
+def _recorded_dtype_names(graph: dict, prefix: str = "") -> set[str]:
+    """State names of the tensors whose dtype the graph records (see _dtype_fits)."""
+    names: set[str] = set()
+    for entry in graph["vertices"]:
+        names |= _recorded_in_module(entry["module"], f"{prefix}vertex_modules.{entry['name']}.")
+    return names
+
+
+def _recorded_in_module(spec: dict, prefix: str) -> set[str]:
+    if spec["kind"] == "dag":
+        return _recorded_dtype_names(spec["dag"], prefix)
+    if spec["kind"] == "module_call":
+        return _recorded_in_module(spec["module"], prefix + "module.")
+    if spec["kind"] == "op":
+        return {prefix + "value"} if spec["type"] == ParameterOp.__name__ else set()
+    return {prefix + name for name in tensors_with_recorded_dtype(spec)}
+
+
+def _dtype_fits(built: torch.dtype, saved: torch.dtype, recorded: bool) -> bool:
+    """The saved dtype must be the recorded one; where a constructor chose the dtype, any
+    floating-point dtype may replace a floating-point one (a model saved in half precision)."""
+    return built == saved or (not recorded and built.is_floating_point and saved.is_floating_point)
+
+
+def _adopt_saved_dtypes(dag: DagModule, saved: _SavedTensors) -> None:
+    for name, tensor in _tensors_by_saved_name(dag).items():
+        if tensor.dtype != saved.dtypes[name]:
+            tensor.data = tensor.data.to(saved.dtypes[name])
+
+
+def _tensors_by_saved_name(dag: DagModule) -> dict[str, torch.Tensor]:
+    tensors = dict(dag.state_dict(keep_vars=True))
+    tensors.update({NON_PERSISTENT_PREFIX + name: buffer
+                    for name, buffer in _non_persistent_buffers(dag).items()})
+    return tensors
+
+
+def _load_tensors(dag: DagModule, saved: _SavedTensors, saves_non_persistent: bool) -> None:
     targets = {**dict(dag.named_buffers(remove_duplicate=False)),
                **dict(dag.named_parameters(remove_duplicate=False))}
+    state = [name for name in saved.shapes if not name.startswith(NON_PERSISTENT_PREFIX)]
     for owner, names in _by_vertex_module(state).items():  # one vertex's tensors at a time
         loaded = {}
         for name in names:
-            tensor, target = tensors.get(name), targets[name]
+            tensor, target = saved.get(name), targets[name]
             if target.dtype != tensor.dtype:  # keep dtypes exactly as saved
                 target.data = target.data.to(tensor.dtype)
             loaded[name[len(owner) + 1:] if owner else name] = tensor
         (dag.get_submodule(owner) if owner else dag).load_state_dict(loaded, strict=True)
+    if not saves_non_persistent:  # format version 1: the layers' constructors made them
+        return
     with torch.no_grad():
-        for name, saved in non_persistent.items():
-            target = expected_non_persistent[name]
-            target.data = tensors.get(saved).to(target.device).clone()
+        for name, target in _non_persistent_buffers(dag).items():
+            target.data = saved.get(NON_PERSISTENT_PREFIX + name).to(target.device).clone()
 
 
 def _by_vertex_module(names) -> dict[str, list[str]]:
@@ -262,18 +498,6 @@ def _by_vertex_module(names) -> dict[str, list[str]]:
     if "" in groups and len(groups) > 1:  # a name outside the vertex modules: load all at once
         return {"": [name for group in groups.values() for name in group]}
     return groups
-
-
-def _check_tensors_fit(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Size],
-                       tensor_file: Path, kind: str) -> None:
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong_shape = [name for name in expected if name in tensors
-                   and tensors[name] != expected[name].shape]
-    if missing or unexpected or wrong_shape:
-        raise SerializationError(
-            f"{tensor_file} does not fit the graph: {kind}tensors missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, wrong shape {wrong_shape[:5]}")
 
 
 def _tensors_to_save(dag: DagModule) -> dict[str, torch.Tensor]:
@@ -347,11 +571,22 @@ def _share_module(dag: DagModule, alias: str, owner: nn.Module) -> None:
     if type(current) is not type(owner):
         raise SerializationError(f"shared module {alias!r} is a {type(current).__name__}, not a "
                                  f"{type(owner).__name__} like the module it shares")
+    if any(module is owner for module in _modules_along(dag, parent_path)):
+        raise SerializationError(f"shared module {alias!r} would contain itself (its owner is "
+                                 "one of the modules above it)")
     holder = dag.get_submodule(parent_path.rpartition(".")[0]) if "." in parent_path else dag
     if isinstance(holder, DagModule) and holder.vertex_modules is parent:
         holder.replace_module(holder.vertex(name), owner)  # keeps the vertex and registry in step
     else:
         parent._modules[name] = owner
+
+
+def _modules_along(dag: DagModule, path: str) -> list[nn.Module]:
+    """The modules from ``dag`` down to the module at ``path``, both included."""
+    modules = [dag]
+    for name in path.split(".") if path else []:
+        modules.append(modules[-1].get_submodule(name))
+    return modules
 
 
 def _tensor_at(dag: DagModule, path: str, registry: str) -> torch.Tensor:
@@ -362,37 +597,3 @@ def _tensor_at(dag: DagModule, path: str, registry: str) -> torch.Tensor:
     return tensor
 
 
-# --------------------------------------------------------------------------------- files
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_synced(file: Path, data: bytes) -> None:
-    with open(file, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _replace_directory(staging: Path, target: Path) -> None:
-    if target.exists() and not target.is_dir():
-        raise SerializationError(f"{target} exists and is a file, not a saved DAG; refusing to "
-                                 "overwrite it")
-    if target.exists() and not (target / GRAPH_FILE).exists() and any(target.iterdir()):
-        raise SerializationError(f"{target} exists and is not a saved DAG; refusing to overwrite it")
-    backup = None
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, backup)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        if backup is not None:  # put the previous save back where it was
-            os.replace(backup, target)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)

@@ -35,7 +35,8 @@ from dagprune.leaf_modules import LEAF_MODULE_TYPES
 from dagprune.ops.functions import function_name, resolve_function
 from dagprune.ops.templates import decode_template, encode_template
 
-__all__ = ["register_module_serializer", "describe_module", "build_module", "module_type_name"]
+__all__ = ["register_module_serializer", "describe_module", "build_module", "module_type_name",
+           "tensors_with_recorded_dtype", "check_config_reads_back"]
 
 _SERIALIZERS: dict[str, tuple[type, Callable[[nn.Module], dict], Callable[[dict], nn.Module]]] = {}
 _SKIPPED_PARAMETERS = {"self", "device", "dtype", "factory_kwargs"}
@@ -120,9 +121,15 @@ def build_module(description: dict, where: str = "") -> nn.Module:
 
     No code named by the file runs beyond creating allowed classes: a structural description
     is instantiated with ``cls.__new__(cls)`` and ``nn.Module.__init__``, never ``__init__``.
+    A constructor description is read back from the module it built, and every argument must
+    read back as the file gives it (so ``bias: "no"`` does not pass for ``bias=True``).
+
+    Tensors are created on the default device: under ``with torch.device("meta")`` nothing is
+    allocated, which is how :func:`dagprune.load_dag` checks sizes before building for real.
 
     Raises:
-        SerializationError: the description names a type that is not allowed, or is malformed.
+        SerializationError: the description names a type that is not allowed, or is malformed;
+            the message names the module path and the field.
     """
     if not isinstance(description, dict):
         raise SerializationError(f"module {where or '<leaf>'!r} has a malformed description "
@@ -202,13 +209,77 @@ def _build_by_constructor(description: dict) -> nn.Module:
         raise SerializationError(
             f"the file names a module type {type_name!r} that is not allowed or not registered; "
             "register it with dagprune.register_module_serializer before loading")
+    _, to_config, from_config = entry
+    encoded = description.get("config")
+    if not isinstance(encoded, dict) or not isinstance(encoded.get("dict"), dict):
+        raise SerializationError(f"{type_name}: its config must be a dict of constructor "
+                                 f"arguments, got {_short_repr(encoded)}")
     try:
-        return entry[2](decode_template(description["config"]))
-    except SerializationError:
-        raise
-    except Exception as error:
-        raise SerializationError(f"cannot rebuild {type_name} from {description.get('config')!r}: "
-                                 f"{error}") from error
+        module = _construct(from_config, decode_template(encoded),
+                            registered=type_name in _SERIALIZERS)
+        read_back = encode_template(to_config(module))
+    except SerializationError as error:
+        raise SerializationError(f"cannot rebuild {type_name}: {error}") from error
+    except Exception as error:  # noqa: BLE001 - any failure of a constructor on file data
+        raise SerializationError(f"cannot rebuild {type_name} from {_short_repr(encoded)}: "
+                                 f"{type(error).__name__}: {error}") from error
+    check_config_reads_back(type_name, encoded["dict"],
+                            read_back.get("dict", {}) if isinstance(read_back, dict) else {})
+    return module
+
+
+def _construct(from_config: Callable[[dict], nn.Module], config: dict,
+               registered: bool) -> nn.Module:
+    """``from_config(config)``; a registered type that cannot be built on the meta device (its
+    constructor computes with real tensors) is built on the CPU there instead."""
+    try:
+        return from_config(config)
+    except Exception:  # noqa: BLE001 - retried below, or raised again
+        if not registered or torch.get_default_device().type != "meta":
+            raise
+    with torch.device("cpu"):
+        return from_config(config)
+
+
+def check_config_reads_back(type_name: str, given: dict, read_back: dict) -> None:
+    """Every argument a file gives must read back the same from the module built with it.
+
+    Args:
+        type_name: the module or op type, for the message.
+        given: the encoded arguments the file gives, by name.
+        read_back: the encoded arguments read back from the module built with them.
+
+    Arguments that do not read back are not compared, so files written by other versions of a
+    layer (with fewer or other arguments) still load.
+
+    Raises:
+        SerializationError: an argument reads back with another type or value.
+
+    >>> check_config_reads_back("torch.nn.Linear", {"bias": "no"}, {"bias": True})
+    Traceback (most recent call last):
+    ...
+    dagprune.errors.SerializationError: cannot rebuild torch.nn.Linear: its argument 'bias' is \
+'no' in the file but builds a module with bias=True (wrong type or value)
+    """
+    for name, value in given.items():
+        if name in read_back and not _same_json(value, read_back[name]):
+            raise SerializationError(
+                f"cannot rebuild {type_name}: its argument {name!r} is {_short_repr(value)} in "
+                f"the file but builds a module with {name}={_short_repr(read_back[name])} (wrong "
+                "type or value)")
+
+
+def _same_json(first: Any, second: Any) -> bool:
+    """Equality of JSON data that tells ``true`` from ``1`` (numbers compare by value)."""
+    if isinstance(first, bool) or isinstance(second, bool):
+        return type(first) is type(second) and first == second
+    if isinstance(first, (int, float)) and isinstance(second, (int, float)):
+        return first == second
+    if isinstance(first, list) and isinstance(second, list):
+        return len(first) == len(second) and all(map(_same_json, first, second))
+    if isinstance(first, dict) and isinstance(second, dict):
+        return first.keys() == second.keys() and all(_same_json(first[k], second[k]) for k in first)
+    return type(first) is type(second) and first == second
 
 
 def _shapes(module: nn.Module) -> dict:
@@ -383,23 +454,29 @@ def _build_structure(description: dict, where: str) -> nn.Module:
             "not registered; only torch.nn, timm and dagprune classes and types registered with "
             "dagprune.register_leaf_module or dagprune.register_module_serializer can be loaded")
     try:
-        return _instantiate(cls, description["structure"], where)
+        module = _instantiate(cls, description["structure"], where)
+        module.extra_repr()  # reads the attributes the type needs; saving checked it works
+        return module
     except SerializationError as error:
         raise SerializationError(f"module {where!r} ({type_name}): {error}") from error
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+    except Exception as error:  # noqa: BLE001 - building from file data; nothing else runs
         raise SerializationError(f"module {where!r} ({type_name}) has a malformed structure: "
                                  f"{type(error).__name__}: {error}") from error
 
 
 def _instantiate(cls: type, structure: dict, where: str) -> nn.Module:
+    if not isinstance(structure, dict):
+        raise SerializationError(f"its structure must be a JSON object, got "
+                                 f"{_short_repr(structure)}")
     module = cls.__new__(cls)
     nn.Module.__init__(module)
     for name, spec in _named_entries(structure, "parameters"):
         module._parameters[name] = None if spec is None else nn.Parameter(
-            _empty_tensor(spec), requires_grad=bool(spec["requires_grad"]))
+            _empty_tensor(spec, f"parameter {name!r}"),
+            requires_grad=_flag(spec, "requires_grad", f"parameter {name!r}"))
     for name, spec in _named_entries(structure, "buffers"):
-        module._buffers[name] = None if spec is None else _empty_tensor(spec)
-        if spec is not None and not spec["persistent"]:
+        module._buffers[name] = None if spec is None else _empty_tensor(spec, f"buffer {name!r}")
+        if spec is not None and not _flag(spec, "persistent", f"buffer {name!r}"):
             module._non_persistent_buffers_set.add(name)
     for name, child in _named_entries(structure, "modules"):
         module._modules[name] = None if child is None else build_module(child, f"{where}.{name}")
@@ -419,7 +496,10 @@ def _instantiate(cls: type, structure: dict, where: str) -> nn.Module:
 
 
 def _named_entries(structure: dict, key: str) -> list[tuple[str, Any]]:
-    entries = structure[key]
+    entries = structure.get(key)
+    if not isinstance(entries, list):
+        raise SerializationError(f"its {key} must be a list of [name, description] pairs, got "
+                                 f"{_short_repr(entries)}")
     names = [entry[0] if isinstance(entry, list) and len(entry) == 2 else None for entry in entries]
     if not all(isinstance(name, str) and name and "." not in name for name in names) or \
             len(set(names)) != len(names):
@@ -428,11 +508,44 @@ def _named_entries(structure: dict, key: str) -> list[tuple[str, Any]]:
     return [(name, entry[1]) for name, entry in zip(names, entries)]
 
 
-def _empty_tensor(spec: dict) -> torch.Tensor:
-    shape, dtype = spec["shape"], spec["dtype"]
-    if not isinstance(dtype, str) or not all(type(size) is int and size >= 0 for size in shape):
-        raise SerializationError(f"malformed tensor description {spec!r}")
+def _empty_tensor(spec: Any, what: str) -> torch.Tensor:
+    """A zero tensor of the described shape and dtype, on the default device."""
+    shape = spec.get("shape") if isinstance(spec, dict) else None
+    dtype = spec.get("dtype") if isinstance(spec, dict) else None
+    if not isinstance(shape, list) or not isinstance(dtype, str) or \
+            not all(type(size) is int and size >= 0 for size in shape):
+        raise SerializationError(f"{what} has a malformed tensor description {_short_repr(spec)} "
+                                 "(a shape of sizes >= 0 and a dtype name are needed)")
     return torch.zeros(shape, dtype=decode_template({"dtype": dtype}))
+
+
+def _flag(spec: dict, key: str, what: str) -> bool:
+    value = spec.get(key)
+    if not isinstance(value, bool):
+        raise SerializationError(f"{what}: {key!r} must be true or false, got {_short_repr(value)}")
+    return value
+
+
+def tensors_with_recorded_dtype(description: dict) -> set[str]:
+    """Names (``"weight"``, ``"child.bias"``) of the tensors whose dtype ``description`` records.
+
+    A structural description records each tensor's dtype, and the tensor file must hold exactly
+    that dtype; a constructor description records none (the tensor file decides).
+
+    >>> sorted(tensors_with_recorded_dtype(describe_module(nn.LSTM(2, 3))))[:2]
+    ['bias_hh_l0', 'bias_ih_l0']
+    >>> tensors_with_recorded_dtype(describe_module(nn.Linear(2, 3)))
+    set()
+    """
+    if "structure" not in description:
+        return set()
+    structure = description["structure"]
+    names = {name for key in ("parameters", "buffers") for name, spec in structure[key]
+             if spec is not None}
+    for child_name, child in structure["modules"]:
+        if child is not None:
+            names |= {f"{child_name}.{name}" for name in tensors_with_recorded_dtype(child)}
+    return names
 
 
 def _check_rebuilds_same(module: nn.Module, description: dict, where: str) -> None:
