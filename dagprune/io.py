@@ -196,11 +196,21 @@ def _find_tensor_file(path: Path, digest: str, graph_file: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------- describing
+def _describe_input(vertex: InputVertex) -> dict:
+    """An input's name, its default when it has one, and ``"fixed": true`` for an argument the
+    model was converted with a constant value for."""
+    description = {"name": vertex.name}
+    if vertex.has_default:
+        description["default"] = encode_template(vertex.default)
+    if vertex.fixed:
+        description["fixed"] = True
+    return description
+
+
 def _describe_dag(dag: DagModule) -> dict:
     return {
         "name": dag.name,
-        "inputs": [{"name": v.name, **({"default": encode_template(v.default)} if v.has_default
-                                       else {})} for v in dag.inputs],
+        "inputs": [_describe_input(v) for v in dag.inputs],
         "vertices": [{"name": v.name, "predecessors": [p.name for p in v.predecessors],
                       "qualified_name": v.qualified_name, "module": _describe(v.module, v)}
                      for v in dag.inner_vertices],
@@ -313,7 +323,7 @@ class _Loading:
         for index, entry in enumerate(graph["inputs"]):
             default = self._decode(entry["default"], (*path, "inputs", index, "default")) \
                 if "default" in entry else _NO_DEFAULT
-            vertex = InputVertex(entry["name"], default)
+            vertex = InputVertex(entry["name"], default, fixed=entry.get("fixed", False))
             by_name[vertex.name] = vertex
             inputs.append(vertex)
         inner = []

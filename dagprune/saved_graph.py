@@ -184,6 +184,9 @@ def _check_graph(checker: _Checker, graph: dict, path: JsonPath) -> None:
         if not isinstance(entry, dict):
             raise checker.fail(entry_path, f"must be a JSON object, got {_short(entry)}")
         _define(checker, defined, entry, entry_path)
+        if checker.field(entry, entry_path, "fixed", (bool,), "true or false", required=False) \
+                and "default" not in entry:
+            raise checker.fail((*entry_path, "fixed"), "needs the input's default (its fixed value)")
     for index, entry in enumerate(checker.field(graph, path, "vertices", (list,), "a list")):
         _check_vertex(checker, defined, entry, (*path, "vertices", index))
     outputs = checker.names(graph, path, "outputs")

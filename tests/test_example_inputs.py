@@ -87,6 +87,11 @@ def test_a_dag_with_keyword_inputs_saves_and_loads(tmp_path):
     loaded = dagprune.load_dag(tmp_path / "dag")
     with torch.no_grad():
         assert torch.equal(dag(**tensors)["logits"], loaded(**tensors)["logits"])
+        assert torch.equal(dag(**tensors)["logits"], loaded(**tensors, return_dict=True)["logits"])
+    assert [(v.name, v.fixed, v.default) for v in loaded.inputs][2:] == [("scale", True, 1.0),
+                                                                         ("return_dict", True, True)]
+    with pytest.raises(TypeError, match="fixed"):
+        loaded(**tensors, return_dict=False)
 
 
 def test_normalized_flops_with_one_shape_per_input():
