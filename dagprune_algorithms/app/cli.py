@@ -6,7 +6,8 @@ Adding a subcommand (``prune``, ``units``, ...) means writing those two function
 the first in :data:`_COMMANDS`.
 
 Exit codes: 0 success, 1 a check failed (the conversion is not exact, the round trip is not
-bit-exact), 2 a usage error or a dagprune error (printed as one line on stderr, no traceback).
+bit-exact, the pruned model misses its FLOPs target), 2 a usage error, a dagprune error or an
+unusable file, directory or device (printed as one line on stderr, no traceback), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ import torch
 from torch import nn
 
 import dagprune
+from dagprune.compare import describe_non_finite, non_finite_tensors
 from dagprune.errors import DagpruneError
 
 __all__ = ["main", "UsageError"]
 
 EXACT_TOLERANCE = 1e-5
 """Largest difference, relative to the output scale, for a conversion to count as exact."""
+
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+"""What torch raises when a device allocation fails."""
 
 
 class UsageError(DagpruneError):
@@ -45,13 +50,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except DagpruneError as error:
-        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        print(f"dagprune {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return _print_error(args.command, str(error))
+    except OSError as error:  # a full disk, a permission: the environment, not a bug
+        return _print_error(args.command, f"{type(error).__name__}: {error}; check the path and the free space")
+    except (MemoryError, _OUT_OF_MEMORY) as error:
+        return _print_error(args.command, f"out of memory ({type(error).__name__}); lower the batch size or "
+                                          "the input size")
+    except KeyboardInterrupt:
+        resume = "; rerun the same command to resume from its last checkpoint" if args.command == "prune" else ""
+        print(f"dagprune {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
+
+
+def _print_error(command: str, message: str) -> int:
+    """Prints ``message`` as one line on stderr; returns the exit code of a usage or input error."""
+    one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"dagprune {command}: error: {one_line}", file=sys.stderr)
+    return 2
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser that reports a usage error as one line pointing at ``--help``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="dagprune", description="Convert, inspect and prune PyTorch models as DAGs.")
     parser.add_argument("--version", action="version", version=f"dagprune {dagprune.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -118,7 +144,7 @@ def run_convert(args: argparse.Namespace) -> int:
         verdict = "exact" if exact else "NOT exact"
         print(f"conversion: {verdict} (max relative difference {difference:.3g}, tolerance "
               f"{EXACT_TOLERANCE:g}, eval mode, {len(dag.inner_vertices)} vertices, "
-              f"{conversion_seconds:.2f} s)")
+              f"{conversion_seconds:.2f} s){'' if exact else _non_finite_cause(original)}")
 
     round_trip_exact, where = _check_round_trip(dag, input_size, args.save)
     print(f"save/load round trip: {'bit-exact' if round_trip_exact else 'NOT bit-exact'} "
@@ -173,7 +199,20 @@ def _check_round_trip(dag: dagprune.DagModule, input_size: tuple[int, ...],
         with torch.no_grad():
             actual = loaded(example)
     where = f"saved to {path}" if save_to else "through a temporary directory"
-    return _outputs_equal(expected, actual), where
+    exact = _outputs_equal(expected, actual)
+    return exact, where + ("" if exact else _non_finite_cause(dag, expected))
+
+
+def _non_finite_cause(model: nn.Module, output=None) -> str:
+    """``"; non-finite values ..."`` naming the weights, statistics and outputs holding NaN
+    or Inf, or ``""`` when every one is finite."""
+    bad = non_finite_tensors(model)
+    causes = [f"{len(bad)} weight or statistic tensor(s) hold NaN or Inf: {'; '.join(bad[:3])}"
+              + (" ..." if len(bad) > 3 else "")] if bad else []
+    causes += [text for text in (describe_non_finite(output, "the output"),) if text]
+    if not causes:
+        return ""
+    return f"; non-finite values (never equal, not even to themselves): {'; '.join(causes)}"
 
 
 def _outputs_equal(first, second) -> bool:
@@ -199,7 +238,12 @@ def _add_prune_command(subparsers) -> None:
                     "prunes every --step-epoch steps, to the FLOPs --target or to "
                     "--target-pruning-ratio (one fraction or a JSON file from `dagprune units MODEL "
                     "--choice -o FILE`), ranking channels by --importance. "
-                    "Defaults run offline in minutes on CPU with scikit-learn's digits.")
+                    "Defaults run offline in minutes on CPU with scikit-learn's digits. "
+                    "Every phase checkpoints into --out: rerunning the same command resumes an "
+                    "interrupted run and gives the same result; a rerun on the same --out with "
+                    "arguments that change the results is refused (exit 2). Exit codes: 0 "
+                    "success, 1 the FLOPs target was missed (results saved), 2 a usage or input "
+                    "error, printed as one line.")
     add_prune_arguments(parser)
     parser.set_defaults(run=run_prune)
 

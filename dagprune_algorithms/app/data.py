@@ -13,25 +13,23 @@ pairs, with ``image`` a float tensor of shape ``input_shape``.
 from __future__ import annotations
 
 import gzip
-import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
+from dagprune_algorithms.app.dataset_split import (DatasetSplit, PathLike, check_directory, grayscale_to_tensor,
+                                                   split_indices, subsample)
 from dagprune_algorithms.app.errors import DataError
-
-PathLike = Union[str, "os.PathLike[str]"]
+from dagprune_algorithms.app.image_folder import load_image_folder_dataset
 
 __all__ = [
     "DataError",
     "DatasetSplit",
+    "count_samples",
     "load_dataset",
     "load_digits_dataset",
     "load_idx_dataset",
@@ -39,147 +37,6 @@ __all__ = [
     "make_loaders",
     "read_idx",
 ]
-
-
-@dataclass
-class DatasetSplit:
-    """A train/validation pair of data sets plus what a model needs to know about them.
-
-    Attributes:
-        train: Training samples, each an ``(image, label)`` pair.
-        val: Validation samples, each an ``(image, label)`` pair.
-        num_classes: Number of classes; labels are in ``range(num_classes)``.
-        input_shape: Shape ``(C, H, W)`` of one image tensor.
-        name: Short human-readable description of the source.
-        class_names: Name of each class, indexed by label.
-    """
-
-    train: Dataset
-    val: Dataset
-    num_classes: int
-    input_shape: Tuple[int, int, int]
-    name: str
-    class_names: Tuple[str, ...] = ()
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Split sample indices into train and validation parts, stratified where possible.
-
-    Args:
-        labels: Integer label of every sample.
-        val_fraction: Fraction of samples that go to validation, in (0, 1).
-        seed: Seed that makes the split reproducible.
-
-    Returns:
-        Sorted train indices and sorted validation indices.
-
-    Raises:
-        ValueError: If ``val_fraction`` is outside (0, 1) or the data set is too small to split.
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be strictly between 0 and 1, got {val_fraction}")
-    n = len(labels)
-    n_val = int(round(n * val_fraction))
-    if n_val < 1 or n - n_val < 1:
-        raise ValueError(
-            f"cannot split {n} samples with val_fraction={val_fraction}: "
-            "both parts need at least one sample"
-        )
-    _, counts = np.unique(labels, return_counts=True)
-    if counts.min() < 2 or min(n_val, n - n_val) < len(counts):
-        # Too few samples per class to stratify: fall back to a plain seeded shuffle.
-        order = np.random.default_rng(seed).permutation(n)
-        return np.sort(order[n_val:]), np.sort(order[:n_val])
-    train_idx, val_idx = train_test_split(
-        np.arange(n), test_size=n_val, random_state=seed, stratify=labels
-    )
-    return np.sort(train_idx), np.sort(val_idx)
-
-
-def _subsample(dataset: Dataset, limit: Optional[int], seed: int) -> Dataset:
-    """Return a deterministic random subset of at most ``limit`` samples (or ``dataset`` itself)."""
-    if limit is None or limit >= len(dataset):
-        return dataset
-    if limit < 1:
-        raise ValueError(f"sample limits must be positive, got {limit}")
-    idx = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:limit])
-    return Subset(dataset, idx.tolist())
-
-
-def _grayscale_to_tensor(
-    images: np.ndarray, image_size: int, mean: Optional[float] = None, std: Optional[float] = None
-) -> Tuple[torch.Tensor, float, float]:
-    """Resize grayscale images, normalise them and replicate them to three channels.
-
-    Args:
-        images: Array ``(N, H, W)`` with values already scaled to [0, 1].
-        image_size: Output height and width.
-        mean: Normalisation mean; computed from ``images`` when None.
-        std: Normalisation standard deviation; computed from ``images`` when None.
-
-    Returns:
-        Tensor ``(N, 3, image_size, image_size)`` (channels share memory), and the mean and
-        std that were used.
-    """
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)
-    if x.shape[-2:] != (image_size, image_size):
-        shrink = image_size < max(x.shape[-2:])
-        # Resize in chunks so that full MNIST does not need a huge temporary buffer.
-        x = torch.cat(
-            [
-                F.interpolate(
-                    chunk, size=(image_size, image_size), mode="bilinear",
-                    align_corners=False, antialias=shrink,
-                )
-                for chunk in x.split(4096)
-            ]
-        )
-    if mean is None or std is None:
-        mean, std = float(x.mean()), float(x.std())
-    x = (x - mean) / max(std, 1e-8)
-    # A stride-0 view: three identical channels at the memory cost of one.
-    return x.expand(-1, 3, -1, -1), mean, std
-
-
-def _check_directory(directory: PathLike) -> Path:
-    """Check that ``directory`` exists, is a readable directory and is not empty.
-
-    Args:
-        directory: Path to check.
-
-    Returns:
-        The directory as a :class:`Path`.
-
-    Raises:
-        DataError: If any of the checks fails.
-    """
-    path = Path(directory).expanduser()
-    if not path.exists():
-        raise DataError(
-            f"data directory '{path}' does not exist; check the path, or leave --data-dir out "
-            "to use the built-in scikit-learn digits data set"
-        )
-    if not path.is_dir():
-        raise DataError(
-            f"data path '{path}' is not a directory; pass a folder that holds MNIST IDX files "
-            "or one subfolder of images per class"
-        )
-    try:
-        entries = list(path.iterdir())
-    except OSError as exc:  # PermissionError and friends
-        raise DataError(
-            f"data directory '{path}' cannot be read ({exc.strerror or exc}); "
-            "check its permissions"
-        ) from exc
-    if not entries:
-        raise DataError(
-            f"data directory '{path}' is empty; put MNIST IDX files or one subfolder of "
-            "images per class in it"
-        )
-    return path
 
 
 # --------------------------------------------------------------------------- digits
@@ -208,10 +65,10 @@ def load_digits_dataset(image_size: int = 32, seed: int = 0, val_fraction: float
     digits = load_digits()
     images = digits.images.astype(np.float32) / 16.0  # pixel values are 0..16
     labels = digits.target.astype(np.int64)
-    train_idx, val_idx = _split_indices(labels, val_fraction, seed)
+    train_idx, val_idx = split_indices(labels, val_fraction, seed)
 
-    x_train, mean, std = _grayscale_to_tensor(images[train_idx], image_size)
-    x_val, _, _ = _grayscale_to_tensor(images[val_idx], image_size, mean, std)
+    x_train, mean, std = grayscale_to_tensor(images[train_idx], image_size)
+    x_val, _, _ = grayscale_to_tensor(images[val_idx], image_size, mean, std)
     return DatasetSplit(
         train=TensorDataset(x_train, torch.from_numpy(labels[train_idx])),
         val=TensorDataset(x_val, torch.from_numpy(labels[val_idx])),
@@ -370,7 +227,7 @@ def load_idx_dataset(
         DataError: If the directory or a file is missing or unreadable, a header is corrupt,
             or the image and label counts (or image sizes) do not match.
     """
-    root = _check_directory(directory)
+    root = check_directory(directory)
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     files = {}
@@ -397,8 +254,8 @@ def load_idx_dataset(
 
     # Scale integer images to [0, 1] by their type's maximum; float images are used as they are.
     scale = float(np.iinfo(train_images.dtype).max) if train_images.dtype.kind in "ui" else 1.0
-    x_train, mean, std = _grayscale_to_tensor(train_images.astype(np.float32) / scale, image_size)
-    x_val, _, _ = _grayscale_to_tensor(val_images.astype(np.float32) / scale, image_size, mean, std)
+    x_train, mean, std = grayscale_to_tensor(train_images.astype(np.float32) / scale, image_size)
+    x_val, _, _ = grayscale_to_tensor(val_images.astype(np.float32) / scale, image_size, mean, std)
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     return DatasetSplit(
         train=TensorDataset(x_train, torch.from_numpy(train_labels)),
@@ -407,112 +264,6 @@ def load_idx_dataset(
         input_shape=(3, image_size, image_size),
         name=f"idx:{root.name}",
         class_names=tuple(str(i) for i in range(num_classes)),
-    )
-
-
-# --------------------------------------------------------------------------- image folder
-
-
-def _image_class_names(root: Path, extensions) -> list:
-    """Names of the class subfolders of ``root`` holding images with ``extensions`` (at least two)."""
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise DataError(
-            f"image folder '{root}' has no class subfolders; arrange the images as "
-            f"'{root}/<class_name>/<image>.png', one subfolder per class"
-        )
-    counts = {}
-    for class_dir in class_dirs:
-        try:
-            counts[class_dir.name] = sum(
-                1 for f in class_dir.iterdir() if f.is_file() and f.suffix.lower() in extensions
-            )
-        except OSError as exc:
-            raise DataError(
-                f"class folder '{class_dir}' cannot be read ({exc.strerror or exc}); "
-                "check its permissions"
-            ) from exc
-    class_names = [name for name, count in counts.items() if count > 0]
-    if not class_names:
-        raise DataError(
-            f"no images found in the class subfolders of '{root}' "
-            f"({', '.join(sorted(counts))}); supported extensions are "
-            f"{', '.join(sorted(extensions))}"
-        )
-    if len(class_names) < 2:
-        raise DataError(
-            f"image folder '{root}' has images for only one class ('{class_names[0]}'); "
-            "a classifier needs at least two class subfolders with images"
-        )
-    return class_names
-
-
-def load_image_folder_dataset(
-    directory: PathLike,
-    image_size: int = 32,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    augment: bool = False,
-) -> DatasetSplit:
-    """Load an image folder with one subfolder of images per class through timm.
-
-    Images must sit directly inside their class subfolder (``directory/<class>/<file>``)
-    and have an extension timm recognises (``.png``, ``.jpg``, ``.jpeg``). They are read as
-    RGB, resized to ``image_size`` and normalised with ImageNet statistics by a
-    ``timm.data.create_transform`` pipeline. The split is stratified and depends only on
-    ``seed``.
-
-    Args:
-        directory: The root folder.
-        image_size: Height and width of the returned images.
-        val_fraction: Fraction of the images used for validation.
-        seed: Seed for the train/validation split.
-        augment: Apply timm's random training augmentation to the training part.
-
-    Returns:
-        A :class:`DatasetSplit` of ``Subset`` views over ``timm.data.ImageDataset`` objects.
-
-    Raises:
-        DataError: If the directory is missing, unreadable or empty, has no class
-            subfolders, fewer than two of them contain images, or there are too few
-            images to split.
-        ValueError: If ``image_size`` or ``val_fraction`` is out of range.
-    """
-    from timm.data import ImageDataset, create_transform
-    from timm.data.readers.img_extensions import get_img_extensions
-
-    root = _check_directory(directory)
-    if image_size < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be strictly between 0 and 1, got {val_fraction}")
-    class_names = _image_class_names(root, get_img_extensions(as_set=True))
-    class_map = {name: idx for idx, name in enumerate(class_names)}
-
-    def make(is_training: bool) -> Dataset:
-        transform = create_transform(
-            (3, image_size, image_size), is_training=is_training,
-            interpolation="bilinear", crop_pct=1.0, crop_mode="squash",
-        )
-        return ImageDataset(str(root), class_map=class_map, transform=transform)
-
-    val_set = make(False)
-    train_set = make(True) if augment else val_set
-    labels = np.array([target for _, target in val_set.reader.samples], dtype=np.int64)
-    try:
-        train_idx, val_idx = _split_indices(labels, val_fraction, seed)
-    except ValueError as exc:
-        raise DataError(
-            f"image folder '{root}' has too few images to split ({exc}); add more images "
-            "or change val_fraction"
-        ) from exc
-    return DatasetSplit(
-        train=Subset(train_set, train_idx.tolist()),
-        val=Subset(val_set, val_idx.tolist()),
-        num_classes=len(class_names),
-        input_shape=(3, image_size, image_size),
-        name=f"folder:{root.name}",
-        class_names=tuple(class_names),
     )
 
 
@@ -551,7 +302,7 @@ def load_dataset(
     if data_dir is None:
         split = load_digits_dataset(image_size=image_size, seed=seed, val_fraction=val_fraction)
     else:
-        root = _check_directory(data_dir)
+        root = check_directory(data_dir)
         if _has_idx_files(root):
             return load_idx_dataset(
                 root, image_size=image_size, limit_train=limit_train, limit_val=limit_val, seed=seed
@@ -559,9 +310,48 @@ def load_dataset(
         split = load_image_folder_dataset(
             root, image_size=image_size, val_fraction=val_fraction, seed=seed
         )
-    split.train = _subsample(split.train, limit_train, seed)
-    split.val = _subsample(split.val, limit_val, seed + 1)
+    split.train = subsample(split.train, limit_train, seed)
+    split.val = subsample(split.val, limit_val, seed + 1)
     return split
+
+
+def count_samples(data_dir: Optional[PathLike] = None) -> Tuple[int, bool]:
+    """How many images ``load_dataset(data_dir)`` reads, without reading them.
+
+    Returns:
+        ``(count, resized_before_limits)``: the number of images (train and validation), and
+        whether the reader resizes all of them before applying ``limit_train``/``limit_val``
+        (the built-in digits) rather than after (IDX files, image folders). 0 when the count
+        cannot be told; :func:`load_dataset` then reports the problem.
+
+    Raises:
+        DataError: ``data_dir`` is missing, not a directory, unreadable or empty.
+    """
+    if data_dir is None:
+        return len(load_digits().target), True
+    root = check_directory(data_dir)
+    if _has_idx_files(root):
+        image_files = (_find_idx_file(root, *_IDX_PARTS[part]) for part in ("train_images", "val_images"))
+        return sum(map(_idx_length, image_files)), False
+    from timm.data.readers.img_extensions import get_img_extensions
+
+    extensions = get_img_extensions(as_set=True)
+    return sum(1 for folder in root.iterdir() if folder.is_dir() and not folder.name.startswith(".")
+               for path in folder.iterdir() if path.suffix.lower() in extensions), False
+
+
+def _idx_length(path: Optional[Path]) -> int:
+    """The first dimension an IDX file's header declares (0 if it cannot be read)."""
+    if path is None:
+        return 0
+    try:
+        with open(path, "rb") as file:
+            gzipped = file.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as file:
+            header = file.read(8)
+    except (OSError, EOFError):
+        return 0
+    return int.from_bytes(header[4:8], "big") if len(header) == 8 else 0
 
 
 def make_loaders(

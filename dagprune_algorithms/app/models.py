@@ -8,7 +8,7 @@ from torch import nn
 
 from dagprune.errors import DagpruneError
 
-__all__ = ["UnknownModelError", "create_timm_model", "timm_size_kwargs"]
+__all__ = ["UnknownModelError", "check_timm_model_name", "create_timm_model", "timm_size_kwargs"]
 
 
 class UnknownModelError(DagpruneError):
@@ -30,6 +30,16 @@ def timm_size_kwargs(name: str, input_size: tuple[int, ...] | None) -> dict:
     return {"img_size": tuple(input_size[1:])}
 
 
+def check_timm_model_name(name: str) -> None:
+    """Raises :class:`UnknownModelError`, listing the closest names, when timm has no model ``name``."""
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
+        hint = f"; closest timm names: {', '.join(close)}" if close else ""
+        raise UnknownModelError(f"{name!r} is not a timm model name{hint}", close)
+
+
 def create_timm_model(name: str, input_size: tuple[int, ...] | None = None, **kwargs) -> nn.Module:
     """``timm.create_model(name, pretrained=False, ...)`` sized for ``input_size``.
 
@@ -38,10 +48,7 @@ def create_timm_model(name: str, input_size: tuple[int, ...] | None = None, **kw
     """
     import timm
 
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
-        hint = f"; closest timm names: {', '.join(close)}" if close else ""
-        raise UnknownModelError(f"{name!r} is not a timm model name{hint}", close)
+    check_timm_model_name(name)
     options = {**timm_size_kwargs(name, input_size), **kwargs}
     if input_size is not None and len(input_size) == 3:
         options.setdefault("in_chans", input_size[0])

@@ -2,8 +2,11 @@
 
 The defaults run offline in a few minutes on 2 CPU cores: timm's ``test_resnet`` on
 scikit-learn's digits (real 8x8 scans of handwritten digits, shipped inside scikit-learn),
-upsampled to 32x32. Every phase checkpoints into the output directory, so an interrupted run
-resumes where it stopped when started again with the same arguments.
+upsampled to 32x32. Every option is checked, and the model converted and set up for pruning
+once, before any training. Every phase checkpoints into the output directory, so an interrupted
+run resumes where it stopped when started again with the same arguments, and finishes with the
+results an uninterrupted run gives; :mod:`.run_directory` refuses a rerun there with arguments
+that change the results.
 """
 
 from __future__ import annotations
@@ -21,119 +24,26 @@ import torch
 import torch.nn.functional as F
 
 import dagprune
-from dagprune.errors import DagpruneError
+from dagprune.errors import PruningError
+from dagprune.training_mode import evaluation_mode
 
-from dagprune_algorithms.app.iterative_job import DEFAULT_PRUNE_TIMES
+from dagprune_algorithms.app.prune_arguments import (PruneUsageError, add_prune_arguments,
+                                                     check_images_fit_in_memory, validate_prune_arguments)
+from dagprune_algorithms.app.run_directory import check_run_matches, record_run, run_identity
 from dagprune_algorithms.app.training import (StepResult, evaluate_accuracy, load_checkpoint, materialize,
                                               save_checkpoint, train_steps)
-from dagprune_algorithms.pruning.channel_groups import HEAD_PRUNING_MODES
-from dagprune_algorithms.pruning.importance import IMPORTANCE_CRITERIA
+from dagprune_algorithms.pruning.channel_pruning import TARGET_TOLERANCE, check_flops_target
 
-__all__ = ["add_prune_arguments", "run_prune"]
+__all__ = ["add_prune_arguments", "run_prune", "PruneUsageError"]
 
 LOG = logging.getLogger("dagprune.prune")
 
-
-DEFAULT_FLOPS_TARGET = 0.5
-"""``--target`` when neither it nor ``--target-pruning-ratio`` is given."""
-
-_L1_ONLY_OPTIONS = (("--prune-times", "prune_times"), ("--step-epoch", "step_epoch"),
-                    ("--target-pruning-ratio", "target_pruning_ratio"), ("--importance", "importance"))
-"""``(flag, argument name)`` of the options that only ``--method l1`` uses."""
+CONVERSION_TOLERANCE = 1e-5
+"""Largest difference between the model and its DAG, relative to the output scale."""
 
 
-class PruneUsageError(DagpruneError):
-    """An argument of ``dagprune prune`` cannot be honoured."""
-
-
-def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declares the options of ``dagprune prune``."""
-    parser.add_argument("--model", default="test_resnet", help="timm model name (pretrained=False)")
-    parser.add_argument("--data-dir", default=None,
-                        help="image folder (one subfolder per class) or a folder of MNIST-style IDX "
-                             "files; default: scikit-learn's built-in digits")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--target", type=float, default=None,
-                        help=f"target FLOPs as a fraction of the original, in (0, 1) (default "
-                             f"{DEFAULT_FLOPS_TARGET}); not with --target-pruning-ratio")
-    parser.add_argument("--method", choices=["dag", "l1"], default="dag",
-                        help="dag: differentiable gates with FLOPs/entropy/distillation losses; "
-                             "l1: iterative pruning (mmrazor's ItePruneAlgorithm), channels ranked "
-                             "by --importance")
-    parser.add_argument("--steps", type=int, default=200, help="pruning steps")
-    l1_options = parser.add_argument_group(
-        "--method l1 only", "mmrazor's ItePruneAlgorithm settings; a step is one training iteration")
-    l1_options.add_argument("--prune-times", type=int, default=None, metavar="N",
-                            help="prunes to reach the target, the kept share falling linearly (default "
-                                 f"{DEFAULT_PRUNE_TIMES}, fewer if --steps is too short for them)")
-    l1_options.add_argument("--step-epoch", type=int, default=None, metavar="STEPS",
-                            help="steps between two prunes, the first at step 0 (ItePruneAlgorithm's "
-                                 "step_epoch; default --steps // --prune-times)")
-    l1_options.add_argument("--target-pruning-ratio", default=None, metavar="RATIO|FILE",
-                            help="what the last prune keeps instead of a FLOPs --target: one fraction "
-                                 "of every unit's channels (e.g. 0.7), or a JSON file {unit name: "
-                                 "fraction} as `dagprune units MODEL --choice -o FILE` writes (units "
-                                 "left out are not pruned)")
-    l1_options.add_argument("--importance", default=None, choices=sorted(IMPORTANCE_CRITERIA),
-                            help="how channels are ranked: l1 (weight norm, the default), bn_scale "
-                                 "(scale of the norm layer after them) or taylor (|weight x "
-                                 "gradient| averaged over the steps between prunes; the prune due at "
-                                 "step 0 waits for step 1)")
-    parser.add_argument("--baseline-steps", type=int, default=200,
-                        help="steps to train the baseline when no --baseline-checkpoint is given")
-    parser.add_argument("--finetune-steps", type=int, default=100)
-    parser.add_argument("--baseline-checkpoint", default=None,
-                        help="a state dict of the unpruned model (from a previous run's "
-                             "baseline.pt) to start from instead of training one")
-    parser.add_argument("--no-reference", action="store_true",
-                        help="skip training the unpruned reference for the same total steps")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate of the weights")
-    parser.add_argument("--gate-lr", type=float, default=5e-2, help="Adam learning rate of the gates")
-    parser.add_argument("--block-size", type=int, default=1)
-    parser.add_argument("--head-pruning", choices=HEAD_PRUNING_MODES, default="dims",
-                        help="attention: remove the same head dims from every head (dims) or whole "
-                             "heads (heads)")
-    parser.add_argument("--limit-train", type=int, default=None)
-    parser.add_argument("--limit-val", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="out/prune", help="output directory")
-    parser.add_argument("--checkpoint-every", type=int, default=100)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _validate(args) -> None:
-    """Checks the arguments before any work; fills in the default ``--target``."""
-    for name in ("steps", "batch_size", "image_size"):
-        if getattr(args, name) < 1:
-            raise PruneUsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("baseline_steps", "finetune_steps"):
-        if getattr(args, name) < 0:
-            raise PruneUsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    given_l1_options = [flag for flag, name in _L1_ONLY_OPTIONS if getattr(args, name) is not None]
-    if args.method != "l1" and given_l1_options:
-        raise PruneUsageError(f"{', '.join(given_l1_options)} appl{'y' if len(given_l1_options) > 1 else 'ies'} "
-                              f"to --method l1 only (--method "
-                              f"{args.method} prunes with gates over all --steps); add --method l1 or drop them")
-    if args.target is not None and args.target_pruning_ratio is not None:
-        raise PruneUsageError("--target (a FLOPs target) and --target-pruning-ratio (the kept share per unit) "
-                              "both say how far to prune; give one (with --target-pruning-ratio the FLOPs "
-                              "follow from the ratios and are reported)")
-    if args.target is None and args.target_pruning_ratio is None:
-        args.target = DEFAULT_FLOPS_TARGET
-    if args.target is not None and not 0 < args.target < 1:
-        raise PruneUsageError(f"--target must be in (0, 1) (a fraction of the original FLOPs), got {args.target}")
-    if args.method == "l1":
-        from dagprune_algorithms.app.iterative_job import iterative_schedule, parse_target_pruning_ratio
-
-        try:
-            iterative_schedule(args.steps, args.prune_times, args.step_epoch, args.importance or "l1")
-            parse_target_pruning_ratio(args.target_pruning_ratio)
-        except DagpruneError as error:
-            raise PruneUsageError(str(error)) from error
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise PruneUsageError(f"--device {args.device} asked for, but CUDA is not available")
+class _FailedCheck(Exception):
+    """A check of the run failed: the job stops and the command exits with 1."""
 
 
 def _progress(args, description: str):
@@ -173,6 +83,19 @@ class _PruneJob:
     out: Path
 
 
+@dataclass
+class _Pruned:
+    """What pruning gives: the slim model, the training history, the accuracy of the gated (or
+    masked) model, the largest relative difference between it and the slim model, and the FLOPs
+    share the gates keep (None where the method does not predict one)."""
+
+    model: dagprune.DagModule
+    history: list
+    gated_accuracy: float
+    removal_difference: float
+    gated_proportion: float | None = None
+
+
 def _load_data(args):
     """The data split and its ``(inputs, labels)`` train and validation tensors; logs what they are."""
     from dagprune_algorithms.app.data import load_dataset
@@ -182,7 +105,57 @@ def _load_data(args):
     train, val = materialize(split.train), materialize(split.val)
     LOG.info("data: %s, %d train / %d val images of %s, %d classes", split.name, len(train[0]),
              len(val[0]), "x".join(map(str, split.input_shape)), split.num_classes)
+    if args.batch_size > len(train[0]):
+        LOG.warning("--batch-size %d is larger than the %d training images: every step uses all of them",
+                    args.batch_size, len(train[0]))
     return split, train, val
+
+
+def _check_pruning_setup(args, model, input_shape) -> None:
+    """Runs what the job will do to ``model`` once, on a copy, before any training: a forward pass
+    at the input size, the conversion, and the pruning setup (groups, target, units, schedule).
+
+    Raises:
+        PruneUsageError: the model cannot run on images of ``--image-size``.
+        DagpruneError: the conversion or the pruning setup fails (unreachable target, unknown
+            unit names, no prunable group, ...).
+    """
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with evaluation_mode(model), torch.no_grad():
+                model(torch.zeros(1, *input_shape, device=args.device))
+        except (RuntimeError, ValueError, AssertionError, IndexError) as error:
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            raise PruneUsageError(f"{args.model} cannot run on {'x'.join(map(str, input_shape))} images "
+                                  f"({type(error).__name__}: {first_line}); choose another --image-size") from error
+        dag = dagprune.build_from_unstructured_module(model)
+        _check_conversion(args, model, dag, input_shape)
+        if args.method == "l1":
+            from dagprune_algorithms.app.iterative_job import plan_from_arguments
+
+            plan_from_arguments(dag, input_shape, args)
+        else:
+            from dagprune_algorithms.pruning import ChannelPruning
+
+            pruning = ChannelPruning(dag, input_shape, args.target, args.steps, block_size=args.block_size,
+                                     head_pruning=args.head_pruning)
+            pruning.prepare_for_pruning()
+            largest = max(group.size for group in pruning.prunable_groups)
+            if largest <= args.block_size:
+                raise PruneUsageError(f"--block-size {args.block_size}: kept channel counts are multiples of it, "
+                                      f"and the largest prunable group of {args.model} has {largest} channels, so "
+                                      f"nothing can be removed; choose a --block-size below {largest}")
+
+
+def _check_conversion(args, model, dag, input_shape) -> None:
+    """Raises :class:`_FailedCheck` when ``dag`` does not compute what ``model`` computes."""
+    difference = dagprune.compare_module_outputs(model, dag, (2, *input_shape), atol=CONVERSION_TOLERANCE,
+                                                 raise_error=False, device=args.device)
+    if not difference <= CONVERSION_TOLERANCE:
+        raise _FailedCheck(f"the DAG of {args.model} differs from the model by {difference:.3g} (relative to the "
+                           f"output scale; tolerance {CONVERSION_TOLERANCE:g}), so pruning it would not prune "
+                           f"the model; `dagprune convert {args.model} --input-size "
+                           f"{' '.join(map(str, input_shape))}` shows the DAG")
 
 
 def _train_with_adam(job: _PruneJob, model, lr: float, seed: int, steps: int, checkpoint: str,
@@ -201,9 +174,10 @@ def _prepare_baseline(job: _PruneJob, model, num_classes: int) -> float:
         state = load_checkpoint(args.baseline_checkpoint)
         try:
             model.load_state_dict(state.get("model", state))
-        except RuntimeError as error:
+        except (RuntimeError, AttributeError, TypeError) as error:
             raise PruneUsageError(f"--baseline-checkpoint {args.baseline_checkpoint} does not fit "
-                                  f"{args.model} with {num_classes} classes: {error}") from error
+                                  f"{args.model} with {num_classes} classes: "
+                                  f"{(str(error).strip().splitlines() or [''])[0]}") from error
         LOG.info("baseline: loaded %s", args.baseline_checkpoint)
     elif args.baseline_steps:
         _train_with_adam(job, model, args.lr, args.seed, args.baseline_steps, "baseline_training.ckpt", "baseline")
@@ -213,9 +187,9 @@ def _prepare_baseline(job: _PruneJob, model, num_classes: int) -> float:
     return baseline_accuracy
 
 
-def _prune_with_gates(job: _PruneJob, dag, input_shape):
+def _prune_with_gates(job: _PruneJob, dag, input_shape) -> _Pruned:
     """``--method dag``: trains the channel gates for ``--steps`` steps, then removes the closed
-    channels; returns ``(pruned, history, gated accuracy, removed vs gated max difference)``."""
+    channels."""
     from dagprune_algorithms.pruning import ChannelPruning
 
     args, device, val = job.args, job.device, job.val
@@ -253,17 +227,35 @@ def _prune_with_gates(job: _PruneJob, dag, input_shape):
     removal_difference = dagprune.compare_module_outputs(gated, pruned, (4, *input_shape),
                                                          raise_error=False, device=device)
     gated_accuracy = evaluate_accuracy(gated, *val, device=device)
-    return pruned, history, gated_accuracy, removal_difference
+    return _Pruned(pruned, history, gated_accuracy, removal_difference, pruning.current_hard_proportion())
 
 
-def _prune(job: _PruneJob, dag, input_shape):
-    """Prunes ``dag`` by ``--method``; returns ``(pruned, history, gated accuracy, removal difference)``."""
+def _prune(job: _PruneJob, dag, input_shape) -> _Pruned:
+    """Prunes ``dag`` by ``--method``."""
     if job.args.method == "dag":
         return _prune_with_gates(job, dag, input_shape)
     from dagprune_algorithms.app.iterative_job import run_iterative_l1
 
-    return run_iterative_l1(dag, input_shape, job.args, job.train, job.val, job.device, job.out,
-                            _progress(job.args, "l1 pruning"))
+    return _Pruned(*run_iterative_l1(dag, input_shape, job.args, job.train, job.val, job.device, job.out,
+                                     _progress(job.args, "l1 pruning")))
+
+
+def _missed_target(args, reached_proportion: float) -> str | None:
+    """The one-line message of a FLOPs share above ``--target`` by more than
+    :data:`TARGET_TOLERANCE` (None when met, or when the run has no FLOPs target)."""
+    if args.target is None:
+        return None
+    try:
+        check_flops_target(reached_proportion, args.target, TARGET_TOLERANCE)
+    except PruningError:
+        remedies = ["more --steps", "a higher --gate-lr"] if args.method == "dag" else ["more --prune-times"]
+        if args.block_size > 1:
+            remedies.append(f"a smaller --block-size (now {args.block_size})")
+        return (f"FLOPs target missed: the pruned model keeps {reached_proportion:.4f} of the original FLOPs, "
+                f"{reached_proportion - args.target:.4f} above --target {args.target:g} (tolerance "
+                f"{TARGET_TOLERANCE:g}); its model and report are saved in {args.out}. Prune again into "
+                f"another --out with {' or '.join(remedies)}")
+    return None
 
 
 def _finetune(job: _PruneJob, pruned) -> float:
@@ -286,6 +278,20 @@ def _reference_accuracy(job: _PruneJob, model) -> float:
     return evaluate_accuracy(reference, *job.val, device=job.device)
 
 
+def _comparison_rows(job: _PruneJob, dag, pruned, input_shape, accuracies: dict) -> list:
+    """The rows of the before/after table (on CPU): baseline, reference if trained, pruned."""
+    args, val = job.args, job.val
+    original_flops = dagprune.count_flops(dag, input_shape).total
+    rows = [_measure(dag.to("cpu"), f"{args.model} (baseline)", val, input_shape, original_flops, "cpu",
+                     accuracies["baseline"])]
+    if accuracies.get("reference") is not None:
+        rows.append({**rows[0], "model": f"{args.model} (baseline, same total steps)",
+                     "accuracy": accuracies["reference"] / 100.0})
+    rows.append(_measure(pruned.to("cpu"), f"{args.model} (pruned, fine-tuned)", val, input_shape,
+                         original_flops, "cpu", accuracies["pruned"]))
+    return rows
+
+
 def _write_report(report: dict, out: Path, started: float) -> None:
     """Writes ``report.json`` and the plot of the pruning history; prints where they are."""
     from dagprune_algorithms.app.report import plot_training_history, write_json_report
@@ -298,55 +304,75 @@ def _write_report(report: dict, out: Path, started: float) -> None:
           + (f", {out / 'pruning.png'}" if history else "") + f"; {time.time() - started:.0f} s")
 
 
-def run_prune(args) -> int:
-    """Runs the whole job; returns the exit code."""
+def _start(args) -> tuple:
+    """Everything before the first training step: checks the arguments, the output directory,
+    the data and the pruning setup, then records the run; returns ``(job, split, model)``."""
     from dagprune_algorithms.app.models import create_timm_model
-    from dagprune_algorithms.app.report import format_comparison_table
 
-    _validate(args)
+    validate_prune_arguments(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    started = time.time()
-    torch.manual_seed(args.seed)
+    identity = run_identity(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_run_matches(out, identity)
+    check_images_fit_in_memory(args)
+    torch.manual_seed(args.seed)
     device = torch.device(args.device)
     split, train, val = _load_data(args)
-    job = _PruneJob(args, train, val, device, out)
     input_shape = tuple(split.input_shape)
     model = create_timm_model(args.model, input_shape, num_classes=split.num_classes).to(device)
-    if args.method == "l1":  # unit names, ratios and the FLOPs target fail now, not after the baseline
-        from dagprune_algorithms.app.iterative_job import plan_from_arguments
-        plan_from_arguments(dagprune.build_from_unstructured_module(model), input_shape, args)
-    baseline_accuracy = _prepare_baseline(job, model, split.num_classes)
+    _check_pruning_setup(args, model, input_shape)
+    record_run(out, identity)
+    return _PruneJob(args, train, val, device, out), split, model
 
+
+def run_prune(args) -> int:
+    """Runs the whole job; returns the exit code: 0, or 1 when a check fails: the conversion is
+    not exact (found before training), or the pruned model misses ``--target`` by more than the
+    tolerance (its model and report are saved all the same).
+
+    Raises:
+        DagpruneError: an argument, the data or the model cannot be used (before any training),
+            or training cannot go on.
+    """
+    try:
+        _run_job(args)
+    except _FailedCheck as failed:
+        print(f"dagprune prune: check failed: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_job(args) -> None:
+    """The job's phases in order; raises :class:`_FailedCheck` when a check fails."""
+    from dagprune_algorithms.app.report import format_comparison_table
+
+    started = time.time()
+    job, split, model = _start(args)
+    input_shape = tuple(split.input_shape)
+    baseline_accuracy = _prepare_baseline(job, model, split.num_classes)
     dag = dagprune.build_from_unstructured_module(model)
-    dagprune.compare_module_outputs(model, dag, (2, *input_shape), device=device)
+    _check_conversion(args, model, dag, input_shape)
     original_flops = dagprune.count_flops(dag, input_shape).total
-    pruned, history, gated_accuracy, removal_difference = _prune(job, dag, input_shape)
-    final_proportion = dagprune.count_flops(pruned, input_shape).total / original_flops
+    pruned = _prune(job, dag, input_shape)
+    final_proportion = dagprune.count_flops(pruned.model, input_shape).total / original_flops
+    missed = _missed_target(args, final_proportion if pruned.gated_proportion is None else pruned.gated_proportion)
     LOG.info("pruned: FLOPs proportion %.4f (%s), accuracy before fine-tuning %.2f%%, "
              "removed model vs gated model max relative difference %.1e", final_proportion,
              "from --target-pruning-ratio" if args.target is None else f"target {args.target:.2f}",
-             gated_accuracy, removal_difference)
+             pruned.gated_accuracy, pruned.removal_difference)
 
-    pruned_accuracy = _finetune(job, pruned)
-    pruned.to("cpu").save(out / "pruned")
+    pruned_accuracy = _finetune(job, pruned.model)
+    pruned.model.to("cpu").save(job.out / "pruned")
     reference_accuracy = None if args.no_reference else _reference_accuracy(job, model)
-
-    model.to("cpu").eval()
-    dag = dag.to("cpu")
-    rows = [_measure(dag, f"{args.model} (baseline)", val, input_shape, original_flops, "cpu",
-                     baseline_accuracy)]
-    if reference_accuracy is not None:
-        rows.append({**rows[0], "model": f"{args.model} (baseline, same total steps)",
-                     "accuracy": reference_accuracy / 100.0})
-    rows.append(_measure(pruned.to("cpu"), f"{args.model} (pruned, fine-tuned)", val, input_shape,
-                         original_flops, "cpu", pruned_accuracy))
+    rows = _comparison_rows(job, dag, pruned.model, input_shape, {
+        "baseline": baseline_accuracy, "reference": reference_accuracy, "pruned": pruned_accuracy})
     print(format_comparison_table(rows))
     report = {"model": args.model, "data": split.name, "method": args.method, "target": args.target,
-              "final_proportion": final_proportion, "removal_max_relative_difference": removal_difference,
-              "accuracy_before_finetune": gated_accuracy, "rows": rows, "history": history,
+              "final_proportion": final_proportion, "target_reached": None if args.target is None else not missed,
+              "target_tolerance": TARGET_TOLERANCE, "removal_max_relative_difference": pruned.removal_difference,
+              "accuracy_before_finetune": pruned.gated_accuracy, "rows": rows, "history": pruned.history,
               "arguments": {k: v for k, v in vars(args).items() if k != "run"},
               "elapsed_s": time.time() - started}
-    _write_report(report, out, started)
-    return 0
+    _write_report(report, job.out, started)
+    if missed:
+        raise _FailedCheck(missed)

@@ -24,7 +24,7 @@ from dagprune.errors import DagpruneError
 from dagprune.training_mode import evaluation_mode
 
 __all__ = ["TrainingError", "batch_indices", "batches", "evaluate_accuracy", "save_checkpoint",
-           "load_checkpoint", "train_steps", "materialize"]
+           "load_checkpoint", "plain_log_value", "train_steps", "materialize"]
 
 
 class TrainingError(DagpruneError):
@@ -67,10 +67,18 @@ def evaluate_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tens
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Writes ``state`` atomically (temporary file + fsync + rename)."""
+    """Writes ``state`` atomically (temporary file + fsync + rename): the previous checkpoint
+    stays in place until the new one is complete.
+
+    Raises:
+        TrainingError: ``state`` holds something other than tensors and plain values (dict,
+            list, tuple, str, int, float, bool, None), which ``torch.load(weights_only=True)``
+            would refuse; nothing is written.
+    """
     path = Path(path)
+    _check_plain_state(state, path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
@@ -83,12 +91,61 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
         raise
 
 
+_PLAIN_TYPES = (str, int, float, bool, type(None))
+"""The exact types, besides tensors, that a checkpoint may hold (with dicts, lists and tuples)."""
+
+
+def _check_plain_state(value, where: str) -> None:
+    """Raises :class:`TrainingError` naming the first value of ``value`` that is neither a tensor
+    nor a plain value (numpy scalars are the usual culprit)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TrainingError(f"checkpoint {where}: key {key!r} is a {type(key).__name__}; "
+                                    "use str or int keys")
+            _check_plain_state(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain_state(item, f"{where}[{index}]")
+    elif type(value) not in _PLAIN_TYPES and not isinstance(value, torch.Tensor):
+        raise TrainingError(f"checkpoint {where} is a {type(value).__module__}.{type(value).__name__}, "
+                            "which torch.load(weights_only=True) refuses; convert it to a Python "
+                            "number or a tensor first")
+
+
+def plain_log_value(value):
+    """``value`` as a plain Python value for logs and checkpoints: numpy and 0-d tensor numbers
+    become ``float``/``int``/``bool``; str and None are kept.
+
+    >>> import numpy as np
+    >>> plain_log_value(np.float64(0.5)), plain_log_value(torch.tensor(3)), plain_log_value(None)
+    (0.5, 3, None)
+    """
+    if type(value) in _PLAIN_TYPES:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value
+    if hasattr(value, "item") and hasattr(value, "dtype"):  # numpy scalars
+        return value.item()
+    return value
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Reads a checkpoint written by :func:`save_checkpoint` (tensors and plain data only)."""
+    """Reads a checkpoint written by :func:`save_checkpoint` (tensors and plain data only).
+
+    Raises:
+        TrainingError: the file is missing, corrupt, or holds other objects (the message says
+            which and what to do).
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise TrainingError(f"cannot read checkpoint {path}: {error}") from error
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        cause = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        cause = cause.split(" was not an allowed global")[0]
+        raise TrainingError(f"cannot read checkpoint {path} ({type(error).__name__}: {cause}); it must "
+                            "hold only tensors and plain values: replace it, or delete it to redo "
+                            "the phase that wrote it") from error
 
 
 def _rng_state() -> dict:
@@ -174,8 +231,9 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[
             logs = {"step": step, **result.logs}
             if on_log is not None:
                 logs.update(on_log(step, logs))
-            history.append(logs)
+            history.append({key: plain_log_value(value) for key, value in logs.items()})
         if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
             checkpoint(step + 1)
-    checkpoint(total_steps)
+    if start < total_steps:
+        checkpoint(total_steps)
     return history

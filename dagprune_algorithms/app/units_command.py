@@ -68,6 +68,8 @@ def run_units(args: argparse.Namespace) -> int:
     input_size = tuple(args.input_size)
     if any(dim <= 0 for dim in input_size):
         raise UnitsUsageError(f"--input-size must be positive, got {' '.join(map(str, input_size))}")
+    if args.output_path:
+        _check_output_path(Path(args.output_path))
     dag = _load_dag(args.model, input_size)
     mutator = ChannelMutator({"type": args.unit_type, "default_args": {"choice_mode": args.choice_mode}},
                              {"type": "ChannelAnalysis", "input_shape": list(input_size),
@@ -118,6 +120,15 @@ def format_json(value, indent: int = 4, level: int = 0) -> str:
     return json.dumps(value)
 
 
+def _check_output_path(path: Path) -> None:
+    """Raises :class:`UnitsUsageError` when ``-o PATH`` is a directory or lies below a file."""
+    if path.is_dir():
+        raise UnitsUsageError(f"-o {path} is a directory; give a file path such as {path / 'units.json'}")
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise UnitsUsageError(f"-o {path} is below {blocking}, a file; choose a path in a directory")
+
+
 def _load_dag(model: str, input_size: tuple[int, ...]):
     import dagprune
     from dagprune_algorithms.app.models import UnknownModelError, create_timm_model
@@ -127,6 +138,6 @@ def _load_dag(model: str, input_size: tuple[int, ...]):
     try:
         created = create_timm_model(model, input_size)
     except UnknownModelError as error:
-        raise UnitsUsageError(f"{model!r} is neither a saved DAG directory nor a timm model name "
-                              f"({error})") from error
+        hint = f"; closest timm names: {', '.join(error.close_matches)}" if error.close_matches else ""
+        raise UnitsUsageError(f"{model!r} is neither a saved DAG directory nor a timm model name{hint}") from error
     return dagprune.build_from_unstructured_module(created.eval(), name=model)
