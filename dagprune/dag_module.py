@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from dagprune.errors import DagLintError, SerializationError
+from dagprune.errors import DagLintError, DagpruneError, ExecutionError, SerializationError
 from dagprune.ops.base import FunctionalOp
 from dagprune.ops.parameter import ModuleCallOp
 from dagprune.ops.templates import InputRef, fill_template, template_inputs
@@ -205,10 +205,24 @@ class DagModule(nn.Module):
 
     def forward_with_all_values(self, *args, **kwargs) -> dict[Vertex, Any]:
         """Runs the DAG like ``forward`` and returns the value of every vertex (for analysis
-        passes)."""
-        values = self._bind_inputs(args, dict(kwargs))
+        passes).
+
+        Raises:
+            ExecutionError: a vertex failed on the values it received (the message names the
+                vertex, its module path and the shapes it got).
+        """
+        try:
+            values = self._bind_inputs(args, dict(kwargs))
+        except TypeError as error:
+            raise ExecutionError(f"{self.name}: {error}") from error
         for vertex in self.inner_vertices:
-            values[vertex] = vertex.module(*[values[p] for p in vertex.predecessors])
+            inputs = [values[p] for p in vertex.predecessors]
+            try:
+                values[vertex] = vertex.module(*inputs)
+            except DagpruneError:
+                raise
+            except Exception as error:  # noqa: BLE001 - whatever the op raised, named by vertex
+                raise ExecutionError(_failed_vertex_message(self, vertex, inputs, error)) from error
         return values
 
     # ----------------------------------------------------------------------------- checking
@@ -380,3 +394,12 @@ def iter_nested(dag: DagModule) -> Iterable[tuple[str, DagModule]]:
         if isinstance(vertex.module, DagModule):
             for path, inner in iter_nested(vertex.module):
                 yield f"{vertex.name}.{path}".rstrip("."), inner
+
+
+def _failed_vertex_message(dag: "DagModule", vertex: "InnerVertex", inputs: list, error: Exception) -> str:
+    shapes = ", ".join(f"{str(v.dtype).replace('torch.', '')}{list(v.shape)}" if isinstance(v, torch.Tensor)
+                       else type(v).__name__ for v in inputs)
+    where = f"vertex {vertex.name!r}" + (f" ({vertex.qualified_name})" if vertex.qualified_name else "")
+    return (f"{dag.name} cannot run on these inputs: {where} failed on ({shapes}): "
+            f"{type(error).__name__}: {error}. Check the input shape (without the batch axis) or "
+            "the example inputs")

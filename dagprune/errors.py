@@ -11,6 +11,7 @@ __all__ = [
     "SerializationError",
     "UnsupportedOpError",
     "PruningError",
+    "ExecutionError",
 ]
 
 
@@ -37,3 +38,6 @@ class UnsupportedOpError(DagpruneError):
 class PruningError(DagpruneError):
     """Channel pruning cannot proceed with the given model or arguments."""
 
+
+class ExecutionError(DagpruneError):
+    """A DAG failed while running on example inputs (a wrong input shape, dtype or count)."""

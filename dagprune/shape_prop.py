@@ -77,11 +77,24 @@ def example_inputs_for_shape(dag: DagModule, input_shape_without_batch: Sequence
     >>> [(tuple(x.shape), x.dtype) for x in example_inputs_for_shape(dag, (4,), batch_size=2)]
     [((2, 4), torch.float64)]
     """
-    shapes = ([tuple(input_shape_without_batch)] if isinstance(input_shape_without_batch[0], int)
-              else [tuple(shape) for shape in input_shape_without_batch])
+    shapes = _input_shapes(input_shape_without_batch)
     return random_inputs([(batch_size, *shape) for shape in shapes],
                          module_device(dag) if device is None else device,
                          module_dtype(dag) if dtype is None else dtype)
+
+
+def _input_shapes(input_shape_without_batch) -> list[tuple[int, ...]]:
+    """One shape, or one shape per input, as tuples of positive ints."""
+    try:
+        single = isinstance(input_shape_without_batch[0], int)
+        shapes = [tuple(input_shape_without_batch)] if single else [tuple(s) for s in input_shape_without_batch]
+    except (TypeError, IndexError):
+        shapes = []
+    if not shapes or not all(s and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in s)
+                             for s in shapes):
+        raise DagpruneError(f"input_shape_without_batch must be positive ints, e.g. (3, 224, 224), or one "
+                            f"such shape per input; got {input_shape_without_batch!r}")
+    return shapes
 
 
 def propagate_values(dag: DagModule, inputs: Sequence[torch.Tensor] | ExampleInputs) -> dict[Vertex, Any]:

@@ -147,3 +147,12 @@ def test_units_and_iterative_pruning_take_example_inputs():
         "down_(0, 16)_16": 16, "up_(0, 32)_32": 32}  # the residual unit is named by its last producer
     algorithm = ItePruneAlgorithm(model, target_pruning_ratio=0.5, prune_times=1, example_inputs=inputs)
     assert algorithm.mutator.flops_proportion() == pytest.approx(1.0)
+
+
+def test_inputs_that_do_not_fit_the_model_name_the_vertex_and_the_fix():
+    dag = dagprune.build_from_unstructured_module(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)))
+    with pytest.raises(dagprune.errors.ExecutionError,
+                       match=r"vertex '_0' \(0\) failed on \(float32\[1, 5, 8, 8\]\).*input shape"):
+        ChannelPruning(dag, (5, 8, 8), pruning_proportion=0.5, num_training_steps=1).prepare_for_pruning()
+    with pytest.raises(DagpruneError, match="must be positive ints"):
+        dagprune.count_flops(dag, (3, -1, 8))
