@@ -14,6 +14,7 @@ from typing import Callable
 from torch import nn
 
 from dagprune.ops.functions import register_function
+from dagprune.ops.multihead_attention import PrunedMultiheadAttention
 from dagprune.ops.padding import SamePad2d
 from dagprune.ops.standardized_conv import StandardizedConv2d
 from dagprune.ops.stochastic_depth import StochasticDepth
@@ -142,3 +143,4 @@ def autowrap_functions() -> tuple[Callable, ...]:
 register_leaf_module(SamePad2d)
 register_leaf_module(StandardizedConv2d)
 register_leaf_module(StochasticDepth)
+register_leaf_module(PrunedMultiheadAttention)

@@ -12,6 +12,7 @@ from dagprune.ops.elementwise import DropoutOp, ElementwiseOp, PointwiseOp
 from dagprune.ops.functions import function_name, register_function, resolve_function
 from dagprune.ops.layers import FunctionalLayerOp, InterpolateOp, NormOp, PadOp, PoolOp
 from dagprune.ops.linear_algebra import AttentionOp, EinsumOp, MatmulOp
+from dagprune.ops.multihead_attention import PrunedMultiheadAttention
 from dagprune.ops.padding import SamePad2d
 from dagprune.ops.parameter import ModuleCallOp, ParameterOp
 from dagprune.ops.reduction import ReductionOp, SoftmaxOp
@@ -20,15 +21,16 @@ from dagprune.ops.stochastic_depth import StochasticDepth
 from dagprune.ops.shape import (ConcatOp, ExpandOp, GetItemOp, PermuteOp, ReshapeOp, ShapeQueryOp,
                                 SplitOp)
 from dagprune.ops.templates import InputRef
-from dagprune.ops.spec import ChannelWeight, OpRegistry, OpSpec, opaque_coupling
+from dagprune.ops.spec import INNER_AXIS, ChannelWeight, OpRegistry, OpSpec, opaque_coupling
 from dagprune.ops.registry import OPS, op_flops, register_op, spec_for
 
 __all__ = [
-    "OPS", "OpSpec", "OpRegistry", "ChannelWeight", "opaque_coupling", "register_op", "spec_for",
+    "OPS", "OpSpec", "OpRegistry", "ChannelWeight", "opaque_coupling", "INNER_AXIS", "register_op", "spec_for",
     "op_flops", "OP_TYPES", "FunctionalOp", "op_class_for_function", "register_op_type", "register_function",
     "function_name", "resolve_function", "InputRef",
     "ElementwiseOp", "PointwiseOp", "DropoutOp", "ReshapeOp", "ExpandOp", "PermuteOp", "ConcatOp",
     "SplitOp", "GetItemOp", "ShapeQueryOp", "ReductionOp", "SoftmaxOp", "MatmulOp", "EinsumOp",
     "AttentionOp", "FunctionalLayerOp", "NormOp", "PoolOp", "InterpolateOp", "PadOp",
     "ParameterOp", "ModuleCallOp", "SamePad2d", "StandardizedConv2d", "StochasticDepth",
+    "PrunedMultiheadAttention",
 ]

@@ -10,7 +10,10 @@ names such as ``"torch.nn.functional.rms_norm"``) and holds one callable per *fa
     channels to the channel (atom) ids at each position; the facet returns the output's layout
     and records on ``ctx`` (a :class:`ChannelContext`) which channels are the same
     (``unify``), kept or removed together (``tie``), never removable (``barrier``), created
-    here (``produce``) or mixed into other channels here (``consume``). ``opaque_coupling``
+    here (``produce``) or mixed into other channels here (``consume``; of kind ``"inner"``
+    for channels the op creates and reads back itself, a recurrent layer's hidden units or
+    attention head dims: the site's positions follow the op's own convention and its masking
+    facet applies the whole mask). ``opaque_coupling``
     declares an op whose channel behaviour is unknown: every channel reaching it is a barrier.
 ``removal(module, input_masks, output_mask, shapes) -> module``
     The op with channels removed: ``input_masks[i]`` / ``output_mask`` map axis -> boolean
@@ -44,7 +47,7 @@ from dagprune.ops.functions import declare_function_names
 from dagprune.ops.parameter import ModuleCallOp
 
 __all__ = ["OpSpec", "OpRegistry", "ChannelWeight", "ChannelContext", "opaque_coupling",
-           "FACETS", "REQUIRED_FACETS"]
+           "FACETS", "REQUIRED_FACETS", "INNER_AXIS"]
 
 FlopsFacet = Callable[[nn.Module, list, Any], int]
 CouplingFacet = Callable[..., Any]
@@ -55,6 +58,9 @@ FACETS = ("flops", "coupling", "removal", "masking", "importance")
 REQUIRED_FACETS = ("flops", "coupling")
 """Facets every spec declares; ``removal`` is required unless the coupling is opaque (channels
 never cross the op, so none are ever removed at it)."""
+INNER_AXIS = -1
+"""The producer axis (``ChannelContext.mark_producer``) of channels an op creates and reads
+back inside itself, which lie on no axis of its output (attention head dims)."""
 
 
 class ChannelContext(Protocol):
@@ -126,6 +132,14 @@ class OpSpec:
             unless the inner op's FLOPs are measured, in which case the whole call is.
         example: ``() -> (module, example_inputs)``, a tiny model using the op; the spec test
             converts it, counts its FLOPs, finds its channel groups and removes channels.
+        inner_masks: the removal facet also receives ``inner_mask=``, the kept positions of
+            the op's consumer site of kind ``"inner"`` (channels the op creates and reads back
+            inside itself, such as attention head dims, which no tensor shows), or None.
+        accepts_calls: every facet also takes a :class:`~dagprune.ops.ModuleCallOp` calling the
+            layer (a layer called with constant arguments, ``lstm(x, None)``) as its
+            ``module``, reading the layer's arguments with
+            :func:`dagprune.ops.specs.calls.layer_call`: such calls then have this spec.
+            Without it they are barriers.
 
     >>> spec = OpSpec("relu", (nn.ReLU,), flops=lambda m, i, o: 0, coupling=opaque_coupling)
     >>> spec.missing_facets()
@@ -143,6 +157,8 @@ class OpSpec:
     full_masks: bool = False
     wraps: Callable[[nn.Module, list], tuple[nn.Module, list]] | None = None
     example: Callable[[], tuple[nn.Module, tuple]] | None = None
+    inner_masks: bool = False
+    accepts_calls: bool = False
 
     @property
     def is_opaque(self) -> bool:
@@ -197,10 +213,18 @@ class OpRegistry:
         return spec
 
     def lookup(self, module: nn.Module) -> OpSpec | None:
-        """The spec of ``module``: by its function name, then by its type (most derived first)."""
+        """The spec of ``module``: by its function name, then by its type (most derived first).
+
+        A layer called with constant arguments (a :class:`ModuleCallOp`) has the layer's spec
+        when that spec ``accepts_calls``, else the spec of such calls.
+        """
         name = getattr(module, "function_name", None)
         if isinstance(name, str) and name in self._by_target:
             return self._by_target[name]
+        if isinstance(module, ModuleCallOp):
+            layer_spec = self.lookup(module.module)
+            if layer_spec is not None and layer_spec.accepts_calls:
+                return layer_spec
         return self.lookup_type(type(module))
 
     def lookup_type(self, cls: type) -> OpSpec | None:

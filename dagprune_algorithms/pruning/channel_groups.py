@@ -60,7 +60,10 @@ class ConsumerSite:
 
     In the gated model the input is multiplied by the channel mask here. ``kind`` is
     ``"mask"`` for a plain multiply, ``"norm"`` for a normalisation whose statistics must
-    skip removed channels.
+    skip removed channels, ``"inner"`` for an op that also reads back channels it creates
+    itself (a recurrent layer's hidden units, attention head dims): the site's positions are
+    then the op's own convention (its input features followed by those channels) and its
+    masking facet applies the whole mask.
     """
 
     vertex: InnerVertex
@@ -271,6 +274,15 @@ class ChannelAnalysis:
             total += term.base_flops * fraction
         return total
 
+    def producer_classes(self, vertex: InnerVertex, axis: int) -> np.ndarray | None:
+        """The classes along a producer's output ``axis``; for an op returning a tuple (a
+        recurrent layer's ``(output, h_n)``), along that axis of its first item. None where the
+        channels appear in no output (attention head dims)."""
+        layout = self.layouts.get(vertex)
+        while isinstance(layout, (tuple, list)) and layout:
+            layout = layout[0]
+        return layout.get(axis) if isinstance(layout, dict) else None
+
     def class_position(self) -> dict[int, tuple[int, int]]:
         """Maps each class of a prunable group to ``(group index, channel index in group)``."""
         found = {}
@@ -364,7 +376,7 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence | No
     barrier_classes[atom_class[context._barrier]] = True
     reasons = {int(atom_class[atom]): reason for atom, reason in context.barrier_reasons.items()}
 
-    signature = _class_signatures(layouts, atom_class)
+    signature = _class_signatures(layouts, context._producer_axes, atom_class)
     members: dict[int, tuple[dict, list]] = {}  # signature -> (ordered classes, producers)
     for vertex, axis, atoms in context._producer_axes:
         for cls in atom_class[atoms]:
@@ -398,19 +410,22 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence | No
                            context.consumer_sites, context.flops_terms, total, shapes, inputs)
 
 
-def _class_signatures(layouts: dict, atom_class: np.ndarray) -> np.ndarray:
-    """A hash per class of the set of tensor axes it appears in.
+def _class_signatures(layouts: dict, producer_axes: list, atom_class: np.ndarray) -> np.ndarray:
+    """A hash per class of the set of tensor axes it appears in and of the producer axes that
+    create it.
 
     Classes with the same signature appear in exactly the same tensors, so they form one
     group; a group keeping at least one channel then leaves no tensor axis empty (the halves
-    of a split channel axis, for instance, become separate groups).
+    of a split channel axis, for instance, become separate groups). Channels an op creates and
+    reads back inside itself (attention head dims) appear in no tensor: their producer axes
+    keep the groups of different ops apart.
     """
     signature = np.zeros(len(atom_class), dtype=np.uint64)
     keys = np.random.default_rng(0x5EED)
-    for layout in layouts.values():
-        for atoms in iter_layout_atoms(layout):
-            present = np.unique(atom_class[atoms])
-            signature[present] += keys.integers(1, 2 ** 63, dtype=np.uint64)
+    every_atoms = [atoms for layout in layouts.values() for atoms in iter_layout_atoms(layout)]
+    for atoms in every_atoms + [atoms for _, _, atoms in producer_axes]:
+        present = np.unique(atom_class[atoms])
+        signature[present] += keys.integers(1, 2 ** 63, dtype=np.uint64)
     return signature
 
 

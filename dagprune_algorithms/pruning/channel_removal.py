@@ -72,13 +72,22 @@ def remove_channels_from_dag(analysis: ChannelAnalysis, keep_class: np.ndarray) 
     return slim
 
 
+def _inner_mask(analysis: ChannelAnalysis, vertex: InnerVertex, keep_class: np.ndarray) -> np.ndarray | None:
+    """Kept positions of the vertex's ``"inner"`` consumer site (channels the op creates and
+    reads back itself), or None when it has none."""
+    site = next((s for s in analysis.consumer_sites if s.vertex is vertex and s.kind == "inner"), None)
+    return None if site is None else keep_class[site.atoms]
+
+
 def _slim_module(analysis: ChannelAnalysis, vertex: InnerVertex, keep_class: np.ndarray) -> nn.Module:
     """The vertex's module with the removed channels cut out, by its spec's removal facet."""
     spec = spec_for(vertex.module)
     input_masks = [position_masks(analysis.layouts[p], keep_class, spec.full_masks)
                    for p in vertex.predecessors]
     output_mask = position_masks(analysis.layouts[vertex], keep_class)
-    if _is_empty(output_mask) and all(_is_empty(m) for m in input_masks):
+    inner_mask = _inner_mask(analysis, vertex, keep_class) if spec.inner_masks else None
+    if _is_empty(output_mask) and all(_is_empty(m) for m in input_masks) and (
+            inner_mask is None or inner_mask.all()):
         return copy.deepcopy(vertex.module)
     if spec.removal is None:
         where = vertex.qualified_name or vertex.name
@@ -87,4 +96,6 @@ def _slim_module(analysis: ChannelAnalysis, vertex: InnerVertex, keep_class: np.
             f"{spec.name!r} has no removal facet; give it one with "
             "dagprune.ops.register_op(OpSpec(..., removal=...), replace=True)")
     shapes = [analysis.values_shapes[p] for p in vertex.predecessors] + [analysis.values_shapes[vertex]]
+    if spec.inner_masks:
+        return spec.removal(vertex.module, input_masks, output_mask, shapes, inner_mask=inner_mask)
     return spec.removal(vertex.module, input_masks, output_mask, shapes)

@@ -80,8 +80,7 @@ def _accumulate(group: ChannelGroup, analysis: ChannelAnalysis, per_position) ->
     totals, counts = np.zeros(group.size), np.zeros(group.size)
     for vertex, axis in group.producers:
         values = per_position(vertex, axis)
-        layout = analysis.layouts[vertex]
-        classes = layout.get(axis) if isinstance(layout, dict) else None
+        classes = analysis.producer_classes(vertex, axis)
         if values is None or classes is None or len(classes) != len(values):
             continue
         found = np.clip(np.searchsorted(sorted_classes, classes), 0, group.size - 1)

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from dagprune import DagModule, build_from_unstructured_module
+from dagprune.ops import INNER_AXIS
 
 from dagprune_algorithms.pruning.channel_groups import (HEAD_PRUNING_MODES, ChannelAnalysis, ChannelGroup,
                                                         ConsumerSite, find_channel_groups, iter_layout_atoms)
@@ -79,8 +80,7 @@ def _unit_channels(analysis: ChannelAnalysis, group: ChannelGroup) -> tuple[list
     channel_of_class[group.classes] = np.arange(group.size)
     outputs = []
     for vertex, axis in group.producers:
-        layout = analysis.layouts.get(vertex)
-        classes = layout.get(axis) if isinstance(layout, dict) else None
+        classes = analysis.producer_classes(vertex, axis)
         if classes is None:
             continue
         outputs.append({"name": vertex.qualified_name or vertex.name, "vertex": vertex.name,
@@ -124,6 +124,9 @@ def _analysis_from_units(dag: DagModule, input_shape: tuple, head_pruning: str,
             classes = layout.setdefault(axis, np.full(entry["size"], no_unit, dtype=np.int64))
             classes[channels >= 0] = offset + channels[channels >= 0]
             producers.append((producer, axis))
+        if not producers:  # channels shown by no output (head dims): made where read back
+            producers = [(vertex(entry, unit), INNER_AXIS) for entry in unit.input_related
+                         if entry["kind"] == "inner"]
         if not producers:
             raise ChannelUnitError(f"unit {unit.name!r} lists no output_related channels")
         for entry in unit.input_related:

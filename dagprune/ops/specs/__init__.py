@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dagprune.ops.spec import OpSpec
-from dagprune.ops.specs import (channelwise, convolution, elementwise, embedding, indexing, leaves,
-                                linear, normalization, products, reduction, reshape, rms_norm)
+from dagprune.ops.specs import (attention, calls, channelwise, convolution, elementwise,
+                                embedding, indexing, leaves, linear, normalization, products,
+                                recurrent, reduction, reshape, rms_norm)
 
 __all__ = ["builtin_specs"]
 
 _FAMILIES = (convolution, linear, embedding, normalization, rms_norm, channelwise, elementwise,
-             reduction, products, reshape, indexing, leaves)
+             reduction, products, reshape, indexing, recurrent, attention, calls, leaves)
 
 
 def builtin_specs() -> tuple[OpSpec, ...]:

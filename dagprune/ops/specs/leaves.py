@@ -2,27 +2,26 @@
 
 A leaf module with no spec of its own (a block torch.fx cannot trace, a module passed as
 ``leaf_modules``) is a black box: its FLOPs are measured by running it, and it is a barrier for
-channels. A function with no spec of its own counts zero FLOPs and is a barrier too.
+channels. A function with no spec of its own counts zero FLOPs and is a barrier too. Layers
+called with constant arguments are in :mod:`dagprune.ops.specs.calls`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
 
 from dagprune.ops.base import FunctionalOp
 from dagprune.ops.flop_counting import measured_if_black_box, no_flops
-from dagprune.ops.parameter import ModuleCallOp, ParameterOp
+from dagprune.ops.parameter import ParameterOp
 from dagprune.ops.slicing import slice_tensor
 from dagprune.ops.spec import OpSpec, opaque_coupling
-from dagprune.ops.templates import fill_template
 
 __all__ = ["SPECS"]
 
 
 BLACK_BOX_LAYERS = (
-    nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
+    nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
     nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Bilinear, nn.LocalResponseNorm,
     nn.CrossMapLRN2d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d, nn.MaxUnpool1d,
     nn.MaxUnpool2d, nn.MaxUnpool3d, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.GLU,
@@ -45,23 +44,6 @@ def remove_from_parameter(module, input_masks, output_mask, shapes):
     return ParameterOp(value, trainable=module.trainable)
 
 
-def called_module(call: ModuleCallOp, inputs: list) -> tuple[nn.Module, list]:
-    """The module a :class:`ModuleCallOp` calls, and its positional arguments."""
-    return call.module, list(fill_template(call.args, inputs))
-
-
-def recurrent_flops(module: nn.RNNBase, inputs, output) -> int:
-    """Every weight matrix (input, hidden, projection; all layers and directions) at every step.
-
-    Counted by formula: on CPU torch runs LSTMs with a oneDNN kernel FlopCounterMode cannot see.
-    """
-    sequence = inputs[0].data if isinstance(inputs[0], PackedSequence) else inputs[0]
-    steps = sequence.numel() // module.input_size  # batch x time
-    matrices = sum(weight.numel() for name, weight in module.named_parameters()
-                   if name.startswith("weight_"))
-    return 2 * steps * matrices
-
-
 class _ClassToken(nn.Module):
     def __init__(self):
         super().__init__()
@@ -75,10 +57,7 @@ class _ClassToken(nn.Module):
 SPECS = (
     OpSpec("parameter", (ParameterOp,), flops=no_flops, coupling=parameter_coupling,
            removal=remove_from_parameter, example=lambda: (_ClassToken(), (torch.randn(2, 3, 4),))),
-    OpSpec("module_call", (ModuleCallOp,), flops=measured_if_black_box, coupling=opaque_coupling,
-           wraps=called_module),
-    OpSpec("recurrent", (nn.RNNBase, nn.RNNCellBase), flops=recurrent_flops, coupling=opaque_coupling),
-    # torch.nn layers kept whole: attention and transformer blocks, layers whose channel maps
+    # torch.nn layers kept whole: transformer blocks, layers whose channel maps
     # are not described yet (pixel shuffles, unpooling, bilinear forms, local response norms)
     OpSpec("black_box_layer", BLACK_BOX_LAYERS, flops=measured_if_black_box, coupling=opaque_coupling),
     OpSpec("function", (FunctionalOp,), flops=no_flops, coupling=opaque_coupling),
