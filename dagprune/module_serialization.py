@@ -9,8 +9,10 @@ A module without such a description (timm's untraceable blocks, ``nn.LSTM``,
 its submodules (each described the same way, recursively) and the names, shapes and dtypes of
 its parameters and buffers. Loading creates it without running its constructor
 (``cls.__new__(cls)`` plus ``nn.Module.__init__``) and sets those back; the tensor values come
-from the tensor file. Only allowed types are ever instantiated: ``torch.nn`` layers, classes of
-``timm`` and ``dagprune``, and types registered with :func:`dagprune.register_leaf_module` or
+from the tensor file. Only allowed types are ever instantiated: ``torch.nn`` classes that an op
+spec declares (every ``torch.nn`` layer has one; the containers too; not the losses),
+dagprune's own classes, classes of ``timm`` (allowed as a package by its integration: its
+blocks hold timm layers), and types registered with :func:`dagprune.register_leaf_module` or
 :func:`register_module_serializer`.
 
 Either description is checked when it is made: the module rebuilt from it must have the same
@@ -33,6 +35,7 @@ from torch import nn
 from dagprune.errors import ConversionError, SerializationError
 from dagprune.leaf_modules import LEAF_MODULE_TYPES
 from dagprune.ops.functions import function_name, resolve_function
+from dagprune.ops.registry import OPS
 from dagprune.ops.templates import decode_template, encode_template
 
 __all__ = ["register_module_serializer", "describe_module", "build_module", "module_type_name",
@@ -166,7 +169,7 @@ def _resolve_type(type_name: str):
         return _SERIALIZERS[type_name]
     if type_name.startswith("torch.nn."):
         cls = getattr(nn, type_name[len("torch.nn."):], None)
-        if isinstance(cls, type) and issubclass(cls, nn.Module):
+        if isinstance(cls, type) and issubclass(cls, nn.Module) and _declared_by_a_spec(cls):
             return cls, _generic_config, lambda config: cls(**config)
     return None
 
@@ -289,10 +292,22 @@ def _shapes(module: nn.Module) -> dict:
 # --------------------------------------------------------------------------------- allowed types
 def _allowed_module_class(type_name: str) -> type | None:
     """The module class stored as ``type_name``, if loading may instantiate it; else None."""
-    cls = _registered_class(type_name) or _class_by_path(type_name)
-    if isinstance(cls, type) and issubclass(cls, nn.Module) and module_type_name(cls) == type_name:
-        return cls
-    return None
+    registered = _registered_class(type_name)
+    cls = registered or _class_by_path(type_name)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and module_type_name(cls) == type_name):
+        return None
+    if registered is None and type_name.startswith(_DECLARED_PACKAGES) and not _declared_by_a_spec(cls):
+        return None
+    return cls
+
+
+_DECLARED_PACKAGES = ("torch.nn.",)  # dagprune's and timm's classes are allowed as packages
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
+def _declared_by_a_spec(cls: type) -> bool:
+    """Whether an op spec describes the ``torch.nn`` class ``cls`` (or it is a container)."""
+    return cls in _CONTAINERS or OPS.lookup_type(cls).name not in ("leaf_module", "function")
 
 
 def _registered_class(type_name: str) -> type | None:

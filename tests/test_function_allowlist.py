@@ -82,3 +82,21 @@ def test_a_spec_naming_a_module_class_declares_no_function():
                                  coupling=opaque_coupling))
     with pytest.raises(SerializationError):
         resolve_function("torch.nn.Tanh")
+
+
+def test_a_torch_nn_class_no_spec_declares_is_refused_when_loading(tmp_path):
+    import json
+
+    import dagprune
+    from dagprune.errors import SerializationError as LoadError
+
+    dag = dagprune.build_from_unstructured_module(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()))
+    dag.save(tmp_path / "dag")
+    graph_file = tmp_path / "dag" / "graph.json"
+    document = json.loads(graph_file.read_text())
+    module = document["graph"]["vertices"][1]["module"]
+    assert module["type"] == "torch.nn.ReLU"
+    module["type"], module["config"] = "torch.nn.CrossEntropyLoss", {"dict": {}}  # exists, no spec
+    graph_file.write_text(json.dumps(document))
+    with pytest.raises(LoadError, match="CrossEntropyLoss"):
+        dagprune.load_dag(tmp_path / "dag")
