@@ -27,9 +27,11 @@ def test_quick_start_has_exactly_two_commands_and_ci_runs_the_test_command():
     assert "INSTALL='pip install -e \".[dev]\"'" in ci and "TEST='python -m pytest -q'" in ci
 
 
-def test_python_example_runs(tmp_path, monkeypatch):
+def test_python_examples_run(tmp_path, monkeypatch):
     pytest.importorskip("timm")
-    (example,) = _code_blocks("python")
-    monkeypatch.chdir(tmp_path)  # the example saves to out/
-    exec(compile(example, "README.md", "exec"), {})
+    examples = _code_blocks("python")
+    assert len(examples) == 2, "the workflow example and the token-input example"
+    monkeypatch.chdir(tmp_path)  # the first example saves to out/
+    for example in examples:
+        exec(compile(example, "README.md", "exec"), {})
     assert (tmp_path / "out" / "resnet18" / "graph.json").is_file()
