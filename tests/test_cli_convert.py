@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 import dagprune
 from dagprune_algorithms.app.cli import main
@@ -97,3 +99,11 @@ def test_console_script_points_at_main():
     target = dict(line.replace(" ", "").split("=") for line in scripts)["dagprune"]
     module_name, function_name = target.split(":")
     assert getattr(importlib.import_module(module_name), function_name) is main
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_convert_a_saved_dag_of_another_dtype(tmp_path, dtype, capsys):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).to(dtype)
+    dagprune.build_from_unstructured_module(model).save(tmp_path / "dag")
+    assert main(["convert", str(tmp_path / "dag"), "--input-size", "3", "16", "16"]) == 0
+    assert "save/load round trip: bit-exact" in capsys.readouterr().out

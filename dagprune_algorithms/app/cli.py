@@ -25,6 +25,7 @@ from torch import nn
 import dagprune
 from dagprune.compare import describe_non_finite, non_finite_tensors
 from dagprune.errors import DagpruneError
+from dagprune.shape_prop import module_device, module_dtype, random_inputs
 
 __all__ = ["main", "UsageError"]
 
@@ -170,7 +171,7 @@ def _load_model(model: str, input_size: tuple[int, ...]) -> tuple[nn.Module, str
 def _check_model_runs(model: nn.Module, name: str, input_size: tuple[int, ...]) -> None:
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *input_size))
+            model(torch.zeros(1, *input_size, dtype=module_dtype(model), device=module_device(model)))
     except (RuntimeError, AssertionError, ValueError, IndexError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise UsageError(f"{name} cannot run on an input of shape "
@@ -189,8 +190,7 @@ def _kmapp_text(dag: dagprune.DagModule, input_size: tuple[int, ...]) -> str:
 def _check_round_trip(dag: dagprune.DagModule, input_size: tuple[int, ...],
                       save_to: str | None) -> tuple[bool, str]:
     """Saves ``dag`` (to ``save_to`` or a temporary directory), loads it back, compares."""
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn(2, *input_size, generator=generator)
+    (example,) = random_inputs([(2, *input_size)], module_device(dag), module_dtype(dag))
     with torch.no_grad():
         expected = dag(example)
     with tempfile.TemporaryDirectory(prefix="dagprune-convert-") as scratch:
