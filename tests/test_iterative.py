@@ -392,7 +392,7 @@ def test_schedule_defaults_fit_the_prunes_in_the_steps():
 
 def l1_arguments(**overrides) -> argparse.Namespace:
     values = dict(target=0.5, steps=12, batch_size=8, lr=1e-3, seed=0, checkpoint_every=4,
-                  block_size=1, prune_times=3)
+                  block_size=1, prune_times=3, amp="none")
     values.update(overrides)
     return argparse.Namespace(**values)
 

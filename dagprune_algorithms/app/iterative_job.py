@@ -236,7 +236,7 @@ def run_iterative_l1(dag: DagModule, input_shape: Sequence[int], args, train, va
     train_steps(algorithm, optimizer, train, args.batch_size, args.seed + 1, args.steps,
                 step_fn=pruning_step, checkpoint_path=Path(out) / "l1_pruning.ckpt",
                 checkpoint_every=args.checkpoint_every, device=device, progress=progress,
-                history=history, on_log=validate)
+                history=history, on_log=validate, amp=args.amp)
     algorithm.eval()
     masked = algorithm.architecture
     accuracy = evaluate_accuracy(masked, *val, device=device)

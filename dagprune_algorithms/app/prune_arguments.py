@@ -97,6 +97,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help=f"0..{MAX_SEED}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                        help="mixed precision for every training phase: torch.autocast with bfloat16, "
+                             "or float16 with a gradient scaler (default: none, float32)")
     parser.add_argument("--out", default="out/prune",
                         help="output directory. Rerunning the same command with the same --out "
                              "resumes an interrupted run from its checkpoints (a finished run is "

@@ -163,7 +163,8 @@ def _train_with_adam(job: _PruneJob, model, lr: float, seed: int, steps: int, ch
     """Trains ``model`` on cross-entropy for ``steps`` steps, resuming from ``out/checkpoint``."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     train_steps(model, optimizer, job.train, job.args.batch_size, seed, steps, checkpoint_path=job.out / checkpoint,
-                checkpoint_every=job.args.checkpoint_every, device=job.device, progress=_progress(job.args, phase))
+                checkpoint_every=job.args.checkpoint_every, device=job.device, progress=_progress(job.args, phase),
+                amp=job.args.amp)
 
 
 def _prepare_baseline(job: _PruneJob, model, num_classes: int) -> float:
@@ -221,7 +222,7 @@ def _prune_with_gates(job: _PruneJob, dag, input_shape) -> _Pruned:
     train_steps(gated, optimizer, job.train, args.batch_size, args.seed + 1, args.steps,
                 step_fn=pruning_step, checkpoint_path=job.out / "pruning.ckpt",
                 checkpoint_every=args.checkpoint_every, device=device,
-                progress=_progress(args, "pruning"), history=history, on_log=validate)
+                progress=_progress(args, "pruning"), history=history, on_log=validate, amp=args.amp)
     gated.eval()
     pruned = pruning.remove_channels().to(device)
     removal_difference = dagprune.compare_module_outputs(gated, pruned, (4, *input_shape),

@@ -169,13 +169,17 @@ class StepResult:
     logs: dict
 
 
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``--amp``: the autocast dtype of the forward pass and losses (fp16 also scales the loss)."""
+
+
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[torch.Tensor, torch.Tensor],
                 batch_size: int, seed: int, total_steps: int,
                 step_fn: Callable[[int, torch.Tensor, torch.Tensor], StepResult] | None = None,
                 checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 0,
                 device: str | torch.device = "cpu", progress: Callable | None = None,
                 log_every: int = 10, history: list | None = None,
-                on_log: Callable[[int, dict], dict] | None = None) -> list:
+                on_log: Callable[[int, dict], dict] | None = None, amp: str = "none") -> list:
     """Trains for ``total_steps`` steps, resuming from ``checkpoint_path`` if it exists.
 
     Args:
@@ -186,6 +190,8 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[
         progress: a tqdm-like callable wrapping the step iterator.
         history: list to append logs to every ``log_every`` steps (also checkpointed).
         on_log: ``(step, logs) -> extra logs`` called when logging (e.g. validation accuracy).
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` (see :data:`AMP_DTYPES`); fp16 uses a
+            ``torch.amp.GradScaler``, whose state is checkpointed with the rest.
 
     Returns:
         The history list.
@@ -194,14 +200,9 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[
         TrainingError: the loss is not finite; the last good checkpoint is kept.
     """
     history = [] if history is None else history
-    start = 0
-    if checkpoint_path is not None and Path(checkpoint_path).exists():
-        state = load_checkpoint(checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
-        start = int(state["step"])
-        history[:] = state.get("history", [])
+    device_type = torch.device(device).type
+    scaler = torch.amp.GradScaler(device_type, enabled=amp == "fp16")
+    start = _resume(checkpoint_path, model, optimizer, scaler, history)
     if step_fn is None:
         def step_fn(step, x, y):
             loss = F.cross_entropy(model(x), y)
@@ -210,23 +211,21 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[
     def checkpoint(step: int) -> None:
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "rng": _rng_state(), "step": step, "history": history})
+                                              "scaler": scaler.state_dict(), "rng": _rng_state(),
+                                              "step": step, "history": history})
 
     model.train()
-    inputs, labels = data
-    iterator = batches(inputs, labels, batch_size, seed, start, total_steps)
+    iterator = batches(*data, batch_size, seed, start, total_steps)
     if progress is not None:
         iterator = progress(iterator, total=total_steps, initial=start)
     for step, x, y in iterator:
-        result = step_fn(step, x.to(device), y.to(device))
-        if not torch.isfinite(result.loss):
-            raise TrainingError(
-                f"the loss became {result.loss.item()} at step {step} ({result.logs}); stopping. "
-                + (f"The last good checkpoint is {checkpoint_path}. " if checkpoint_path else "")
-                + "Lower the learning rate or the pruning loss weights.")
+        with torch.autocast(device_type, dtype=AMP_DTYPES[amp], enabled=amp != "none"):
+            result = step_fn(step, x.to(device), y.to(device))
+        _check_loss(result, step, checkpoint_path)
         optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        optimizer.step()
+        scaler.scale(result.loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if step % log_every == 0 or step == total_steps - 1:
             logs = {"step": step, **result.logs}
             if on_log is not None:
@@ -237,3 +236,25 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[
     if start < total_steps:
         checkpoint(total_steps)
     return history
+
+
+def _resume(checkpoint_path, model, optimizer, scaler, history: list) -> int:
+    """Restores the state of ``checkpoint_path`` if it exists; returns the step to start at."""
+    if checkpoint_path is None or not Path(checkpoint_path).exists():
+        return 0
+    state = load_checkpoint(checkpoint_path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    history[:] = state.get("history", [])
+    return int(state["step"])
+
+
+def _check_loss(result: StepResult, step: int, checkpoint_path) -> None:
+    if not torch.isfinite(result.loss):
+        raise TrainingError(
+            f"the loss became {result.loss.item()} at step {step} ({result.logs}); stopping. "
+            + (f"The last good checkpoint is {checkpoint_path}. " if checkpoint_path else "")
+            + "Lower the learning rate or the pruning loss weights.")
