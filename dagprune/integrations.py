@@ -1,12 +1,12 @@
 """dagprune's support for optional libraries, loaded only when a model needs it.
 
-dagprune works without timm, and ``import dagprune`` never imports it. The timm support,
-:mod:`dagprune.timm_layers`, imports timm and registers its layers in
-:mod:`dagprune.leaf_modules`. It is loaded
+dagprune works without timm and torchvision, and ``import dagprune`` imports neither. Their
+support, :mod:`dagprune.timm_layers` and :mod:`dagprune.torchvision_layers`, imports the library
+and registers its layers in :mod:`dagprune.leaf_modules`. It is loaded
 
-* before a model is converted, if the process has imported timm (only then can the model hold
-  timm layers): :func:`load_support_for_imported_libraries`;
-* before a saved DAG is loaded, if its graph names timm types or functions:
+* before a model is converted, if the process has imported the library (only then can the model
+  hold its layers): :func:`load_support_for_imported_libraries`;
+* before a saved DAG is loaded, if its graph names the library's types or functions:
   :func:`load_support_for_graph`.
 
 Tracing and loading depend on this module, and it depends on the support modules, which depend
@@ -28,8 +28,13 @@ def _load_timm_support() -> None:
     import dagprune.timm_layers  # noqa: F401  (registers timm's rewrites, leaves and functions)
 
 
+def _load_torchvision_support() -> None:
+    import dagprune.torchvision_layers  # noqa: F401  (registers torchvision's rewrites and leaves)
+
+
 # optional library (top-level package name) -> the function registering dagprune's support for it
-_SUPPORT_LOADERS: dict[str, Callable[[], None]] = {"timm": _load_timm_support}
+_SUPPORT_LOADERS: dict[str, Callable[[], None]] = {"timm": _load_timm_support,
+                                                   "torchvision": _load_torchvision_support}
 
 
 def load_support_for_imported_libraries() -> list[str]:

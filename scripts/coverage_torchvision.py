@@ -1,0 +1,317 @@
+"""Sweep torchvision's classification models: conversion, save/load, channel groups, exact removal.
+
+For every name in ``torchvision.models.list_models(module=torchvision.models)`` (``weights=None``,
+eval mode) this records, one JSON line per model:
+
+* ``converts_exactly``: :func:`dagprune.compare_module_outputs` <= 1e-5 (relative);
+* ``roundtrip_exact``: the DAG, saved with ``dag.save``, loads with :func:`dagprune.load_dag` in a
+  fresh process that imports only torch and dagprune (not torchvision, and registers nothing: a
+  saved DAG must load without its user's registrations) and computes bit-equal outputs and
+  state; ``load_imports_torchvision``: whether the loader had to import torchvision's support on
+  demand (a graph that names torchvision layers or functions);
+* ``prunable``: :func:`find_channel_groups` finds a prunable group; ``prunable_proportion`` from
+  ``ChannelPruning(dag, input_size, 0.5, 10).prepare_for_pruning()``;
+* ``removal_exact``: under random gate logits, the slim model from ``remove_channels()``
+  computes what the gated eval model computes (<= 1e-4 relative).
+
+Each model runs in its own subprocess under a wall-clock timeout; the child writes its record
+after each stage, so a model that times out still reports the stages it finished. Models run at
+their smallest input size (``min_size`` of their weights' metadata, at least 64 px; ViT, Swin and
+MaxViT need 224), inception_v3 at 299 without auxiliary logits. Models with more than
+``--max-params`` parameters (counted on the meta device, or read from the weights' metadata) are
+skipped with the reason.
+
+Usage::
+
+    nice -n 15 python scripts/coverage_torchvision.py                 # all, writes the table
+    python scripts/coverage_torchvision.py --models resnet18 'efficientnet_*'
+    python scripts/coverage_torchvision.py --table-only              # table from the JSONL
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS = REPO_ROOT / "build" / "coverage_torchvision" / "results.jsonl"
+DEFAULT_TABLE = REPO_ROOT / "resources" / "supported_torchvision.md"
+CONVERSION_TOLERANCE = 1e-5
+REMOVAL_TOLERANCE = 1e-4
+MIN_SIDE = 64
+# models whose builder needs arguments to run as a plain classifier in eval mode
+BUILD_ARGUMENTS = {"inception_v3": {"aux_logits": False, "init_weights": True},
+                   "googlenet": {"aux_logits": False, "init_weights": True}}
+FIXED_SIDES = {"inception_v3": 299}
+
+# run in a fresh interpreter: loads the saved DAG with torchvision absent, compares with the
+# expected outputs and state saved by the converting process
+_LOAD_CHECK = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import dagprune
+folder = sys.argv[2]
+dag = dagprune.load_dag(folder + "/dag").eval()
+expected = torch.load(folder + "/expected.pt")
+with torch.no_grad():
+    output = dag(expected["input"])
+state = dag.state_dict()
+same = (state.keys() == expected["state"].keys()
+        and all(torch.equal(v, expected["state"][k]) for k, v in state.items())
+        and torch.equal(output, expected["output"]))
+print("ROUNDTRIP", same)
+print("IMPORTED_TORCHVISION", "torchvision" in sys.modules)
+"""
+
+
+def classification_models() -> list[str]:
+    import torchvision
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def count_parameters(name: str) -> int:
+    """Parameters of ``name`` built on the meta device (no memory used), or, for builders that
+    compute on tensors (RegNets), as declared by its weights' metadata."""
+    import torch
+    import torchvision
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = torchvision.models.get_model(name, weights=None, **BUILD_ARGUMENTS.get(name, {}))
+        return sum(p.numel() for p in model.parameters())
+    except NotImplementedError:
+        return list(torchvision.models.get_model_weights(name))[0].meta["num_params"]
+
+
+def input_side(name: str) -> int:
+    """The smallest side the model's weights declare (at least ``MIN_SIDE``)."""
+    import torchvision
+    if name in FIXED_SIDES:
+        return FIXED_SIDES[name]
+    weights = list(torchvision.models.get_model_weights(name))
+    minimum = weights[0].meta.get("min_size", (224, 224)) if weights else (224, 224)
+    return max(MIN_SIDE, *minimum)
+
+
+def check_model(name: str, report) -> None:
+    """Runs every stage on ``name``, calling ``report(**fields)`` as each result is known."""
+    import torch
+    import torchvision
+
+    import dagprune as dp
+    from dagprune_algorithms.pruning import ChannelPruning, find_channel_groups
+
+    side = input_side(name)
+    input_size = (3, side, side)
+    report(input_size=list(input_size), stage="build")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torchvision.models.get_model(name, weights=None, **BUILD_ARGUMENTS.get(name, {}))
+    model.eval()
+    report(params=sum(p.numel() for p in model.parameters()), stage="convert")
+
+    dag = dp.build_from_unstructured_module(model)
+    difference = float(dp.compare_module_outputs(model, dag, input_shape=(1, *input_size),
+                                                 raise_error=False))
+    report(convert_max_rel_diff=difference, converts_exactly=difference <= CONVERSION_TOLERANCE,
+           stage="roundtrip")
+
+    exact, imported_torchvision = _round_trips_without_torchvision(dag, input_size)
+    report(roundtrip_exact=exact, load_imports_torchvision=imported_torchvision, stage="groups")
+
+    analysis = find_channel_groups(dag, input_size)
+    prunable_groups = [group for group in analysis.groups if group.prunable]
+    report(prunable=bool(prunable_groups), prunable_groups=len(prunable_groups), stage="prune")
+    if not prunable_groups:
+        report(stage="done")
+        return
+
+    pruning = ChannelPruning(dag, input_size, 0.5, 10)
+    try:
+        gated = pruning.prepare_for_pruning()
+    except dp.errors.PruningError as error:
+        if "cannot be reached" not in str(error):
+            raise
+        pruning = ChannelPruning(dag, input_size, 0.99, 10)  # prunable, not down to 50% FLOPs
+        gated = pruning.prepare_for_pruning()
+    report(prunable_proportion=float(pruning.prunable_proportion), stage="remove")
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for gate in pruning.gates:
+            gate.logits.copy_(torch.randn_like(gate.logits))
+    gated.eval()
+    slim = pruning.remove_channels().eval()
+    x = torch.randn(1, *input_size)
+    with torch.no_grad():
+        removal_difference = float(dp.max_relative_difference(gated(x), slim(x)))
+    report(removal_max_rel_diff=removal_difference,
+           removal_exact=removal_difference <= REMOVAL_TOLERANCE, stage="done")
+
+
+def _round_trips_without_torchvision(dag, input_size) -> tuple[bool, bool]:
+    """Whether the saved DAG loads bit-exactly in a process that has not imported torchvision,
+    and whether loading it had to import torchvision (a graph naming torchvision functions)."""
+    import torch
+    dag.eval()
+    x = torch.randn(1, *input_size)
+    with torch.no_grad():
+        output = dag(x)
+    with tempfile.TemporaryDirectory(prefix="dagprune-tv-") as folder:
+        dag.save(Path(folder) / "dag")
+        torch.save({"input": x, "output": output, "state": dag.state_dict()},
+                   Path(folder) / "expected.pt")
+        result = subprocess.run([sys.executable, "-c", _LOAD_CHECK, str(REPO_ROOT), folder],
+                                capture_output=True, text=True, timeout=300)
+    imported_torchvision = "IMPORTED_TORCHVISION True" in result.stdout
+    if "ROUNDTRIP True" in result.stdout:
+        return True, imported_torchvision
+    if "ROUNDTRIP False" in result.stdout:
+        raise AssertionError("the loaded DAG differs from the saved one")
+    raise RuntimeError("loading without torchvision failed: " + _last_line(result.stderr))
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+# ------------------------------------------------------------------------------------ the sweep
+def _run_child(name: str, record_path: Path) -> None:
+    record: dict = {"name": name}
+
+    def report(**fields):
+        record.update(fields)
+        record_path.write_text(json.dumps(record))
+
+    start = time.time()
+    try:
+        check_model(name, report)
+    except Exception as error:  # noqa: BLE001 - recorded as the model's failure
+        report(error=f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}",
+               traceback=traceback.format_exc()[-2000:])
+    report(seconds=round(time.time() - start, 1))
+
+
+def sweep(names: list[str], results: Path, timeout: float, max_params: int) -> None:
+    results.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if results.exists():
+        done = {json.loads(line)["name"] for line in results.read_text().splitlines() if line}
+    for name in names:
+        if name in done:
+            continue
+        params = count_parameters(name)
+        if params > max_params:
+            record = {"name": name, "params": params,
+                      "skipped": f"{params / 1e6:.0f}M parameters > {max_params / 1e6:.0f}M"}
+        else:
+            record = _run_in_subprocess(name, timeout)
+        with results.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+        print(json.dumps({k: v for k, v in record.items() if k != "traceback"}), flush=True)
+
+
+def _run_in_subprocess(name: str, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="dagprune-tv-record-") as folder:
+        record_path = Path(folder) / "record.json"
+        start = time.time()
+        try:
+            subprocess.run([sys.executable, __file__, "--child", name, str(record_path)],
+                           timeout=timeout, capture_output=True)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        record = json.loads(record_path.read_text()) if record_path.exists() else {"name": name}
+    if timed_out:
+        record["error"] = f"timed out after {timeout:.0f} s in stage {record.get('stage')}"
+    elif "seconds" not in record and "error" not in record:
+        record["error"] = f"child process died in stage {record.get('stage')}"
+    record.setdefault("seconds", round(time.time() - start, 1))
+    return record
+
+
+# ------------------------------------------------------------------------------------ the table
+def _mark(value) -> str:
+    return {True: "yes", False: "**no**", None: "-"}[value]
+
+
+def write_table(results: Path, table: Path, note: str = "") -> None:
+    records = {}
+    for line in results.read_text().splitlines():
+        if line:
+            record = json.loads(line)
+            records[record["name"]] = record
+    checked = [r for r in records.values() if "skipped" not in r]
+    count = lambda key: sum(bool(r.get(key)) for r in checked)  # noqa: E731
+    lines = [
+        "# torchvision classification models",
+        "",
+        "Written by `scripts/coverage_torchvision.py` (`weights=None`, eval mode, batch 1). "
+        "Convert: output within 1e-5 (relative) of the original. Save/load: the saved DAG loads "
+        "in a fresh process (importing only torch and dagprune, no registration), bit-exact. Prunable: a prunable channel "
+        "group. Removal: slim model within 1e-4 of the gated model under random gates.",
+        "",
+        f"**{count('converts_exactly')} of {len(checked)} convert, {count('roundtrip_exact')} "
+        f"save/load, {count('prunable')} prunable, {count('removal_exact')} removal-exact** "
+        f"({len(records) - len(checked)} skipped as too large).{(' ' + note) if note else ''}",
+        "",
+        "| model | params (M) | input | convert | save/load | prunable | prunable proportion | removal | failure |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted(records):
+        r = records[name]
+        params = f"{r['params'] / 1e6:.1f}" if "params" in r else "-"
+        if "skipped" in r:
+            lines.append(f"| {name} | {params} | - | - | - | - | - | - | skipped: {r['skipped']} |")
+            continue
+        side = r.get("input_size", [0, 0, 0])[1]
+        proportion = f"{r['prunable_proportion']:.3f}" if "prunable_proportion" in r else "-"
+        failure = r.get("error", "")
+        if not failure and r.get("load_imports_torchvision"):
+            failure = "(loading imports torchvision: the DAG keeps torchvision layers whole)"
+        if not failure and r.get("converts_exactly") is False:
+            failure = f"output differs by {r['convert_max_rel_diff']:.1e}"
+        if not failure and r.get("removal_exact") is False:
+            failure = f"removal differs by {r['removal_max_rel_diff']:.1e}"
+        failure = failure.replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {name} | {params} | {side} | {_mark(r.get('converts_exactly'))} | "
+                     f"{_mark(r.get('roundtrip_exact'))} | {_mark(r.get('prunable'))} | "
+                     f"{proportion} | {_mark(r.get('removal_exact'))} | {failure} |")
+    table.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        sys.path.insert(0, str(REPO_ROOT))
+        _run_child(sys.argv[2], Path(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="*", default=["*"], help="fnmatch patterns")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per model")
+    parser.add_argument("--max-params", type=float, default=150e6)
+    parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--note", default="", help="appended to the summary line")
+    args = parser.parse_args()
+    if not args.table_only:
+        names = [name for name in classification_models()
+                 if any(fnmatch.fnmatch(name, pattern) for pattern in args.models)]
+        sweep(names, args.results, args.timeout, int(args.max_params))
+    write_table(args.results, args.table, args.note)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
