@@ -223,9 +223,9 @@ def run_iterative_l1(dag: DagModule, input_shape: Sequence[int], args, train, va
     def pruning_step(step, x, y):
         algorithm.maybe_prune(step)
         task_loss = F.cross_entropy(algorithm(x), y)
-        return StepResult(task_loss, {"proportion": current_proportion(), "target": flops_target,
-                                      "task_loss": task_loss.item(),
-                                      "prunes_done": int(algorithm.prunes_done)})
+        return StepResult(task_loss, lambda: {"proportion": current_proportion(), "target": flops_target,
+                                              "task_loss": task_loss.item(),
+                                              "prunes_done": int(algorithm.prunes_done)})
 
     def validate(step, logs):
         if step % 100 and step != args.steps - 1:

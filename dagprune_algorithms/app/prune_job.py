@@ -208,10 +208,10 @@ def _prune_with_gates(job: _PruneJob, dag, input_shape) -> _Pruned:
         task_loss = F.cross_entropy(gated(x), y)
         proportion, flops_loss, entropy_loss, bkd_loss = \
             pruning.compute_current_proportion_and_pruning_losses(global_step=step)
-        return StepResult(task_loss + flops_loss + entropy_loss + bkd_loss,
-                          {"proportion": proportion.item(), "hard_proportion": pruning.current_hard_proportion(),
-                           "task_loss": task_loss.item(), "flops_loss": flops_loss.item(),
-                           "entropy_loss": entropy_loss.item(), "bkd_loss": bkd_loss.item()})
+        return StepResult(task_loss + flops_loss + entropy_loss + bkd_loss, lambda: {
+            "proportion": proportion.item(), "hard_proportion": pruning.current_hard_proportion(),
+            "task_loss": task_loss.item(), "flops_loss": flops_loss.item(),
+            "entropy_loss": entropy_loss.item(), "bkd_loss": bkd_loss.item()})
 
     def validate(step, logs):
         if step % 100 and step != args.steps - 1:

@@ -163,10 +163,15 @@ def _set_rng_state(state: dict) -> None:
 
 @dataclasses.dataclass
 class StepResult:
-    """What a step function reports: the total loss to optimise and values to log."""
+    """What a step function reports: the total loss to optimise and values to log.
+
+    ``logs`` is a dict, or a function returning one, called only on logging steps (right after
+    the step function, before the update): reading values back from the device then happens
+    every ``log_every`` steps, not every step.
+    """
 
     loss: torch.Tensor
-    logs: dict
+    logs: dict | Callable[[], dict]
 
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -206,9 +211,12 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[
     if step_fn is None:
         def step_fn(step, x, y):
             loss = F.cross_entropy(model(x), y)
-            return StepResult(loss, {"task_loss": loss.item()})
+            return StepResult(loss, lambda: {"task_loss": loss.item()})
+
+    watch = _LossWatch()
 
     def checkpoint(step: int) -> None:
+        watch.check(checkpoint_path)  # never checkpoint weights a non-finite loss updated
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                               "scaler": scaler.state_dict(), "rng": _rng_state(),
@@ -221,13 +229,17 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[
     for step, x, y in iterator:
         with torch.autocast(device_type, dtype=AMP_DTYPES[amp], enabled=amp != "none"):
             result = step_fn(step, x.to(device), y.to(device))
-        _check_loss(result, step, checkpoint_path)
+        watch.record(result.loss, step)
+        logging = step % log_every == 0 or step == total_steps - 1
+        if logging:
+            watch.check(checkpoint_path)
+            step_logs = result.logs() if callable(result.logs) else result.logs
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(result.loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        if step % log_every == 0 or step == total_steps - 1:
-            logs = {"step": step, **result.logs}
+        if logging:
+            logs = {"step": step, **step_logs}
             if on_log is not None:
                 logs.update(on_log(step, logs))
             history.append({key: plain_log_value(value) for key, value in logs.items()})
@@ -252,9 +264,26 @@ def _resume(checkpoint_path, model, optimizer, scaler, history: list) -> int:
     return int(state["step"])
 
 
-def _check_loss(result: StepResult, step: int, checkpoint_path) -> None:
-    if not torch.isfinite(result.loss):
-        raise TrainingError(
-            f"the loss became {result.loss.item()} at step {step} ({result.logs}); stopping. "
-            + (f"The last good checkpoint is {checkpoint_path}. " if checkpoint_path else "")
-            + "Lower the learning rate or the pruning loss weights.")
+class _LossWatch:
+    """Remembers on the loss's device the first step whose loss was NaN or Inf (no host sync);
+    :meth:`check` reads it back."""
+
+    def __init__(self):
+        self.first_bad_step: torch.Tensor | None = None
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        if self.first_bad_step is None:
+            self.first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        unset = self.first_bad_step < 0
+        self.first_bad_step = torch.where(bad & unset, torch.full_like(self.first_bad_step, step),
+                                          self.first_bad_step)
+
+    def check(self, checkpoint_path) -> None:
+        """Raises :class:`TrainingError` if a recorded loss was not finite."""
+        step = -1 if self.first_bad_step is None else int(self.first_bad_step)
+        if step >= 0:
+            raise TrainingError(
+                f"the loss became NaN or Inf at step {step}; stopping. "
+                + (f"The last good checkpoint is {checkpoint_path}. " if checkpoint_path else "")
+                + "Lower the learning rate or the pruning loss weights.")
