@@ -65,8 +65,10 @@ def _source_root() -> Path:
 SOURCE_ROOT = _source_root()
 sys.path.insert(0, str(SOURCE_ROOT))
 sys.path.insert(1, str(REPO_ROOT / "tests"))  # make_weights_informative, shared with the test suite
+sys.path.insert(2, str(Path(__file__).resolve().parent))  # removal_check, shared with the other sweeps
 
 import timm  # noqa: E402
+from removal_check import removal_difference_at_random_gates  # noqa: E402
 
 import dagprune as dp  # noqa: E402
 from dagprune_algorithms.app.models import create_timm_model  # noqa: E402
@@ -202,16 +204,8 @@ def check_model(name: str, report=None, with_fvcore: bool = True, seed: int = 0)
          max_removable_proportion=float(pruning.max_removable_proportion))
 
     note(stage="remove")
-    torch.manual_seed(seed + 1)
-    with torch.no_grad():
-        for gate in pruning.gates:
-            gate.logits.copy_(torch.randn_like(gate.logits))
-    gated.eval()
-    slim = pruning.remove_channels().eval()
-    x = torch.randn(2, *input_size)
-    with torch.no_grad():
-        removal_difference = dp.max_relative_difference(gated(x), slim(x))
-    note(removal_max_rel_diff=float(removal_difference),
+    removal_difference, slim, x = removal_difference_at_random_gates(pruning, gated, input_size, 2, seed + 1)
+    note(removal_max_rel_diff=removal_difference,
          removal_exact=bool(removal_difference <= REMOVAL_TOLERANCE),
          slim_params=sum(p.numel() for p in slim.parameters()))
     note(stage="slim roundtrip")
