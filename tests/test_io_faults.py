@@ -214,11 +214,8 @@ def test_a_save_after_a_crash_at_any_instant_of_the_previous_one_succeeds(tmp_pa
         _assert_user_files_kept(crashed)
 
 
-@pytest.mark.parametrize("failing_call", [1, 2])
-def test_a_save_failing_before_its_commit_keeps_the_previous_dag_and_leaves_nothing(
-        tmp_path, monkeypatch, failing_call):
-    target = _with_user_files(Path(_dag(seed=0).save(tmp_path / "model")))
-    before = _listing(tmp_path)
+def _fail_replace_call(monkeypatch, failing_call: int) -> None:
+    """Makes the ``failing_call``-th ``os.replace`` from now on raise an I/O error."""
     real_replace, calls = os.replace, []
 
     def replace(source, destination):
@@ -228,6 +225,14 @@ def test_a_save_failing_before_its_commit_keeps_the_previous_dag_and_leaves_noth
         return real_replace(source, destination)
 
     monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("failing_call", [1, 2])
+def test_a_save_failing_before_its_commit_keeps_the_previous_dag_and_leaves_nothing(
+        tmp_path, monkeypatch, failing_call):
+    target = _with_user_files(Path(_dag(seed=0).save(tmp_path / "model")))
+    before = _listing(tmp_path)
+    _fail_replace_call(monkeypatch, failing_call)
     with pytest.raises(OSError, match="I/O error"):
         _dag(seed=1).save(target)
     monkeypatch.undo()
@@ -237,15 +242,7 @@ def test_a_save_failing_before_its_commit_keeps_the_previous_dag_and_leaves_noth
 
 def test_a_save_failing_after_its_commit_warns_and_keeps_the_new_dag(tmp_path, monkeypatch):
     target = Path(_dag(seed=0).save(tmp_path / "model"))
-    real_replace, calls = os.replace, []
-
-    def replace(source, destination):
-        calls.append(source)
-        if len(calls) == 3:  # moving the committed tensors to tensors.safetensors
-            raise OSError("I/O error")
-        return real_replace(source, destination)
-
-    monkeypatch.setattr(os, "replace", replace)
+    _fail_replace_call(monkeypatch, 3)  # moving the committed tensors to tensors.safetensors
     with pytest.warns(RuntimeWarning, match="loads from tensors.[0-9a-f]{16}.safetensors"):
         _dag(seed=1).save(target)
     monkeypatch.undo()

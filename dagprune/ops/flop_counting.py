@@ -16,11 +16,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from dagprune.ops.channel_map import argument_value
 from dagprune.training_mode import evaluation_mode
 
-__all__ = ["no_flops", "measured_flops", "measured_if_black_box", "is_black_box",
-           "argument_value"]
+__all__ = ["no_flops", "measured_flops", "measured_if_black_box", "is_black_box"]
 
 
 def no_flops(module: nn.Module, inputs: list, output: Any) -> int:

@@ -127,7 +127,6 @@ class ExpectedFlops:
                 constants.append((~gated).sum() / len(factor))
                 term_of_factor.append(term_index)
                 factor_index += 1
-        self.constant_flops = constant_terms
         self.constant_share = constant_terms / self.total if self.total else 0.0
         indices = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
         factor_matrix = torch.sparse_coo_tensor(indices, torch.tensor(weights, dtype=torch.float32),

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dagprune.ops.channel_map import channel_atoms, tensor_layout
-from dagprune.ops.flop_counting import argument_value, measured_flops
+from dagprune.ops.channel_map import argument_value, channel_atoms, tensor_layout
+from dagprune.ops.flop_counting import measured_flops
 from dagprune.ops.layers import FunctionalLayerOp
 from dagprune.ops.slicing import kept_count, replace_tensor, slice_tensor
 from dagprune.ops.spec import ChannelWeight, OpSpec, opaque_coupling

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dagprune.ops.channel_map import argument_input, tensor_layout
-from dagprune.ops.flop_counting import argument_value
+from dagprune.ops.channel_map import argument_input, argument_value, tensor_layout
 from dagprune.ops.slicing import kept_count, replace_tensor, slice_tensor, unchanged_removal
 from dagprune.ops.spec import ChannelWeight, OpSpec, opaque_coupling
 
