@@ -12,7 +12,7 @@ from torch import nn
 from dagprune.errors import DagLintError, DagpruneError, ExecutionError, SerializationError
 from dagprune.ops.base import FunctionalOp
 from dagprune.ops.parameter import ModuleCallOp
-from dagprune.ops.templates import InputRef, fill_template, template_inputs
+from dagprune.ops.templates import InputRef, fill_output, template_inputs
 
 __all__ = ["DagModule", "Vertex", "InputVertex", "InnerVertex"]
 
@@ -180,7 +180,7 @@ class DagModule(nn.Module):
             values[vertex] = vertex.module(*[values[p] for p in vertex.predecessors])
             for dead in released:
                 del values[dead]
-        return fill_template(self.output_structure, [values[v] for v in self.output_vertices])
+        return fill_output(self.output_structure, [values[v] for v in self.output_vertices])
 
     def _bind_inputs(self, args: tuple, kwargs: dict) -> dict[Vertex, Any]:
         if len(args) > len(self.inputs):

@@ -32,9 +32,14 @@ def _load_torchvision_support() -> None:
     import dagprune.torchvision_layers  # noqa: F401  (registers torchvision's rewrites and leaves)
 
 
+def _load_transformers_support() -> None:
+    import dagprune.transformers_layers  # noqa: F401  (registers the rewrite of GPT-2's Conv1D)
+
+
 # optional library (top-level package name) -> the function registering dagprune's support for it
 _SUPPORT_LOADERS: dict[str, Callable[[], None]] = {"timm": _load_timm_support,
-                                                   "torchvision": _load_torchvision_support}
+                                                   "torchvision": _load_torchvision_support,
+                                                   "transformers": _load_transformers_support}
 
 
 def load_support_for_imported_libraries() -> list[str]:

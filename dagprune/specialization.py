@@ -11,7 +11,10 @@ passed, with the same value, so that the DAG is called like the model.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import keyword
+import types
 from typing import Any
 
 import torch
@@ -21,7 +24,7 @@ from torch import nn
 from dagprune.errors import ConversionError
 from dagprune.example_inputs import ExampleInputs
 
-__all__ = ["fixed_arguments", "remove_fixed_placeholders", "FIXED_META"]
+__all__ = ["argument_values", "fixed_arguments", "remove_fixed_placeholders", "traced_signature", "required_extras", "OutputType", "FIXED_META"]
 
 _NAMED_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
                 inspect.Parameter.KEYWORD_ONLY)
@@ -67,6 +70,14 @@ def fixed_arguments(model: nn.Module, inputs: ExampleInputs) -> dict[str, Any]:
     return fixed
 
 
+def argument_values(model: nn.Module, inputs: ExampleInputs) -> dict[str, Any]:
+    """The example's tensors by the name of the forward argument they are given for (copies, so
+    that in-place ops run while tracing leave the user's tensors alone)."""
+    names = [p.name for p in _forward_parameters(model)]
+    given = {**dict(zip(names, inputs.args)), **inputs.kwargs}
+    return {name: value.clone() for name, value in given.items() if isinstance(value, torch.Tensor)}
+
+
 def _remove_guards(placeholder: fx.Node, graph: fx.Graph) -> None:
     """Erases the assertions torch.fx put on a fixed argument (and their comparisons)."""
     for user in list(placeholder.users):
@@ -102,3 +113,89 @@ def remove_fixed_placeholders(graph: fx.Graph, model: nn.Module, fixed: dict[str
                 f"{type(model).__name__}.forward uses its argument {parameter.name!r} beyond "
                 "branching on it; pass it as a tensor in example_inputs")
         placeholder.meta[FIXED_META] = (parameter.name, fixed[parameter.name])
+
+
+
+def _signature_parameters(model: nn.Module, inputs: ExampleInputs) -> list[inspect.Parameter]:
+    """The named parameters of ``model.forward`` followed by the example's keywords that only
+    its ``**kwargs`` takes."""
+    parameters = _forward_parameters(model)
+    named = {p.name for p in parameters}
+    takes_args = any(p.kind == inspect.Parameter.VAR_POSITIONAL
+                     for p in inspect.signature(model.forward).parameters.values())
+    if takes_args and len(inputs.args) > len(parameters):
+        raise ConversionError(f"{type(model).__name__}.forward takes *args; pass the values after its "
+                              f"named arguments ({', '.join(sorted(named)) or 'none'}) by keyword in example_inputs")
+    takes_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD
+                       for p in inspect.signature(model.forward).parameters.values())
+    extras = [name for name in inputs.kwargs if name not in named] if takes_kwargs else []
+    bad = [name for name in extras if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_dagprune")]
+    if bad:
+        raise ConversionError(f"example_inputs keys {bad} are not Python argument names")
+    return [*parameters, *(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=_EXTRA)
+                           for name in extras)]
+
+
+_EXTRA = None
+"""The default a keyword taken by ``**kwargs`` gets in the traced signature (torch.fx records
+defaults; :func:`required_extras` takes it away again, since the model has none)."""
+
+
+def _forward_with_names(original, parameters: list[inspect.Parameter], finish):
+    """``forward(self, a, b, ...)`` returning ``finish(original(self, a=a, b=b, ...))``
+    (positional-only parameters passed positionally), with the globals of ``original`` (torch.fx
+    wraps the functions it finds there)."""
+    names = "".join(f", {p.name}" for p in parameters)
+    passed = "".join(f", {p.name}" if p.kind == inspect.Parameter.POSITIONAL_ONLY else f", {p.name}={p.name}"
+                     for p in parameters)
+    source = (f"def make(_dagprune_original, _dagprune_finish):\n"
+              f"    def forward(self{names}):\n"
+              f"        return _dagprune_finish(_dagprune_original(self{passed}))\n"
+              f"    return forward\n")
+    namespace: dict[str, Any] = {}
+    exec(compile(source, f"<{original.__qualname__} as traced>", "exec"), namespace)  # noqa: S102
+    made = namespace["make"](original, finish)
+    first_default = next((i for i, p in enumerate(parameters) if p.default is not inspect.Parameter.empty),
+                         len(parameters))
+    defaults = tuple(p.default for p in parameters[first_default:]) or None
+    return types.FunctionType(made.__code__, inspect.unwrap(original).__globals__, "forward",
+                              defaults, made.__closure__)
+
+
+def required_extras(graph: fx.Graph, model: nn.Module, inputs: ExampleInputs) -> None:
+    """Makes the inputs of keywords only ``**kwargs`` takes required again (see :data:`_EXTRA`)."""
+    named = {p.name for p in _forward_parameters(model)}
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.target in inputs.kwargs and node.target not in named:
+            node.args = ()
+
+
+class OutputType:
+    """The class of a dict-like output (e.g. a Hugging Face ``ModelOutput``) seen while tracing."""
+
+    def __init__(self):
+        self.value: type | None = None
+
+    def plain(self, output):
+        """``output`` as a plain dict if it is an instance of a dict subclass (its type recorded)."""
+        if isinstance(output, dict) and type(output) is not dict:
+            self.value = type(output)
+            return dict(output)
+        return output
+
+
+@contextlib.contextmanager
+def traced_signature(model: nn.Module, inputs: ExampleInputs, output_type: OutputType):
+    """While active, ``model.forward`` (through a subclass of the model's class) names every
+    argument the example passes, so that a forward taking ``*args`` / ``**kwargs`` (as Hugging
+    Face models and their decorators do) can be traced, and returns a dict-like output (a
+    ``ModelOutput``) as a plain dict, recording its class in ``output_type``. Module paths,
+    parameters and the model's own class are unchanged afterwards."""
+    original_class = type(model)
+    forward = _forward_with_names(original_class.forward, _signature_parameters(model, inputs), output_type.plain)
+    model.__class__ = type(original_class.__name__, (original_class,),
+                           {"forward": forward, "__module__": original_class.__module__})
+    try:
+        yield
+    finally:
+        model.__class__ = original_class

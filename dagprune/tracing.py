@@ -17,7 +17,7 @@ from torch import nn
 
 from dagprune.dag_module import _NO_DEFAULT, DagModule, InnerVertex, InputVertex, Vertex
 from dagprune.errors import ConversionError
-from dagprune.example_inputs import as_example_inputs
+from dagprune.example_inputs import ExampleInputs, as_example_inputs
 from dagprune.integrations import load_support_for_imported_libraries
 from dagprune.leaf_modules import (LEAF_MODULE_TYPES, apply_module_rewrites, autowrap_functions,
                                    is_registered_leaf, register_autowrap_function,
@@ -26,8 +26,11 @@ from dagprune.ops.base import op_class_for_function
 from dagprune.ops.functions import function_name, method_name, register_function
 from dagprune.ops.parameter import ModuleCallOp, ParameterOp
 from dagprune.ops.templates import InputRef, map_template
-from dagprune.specialization import FIXED_META, fixed_arguments, remove_fixed_placeholders
+from dagprune.outputs import OutputRecord, class_name
+from dagprune.specialization import (FIXED_META, OutputType, argument_values, fixed_arguments,
+                                     remove_fixed_placeholders, required_extras, traced_signature)
 from dagprune.training_mode import evaluation_mode
+from dagprune.value_tracing import ValueProxy, ValueRecorder
 
 __all__ = ["build_from_unstructured_module", "register_leaf_module", "register_module_rewrite",
            "register_autowrap_function", "LEAF_MODULE_TYPES"]
@@ -36,10 +39,63 @@ register_function(torch._assert, "torch._assert")
 
 
 class _DagTracer(fx.Tracer):
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: set[str]):
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: set[str], with_values: bool = False):
         super().__init__(autowrap_functions=autowrap_functions(), param_shapes_constant=True)
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names
+        self.values: ValueRecorder | None = None
+        self._computing_values = False
+        self._buffer_names: dict[int, str] | None = None
+        self.proxy_buffer_attributes = with_values
+
+    def record_values(self, root: nn.Module, placeholder_values: dict[str, Any]) -> None:
+        """From now on, runs every traced call on example values (see :mod:`dagprune.value_tracing`)."""
+        self.values = ValueRecorder(root, placeholder_values)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return ValueProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.values is not None and not self._computing_values and isinstance(proxy, fx.Proxy):
+            self._computing_values = True  # module calls and attribute reads run eagerly meanwhile
+            try:
+                self.values.record(proxy.node, args, kwargs)
+            finally:
+                self._computing_values = False
+        return proxy
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if self._computing_values or not self._is_installed(m):
+            return forward(*args, **kwargs)  # a module made on the fly is traced through
+        return super().call_module(m, forward, args, kwargs)
+
+    def _is_installed(self, module: nn.Module) -> bool:
+        try:
+            self.path_of_module(module)
+        except NameError:
+            return False
+        return True
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache):
+        if self._computing_values:
+            return attr_val
+        if self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor) \
+                and not isinstance(attr_val, nn.Parameter):
+            return self._buffer_proxy(attr_val, parameter_proxy_cache)
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _buffer_proxy(self, value: torch.Tensor, cache: dict):
+        """The graph attribute of a buffer (torch.fx would wrap it as a parameter), or the
+        tensor itself if it is no buffer of the model."""
+        if self._buffer_names is None:
+            self._buffer_names = {id(b): n for n, b in self.root.named_buffers(remove_duplicate=False)}
+        name = self._buffer_names.get(id(value))
+        if name is None:
+            return value
+        if name not in cache:
+            cache[name] = self.create_proxy("get_attr", name, (), {})
+        return cache[name]
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         if qualified_name in self._leaf_names or isinstance(module, self._leaf_types):
@@ -100,20 +156,35 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
     source = copy.deepcopy(model) if copy_model else model
     source = apply_module_rewrites(source)
     was_training = source.training
-    tracer = _DagTracer(leaf_types, leaf_names)
-    fixed = {} if example_inputs is None else fixed_arguments(source, as_example_inputs(example_inputs))
+    inputs = None if example_inputs is None else as_example_inputs(example_inputs)
+    tracer = _DagTracer(leaf_types, leaf_names, with_values=inputs is not None)
+    output_type = OutputType()
     try:
         with evaluation_mode(source):
-            graph = tracer.trace(source, concrete_args=fixed or None)
-        remove_fixed_placeholders(graph, source, fixed)
+            graph = _trace(tracer, source, inputs, output_type)
     except ConversionError:
         raise
     except Exception as error:  # torch.fx raises many types; all mean "cannot trace"
         raise _conversion_error(error, tracer) from error
-    dag = _graph_to_dag(graph, source, name or type(model).__name__)
+    dag = _graph_to_dag(graph, source, name or type(model).__name__, output_type.value)
     dag.train(was_training)
     dag.lint()
     return dag
+
+
+def _trace(tracer: _DagTracer, source: nn.Module, inputs: ExampleInputs | None, output_type: OutputType) -> fx.Graph:
+    """The graph of ``source``: traced symbolically, or, with example inputs, with its forward
+    specialised on them (see :mod:`dagprune.specialization`) and run on their values (see
+    :mod:`dagprune.value_tracing`)."""
+    if inputs is None:
+        return tracer.trace(source)
+    with traced_signature(source, inputs, output_type):
+        fixed = fixed_arguments(source, inputs)
+        tracer.record_values(source, {**argument_values(source, inputs), **fixed})
+        graph = tracer.trace(source, concrete_args=fixed or None)
+        remove_fixed_placeholders(graph, source, fixed)
+    required_extras(graph, source, inputs)
+    return graph
 
 
 def _check_eager_module(model) -> None:
@@ -139,9 +210,9 @@ def _conversion_error(error: Exception, tracer: _DagTracer) -> ConversionError:
     path, module_type = (stack[-1] if stack else ("", None))
     module_path = path or "<root>"
     type_name = getattr(module_type, "__name__", module_type) if module_type else "model"
-    torch_dir = os.path.dirname(torch.__file__)
+    own_dirs = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep, "<")
     frames = [frame for frame in traceback.extract_tb(error.__traceback__)
-              if not frame.filename.startswith(torch_dir)]
+              if not frame.filename.startswith(own_dirs)]
     where = f"{frames[-1].filename}:{frames[-1].lineno} `{frames[-1].line}`" if frames else "unknown"
     if not path:  # the model's own forward: nothing above it could hold it whole
         remedy = ("Move that code into a submodule and pass its type in leaf_modules=[...] to "
@@ -158,7 +229,7 @@ def _conversion_error(error: Exception, tracer: _DagTracer) -> ConversionError:
         f"{type(error).__name__}: {error}. {remedy}")
 
 
-def _graph_to_dag(graph: fx.Graph, root: nn.Module, name: str) -> DagModule:
+def _graph_to_dag(graph: fx.Graph, root: nn.Module, name: str, output_type: type | None = None) -> DagModule:
     vertex_of: dict[fx.Node, Vertex] = {}
     inputs: list[InputVertex] = []
     inner: list[InnerVertex] = []
@@ -200,6 +271,8 @@ def _graph_to_dag(graph: fx.Graph, root: nn.Module, name: str) -> DagModule:
         else:  # pragma: no cover - fx has no other node kinds
             raise ConversionError(f"unexpected torch.fx node kind {node.op!r} at {node.name}")
         vertex_of[node] = vertex
+    if output_type is not None and isinstance(output_structure, dict):
+        output_structure = OutputRecord(class_name(output_type), output_structure, output_type)
     return DagModule(inputs, inner, output_vertices, output_structure, name=name)
 
 

@@ -14,8 +14,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dagprune.errors import SerializationError
+from dagprune.outputs import OutputRecord
 
-__all__ = ["InputRef", "fill_template", "map_template", "template_inputs", "encode_template",
+__all__ = ["InputRef", "fill_template", "fill_output", "map_template", "template_inputs", "encode_template",
            "decode_template"]
 
 
@@ -31,6 +32,8 @@ class InputRef:
 
 def map_template(template: Any, fn: Callable[[Any], Any]) -> Any:
     """Rebuilds ``template`` with every leaf replaced by ``fn(leaf)``, keeping containers."""
+    if isinstance(template, OutputRecord):
+        return dataclasses.replace(template, fields=map_template(template.fields, fn))
     if isinstance(template, tuple) and not hasattr(template, "_fields"):
         return tuple(map_template(item, fn) for item in template)
     if isinstance(template, list):
@@ -46,6 +49,14 @@ def map_template(template: Any, fn: Callable[[Any], Any]) -> Any:
 def fill_template(template: Any, inputs: Sequence[Any]) -> Any:
     """Replaces each :class:`InputRef` in ``template`` by the matching entry of ``inputs``."""
     return map_template(template, lambda leaf: inputs[leaf.index] if isinstance(leaf, InputRef) else leaf)
+
+
+def fill_output(template: Any, inputs: Sequence[Any]) -> Any:
+    """:func:`fill_template`, with a top-level :class:`~dagprune.outputs.OutputRecord` built
+    into its output object."""
+    if isinstance(template, OutputRecord):
+        return template.build(fill_template(template.fields, inputs))
+    return fill_template(template, inputs)
 
 
 def template_inputs(template: Any) -> list[int]:
@@ -74,6 +85,8 @@ def encode_template(template: Any) -> Any:
     """
     if isinstance(template, InputRef):
         return {"input": template.index}
+    if isinstance(template, OutputRecord):
+        return {"record": {"type": template.type_name, "fields": encode_template(template.fields)}}
     if isinstance(template, bool) or template is None or isinstance(template, str):
         return template
     if isinstance(template, int):
@@ -122,6 +135,11 @@ def decode_template(data: Any) -> Any:
     try:
         if tag == "input":
             return InputRef(int(value))
+        if tag == "record":
+            fields = decode_template(value["fields"])
+            if not isinstance(fields, dict) or not isinstance(value["type"], str):
+                raise TypeError("a record holds a type name and a dict of fields")
+            return OutputRecord(value["type"], fields)
         if tag == "tuple":
             return tuple(decode_template(item) for item in value)
         if tag == "size":

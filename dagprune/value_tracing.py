@@ -1,0 +1,168 @@
+"""Tracing with example values: Python control flow on shapes follows the example.
+
+torch.fx traces with proxies that hold no value, so ``if x.ndim < 4:``, ``if seq_len > 1:`` or
+``a, b = sizes`` stop the trace. When the user gives example inputs, the tracer also runs every
+recorded call on real values (one forward pass), and a proxy answers such questions from its
+value:
+
+- ``bool()`` of a value computed only from shapes, dtypes, devices and fixed arguments takes the
+  branch the example takes (the graph is specialised on it); ``bool()`` of anything read from a
+  tensor's *data* (``x.sum() > 0``, ``x.item()``) is refused, since a branch on data would be
+  silently wrong for other inputs.
+- ``len()`` and iteration unpack tuples, sizes and lists by their example length.
+- The graph itself stays symbolic: ``x.view(x.shape[0], -1)`` reads the shape at run time, so
+  the DAG accepts other batch sizes and sequence lengths wherever the model's arithmetic does.
+
+Buffers are traced as graph attributes (torch.fx ``proxy_buffer_attributes``), so a causal mask
+sliced by the traced sequence length (``self.bias[:, :, :T, :T]``) stays symbolic too.
+"""
+
+from __future__ import annotations
+
+import dis
+import inspect
+import sys
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_aggregate
+
+__all__ = ["ValueRecorder", "ValueProxy"]
+
+_UNKNOWN = object()
+_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad",
+                               "is_sparse", "is_quantized", "is_meta"})
+_SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "is_floating_point",
+                            "is_complex", "is_contiguous", "get_device", "element_size"})
+
+
+class ValueRecorder:
+    """The example value of each traced node, and whether it depends only on shapes."""
+
+    def __init__(self, root: torch.nn.Module, placeholder_values: dict[str, Any]):
+        self._root = root
+        self._placeholder_values = placeholder_values
+        self._values: dict[fx.Node, Any] = {}
+        self._static: dict[fx.Node, bool] = {}
+
+    def record(self, node: fx.Node, args, kwargs) -> None:
+        """Runs ``node``'s call on the values of ``args`` / ``kwargs`` (proxies or nodes)."""
+        input_nodes: list[fx.Node] = []
+        arg_values = map_aggregate(args, lambda a: self._value_of(a, input_nodes))
+        kwarg_values = map_aggregate(kwargs, lambda a: self._value_of(a, input_nodes))
+        value = self._run(node, arg_values, kwarg_values, input_nodes)
+        self._values[node] = value
+        self._static[node] = self._is_static(node, value, input_nodes)
+
+    def value(self, node: fx.Node) -> Any:
+        return self._values.get(node, _UNKNOWN)
+
+    def is_static(self, node: fx.Node) -> bool:
+        """Whether ``node``'s value is a known non-tensor computed from shapes and constants."""
+        return self._static.get(node, False)
+
+    def _value_of(self, argument, input_nodes: list) -> Any:
+        node = argument.node if isinstance(argument, fx.Proxy) else argument
+        if isinstance(node, fx.Node):
+            input_nodes.append(node)
+            return self._values.get(node, _UNKNOWN)
+        return argument
+
+    def _run(self, node: fx.Node, args, kwargs, input_nodes) -> Any:
+        if node.op == "placeholder":
+            return self._placeholder_values.get(node.target, _UNKNOWN)
+        if node.op == "get_attr":
+            return _attribute(self._root, node.target)
+        if any(self._values.get(n, _UNKNOWN) is _UNKNOWN for n in input_nodes):
+            return _UNKNOWN
+        try:
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+            if node.op == "call_module":
+                return self._root.get_submodule(node.target)(*args, **kwargs)
+        except Exception:  # the value stays unknown; the symbolic trace goes on without it
+            return _UNKNOWN
+        return _UNKNOWN
+
+    def _is_static(self, node: fx.Node, value, input_nodes) -> bool:
+        if value is _UNKNOWN or isinstance(value, torch.Tensor):
+            return False
+        if node.op == "placeholder":
+            return True
+        reads_shape = ((node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRIBUTES)
+                       or (node.op == "call_method" and node.target in _SHAPE_METHODS))
+        return reads_shape or all(self._static.get(n, False) for n in input_nodes)
+
+
+def _attribute(root: torch.nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part, _UNKNOWN)
+        if value is _UNKNOWN:
+            break
+    return value
+
+
+class _ValueBehaviour:
+    """What a proxy answers from its example value (see the module)."""
+
+    def _recorder(self) -> ValueRecorder | None:
+        return getattr(self.tracer, "values", None)
+
+    def __bool__(self) -> bool:
+        recorder = self._recorder()
+        if recorder is not None and recorder.is_static(self.node):
+            return bool(recorder.value(self.node))
+        if recorder is not None and recorder.value(self.node) is not _UNKNOWN:
+            raise fx.proxy.TraceError(
+                "the model branches on the values inside a tensor (data-dependent control flow), "
+                "which a traced graph cannot follow for other inputs")
+        return self.tracer.to_bool(self)
+
+    def __len__(self) -> int:
+        value = self._known_value()
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+        if hasattr(value, "__len__"):
+            return len(value)
+        raise RuntimeError("'len' is not supported on this traced value; its example value is unknown")
+
+    def __iter__(self):
+        value = self._known_value()
+        if isinstance(value, (tuple, list, torch.Size, torch.Tensor)):
+            return iter([self[i] for i in range(len(value))])
+        unpacked = _unpacked_length(inspect.currentframe().f_back)
+        if unpacked is not None:
+            return iter([self[i] for i in range(unpacked)])
+        return self.tracer.iter(self)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return ValueAttribute(self, name)
+
+    def _known_value(self) -> Any:
+        recorder = self._recorder()
+        return _UNKNOWN if recorder is None else recorder.value(self.node)
+
+
+def _unpacked_length(frame) -> int | None:
+    """The length ``a, b = proxy`` unpacks to in ``frame``, or None if it is no unpacking."""
+    instructions = list(dis.get_instructions(frame.f_code))
+    if sys.version_info >= (3, 11):
+        index = next((i for i, inst in enumerate(instructions) if inst.offset >= frame.f_lasti), 0)
+    else:
+        index = frame.f_lasti // 2
+    instruction = instructions[index]
+    return instruction.argval if instruction.opname == "UNPACK_SEQUENCE" else None
+
+
+class ValueProxy(_ValueBehaviour, fx.Proxy):
+    """A torch.fx proxy that knows its example value."""
+
+
+class ValueAttribute(_ValueBehaviour, fx.proxy.Attribute):
+    """An attribute read (``x.shape``, ``x.ndim``) of a :class:`ValueProxy`."""
