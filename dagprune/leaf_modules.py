@@ -26,6 +26,7 @@ __all__ = ["LEAF_MODULE_TYPES", "register_leaf_module", "register_module_rewrite
 LEAF_MODULE_TYPES: set[type] = set()
 _LEAF_CONDITIONS: dict[type, Callable[[nn.Module], bool]] = {}
 _MODULE_REWRITES: dict[type, Callable[[nn.Module], nn.Module]] = {}
+_PREDICATE_REWRITES: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]]] = []
 _AUTOWRAP_FUNCTIONS: list[Callable] = []
 
 
@@ -59,16 +60,18 @@ def register_leaf_module(cls: type, when: Callable[[nn.Module], bool] | None = N
     return cls
 
 
-def register_module_rewrite(cls: type) -> Callable[[Callable[[nn.Module], nn.Module]],
-                                                   Callable[[nn.Module], nn.Module]]:
+def register_module_rewrite(cls: type | Callable[[nn.Module], bool]) -> Callable[
+        [Callable[[nn.Module], nn.Module]], Callable[[nn.Module], nn.Module]]:
     """Registers ``fn(module) -> equivalent module``, applied to every ``cls`` before tracing.
 
     Rewrites turn layers that torch.fx cannot trace faithfully (a fused norm + activation whose
     train/eval behaviour would be frozen at trace time, a padding computed in Python) into
-    standard layers that share the original parameters.
+    standard layers that share the original parameters. A rewrite may return the module itself
+    to leave it (and then its children are visited).
 
     Args:
-        cls: the module type to rewrite (exactly this type, not its subclasses).
+        cls: the module type to rewrite (exactly this type, not its subclasses), or a predicate
+            ``cls(module) -> bool`` choosing modules of any type (tried after the types).
 
     Returns:
         A decorator that registers ``fn`` and returns it unchanged.
@@ -87,7 +90,10 @@ def register_module_rewrite(cls: type) -> Callable[[Callable[[nn.Module], nn.Mod
     )
     """
     def decorator(fn: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], nn.Module]:
-        _MODULE_REWRITES[cls] = fn
+        if isinstance(cls, type):
+            _MODULE_REWRITES[cls] = fn
+        else:
+            _PREDICATE_REWRITES.append((cls, fn))
         return fn
     return decorator
 
@@ -125,14 +131,23 @@ def apply_module_rewrites(module: nn.Module) -> nn.Module:
         The rewritten module: ``module`` itself (with rewritten children) unless its own type
         has a rewrite.
     """
-    rewrite = _MODULE_REWRITES.get(type(module))
+    rewrite = _rewrite_for(module)
     if rewrite is not None:
-        return rewrite(module)
+        replacement = rewrite(module)
+        if replacement is not module:
+            return replacement
     for name, child in list(module.named_children()):
         replacement = apply_module_rewrites(child)
         if replacement is not child:
             setattr(module, name, replacement)
     return module
+
+
+def _rewrite_for(module: nn.Module) -> Callable[[nn.Module], nn.Module] | None:
+    rewrite = _MODULE_REWRITES.get(type(module))
+    if rewrite is None:
+        rewrite = next((fn for predicate, fn in _PREDICATE_REWRITES if predicate(module)), None)
+    return rewrite
 
 
 def autowrap_functions() -> tuple[Callable, ...]:

@@ -2,11 +2,18 @@
 
 Loaded by :mod:`dagprune.integrations` when a model is converted while ``transformers`` is
 imported. Like :mod:`dagprune.timm_layers`, it depends only on the registries of
-:mod:`dagprune.leaf_modules`. It registers a rewrite of GPT-2's ``Conv1D`` (a linear layer whose
-weight is stored transposed, applied with ``addmm`` to a flattened input) into ``nn.Linear`` with
-the transposed weight: a layer whose input and output channels dagprune follows and prunes, and
-which is saved without naming transformers. The result is the same product, summed by the
-same kernel family; it may differ from ``Conv1D``'s in the last bits.
+:mod:`dagprune.leaf_modules`. It registers rewrites into standard layers, which dagprune prunes
+and saves without naming transformers:
+
+* GPT-2's ``Conv1D`` (a linear layer whose weight is stored transposed, applied with ``addmm``
+  to a flattened input) into ``nn.Linear`` with the transposed weight. The result is the same
+  product; it may differ from ``Conv1D``'s in the last bits;
+* the RMS norms each model family defines (``LlamaRMSNorm``, ``Qwen2RMSNorm``, ``T5LayerNorm``,
+  ...: a module of transformers with one 1-D ``weight`` and an epsilon) into ``nn.RMSNorm``
+  sharing the weight, *if* the two agree on a random input (to 1e-6, relative; they are
+  bit-equal for the LLaMA form). A norm of another form (Gemma's ``1 + weight``) fails that check
+  and is traced as it is. Traced, an RMS norm's mean over channels stops the residual stream's
+  channels from being pruned; as ``nn.RMSNorm`` they are (its mean counts only kept channels).
 
 Everything else in the supported models (attention, rotary embeddings, masks, activations,
 ``ModelOutput`` results) is traced into torch functions; see :mod:`dagprune.value_tracing`.
@@ -24,6 +31,39 @@ from dagprune.leaf_modules import register_module_rewrite
 __all__: list[str] = []
 
 _pytorch_utils = importlib.import_module("transformers.pytorch_utils")
+
+
+_EPSILON_NAMES = ("variance_epsilon", "eps", "epsilon")
+_AGREEMENT = 1e-6
+
+
+def _epsilon(module: nn.Module) -> float | None:
+    values = [getattr(module, name) for name in _EPSILON_NAMES if isinstance(getattr(module, name, None), float)]
+    return values[0] if values else None
+
+
+def _looks_like_rms_norm(module: nn.Module) -> bool:
+    """A transformers module with only a 1-D ``weight`` parameter and an epsilon."""
+    if not type(module).__module__.startswith("transformers.") or next(module.children(), None) is not None:
+        return False
+    names = [name for name, _ in module.named_parameters()]
+    return names == ["weight"] and module.weight.ndim == 1 and _epsilon(module) is not None
+
+
+@register_module_rewrite(_looks_like_rms_norm)
+def _rewrite_rms_norm(module: nn.Module) -> nn.Module:
+    weight = module.weight
+    candidate = nn.RMSNorm(weight.shape[0], eps=_epsilon(module), device=weight.device, dtype=weight.dtype)
+    candidate.weight = weight  # shared, as the model's other users of it expect
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+    x = torch.randn(2, 3, weight.shape[0], generator=generator, device=weight.device).to(weight.dtype) * 3
+    with torch.no_grad():
+        expected, got = module(x), candidate(x)
+        if not isinstance(expected, torch.Tensor) or expected.shape != got.shape:
+            return module
+        scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
+        agree = bool(((expected - got).abs().max() / scale) <= max(_AGREEMENT, torch.finfo(weight.dtype).eps))
+    return candidate.train(module.training) if agree else module
 
 
 @register_module_rewrite(_pytorch_utils.Conv1D)

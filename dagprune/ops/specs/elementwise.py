@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dagprune.ops.channel_map import broadcast_axes, tensor_layout
+from dagprune.ops.channel_map import ShapeTag, broadcast_axes, is_size_layout, tensor_layout
 from dagprune.ops.elementwise import ElementwiseOp, PointwiseOp
 from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.slicing import unchanged_removal
-from dagprune.ops.spec import OpSpec, opaque_coupling
+from dagprune.ops.spec import OpSpec, describe_op, opaque_coupling
+from dagprune.ops.templates import InputRef
 
 __all__ = ["SPECS"]
 
@@ -25,10 +26,35 @@ def _tensor_operands(layouts, values) -> list:
 
 
 def elementwise_coupling(ctx, vertex, module, layouts, values, output):
+    if isinstance(output, tuple) and module.short_name in ("add", "iadd"):
+        return _concatenated_sizes(ctx, module, layouts, values, output)
+    for layout in layouts:  # a channel count in arithmetic: not followed
+        if is_size_layout(layout):
+            ctx.barrier_layout(layout, f"channel count used by {describe_op(module)}")
     if not isinstance(output, torch.Tensor):
         return None  # arithmetic on Python numbers (shapes)
     return broadcast_axes(ctx, _tensor_operands(layouts, values), output.shape,
                           "elementwise with untracked operand") or None
+
+
+def _concatenated_sizes(ctx, module, layouts, values, output: tuple):
+    """``shape[:-1] + (x.size(-1),)``: a shape tuple built by concatenation keeps each size's
+    channel tag at its new position (a reshape reads it from there)."""
+    items: list = []
+    for operand in (module.argument(0, None), module.argument(1, None)):
+        if isinstance(operand, InputRef):
+            layout = layouts[operand.index]
+            items.extend(layout if isinstance(layout, tuple) else [None] * len(values[operand.index]))
+        elif isinstance(operand, (tuple, list)):
+            items.extend(layouts[item.index] if isinstance(item, InputRef) else None for item in operand)
+        else:
+            items = []
+            break
+    if len(items) != len(output):
+        for layout in layouts:
+            ctx.barrier_layout(layout, f"channel count used by {describe_op(module)}")
+        return None
+    return tuple(items) if any(isinstance(item, ShapeTag) for item in items) else None
 
 
 def pointwise_coupling(ctx, vertex, module, layouts, values, output):
@@ -51,8 +77,9 @@ class _Residual(nn.Module):
 
 
 SPECS = (
+    # reads sizes: a shape tuple concatenation keeps its channel counts' tags (others are barred)
     OpSpec("elementwise", (ElementwiseOp,), flops=no_flops, coupling=elementwise_coupling,
-           removal=unchanged_removal, example=lambda: (_Residual(), (torch.randn(1, 3, 5, 5),))),
+           removal=unchanged_removal, reads_sizes=True, example=lambda: (_Residual(), (torch.randn(1, 3, 5, 5),))),
     OpSpec("pointwise", (PointwiseOp,), flops=no_flops, coupling=pointwise_coupling,
            removal=unchanged_removal, example=lambda: (_Residual(), (torch.randn(1, 3, 5, 5),))),
 )
