@@ -49,7 +49,8 @@ class DagOutput(dict):
 @dataclasses.dataclass(frozen=True)
 class OutputRecord:
     """An output template entry: ``fields`` (a dict template) returned as an instance of a dict
-    subclass named ``type_name``: ``output_class(**fields)`` when the class is known (after
+    subclass named ``type_name`` (its qualified name, without its module: a saved DAG names no
+    library it would have to import): ``output_class(**fields)`` when the class is known (after
     conversion), a :class:`DagOutput` otherwise (after loading)."""
 
     type_name: str
@@ -60,9 +61,5 @@ class OutputRecord:
         """The output object holding ``fields`` (the filled template)."""
         if self.output_class is not None:
             return self.output_class(**fields)
-        return DagOutput(fields, self.type_name.rpartition(".")[2])
+        return DagOutput(fields, self.type_name)
 
-
-def class_name(cls: type) -> str:
-    """``module.QualifiedName`` of a class."""
-    return f"{cls.__module__}.{cls.__qualname__}"

@@ -26,7 +26,7 @@ from dagprune.ops.base import op_class_for_function
 from dagprune.ops.functions import function_name, method_name, register_function
 from dagprune.ops.parameter import ModuleCallOp, ParameterOp
 from dagprune.ops.templates import InputRef, map_template
-from dagprune.outputs import OutputRecord, class_name
+from dagprune.outputs import OutputRecord
 from dagprune.specialization import (FIXED_META, OutputType, argument_values, fixed_arguments,
                                      remove_fixed_placeholders, required_extras, traced_signature)
 from dagprune.training_mode import evaluation_mode
@@ -272,7 +272,7 @@ def _graph_to_dag(graph: fx.Graph, root: nn.Module, name: str, output_type: type
             raise ConversionError(f"unexpected torch.fx node kind {node.op!r} at {node.name}")
         vertex_of[node] = vertex
     if output_type is not None and isinstance(output_structure, dict):
-        output_structure = OutputRecord(class_name(output_type), output_structure, output_type)
+        output_structure = OutputRecord(output_type.__qualname__, output_structure, output_type)
     return DagModule(inputs, inner, output_vertices, output_structure, name=name)
 
 

@@ -1,0 +1,189 @@
+"""Tracing with example values: shape branches, sliced buffers, **kwargs, dict-like outputs."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import dagprune
+from dagprune.errors import ConversionError
+from dagprune.outputs import DagOutput
+from gate_states import assert_removal_matches_gates, random_gate_states
+from dagprune_algorithms.pruning import ChannelPruning
+
+
+class _CausalSelfAttention(nn.Module):
+    """nanoGPT's form: a causal mask buffer sliced by the traced length, shapes unpacked."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, block: int = 32):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.register_buffer("bias", torch.tril(torch.ones(block, block)).view(1, 1, block, block))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        y = F.softmax(att, dim=-1) @ v
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class _TinyGPT(nn.Module):
+    def __init__(self, vocabulary: int = 50, dim: int = 16):
+        super().__init__()
+        self.embed, self.position = nn.Embedding(vocabulary, dim), nn.Embedding(32, dim)
+        self.attention, self.norm = _CausalSelfAttention(dim), nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.head = nn.Linear(dim, vocabulary)
+
+    def forward(self, idx):
+        b, t = idx.size()
+        if t > self.position.num_embeddings:  # a check on a size: follows the example
+            raise ValueError(f"sequence of {t} is longer than {self.position.num_embeddings}")
+        x = self.embed(idx) + self.position(torch.arange(0, t, dtype=torch.long, device=idx.device))
+        x = x + self.attention(self.norm(x))
+        return self.head(x + self.mlp(self.norm(x)))
+
+
+def test_causal_mask_buffer_sliced_by_the_traced_length_converts_for_every_length_and_prunes():
+    torch.manual_seed(0)
+    model = _TinyGPT().eval()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=(torch.randint(0, 50, (2, 8)),))
+    for batch, length in [(2, 8), (3, 5), (1, 32)]:
+        tokens = torch.randint(0, 50, (batch, length))
+        assert dagprune.max_relative_difference(model(tokens), dag(tokens)) == 0.0
+    example = (torch.randint(0, 50, (2, 8)),)
+    pruning = ChannelPruning(dag, None, 0.5, 10, example_inputs=example)
+    gated = pruning.prepare_for_pruning()
+    for _ in random_gate_states(pruning, seed=0, count=2):
+        assert_removal_matches_gates(pruning, gated, (torch.randint(0, 50, (3, 6)),))
+
+
+class _DataBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.linear(x)
+        if y.sum() > 0:  # depends on the values: no trace may follow it
+            return y
+        return -y
+
+
+def test_a_branch_on_tensor_values_is_refused_with_the_users_line():
+    with pytest.raises(ConversionError) as caught:
+        dagprune.build_from_unstructured_module(_DataBranch(), example_inputs=(torch.randn(2, 4),))
+    message = str(caught.value)
+    assert "values inside a tensor" in message and "if y.sum() > 0:" in message
+    assert "test_value_tracing.py" in message
+
+
+class _ShapeBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x, scale_by_length: bool = True):
+        if x.ndim == 2:  # an image-less path the example does not take
+            x = x.unsqueeze(1)
+        batch, length, width = x.shape
+        y = self.linear(x).reshape(batch * length, width)
+        if scale_by_length and length > 1:
+            y = y / length
+        return y.view(batch, length, width)
+
+
+def test_branches_on_shapes_follow_the_example_and_the_graph_keeps_reading_sizes():
+    model = _ShapeBranch().eval()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=(torch.randn(2, 3, 8),))
+    for shape in [(2, 3, 8), (5, 7, 8)]:
+        x = torch.randn(*shape)
+        assert torch.equal(model(x), dag(x))
+
+
+class _KeywordsOnly(nn.Module):
+    """A forward taking **kwargs, as Hugging Face's decorated forwards do."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x, **kwargs):
+        y = self.linear(x)
+        if kwargs.get("mask") is not None:
+            y = y * kwargs["mask"]
+        return y * kwargs.get("scale", 1.0)
+
+
+def test_forward_with_kwargs_traces_the_example_keywords_as_named_inputs():
+    model = _KeywordsOnly().eval()
+    x, mask = torch.randn(2, 4), (torch.rand(2, 4) > 0.5).float()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs={"x": x, "mask": mask, "scale": 3.0})
+    assert [(v.name, v.fixed) for v in dag.inputs] == [("x", False), ("mask", False), ("scale", True)]
+    x2, mask2 = torch.randn(5, 4), torch.ones(5, 4)
+    assert torch.equal(model(x2, mask=mask2, scale=3.0), dag(x=x2, mask=mask2))
+    with pytest.raises(TypeError):
+        dag(x=x2)  # the mask was given as a tensor: it is a required input
+
+
+@dataclasses.dataclass
+class _Output(collections.OrderedDict):
+    logits: torch.Tensor = None
+    hidden: torch.Tensor = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) is not None:
+                self[field.name] = getattr(self, field.name)
+
+
+class _DictOutputModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        hidden = self.body(x)
+        return _Output(logits=self.head(hidden.relu()), hidden=hidden)
+
+
+def test_dict_like_outputs_keep_their_class_and_load_as_dag_output(tmp_path):
+    model = _DictOutputModel().eval()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=(torch.randn(2, 4),))
+    x = torch.randn(3, 4)
+    output = dag(x)
+    assert type(output) is _Output and torch.equal(output.logits, model(x).logits)
+    dag.save(tmp_path / "dag")
+    loaded = dagprune.load_dag(tmp_path / "dag")(x)
+    assert isinstance(loaded, DagOutput) and loaded.type_name == "_Output"
+    assert list(loaded) == ["logits", "hidden"] and torch.equal(loaded.hidden, output.hidden)
+    assert torch.equal(loaded[0], output.logits)
+    with pytest.raises(AttributeError, match="no field 'loss'"):
+        loaded.loss
+
+
+class _ModuleMadeOnTheFly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.__dict__["helpers"] = {"act": nn.SiLU()}  # a module that is no submodule
+
+    def forward(self, x):
+        return self.helpers["act"](self.linear(x))
+
+
+def test_a_module_that_is_no_submodule_is_traced_through():
+    model = _ModuleMadeOnTheFly().eval()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=(torch.randn(2, 4),))
+    x = torch.randn(3, 4)
+    assert torch.equal(model(x), dag(x))
