@@ -12,6 +12,7 @@ which registers the function behind :meth:`DagModule.save` instead.
 """
 
 from dagprune import errors, ops
+from dagprune.checkpoints import load_weights, read_state_dict
 from dagprune.compare import compare_module_outputs, max_relative_difference
 from dagprune.dag_module import DagModule, InnerVertex, InputVertex, Vertex
 from dagprune.flops import FlopsReport, count_flops
@@ -29,5 +30,5 @@ __all__ = [
     "register_leaf_module", "register_module_rewrite", "register_module_serializer",
     "compare_module_outputs", "max_relative_difference", "save_dag", "load_dag",
     "load_dag_from_path", "errors", "ops", "count_flops", "FlopsReport",
-    "propagate_shapes", "evaluation_mode",
+    "propagate_shapes", "evaluation_mode", "load_weights", "read_state_dict",
 ]

@@ -9,6 +9,7 @@ __all__ = [
     "ConversionError",
     "DagLintError",
     "SerializationError",
+    "CheckpointError",
     "UnsupportedOpError",
     "PruningError",
     "ExecutionError",
@@ -29,6 +30,10 @@ class DagLintError(DagpruneError):
 
 class SerializationError(DagpruneError):
     """A DAG could not be saved, or a saved file is corrupt, truncated or foreign."""
+
+
+class CheckpointError(SerializationError, ValueError):
+    """A checkpoint of trained weights cannot be read, or does not fit the model."""
 
 
 class UnsupportedOpError(DagpruneError):

@@ -107,3 +107,16 @@ def test_convert_a_saved_dag_of_another_dtype(tmp_path, dtype, capsys):
     dagprune.build_from_unstructured_module(model).save(tmp_path / "dag")
     assert main(["convert", str(tmp_path / "dag"), "--input-size", "3", "16", "16"]) == 0
     assert "save/load round trip: bit-exact" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_convert_checks_the_conversion_and_the_round_trip_on_the_chosen_device(device, capsys):
+    pytest.importorskip("timm")
+    command = ["convert", "test_resnet", "--input-size", "3", "16", "16", "--no-summary", "--device", device]
+    if device == "cuda" and not torch.cuda.is_available():
+        assert main(command) == 2
+        assert "CUDA is not available; use --device cpu" in capsys.readouterr().err
+        return
+    assert main(command) == 0
+    output = capsys.readouterr().out
+    assert "conversion: exact" in output and "save/load round trip: bit-exact" in output

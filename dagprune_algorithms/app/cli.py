@@ -66,8 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _print_error(command: str, message: str) -> int:
     """Prints ``message`` as one line on stderr; returns the exit code of a usage or input error."""
     one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
-    print(f"dagprune {command}: error: {one_line}", file=sys.stderr)
+    print(f"dagprune {command}{_rank_label()}: error: {one_line}", file=sys.stderr)
     return 2
+
+
+def _rank_label() -> str:
+    """`` (rank R)`` in the processes of a torchrun launch other than rank 0, so that their errors
+    are told apart; empty elsewhere."""
+    rank = os.environ.get("RANK", "0")
+    return "" if rank == "0" or os.environ.get("WORLD_SIZE", "1") == "1" else f" (rank {rank})"
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -103,6 +110,8 @@ def _add_convert_command(subparsers) -> None:
                         help="save the DAG to DIR (the round trip is checked from there)")
     parser.add_argument("--summary", action=argparse.BooleanOptionalAction, default=True,
                         help="print the vertex table (default: on)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the conversion and round-trip checks run: cpu, cuda or cuda:N (default: cpu)")
     parser.set_defaults(run=run_convert)
 
 
@@ -111,7 +120,11 @@ def run_convert(args: argparse.Namespace) -> int:
     input_size = tuple(args.input_size)
     if any(dim <= 0 for dim in input_size):
         raise UsageError(f"--input-size must be positive, got {' '.join(map(str, input_size))}")
+    from dagprune_algorithms.app.prune_arguments import _check_device
+
+    _check_device(args.device)
     original, description = _load_model(args.model, input_size)
+    original.to(args.device)
     print(f"model: {description}, input {'x'.join(map(str, input_size))}")
     _check_model_runs(original, description, input_size)
 
@@ -140,7 +153,7 @@ def run_convert(args: argparse.Namespace) -> int:
         print("conversion: not applicable (MODEL is a saved DAG)")
     else:
         difference = dagprune.compare_module_outputs(original, dag, (2, *input_size),
-                                                     atol=EXACT_TOLERANCE, raise_error=False)
+                                                     atol=EXACT_TOLERANCE, raise_error=False, device=args.device)
         exact = difference <= EXACT_TOLERANCE
         verdict = "exact" if exact else "NOT exact"
         print(f"conversion: {verdict} (max relative difference {difference:.3g}, tolerance "
@@ -195,7 +208,7 @@ def _check_round_trip(dag: dagprune.DagModule, input_size: tuple[int, ...],
         expected = dag(example)
     with tempfile.TemporaryDirectory(prefix="dagprune-convert-") as scratch:
         path = dagprune.save_dag(dag, save_to or os.path.join(scratch, "dag"))
-        loaded = dagprune.load_dag(path).eval()
+        loaded = dagprune.load_dag(path, map_location=module_device(dag)).eval()
         with torch.no_grad():
             actual = loaded(example)
     where = f"saved to {path}" if save_to else "through a temporary directory"
@@ -233,12 +246,14 @@ def _add_prune_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "prune", help="prune a timm model to a FLOPs target (or per-unit ratios) and report before/after",
         description="Train (or load) a baseline, prune it to --target of its FLOPs, fine-tune, "
-                    "and print accuracy, FLOPs, parameters and CPU latency before and after. "
+                    "and print accuracy, FLOPs, parameters and latency (on --device) before and after. "
                     "--method l1 prunes iteratively (mmrazor's ItePruneAlgorithm): --prune-times "
                     "prunes every --step-epoch steps, to the FLOPs --target or to "
                     "--target-pruning-ratio (one fraction or a JSON file from `dagprune units MODEL "
                     "--choice -o FILE`), ranking channels by --importance. "
                     "Defaults run offline in minutes on CPU with scikit-learn's digits. "
+                    "`torchrun --nproc_per_node N --no-python dagprune prune ...` trains on N processes "
+                    "(DistributedDataParallel; rank 0 writes --out). "
                     "Every phase checkpoints into --out: rerunning the same command resumes an "
                     "interrupted run and gives the same result; a rerun on the same --out with "
                     "arguments that change the results is refused (exit 2). Exit codes: 0 "

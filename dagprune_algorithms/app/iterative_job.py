@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from dagprune import DagModule, compare_module_outputs
 from dagprune.errors import PruningError
 
+from dagprune_algorithms.app.distillation import distillation_logs, distillation_loss
+from dagprune_algorithms.app.distributed import SINGLE_PROCESS, Ranks
 from dagprune_algorithms.app.training import StepResult, evaluate_accuracy, train_steps
 from dagprune_algorithms.pruning.iterative import GRADIENT_IMPORTANCE, IterativePlan, plan_iterative_pruning
 from dagprune_algorithms.pruning.units import ChannelUnitError
@@ -152,7 +154,8 @@ def plan_from_arguments(dag: DagModule, input_shape: Sequence[int], args) -> Ite
         return plan_iterative_pruning(dag, input_shape, prune_times=prune_times, step_epoch=step_epoch,
                                       target=args.target if ratio is None else None,
                                       target_pruning_ratio=ratio, block_size=args.block_size,
-                                      importance=importance, head_pruning=getattr(args, "head_pruning", "dims"))
+                                      importance=importance, head_pruning=getattr(args, "head_pruning", "dims"),
+                                      exclude=getattr(args, "exclude", None) or ())
     except ChannelUnitError as error:
         if ratio is None:
             raise
@@ -180,7 +183,7 @@ def describe_plan(plan: IterativePlan, flops_target: float | None = None) -> str
 
 
 def run_iterative_l1(dag: DagModule, input_shape: Sequence[int], args, train, val, device, out,
-                     progress=None):
+                     progress=None, distiller=None, ranks: Ranks = SINGLE_PROCESS):
     """``dagprune prune --method l1``: iterative pruning (ItePruneAlgorithm) to a FLOPs target or
     per-unit ratios, then export.
 
@@ -201,6 +204,9 @@ def run_iterative_l1(dag: DagModule, input_shape: Sequence[int], args, train, va
         train, val: ``(inputs, labels)`` tensors.
         device: where to train; out: the output directory (checkpoint ``l1_pruning.ckpt``).
         progress: a tqdm-like callable wrapping the step iterator.
+        distiller: a :class:`~.distillation.Distiller` adding its loss to every step, or None.
+        ranks: the processes training together (DistributedDataParallel on the masked model;
+            Taylor scores averaged over them; rank 0 writes the checkpoint).
 
     Returns:
         ``(pruned DAG, history, masked-model validation accuracy in percent, max relative
@@ -210,36 +216,64 @@ def run_iterative_l1(dag: DagModule, input_shape: Sequence[int], args, train, va
     flops_target = None if getattr(args, "target_pruning_ratio", None) is not None else args.target
     LOG.info("l1: %s", describe_plan(plan, flops_target))
     algorithm = plan.create_algorithm().to(device)
-    mutator = plan.mutator
     optimizer = torch.optim.Adam(algorithm.parameters(), lr=args.lr)
+    trained = ranks.wrap(algorithm.architecture)
+
+    def validate(step, logs):
+        if step % 100 and step != args.steps - 1:
+            return {}
+        return {"val_accuracy": evaluate_accuracy(algorithm, *val, device=device, ranks=ranks) / 100.0}
+
+    history: list = []
+    train_steps(algorithm, optimizer, train, args.batch_size, args.seed + 1, args.steps,
+                step_fn=_l1_step(algorithm, trained, flops_target, distiller),
+                checkpoint_path=Path(out) / "l1_pruning.ckpt", checkpoint_every=args.checkpoint_every,
+                device=device, progress=progress, history=history, on_log=validate, amp=args.amp,
+                grad_accum=getattr(args, "grad_accum", 1), ranks=ranks, ddp_model=trained,
+                before_step=algorithm.maybe_prune, after_step=_taylor_score_sharing(algorithm, ranks))
+    algorithm.eval()
+    masked = algorithm.architecture
+    accuracy = evaluate_accuracy(masked, *val, device=device, ranks=ranks)
+    pruned = algorithm.remove_channels().to(device)
+    difference = compare_module_outputs(masked, pruned, (4, *input_shape), raise_error=False, device=device)
+    return pruned, history, accuracy, difference
+
+
+def _l1_step(algorithm, trained, flops_target: float | None, distiller):
+    """The step function of ``--method l1``: cross-entropy (plus distillation) of ``trained``, the
+    masked model of ``algorithm`` (or its DistributedDataParallel). The prunes happen between
+    steps (``algorithm.maybe_prune`` before each step's first micro-batch)."""
     proportion_at: dict[int, float] = {}
 
     def current_proportion() -> float:
         done = int(algorithm.prunes_done)
         if done not in proportion_at:
-            proportion_at[done] = mutator.flops_proportion()
+            proportion_at[done] = algorithm.mutator.flops_proportion()
         return proportion_at[done]
 
     def pruning_step(step, x, y):
-        algorithm.maybe_prune(step)
-        task_loss = F.cross_entropy(algorithm(x), y)
-        return StepResult(task_loss, lambda: {"proportion": current_proportion(), "target": flops_target,
-                                              "task_loss": task_loss.item(),
-                                              "prunes_done": int(algorithm.prunes_done)})
+        logits = trained(x)
+        task_loss = F.cross_entropy(logits, y)
+        distill_loss = distillation_loss(distiller, logits, x)
+        return StepResult(task_loss + distill_loss, lambda: {
+            "proportion": current_proportion(), "target": flops_target, "task_loss": task_loss.item(),
+            "prunes_done": int(algorithm.prunes_done), **distillation_logs(distiller, distill_loss)})
+    return pruning_step
 
-    def validate(step, logs):
-        if step % 100 and step != args.steps - 1:
-            return {}
-        return {"val_accuracy": evaluate_accuracy(algorithm, *val, device=device) / 100.0}
 
-    history: list = []
-    train_steps(algorithm, optimizer, train, args.batch_size, args.seed + 1, args.steps,
-                step_fn=pruning_step, checkpoint_path=Path(out) / "l1_pruning.ckpt",
-                checkpoint_every=args.checkpoint_every, device=device, progress=progress,
-                history=history, on_log=validate, amp=args.amp)
-    algorithm.eval()
-    masked = algorithm.architecture
-    accuracy = evaluate_accuracy(masked, *val, device=device)
-    pruned = algorithm.remove_channels().to(device)
-    difference = compare_module_outputs(masked, pruned, (4, *input_shape), raise_error=False, device=device)
-    return pruned, history, accuracy, difference
+def _taylor_score_sharing(algorithm, ranks: Ranks):
+    """The ``after_step`` of ``--importance taylor`` with several processes (None otherwise).
+
+    Each rank's hooks add |weight x gradient| of its own batches to the score sums; averaging
+    them over the ranks after every step makes every rank rank the channels alike at the next
+    prune, and makes rank 0's sums, which the checkpoint holds, every rank's.
+    """
+    scores = algorithm.taylor_scores
+    if not ranks.distributed or scores is None:
+        return None
+    sums = [buffer for buffer in scores.buffers() if buffer.is_floating_point()]
+
+    def share(step: int) -> None:
+        for score_sum in sums:
+            ranks.mean_(score_sum)
+    return share

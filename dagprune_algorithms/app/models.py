@@ -1,4 +1,4 @@
-"""Creating timm models by name, with clear errors for unknown names."""
+"""Creating timm models by name, with clear errors for unknown names; the DAG of a model."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import difflib
 
 from torch import nn
 
+import dagprune
 from dagprune.errors import DagpruneError
 
-__all__ = ["UnknownModelError", "check_timm_model_name", "create_timm_model", "timm_size_kwargs"]
+__all__ = ["UnknownModelError", "check_timm_model_name", "create_timm_model", "timm_size_kwargs", "as_dag"]
 
 
 class UnknownModelError(DagpruneError):
@@ -56,3 +57,10 @@ def create_timm_model(name: str, input_size: tuple[int, ...] | None = None, **kw
         return timm.create_model(name, pretrained=False, **options)
     except TypeError as error:
         raise UnknownModelError(f"timm model {name} cannot be built with {options}: {error}") from error
+
+
+def as_dag(model: nn.Module) -> dagprune.DagModule:
+    """``model`` converted to a DAG; a DAG (e.g. loaded from a saved directory) as it is."""
+    if isinstance(model, dagprune.DagModule):
+        return model
+    return dagprune.build_from_unstructured_module(model)

@@ -16,13 +16,14 @@ import torch
 
 from dagprune.errors import DagpruneError
 
+from dagprune_algorithms.app.distributed import add_distributed_arguments
 from dagprune_algorithms.app.iterative_job import DEFAULT_PRUNE_TIMES
 from dagprune_algorithms.pruning.channel_groups import HEAD_PRUNING_MODES
 from dagprune_algorithms.pruning.channel_pruning import TARGET_TOLERANCE
 from dagprune_algorithms.pruning.importance import IMPORTANCE_CRITERIA
 
 __all__ = ["DEFAULT_FLOPS_TARGET", "MAX_SEED", "PruneUsageError", "add_prune_arguments",
-           "validate_prune_arguments", "check_images_fit_in_memory"]
+           "validate_prune_arguments", "check_images_fit_in_memory", "DISTILL_MODES"]
 
 DEFAULT_FLOPS_TARGET = 0.5
 """``--target`` when neither it nor ``--target-pruning-ratio`` is given."""
@@ -48,6 +49,7 @@ _INTEGER_MINIMUMS = (
     ("limit_train", 1, "leave it out to use every training image"),
     ("limit_val", 1, "leave it out to use every validation image"),
     ("seed", 0, f"a seed in 0..{MAX_SEED}"),
+    ("grad_accum", 1, "micro-batches per optimizer step; 1 accumulates nothing"),
 )
 """``(argument name, smallest value, what it means)`` of the integer options."""
 
@@ -109,6 +111,8 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                              "code 2 naming them: give it another --out")
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_distributed_arguments(parser)  # --grad-accum, --distributed: several processes (torchrun)
+    _add_trained_model_arguments(parser)
 
 
 def _add_l1_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +136,46 @@ def _add_l1_arguments(parser: argparse.ArgumentParser) -> None:
                                  "step 0 waits for step 1)")
 
 
+# ------------------------------------------------------------------ trained models (issue 19)
+DISTILL_MODES = ("auto", "on", "off")
+"""``--distill``: auto distils when ``--checkpoint`` is given."""
+
+
+def _add_trained_model_arguments(parser: argparse.ArgumentParser) -> None:
+    trained = parser.add_argument_group(
+        "trained models", "start from your weights, leave layers alone, distil from the unpruned model")
+    trained.add_argument("--checkpoint", default=None, metavar="FILE|DIR",
+                         help="trained weights loaded into --model before conversion (no baseline is "
+                              "trained): a safetensors state dict, a torch file (a state dict, or a dict "
+                              "with 'state_dict', 'model' or 'state_dict_ema'; a 'module.' prefix is "
+                              "stripped; read with weights_only=True), or a DAG directory saved by "
+                              "dagprune, used as it is")
+    trained.add_argument("--exclude", action="extend", nargs="+", default=None, metavar="MODULE",
+                         help="module paths (head.fc) or fnmatch patterns (stem*, layer1.*) to leave "
+                              "alone: the channels flowing into or out of them are not pruned")
+    trained.add_argument("--distill", choices=DISTILL_MODES, default="auto",
+                         help="add a logit distillation loss from the unpruned model (a frozen teacher in "
+                              "eval mode) while pruning and fine-tuning; auto: on with --checkpoint")
+    trained.add_argument("--distill-temperature", type=float, default=2.0, metavar="T",
+                         help="softmax temperature of the distillation loss (> 0)")
+    trained.add_argument("--distill-weight", type=float, default=1.0, metavar="W",
+                         help="weight of the distillation loss, added to the task loss (>= 0)")
+
+
+def _check_trained_model_options(args: argparse.Namespace) -> None:
+    if args.checkpoint is not None:
+        if not Path(args.checkpoint).exists():
+            raise PruneUsageError(f"--checkpoint {args.checkpoint}: no such file or directory; give a "
+                                  ".safetensors or torch file of --model's weights, or a saved DAG directory")
+        if args.baseline_checkpoint is not None:
+            raise PruneUsageError("--checkpoint and --baseline-checkpoint both give the unpruned model's "
+                                  "weights; give one")
+    if not (math.isfinite(args.distill_temperature) and args.distill_temperature > 0):
+        raise PruneUsageError(f"--distill-temperature must be a number > 0, got {args.distill_temperature}")
+    if not (math.isfinite(args.distill_weight) and args.distill_weight >= 0):
+        raise PruneUsageError(f"--distill-weight must be a number >= 0, got {args.distill_weight}")
+
+
 def validate_prune_arguments(args: argparse.Namespace) -> None:
     """Checks the arguments before any work; fills in the default ``--target``.
 
@@ -147,6 +191,7 @@ def validate_prune_arguments(args: argparse.Namespace) -> None:
     _check_pruning_goal(args)
     _check_device(args.device)
     check_output_directory(Path(args.out))
+    _check_trained_model_options(args)
     if args.baseline_checkpoint is not None and not Path(args.baseline_checkpoint).is_file():
         raise PruneUsageError(f"--baseline-checkpoint {args.baseline_checkpoint}: no such file; give the "
                               "baseline.pt of a previous run, or leave the option out to train a baseline")

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,10 @@ import dagprune
 from dagprune.errors import PruningError
 from dagprune.training_mode import evaluation_mode
 
+from dagprune_algorithms.app.distillation import (distillation_logs, distillation_loss, make_distiller,
+                                                  supervised_step)
+from dagprune_algorithms.app.distributed import SINGLE_PROCESS, Ranks, process_group
+from dagprune_algorithms.app.models import as_dag
 from dagprune_algorithms.app.prune_arguments import (PruneUsageError, add_prune_arguments,
                                                      check_images_fit_in_memory, validate_prune_arguments)
 from dagprune_algorithms.app.run_directory import check_run_matches, record_run, run_identity
@@ -46,8 +51,9 @@ class _FailedCheck(Exception):
     """A check of the run failed: the job stops and the command exits with 1."""
 
 
-def _progress(args, description: str):
-    if args.no_progress:
+def _progress(job: _PruneJob, description: str):
+    """A tqdm progress bar on rank 0 (None with ``--no-progress`` and on the other ranks)."""
+    if job.args.no_progress or not job.ranks.is_main:
         return None
     from tqdm import tqdm
 
@@ -60,7 +66,7 @@ def _measure(model, name, data_val, input_shape, original_flops, device, accurac
     from dagprune_algorithms.pruning import compute_flops
 
     flops = compute_flops(model, input_shape)
-    latency = measure_latency(model, input_shape, batch_size=32, device="cpu")
+    latency = measure_latency(model, input_shape, batch_size=32, device=device)
     spatial = math.prod(input_shape[1:])
     return {"model": name,
             "accuracy": (accuracy if accuracy is not None
@@ -68,19 +74,21 @@ def _measure(model, name, data_val, input_shape, original_flops, device, accurac
             "kmapp": flops / (spatial * 1000), "flops": flops,
             "flops_proportion": flops / original_flops,
             "params": sum(p.numel() for p in model.parameters()),
-            "latency_ms": latency.median_ms, "latency_iqr_ms": latency.iqr_ms}
+            "latency_ms": latency.median_ms, "latency_iqr_ms": latency.iqr_ms, "latency_device": latency.device}
 
 
 @dataclass
 class _PruneJob:
-    """What every phase of a run needs: the arguments, the data tensors, the device and the output
-    directory."""
+    """What every phase of a run needs: the arguments, the data tensors, the device, the output
+    directory and the processes training together (rank 0 alone writes into ``out``)."""
 
     args: argparse.Namespace
     train: tuple
     val: tuple
     device: torch.device
     out: Path
+    distiller: Any = None  # a .distillation.Distiller with --distill
+    ranks: Ranks = SINGLE_PROCESS
 
 
 @dataclass
@@ -96,8 +104,13 @@ class _Pruned:
     gated_proportion: float | None = None
 
 
-def _load_data(args):
-    """The data split and its ``(inputs, labels)`` train and validation tensors; logs what they are."""
+def _load_data(args, ranks: Ranks):
+    """The data split and its ``(inputs, labels)`` train and validation tensors; logs what they are.
+
+    Raises:
+        PruneUsageError: a step of ``--batch-size`` x ``--grad-accum`` x processes needs more
+            images than the training set has.
+    """
     from dagprune_algorithms.app.data import load_dataset
 
     split = load_dataset(args.data_dir, image_size=args.image_size, seed=args.seed,
@@ -105,13 +118,18 @@ def _load_data(args):
     train, val = materialize(split.train), materialize(split.val)
     LOG.info("data: %s, %d train / %d val images of %s, %d classes", split.name, len(train[0]),
              len(val[0]), "x".join(map(str, split.input_shape)), split.num_classes)
+    step_images = args.batch_size * args.grad_accum * ranks.world_size
+    if step_images > args.batch_size and step_images > len(train[0]):
+        raise PruneUsageError(f"a step takes --batch-size {args.batch_size} x --grad-accum {args.grad_accum} x "
+                              f"{ranks.world_size} process(es) = {step_images} images, more than the "
+                              f"{len(train[0])} training images; lower --batch-size or --grad-accum")
     if args.batch_size > len(train[0]):
         LOG.warning("--batch-size %d is larger than the %d training images: every step uses all of them",
                     args.batch_size, len(train[0]))
     return split, train, val
 
 
-def _check_pruning_setup(args, model, input_shape) -> None:
+def _check_pruning_setup(args, model, input_shape, device) -> None:
     """Runs what the job will do to ``model`` once, on a copy, before any training: a forward pass
     at the input size, the conversion, and the pruning setup (groups, target, units, schedule).
 
@@ -123,22 +141,19 @@ def _check_pruning_setup(args, model, input_shape) -> None:
     with torch.random.fork_rng(devices=[]):
         try:
             with evaluation_mode(model), torch.no_grad():
-                model(torch.zeros(1, *input_shape, device=args.device))
+                model(torch.zeros(1, *input_shape, device=device))
         except (RuntimeError, ValueError, AssertionError, IndexError) as error:
             first_line = (str(error).strip().splitlines() or [""])[0]
             raise PruneUsageError(f"{args.model} cannot run on {'x'.join(map(str, input_shape))} images "
                                   f"({type(error).__name__}: {first_line}); choose another --image-size") from error
-        dag = dagprune.build_from_unstructured_module(model)
-        _check_conversion(args, model, dag, input_shape)
+        dag = as_dag(model)
+        _check_conversion(args, model, dag, input_shape, device)
         if args.method == "l1":
             from dagprune_algorithms.app.iterative_job import plan_from_arguments
 
             plan_from_arguments(dag, input_shape, args)
         else:
-            from dagprune_algorithms.pruning import ChannelPruning
-
-            pruning = ChannelPruning(dag, input_shape, args.target, args.steps, block_size=args.block_size,
-                                     head_pruning=args.head_pruning)
+            pruning = _channel_pruning(args, dag, input_shape)
             pruning.prepare_for_pruning()
             largest = max(group.size for group in pruning.prunable_groups)
             if largest <= args.block_size:
@@ -147,10 +162,18 @@ def _check_pruning_setup(args, model, input_shape) -> None:
                                       f"nothing can be removed; choose a --block-size below {largest}")
 
 
-def _check_conversion(args, model, dag, input_shape) -> None:
-    """Raises :class:`_FailedCheck` when ``dag`` does not compute what ``model`` computes."""
+def _channel_pruning(args, dag, input_shape):
+    """The :class:`ChannelPruning` of ``--method dag`` for ``dag``."""
+    from dagprune_algorithms.pruning import ChannelPruning
+
+    return ChannelPruning(dag, input_shape, args.target, args.steps, block_size=args.block_size,
+                          head_pruning=args.head_pruning, exclude=args.exclude)
+
+
+def _check_conversion(args, model, dag, input_shape, device) -> None:
+    """Raises :class:`_FailedCheck` when ``dag`` does not compute what ``model`` computes (on ``device``)."""
     difference = dagprune.compare_module_outputs(model, dag, (2, *input_shape), atol=CONVERSION_TOLERANCE,
-                                                 raise_error=False, device=args.device)
+                                                 raise_error=False, device=device)
     if not difference <= CONVERSION_TOLERANCE:
         raise _FailedCheck(f"the DAG of {args.model} differs from the model by {difference:.3g} (relative to the "
                            f"output scale; tolerance {CONVERSION_TOLERANCE:g}), so pruning it would not prune "
@@ -159,19 +182,31 @@ def _check_conversion(args, model, dag, input_shape) -> None:
 
 
 def _train_with_adam(job: _PruneJob, model, lr: float, seed: int, steps: int, checkpoint: str,
-                     phase: str) -> None:
-    """Trains ``model`` on cross-entropy for ``steps`` steps, resuming from ``out/checkpoint``."""
+                     phase: str, distiller=None) -> None:
+    """Trains ``model`` on cross-entropy (plus ``distiller``'s loss) for ``steps`` steps, resuming
+    from ``out/checkpoint``."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    train_steps(model, optimizer, job.train, job.args.batch_size, seed, steps, checkpoint_path=job.out / checkpoint,
-                checkpoint_every=job.args.checkpoint_every, device=job.device, progress=_progress(job.args, phase),
-                amp=job.args.amp)
+    trained = job.ranks.wrap(model)
+    train_steps(model, optimizer, job.train, job.args.batch_size, seed, steps,
+                step_fn=None if distiller is None else supervised_step(trained, distiller),
+                checkpoint_path=job.out / checkpoint,
+                checkpoint_every=job.args.checkpoint_every, device=job.device, progress=_progress(job, phase),
+                **_parallel_options(job, trained))
+
+
+def _parallel_options(job: _PruneJob, trained) -> dict:
+    """The options of :func:`train_steps` that every phase shares: mixed precision, gradient
+    accumulation, and the processes with the DistributedDataParallel ``trained`` they call."""
+    return {"amp": job.args.amp, "grad_accum": job.args.grad_accum, "ranks": job.ranks, "ddp_model": trained}
 
 
 def _prepare_baseline(job: _PruneJob, model, num_classes: int) -> float:
     """Loads ``--baseline-checkpoint`` into ``model`` or trains it (saving ``baseline.pt``);
     returns its validation accuracy in percent."""
     args = job.args
-    if args.baseline_checkpoint:
+    if args.checkpoint:
+        LOG.info("baseline: --checkpoint %s (no baseline trained)", args.checkpoint)
+    elif args.baseline_checkpoint:
         state = load_checkpoint(args.baseline_checkpoint)
         try:
             model.load_state_dict(state.get("model", state))
@@ -182,8 +217,10 @@ def _prepare_baseline(job: _PruneJob, model, num_classes: int) -> float:
         LOG.info("baseline: loaded %s", args.baseline_checkpoint)
     elif args.baseline_steps:
         _train_with_adam(job, model, args.lr, args.seed, args.baseline_steps, "baseline_training.ckpt", "baseline")
-        save_checkpoint(job.out / "baseline.pt", {"model": model.state_dict()})
-    baseline_accuracy = evaluate_accuracy(model, *job.val, device=job.device)
+        if job.ranks.is_main:
+            save_checkpoint(job.out / "baseline.pt", {"model": model.state_dict()})
+        job.ranks.barrier()
+    baseline_accuracy = evaluate_accuracy(model, *job.val, device=job.device, ranks=job.ranks)
     LOG.info("baseline: accuracy %.2f%%", baseline_accuracy)
     return baseline_accuracy
 
@@ -191,11 +228,8 @@ def _prepare_baseline(job: _PruneJob, model, num_classes: int) -> float:
 def _prune_with_gates(job: _PruneJob, dag, input_shape) -> _Pruned:
     """``--method dag``: trains the channel gates for ``--steps`` steps, then removes the closed
     channels."""
-    from dagprune_algorithms.pruning import ChannelPruning
-
     args, device, val = job.args, job.device, job.val
-    pruning = ChannelPruning(dag, input_shape, args.target, args.steps, block_size=args.block_size,
-                             head_pruning=args.head_pruning)
+    pruning = _channel_pruning(args, dag, input_shape)
     gated = pruning.prepare_for_pruning().to(device)
     LOG.info("channel groups: %d (%d prunable); prunable_proportion %.4f, "
              "max_removable_proportion %.4f", len(pruning.channel_groups),
@@ -203,31 +237,36 @@ def _prune_with_gates(job: _PruneJob, dag, input_shape) -> _Pruned:
              pruning.max_removable_proportion)
     optimizer = torch.optim.Adam([{"params": pruning.weight_parameters(), "lr": args.lr},
                                   {"params": pruning.gate_parameters(), "lr": args.gate_lr}])
+    trained = job.ranks.wrap(gated)
 
     def pruning_step(step, x, y):
-        task_loss = F.cross_entropy(gated(x), y)
+        logits = trained(x)
+        task_loss = F.cross_entropy(logits, y)
+        distill_loss = distillation_loss(job.distiller, logits, x)
         proportion, flops_loss, entropy_loss, bkd_loss = \
             pruning.compute_current_proportion_and_pruning_losses(global_step=step)
-        return StepResult(task_loss + flops_loss + entropy_loss + bkd_loss, lambda: {
+        return StepResult(task_loss + flops_loss + entropy_loss + bkd_loss + distill_loss, lambda: {
             "proportion": proportion.item(), "hard_proportion": pruning.current_hard_proportion(),
             "task_loss": task_loss.item(), "flops_loss": flops_loss.item(),
-            "entropy_loss": entropy_loss.item(), "bkd_loss": bkd_loss.item()})
+            "entropy_loss": entropy_loss.item(), "bkd_loss": bkd_loss.item(),
+            **distillation_logs(job.distiller, distill_loss)})
 
     def validate(step, logs):
         if step % 100 and step != args.steps - 1:
             return {}
-        return {"val_accuracy": evaluate_accuracy(gated, *val, device=device) / 100.0}
+        return {"val_accuracy": evaluate_accuracy(gated, *val, device=device, ranks=job.ranks) / 100.0}
 
     history: list = []
     train_steps(gated, optimizer, job.train, args.batch_size, args.seed + 1, args.steps,
                 step_fn=pruning_step, checkpoint_path=job.out / "pruning.ckpt",
                 checkpoint_every=args.checkpoint_every, device=device,
-                progress=_progress(args, "pruning"), history=history, on_log=validate, amp=args.amp)
+                progress=_progress(job, "pruning"), history=history, on_log=validate,
+                **_parallel_options(job, trained))
     gated.eval()
     pruned = pruning.remove_channels().to(device)
     removal_difference = dagprune.compare_module_outputs(gated, pruned, (4, *input_shape),
                                                          raise_error=False, device=device)
-    gated_accuracy = evaluate_accuracy(gated, *val, device=device)
+    gated_accuracy = evaluate_accuracy(gated, *val, device=device, ranks=job.ranks)
     return _Pruned(pruned, history, gated_accuracy, removal_difference, pruning.current_hard_proportion())
 
 
@@ -238,7 +277,7 @@ def _prune(job: _PruneJob, dag, input_shape) -> _Pruned:
     from dagprune_algorithms.app.iterative_job import run_iterative_l1
 
     return _Pruned(*run_iterative_l1(dag, input_shape, job.args, job.train, job.val, job.device, job.out,
-                                     _progress(job.args, "l1 pruning")))
+                                     _progress(job, "l1 pruning"), job.distiller, job.ranks))
 
 
 def _missed_target(args, reached_proportion: float) -> str | None:
@@ -264,9 +303,9 @@ def _finetune(job: _PruneJob, pruned) -> float:
     args = job.args
     if args.finetune_steps:  # a tenth of the learning rate, gentle: weights already adapted
         _train_with_adam(job, pruned, args.lr / 10, args.seed + 2, args.finetune_steps, "finetune.ckpt",
-                         "fine-tuning")
+                         "fine-tuning", job.distiller)
     pruned.eval()
-    return evaluate_accuracy(pruned, *job.val, device=job.device)
+    return evaluate_accuracy(pruned, *job.val, device=job.device, ranks=job.ranks)
 
 
 def _reference_accuracy(job: _PruneJob, model) -> float:
@@ -276,20 +315,21 @@ def _reference_accuracy(job: _PruneJob, model) -> float:
     reference = copy.deepcopy(model).to(job.device)
     _train_with_adam(job, reference, args.lr, args.seed + 3, args.steps + args.finetune_steps, "reference.ckpt",
                      "reference")
-    return evaluate_accuracy(reference, *job.val, device=job.device)
+    return evaluate_accuracy(reference, *job.val, device=job.device, ranks=job.ranks)
 
 
 def _comparison_rows(job: _PruneJob, dag, pruned, input_shape, accuracies: dict) -> list:
-    """The rows of the before/after table (on CPU): baseline, reference if trained, pruned."""
+    """The rows of the before/after table, latency timed on ``--device``: baseline, reference if
+    trained, pruned."""
     args, val = job.args, job.val
     original_flops = dagprune.count_flops(dag, input_shape).total
-    rows = [_measure(dag.to("cpu"), f"{args.model} (baseline)", val, input_shape, original_flops, "cpu",
+    rows = [_measure(dag, f"{args.model} (baseline)", val, input_shape, original_flops, job.device,
                      accuracies["baseline"])]
     if accuracies.get("reference") is not None:
         rows.append({**rows[0], "model": f"{args.model} (baseline, same total steps)",
                      "accuracy": accuracies["reference"] / 100.0})
-    rows.append(_measure(pruned.to("cpu"), f"{args.model} (pruned, fine-tuned)", val, input_shape,
-                         original_flops, "cpu", accuracies["pruned"]))
+    rows.append(_measure(pruned, f"{args.model} (pruned, fine-tuned)", val, input_shape,
+                         original_flops, job.device, accuracies["pruned"]))
     return rows
 
 
@@ -305,25 +345,31 @@ def _write_report(report: dict, out: Path, started: float) -> None:
           + (f", {out / 'pruning.png'}" if history else "") + f"; {time.time() - started:.0f} s")
 
 
-def _start(args) -> tuple:
-    """Everything before the first training step: checks the arguments, the output directory,
-    the data and the pruning setup, then records the run; returns ``(job, split, model)``."""
+def _start(args, ranks: Ranks) -> tuple:
+    """Everything before the first training step: checks the output directory, the data and the
+    pruning setup, then records the run (rank 0, while the others wait); returns ``(job, split,
+    model)``."""
     from dagprune_algorithms.app.models import create_timm_model
 
-    validate_prune_arguments(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    identity = run_identity(args)
+    if not ranks.is_main:  # the ranks compute alike: rank 0 tells for all
+        logging.getLogger().setLevel(logging.WARNING)
+    identity = run_identity(args, ranks.world_size)
     out = Path(args.out)
     check_run_matches(out, identity)
     check_images_fit_in_memory(args)
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    split, train, val = _load_data(args)
+    device = ranks.device
+    split, train, val = _load_data(args, ranks)
     input_shape = tuple(split.input_shape)
     model = create_timm_model(args.model, input_shape, num_classes=split.num_classes).to(device)
-    _check_pruning_setup(args, model, input_shape)
-    record_run(out, identity)
-    return _PruneJob(args, train, val, device, out), split, model
+    if args.checkpoint:
+        model = dagprune.load_weights(model, args.checkpoint).to(device)
+    _check_pruning_setup(args, model, input_shape, device)
+    if ranks.is_main:
+        record_run(out, identity)
+    ranks.barrier()
+    return _PruneJob(args, train, val, device, out, ranks=ranks), split, model
 
 
 def run_prune(args) -> int:
@@ -331,28 +377,33 @@ def run_prune(args) -> int:
     not exact (found before training), or the pruned model misses ``--target`` by more than the
     tolerance (its model and report are saved all the same).
 
+    Under ``torchrun`` (or with ``--distributed``) every process runs this: see
+    :mod:`.distributed`; every rank returns the same code, and rank 0 prints.
+
     Raises:
         DagpruneError: an argument, the data or the model cannot be used (before any training),
             or training cannot go on.
     """
-    try:
-        _run_job(args)
-    except _FailedCheck as failed:
-        print(f"dagprune prune: check failed: {failed}", file=sys.stderr)
-        return 1
+    validate_prune_arguments(args)
+    with process_group(args.device, required=args.distributed) as ranks:
+        try:
+            _run_job(args, ranks)
+        except _FailedCheck as failed:
+            if ranks.is_main:
+                print(f"dagprune prune: check failed: {failed}", file=sys.stderr)
+            return 1
     return 0
 
 
-def _run_job(args) -> None:
+def _run_job(args, ranks: Ranks) -> None:
     """The job's phases in order; raises :class:`_FailedCheck` when a check fails."""
-    from dagprune_algorithms.app.report import format_comparison_table
-
     started = time.time()
-    job, split, model = _start(args)
+    job, split, model = _start(args, ranks)
     input_shape = tuple(split.input_shape)
     baseline_accuracy = _prepare_baseline(job, model, split.num_classes)
-    dag = dagprune.build_from_unstructured_module(model)
-    _check_conversion(args, model, dag, input_shape)
+    dag = as_dag(model)
+    _check_conversion(args, model, dag, input_shape, job.device)
+    job.distiller = make_distiller(args, dag, job.device)
     original_flops = dagprune.count_flops(dag, input_shape).total
     pruned = _prune(job, dag, input_shape)
     final_proportion = dagprune.count_flops(pruned.model, input_shape).total / original_flops
@@ -363,17 +414,29 @@ def _run_job(args) -> None:
              pruned.gated_accuracy, pruned.removal_difference)
 
     pruned_accuracy = _finetune(job, pruned.model)
-    pruned.model.to("cpu").save(job.out / "pruned")
+    if ranks.is_main:
+        pruned.model.to("cpu").save(job.out / "pruned")
     reference_accuracy = None if args.no_reference else _reference_accuracy(job, model)
-    rows = _comparison_rows(job, dag, pruned.model, input_shape, {
-        "baseline": baseline_accuracy, "reference": reference_accuracy, "pruned": pruned_accuracy})
+    if ranks.is_main:
+        _report(job, split, started, dag, pruned, missed, final_proportion, {
+            "baseline": baseline_accuracy, "reference": reference_accuracy, "pruned": pruned_accuracy})
+    ranks.barrier()
+    if missed:
+        raise _FailedCheck(missed)
+
+
+def _report(job: _PruneJob, split, started: float, dag, pruned: _Pruned, missed: str | None,
+            final_proportion: float, accuracies: dict) -> None:
+    """Prints the before/after table and writes the report (rank 0's part of the job's end)."""
+    from dagprune_algorithms.app.report import format_comparison_table
+
+    args = job.args
+    rows = _comparison_rows(job, dag, pruned.model, tuple(split.input_shape), accuracies)
     print(format_comparison_table(rows))
     report = {"model": args.model, "data": split.name, "method": args.method, "target": args.target,
               "final_proportion": final_proportion, "target_reached": None if args.target is None else not missed,
               "target_tolerance": TARGET_TOLERANCE, "removal_max_relative_difference": pruned.removal_difference,
               "accuracy_before_finetune": pruned.gated_accuracy, "rows": rows, "history": pruned.history,
               "arguments": {k: v for k, v in vars(args).items() if k != "run"},
-              "elapsed_s": time.time() - started}
+              "processes": job.ranks.world_size, "elapsed_s": time.time() - started}
     _write_report(report, job.out, started)
-    if missed:
-        raise _FailedCheck(missed)

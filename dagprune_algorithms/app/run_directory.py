@@ -26,25 +26,45 @@ RESULT_FILES = ("baseline_training.ckpt", "baseline.pt", "pruning.ckpt", "l1_pru
                 "finetune.ckpt", "reference.ckpt", "pruned", "report.json")
 """What a run writes into its output directory, in the order it writes them."""
 
-_OPTIONS_WITHOUT_EFFECT = frozenset({"run", "command", "out", "checkpoint_every", "no_progress", "no_reference"})
+_OPTIONS_WITHOUT_EFFECT = frozenset({"run", "command", "out", "checkpoint_every", "no_progress", "no_reference",
+                                     "distributed"})
 """Arguments that do not change any result: the directory itself, how often checkpoints are
-written (resuming is bit-exact), progress bars, and the reference row (trained apart)."""
+written (resuming is bit-exact), progress bars, the reference row (trained apart), and
+``--distributed`` (one process in a group computes what it computes alone)."""
 
-_FILE_OPTIONS = ("baseline_checkpoint", "target_pruning_ratio")
+PROCESSES = "processes"
+"""The entry of the identity of a run of several processes: their number, which decides how each
+batch is shared out (absent for one process)."""
+
+_FILE_OPTIONS = ("baseline_checkpoint", "target_pruning_ratio", "checkpoint")
 """Options naming a file whose content, not only its name, decides the results."""
 
 _CONTENT_SUFFIX = "_sha256"
 
 
-def run_identity(args: argparse.Namespace) -> dict:
+def run_identity(args: argparse.Namespace, processes: int = 1) -> dict:
     """The arguments of ``args`` that decide the results (validated, defaults filled in), with
-    the SHA-256 of the files they name, as plain JSON values."""
+    the SHA-256 of the files they name, and the number of ``processes`` when above 1, as plain
+    JSON values."""
     identity = {name: value for name, value in sorted(vars(args).items()) if name not in _OPTIONS_WITHOUT_EFFECT}
+    if processes > 1:
+        identity[PROCESSES] = processes
     for name in _FILE_OPTIONS:
         value = identity.get(name)
-        if isinstance(value, str) and Path(value).is_file():
-            identity[name + _CONTENT_SUFFIX] = hashlib.sha256(Path(value).read_bytes()).hexdigest()
+        if isinstance(value, str) and (Path(value).is_file() or Path(value).is_dir()):
+            identity[name + _CONTENT_SUFFIX] = _content_sha256(Path(value))
     return json.loads(json.dumps(identity))
+
+
+def _content_sha256(path: Path) -> str:
+    """SHA-256 of a file, or of a directory's files (a saved DAG) with their relative paths."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def check_run_matches(out: Path, identity: dict) -> None:
@@ -112,13 +132,16 @@ def _differences(recorded: dict, current: dict) -> list[str]:
     for name in changed:
         option = name.removesuffix(_CONTENT_SUFFIX)
         if option == name:
-            differences.append(f"{_flag(name)} {_shown(recorded.get(name))} there, {_shown(current.get(name))} now")
+            there, now = (identity.get(name, 1 if name == PROCESSES else None) for identity in (recorded, current))
+            differences.append(f"{_flag(name)} {_shown(there)} there, {_shown(now)} now")
         elif option not in changed:
             differences.append(f"the content of {_flag(option)} {current.get(option)} changed")
     return differences
 
 
 def _flag(name: str) -> str:
+    if name == PROCESSES:
+        return "the number of processes (torchrun --nproc_per_node x --nnodes)"
     return "--" + name.replace("_", "-")
 
 

@@ -54,6 +54,9 @@ def add_units_arguments(parser: argparse.ArgumentParser) -> None:
                         help="choices as the fraction of channels kept (ratio) or their number")
     parser.add_argument("--head-pruning", choices=HEAD_PRUNING_MODES, default="dims",
                         help="attention units hold head dims (dims, default) or whole heads (heads)")
+    parser.add_argument("--exclude", action="extend", nargs="+", default=None, metavar="MODULE",
+                        help="module paths (head.fc) or fnmatch patterns (stem*) to leave alone: the "
+                             "units whose channels flow into or out of them are not mutable")
 
 
 def run_units(args: argparse.Namespace) -> int:
@@ -73,7 +76,7 @@ def run_units(args: argparse.Namespace) -> int:
     dag = _load_dag(args.model, input_size)
     mutator = ChannelMutator({"type": args.unit_type, "default_args": {"choice_mode": args.choice_mode}},
                              {"type": "ChannelAnalysis", "input_shape": list(input_size),
-                              "head_pruning": args.head_pruning})
+                              "head_pruning": args.head_pruning, "exclude": args.exclude or []})
     try:
         mutator.prepare_from_supernet(dag)
     except (RuntimeError, ValueError, IndexError) as error:

@@ -6,12 +6,13 @@ from dagprune_algorithms.pruning.channel_pruning import ChannelPruning
 from dagprune_algorithms.pruning.channel_removal import remove_channels_from_dag
 from dagprune_algorithms.pruning.flops_api import compute_flops, compute_normalized_flops
 from dagprune_algorithms.pruning.gates import ChannelGate, MaskApply, MaskedConsumer, keep_mask_from_logits
+from dagprune_algorithms.pruning.losses import logit_distillation_loss
 
 __all__ = [
     "ChannelPruning", "ChannelGroup", "ChannelAnalysis", "CouplingContext", "find_channel_groups",
     "remove_channels_from_dag",
     "compute_flops", "compute_normalized_flops", "ChannelGate", "MaskApply", "MaskedConsumer",
-    "keep_mask_from_logits",
+    "keep_mask_from_logits", "logit_distillation_loss",
 ]
 
 from dagprune_algorithms.pruning.units import (CHANNEL_UNIT_TYPES, ChannelUnit, ChannelUnitError,  # noqa: E402

@@ -10,17 +10,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from dagprune import DagModule, InnerVertex
+from dagprune import DagModule
 from dagprune.compare import non_finite_tensors
 from dagprune.errors import PruningError
-from dagprune.ops import spec_for
 from dagprune.example_inputs import as_example_inputs
 from dagprune.shape_prop import module_device
 
 from dagprune_algorithms.pruning.channel_groups import (ChannelAnalysis, ChannelGroup, check_head_pruning,
                                                         find_channel_groups)
 from dagprune_algorithms.pruning.channel_removal import remove_channels_from_dag
+from dagprune_algorithms.pruning.exclusion import check_exclude_patterns, exclude_modules
 from dagprune_algorithms.pruning.importance import channel_importance
+from dagprune_algorithms.pruning.gated_model import build_gated_dag
 from dagprune_algorithms.pruning.gates import ChannelGate, GateSet, MaskApply, MaskedConsumer
 from dagprune_algorithms.pruning.losses import (ExpectedFlops, NonFiniteLossWatch, PruningLossConfig, anneal,
                                                 binary_entropy, removed_energy_share, scheduled_target)
@@ -53,7 +54,8 @@ class ChannelPruning:
             random float inputs). None when ``example_inputs`` are given.
         pruning_proportion: the target FLOPs as a fraction of the original, in (0, 1).
         num_training_steps: length of the pruning schedule (used by the losses).
-        block_size: kept channel counts are multiples of this (hardware-friendly).
+        block_size: kept channel counts are multiples of this in every group (a group of at
+            most ``block_size`` channels is kept whole).
         initial_logit: starting gate logit (3.0 keeps channels open with probability 0.95).
         temperature: temperature of the relaxed masks sampled in train mode.
         loss_config: weights and schedule of the pruning losses.
@@ -68,9 +70,16 @@ class ChannelPruning:
             positional values or a dict of keyword values, of any dtype (token IDs, masks).
         finite_check_interval: training steps between two reads of the non-finite checks
             (see :meth:`compute_current_proportion_and_pruning_losses`).
+        exclude: module paths of the model (``"head.fc"``) or fnmatch patterns over them
+            (``"stem*"``) to leave alone: every channel group such a module touches keeps all
+            its channels and gets no gate (see :mod:`.exclusion`).
+        min_channels: fewest channels every group keeps.
+        round_to: kept channel counts are multiples of this in groups of at least
+            ``round_to`` channels (smaller groups are not rounded); not with ``block_size``.
 
     Raises:
-        PruningError: an argument is out of range or not finite.
+        PruningError: an argument is out of range or not finite; ``exclude`` is not a list of
+            strings (a pattern that matches no module is reported by :meth:`prepare_for_pruning`).
 
     Any dtype works: a float16, bfloat16 or float64 model keeps its dtype; the gate logits
     and the losses are float32, the masks are cast to the dtype of the activations they scale.
@@ -82,6 +91,11 @@ class ChannelPruning:
     >>> gated = cfg.prepare_for_pruning()
     >>> round(cfg.prunable_proportion, 3), len(cfg.prunable_groups)
     (1.0, 2)
+    >>> cfg = ChannelPruning(dagprune.build_from_unstructured_module(model), (3, 8, 8), 0.5, 100,
+    ...                      exclude=["5"], min_channels=2)  # leave the linear head alone
+    >>> gated = cfg.prepare_for_pruning()
+    >>> [group.name for group in cfg.prunable_groups], round(cfg.prunable_proportion, 3)
+    (['0'], 0.985)
     """
 
     def __init__(self, model: DagModule, input_shape_without_batch: Sequence[int] | None,
@@ -89,7 +103,8 @@ class ChannelPruning:
                  initial_logit: float = 3.0, temperature: float = 0.5,
                  loss_config: PruningLossConfig | None = None, initial_importance: str | None = "l1",
                  initial_logit_spread: float = 1.0, head_pruning: str = "dims",
-                 finite_check_interval: int = FINITE_CHECK_INTERVAL, example_inputs: Any = None):
+                 finite_check_interval: int = FINITE_CHECK_INTERVAL, example_inputs: Any = None,
+                 exclude: Sequence[str] | None = None, min_channels: int = 1, round_to: int = 1):
         if not isinstance(model, DagModule):
             raise PruningError(f"ChannelPruning needs a DagModule, got {type(model).__name__}; "
                                "convert it first with dagprune.build_from_unstructured_module(model)")
@@ -102,6 +117,7 @@ class ChannelPruning:
             raise PruningError(f"block_size must be a positive int, got {block_size!r}")
         if not isinstance(finite_check_interval, int) or finite_check_interval < 1:
             raise PruningError(f"finite_check_interval must be a positive int, got {finite_check_interval!r}")
+        _check_channel_limits(block_size, min_channels, round_to)
         _check_finite_numbers(initial_logit=initial_logit, temperature=temperature,
                               initial_logit_spread=initial_logit_spread)
         if temperature <= 0:
@@ -120,6 +136,9 @@ class ChannelPruning:
         self.initial_logit_spread = initial_logit_spread
         self.head_pruning = head_pruning
         self.finite_check_interval = finite_check_interval
+        self.exclude = check_exclude_patterns(exclude)
+        self.min_channels = min_channels
+        self.round_to = round_to
         self._loss_watch = NonFiniteLossWatch()
         self.analysis: ChannelAnalysis | None = None
         self.pruning_model: DagModule | None = None
@@ -138,8 +157,9 @@ class ChannelPruning:
 
         Raises:
             PruningError: the model's weights or normalisation statistics hold NaN or Inf (the
-                message names the vertices), the model has no prunable group, or the target
-                is below what removing every prunable channel could reach.
+                message names the vertices), an ``exclude`` pattern matches no module, the
+                model has no prunable group, or the target is below what removing every
+                prunable channel could reach.
         """
         if self.pruning_model is not None:
             return self.pruning_model
@@ -147,6 +167,8 @@ class ChannelPruning:
         device = module_device(self.model)
         self.analysis = find_channel_groups(self.model, self.input_shape_without_batch,
                                             self.head_pruning, self.example_inputs)
+        exclude_modules(self.analysis, self.exclude)
+        self._leave_groups_without_choice()
         if not self.prunable_groups:
             blocked = [f"{g.name}: {g.reason}" for g in self.analysis.groups][:5]
             raise PruningError(
@@ -160,7 +182,8 @@ class ChannelPruning:
                 f"pruning_proportion {self.pruning_proportion:.3f} cannot be reached: removing every "
                 f"prunable channel leaves {reachable:.3f} of the FLOPs (max_removable_proportion "
                 f"{self.max_removable_proportion:.3f}); choose a target >= {reachable:.3f}")
-        self.gates = [ChannelGate(group.size, self.initial_logit, self.temperature, self.block_size)
+        self.gates = [ChannelGate(group.size, self.initial_logit, self.temperature,
+                                  self._group_block_size(group.size), self._minimum_kept(group.size))
                       for group in self.prunable_groups]
         if self.initial_importance is not None:
             for group, gate in zip(self.prunable_groups, self.gates):
@@ -168,13 +191,34 @@ class ChannelPruning:
                 spread = (torch.as_tensor(ranks, dtype=torch.float32) / max(group.size - 1, 1) - 0.5) * 2
                 gate.logits.data += self.initial_logit_spread * spread
         self._check_gates_finite("prepare_for_pruning()")
-        self.pruning_model = _build_gated_dag(self.analysis, self.gates).to(device)
+        self.pruning_model = build_gated_dag(self.analysis, self.gates).to(device)
         self._expected_flops = ExpectedFlops(self.analysis)
         self._gate_set = GateSet(self.gates)
         self._mask_modules = [module for module in self.pruning_model.modules()
                               if isinstance(module, MaskApply) or (
                                   isinstance(module, MaskedConsumer) and module.records_energy)]
         return self.pruning_model
+
+    def _group_block_size(self, size: int) -> int:
+        """Kept counts of a group of ``size`` channels are multiples of this."""
+        if self.round_to > 1:
+            return self.round_to if size >= self.round_to else 1
+        return self.block_size
+
+    def _minimum_kept(self, size: int) -> int:
+        """Fewest channels a group of ``size`` keeps under ``min_channels`` and ``round_to``
+        (``block_size`` is left out, as before it existed: its groups keep one block)."""
+        block = self.round_to if 1 < self.round_to <= size else 1
+        return min(-(-min(self.min_channels, size) // block) * block, size)
+
+    def _leave_groups_without_choice(self) -> None:
+        """Marks the groups that ``min_channels`` and ``round_to`` let keep nothing but every
+        channel as not prunable (they would get a gate that can never close)."""
+        for group in self.analysis.prunable_groups:
+            if self._minimum_kept(group.size) >= group.size:
+                group.prunable = False
+                group.reason = (f"min_channels={self.min_channels}, round_to={self.round_to} keep all "
+                                f"{group.size} channels")
 
     def _require_prepared(self) -> ChannelAnalysis:
         if self.analysis is None:
@@ -201,11 +245,12 @@ class ChannelPruning:
 
     @property
     def max_removable_proportion(self) -> float:
-        """Share of FLOPs that vanishes when every prunable group keeps one channel."""
+        """Share of FLOPs that vanishes when every prunable group keeps its fewest channels
+        (one, or what ``min_channels`` and ``round_to`` ask)."""
         analysis = self._require_prepared()
         keep = np.ones(len(analysis.atom_class), dtype=bool)
         for group in analysis.prunable_groups:
-            keep[group.classes[1:]] = False
+            keep[group.classes[self._minimum_kept(group.size):]] = False
         return 1.0 - analysis.predicted_flops(keep) / analysis.total_flops
 
     # ------------------------------------------------------------------------------ training
@@ -480,70 +525,17 @@ def _check_finite_numbers(**values) -> None:
             raise PruningError(f"{name} must be a finite number, got {value!r}")
 
 
+def _check_channel_limits(block_size, min_channels, round_to) -> None:
+    for name, value in (("min_channels", min_channels), ("round_to", round_to)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PruningError(f"{name} must be a positive int, got {value!r}")
+    if round_to > 1 and block_size > 1:
+        raise PruningError(f"block_size={block_size} and round_to={round_to} both round the kept counts; "
+                           "give one (round_to leaves groups smaller than it unrounded)")
+
+
 def _check_global_step(global_step) -> None:
     if isinstance(global_step, bool) or not isinstance(global_step, numbers.Integral) or global_step < 0:
         raise PruningError(
             f"global_step must be an int >= 0 (the index of the training step), got {global_step!r}; "
             "pass the loop's step counter (a Python int, not a tensor or a float)")
-
-
-def _masks_inside(module: nn.Module, site) -> bool:
-    """Whether the op applies the site's mask itself (its spec's masking facet): always for a
-    normalisation, whose statistics must skip removed channels, and for channels the op reads
-    back inside itself (kind ``"inner"``); else on input 0 only."""
-    return spec_for(module).masking is not None and (site.kind in ("norm", "inner") or site.input_index == 0)
-
-
-def _build_gated_dag(analysis: ChannelAnalysis, gates: list[ChannelGate]) -> DagModule:
-    dag = analysis.dag
-    groups = analysis.prunable_groups
-    group_of_class = np.full(len(analysis.atom_class), -1, dtype=np.int64)
-    position_of_class = np.zeros(len(analysis.atom_class), dtype=np.int64)
-    for slot, group in enumerate(groups):
-        group_of_class[group.classes] = slot
-        position_of_class[group.classes] = np.arange(group.size)
-    gate_vertices = [InnerVertex(f"gate_{slot}", gate, [], qualified_name=group.name)
-                     for slot, (group, gate) in enumerate(zip(groups, gates))]
-    sites_by_vertex: dict[InnerVertex, list] = {}
-    for site in analysis.consumer_sites:
-        sites_by_vertex.setdefault(site.vertex, []).append(site)
-
-    new_of = {vertex: vertex for vertex in dag.inputs}
-    inner: list[InnerVertex] = list(gate_vertices)
-    for vertex in dag.inner_vertices:
-        predecessors = [new_of[p] for p in vertex.predecessors]
-        module = vertex.module
-        for site in sites_by_vertex.get(vertex, []):
-            slots = [int(s) for s in dict.fromkeys(group_of_class[site.atoms]) if s >= 0]
-            if not slots:
-                continue
-            offsets = {}
-            start = 1
-            for slot in slots:
-                offsets[slot] = start
-                start += groups[slot].size
-            position_groups = group_of_class[site.atoms]
-            index = np.zeros(len(site.atoms), dtype=np.int64)
-            for slot in slots:
-                where = position_groups == slot
-                index[where] = offsets[slot] + position_of_class[site.atoms[where]]
-            index = torch.as_tensor(index)
-            gate_inputs = [gate_vertices[slot] for slot in slots]
-            if _masks_inside(module, site):
-                module = MaskedConsumer(module, index, site.axis, num_inputs=len(predecessors),
-                                        records_energy=site.kind == "mask")
-                predecessors = predecessors + gate_inputs
-            else:
-                mask_vertex = InnerVertex(f"{vertex.name}_mask{site.input_index}",
-                                          MaskApply(site.axis, index),
-                                          [predecessors[site.input_index], *gate_inputs])
-                inner.append(mask_vertex)
-                predecessors[site.input_index] = mask_vertex
-        new_vertex = InnerVertex(vertex.name, module, predecessors, vertex.qualified_name)
-        new_of[vertex] = new_vertex
-        inner.append(new_vertex)
-    gated = DagModule(list(dag.inputs), inner, [new_of[v] for v in dag.output_vertices],
-                      dag.output_structure, name=f"{dag.name}_gated")
-    gated.train(dag.training)
-    gated.lint()
-    return gated

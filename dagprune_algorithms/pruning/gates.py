@@ -1,7 +1,7 @@
 """Gate modules: one learnable logit per channel of a group, and the ops applying masks.
 
 The keep rule (eval mode, and what :func:`remove_channels` removes): a channel is kept iff its
-logit is > 0; a group whose logits are all <= 0 keeps its single best channel; with
+logit is > 0; a group keeps at least its ``min_channels`` best channels (at least one); with
 ``block_size`` N > 1 the kept count is rounded up to a multiple of N (at most the group size)
 by adding the channels with the next-highest logits. In train mode the gate samples a relaxed
 binary mask per forward pass (a logistic-noise "Gumbel-sigmoid" with a temperature), so the
@@ -21,7 +21,7 @@ from dagprune.ops.spec import describe_op
 __all__ = ["ChannelGate", "GateSet", "MaskApply", "MaskedConsumer", "keep_mask_from_logits"]
 
 
-def keep_mask_from_logits(logits: torch.Tensor, block_size: int = 1) -> torch.Tensor:
+def keep_mask_from_logits(logits: torch.Tensor, block_size: int = 1, min_channels: int = 1) -> torch.Tensor:
     """The eval-mode keep decision for one group's logits (see the module docstring).
 
     >>> keep_mask_from_logits(torch.tensor([-1.0, 2.0, 0.5, -3.0]))
@@ -30,32 +30,36 @@ def keep_mask_from_logits(logits: torch.Tensor, block_size: int = 1) -> torch.Te
     tensor([ True, False])
     >>> keep_mask_from_logits(torch.tensor([-1.0, 2.0, 0.5, -3.0]), block_size=4)
     tensor([True, True, True, True])
+    >>> keep_mask_from_logits(torch.tensor([-1.0, 2.0, -0.5, -3.0]), min_channels=2)
+    tensor([False,  True,  True, False])
     """
     logits = logits.detach().reshape(-1)
     group_index = torch.zeros(logits.numel(), dtype=torch.long, device=logits.device)
     sizes = torch.tensor([logits.numel()], device=logits.device)
     blocks = torch.tensor([block_size], device=logits.device)
-    return grouped_keep_masks(logits, group_index, sizes, blocks)
+    minimums = torch.tensor([min_channels], device=logits.device)
+    return grouped_keep_masks(logits, group_index, sizes, blocks, minimums)
 
 
 def grouped_keep_masks(logits: torch.Tensor, group_index: torch.Tensor, sizes: torch.Tensor,
-                       block_sizes: torch.Tensor) -> torch.Tensor:
+                       block_sizes: torch.Tensor, min_counts: torch.Tensor | None = None) -> torch.Tensor:
     """The keep rule for joined logits of several groups, on the logits' device (no host sync).
 
-    A group keeps its logits > 0; at least its best one; with a block size N > 1 its count is
+    A group keeps its logits > 0; at least its best ``min_counts`` ones (default 1, and never
+    fewer than one); with a block size N > 1 its count is
     rounded up to a multiple of N (at most its size) by its next-highest logits. Ties between
     equal logits go to the lower position.
 
     Args:
         logits: the groups' logits, joined (group 0 first).
         group_index: the group of each logit.
-        sizes, block_sizes: per group.
+        sizes, block_sizes, min_counts: per group.
 
     Returns:
         Booleans, one per logit.
     """
     counts = torch.zeros_like(sizes).index_add_(0, group_index, (logits > 0).long())
-    target = counts.clamp(min=1)
+    target = counts.clamp(min=1) if min_counts is None else torch.maximum(counts, min_counts.clamp(min=1))
     target = torch.minimum((target + block_sizes - 1) // block_sizes * block_sizes, sizes)
     return _ranks_within_groups(logits, group_index, sizes) < target[group_index]
 
@@ -78,6 +82,7 @@ class ChannelGate(nn.Module):
         initial_logit: starting value of every logit (3.0: sigmoid = 0.95, almost fully open).
         temperature: temperature of the relaxed samples in train mode.
         block_size: kept counts are multiples of this in eval mode.
+        min_channels: fewest channels kept in eval mode (at least one).
 
     >>> gate = ChannelGate(3).eval()
     >>> gate()
@@ -85,11 +90,12 @@ class ChannelGate(nn.Module):
     """
 
     def __init__(self, num_channels: int, initial_logit: float = 3.0, temperature: float = 0.5,
-                 block_size: int = 1):
+                 block_size: int = 1, min_channels: int = 1):
         super().__init__()
         self.logits = nn.Parameter(torch.full((num_channels,), float(initial_logit)))
         self.temperature = temperature
         self.block_size = block_size
+        self.min_channels = min_channels
         self.register_buffer("frozen_flag", torch.zeros((), dtype=torch.bool))
         self.register_buffer("frozen_mask", torch.ones(num_channels))
         self._frozen = False  # mirrors frozen_flag: reading it needs no device synchronisation
@@ -110,7 +116,7 @@ class ChannelGate(nn.Module):
         the mask, so the weights adapt to exactly the model that removal will produce.
         """
         if frozen and not self.frozen:
-            self.frozen_mask.copy_(keep_mask_from_logits(self.logits, self.block_size))
+            self.frozen_mask.copy_(keep_mask_from_logits(self.logits, self.block_size, self.min_channels))
         if frozen != self._frozen:
             self.frozen_flag.fill_(frozen)
             self._frozen = bool(frozen)
@@ -125,7 +131,7 @@ class ChannelGate(nn.Module):
         """The eval-mode mask as floats (1 = kept)."""
         if self.frozen:
             return self.frozen_mask.clone()
-        return keep_mask_from_logits(self.logits, self.block_size).to(self.logits.dtype)
+        return keep_mask_from_logits(self.logits, self.block_size, self.min_channels).to(self.logits.dtype)
 
     def forward(self) -> torch.Tensor:
         if self.frozen:
@@ -139,7 +145,9 @@ class ChannelGate(nn.Module):
         return torch.sigmoid((self.logits + noise) * (1.0 / self.temperature))
 
     def extra_repr(self) -> str:
-        return f"channels={self.logits.numel()}, temperature={self.temperature}, block_size={self.block_size}"
+        minimum = f", min_channels={self.min_channels}" if self.min_channels > 1 else ""
+        return (f"channels={self.logits.numel()}, temperature={self.temperature}, "
+                f"block_size={self.block_size}{minimum}")
 
 
 class GateSet:
@@ -153,7 +161,7 @@ class GateSet:
         self.gates = list(gates)
         self.sizes = [gate.logits.numel() for gate in self.gates]
         self._group_index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._block_sizes: dict[torch.device, torch.Tensor] = {}
+        self._limits: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate of each joined channel, size of each gate) on ``device``."""
@@ -181,13 +189,14 @@ class GateSet:
         return masks
 
     def masks_for_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """The keep rule (:func:`keep_mask_from_logits`, each gate's block size) applied to
-        joined ``logits``, as floats, without reading anything back to the host."""
+        """The keep rule (:func:`keep_mask_from_logits`, each gate's block size and minimum)
+        applied to joined ``logits``, as floats, without reading anything back to the host."""
         group_index, sizes = self._index(logits.device)
-        if logits.device not in self._block_sizes:
-            self._block_sizes[logits.device] = torch.tensor([gate.block_size for gate in self.gates],
-                                                            device=logits.device)
-        keep = grouped_keep_masks(logits.detach(), group_index, sizes, self._block_sizes[logits.device])
+        if logits.device not in self._limits:
+            self._limits[logits.device] = tuple(
+                torch.tensor([getattr(gate, name) for gate in self.gates], device=logits.device)
+                for name in ("block_size", "min_channels"))
+        keep = grouped_keep_masks(logits.detach(), group_index, sizes, *self._limits[logits.device])
         return keep.to(logits.dtype)
 
     def group_means(self, values: torch.Tensor) -> torch.Tensor:

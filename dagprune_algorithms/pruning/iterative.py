@@ -327,7 +327,7 @@ def plan_iterative_pruning(dag: DagModule, input_shape: Sequence[int], *, prune_
                            target: float | None = None,
                            target_pruning_ratio: float | Mapping[str, float] | None = None,
                            block_size: int = 1, importance: str = "l1",
-                           head_pruning: str = "dims") -> IterativePlan:
+                           head_pruning: str = "dims", exclude: Sequence[str] = ()) -> IterativePlan:
     """Finds the channel units of ``dag`` and the kept share each one reaches.
 
     With ``target_pruning_ratio`` the shares are those (one for every unit, or ``{unit name:
@@ -346,6 +346,8 @@ def plan_iterative_pruning(dag: DagModule, input_shape: Sequence[int], *, prune_
         block_size: kept channel counts are multiples of it.
         importance: how the channels are ranked (a name of ``IMPORTANCE_CRITERIA``).
         head_pruning: "dims" or "heads" (see :class:`ChannelPruning`).
+        exclude: module paths or fnmatch patterns whose units are left alone (see
+            :mod:`.exclusion`).
 
     Returns:
         The plan; :meth:`IterativePlan.create_algorithm` turns it into an :class:`ItePruneAlgorithm`.
@@ -371,7 +373,7 @@ def plan_iterative_pruning(dag: DagModule, input_shape: Sequence[int], *, prune_
                               "default_args": {"choice_mode": "ratio", "divisor": block_size,
                                                "importance": importance}},
                              {"type": "ChannelAnalysis", "input_shape": list(input_shape),
-                              "head_pruning": head_pruning})
+                              "head_pruning": head_pruning, "exclude": exclude})
     mutator.prepare_from_supernet(dag)
     scores = None
     if importance == GRADIENT_IMPORTANCE:

@@ -25,19 +25,27 @@
   consumer is a plain conv or linear layer the mask scales the smaller of its weight and its
   input. The loss terms of all gates and mask sites are computed together (a few tensor ops
   per step, not a few per gate).
+* :func:`logit_distillation_loss`: the classic distillation from a teacher's logits (Hinton et
+  al.), for training loops that can afford a forward pass of the unpruned model as a frozen
+  teacher; it is not among the losses :class:`ChannelPruning` returns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from dagprune.errors import PruningError
 
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis
 
 __all__ = ["PruningLossConfig", "ExpectedFlops", "NonFiniteLossWatch", "anneal", "binary_entropy",
-           "removed_energy_share"]
+           "removed_energy_share", "logit_distillation_loss"]
 
 
 @dataclasses.dataclass
@@ -89,6 +97,52 @@ def removed_energy_share(sites) -> torch.Tensor | None:
     removed = zeros.index_add(0, site_of, energy * (1 - masks).square())
     total = zeros.index_add(0, site_of, energy)
     return (removed / total.clamp_min(1e-12)).mean()
+
+
+def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                            temperature: float = 4.0) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the samples.
+
+    The ``T^2`` factor keeps the gradient's scale independent of ``T``. Computed in float32
+    from log-softmaxes (finite for any finite logits, of any magnitude or dtype); classes the
+    teacher gives probability 0 add nothing. No gradient reaches the teacher's logits. Nothing
+    is read back from the device: a NaN or Inf in the logits gives a NaN loss, which the
+    training loop's non-finite check reports.
+
+    Args:
+        student_logits, teacher_logits: ``(batch, classes)`` or ``(batch, ..., classes)``
+            logits of the same shape; the last axis holds the classes.
+        temperature: softens both distributions; a finite number > 0.
+
+    Returns:
+        A float32 scalar tensor.
+
+    Raises:
+        PruningError: the temperature is not a finite number > 0, or the shapes differ, or
+            the logits are not floating point.
+
+    >>> student = torch.tensor([[2.0, 0.0, -1.0]])
+    >>> round(logit_distillation_loss(student, student.clone(), 2.0).item(), 6)
+    0.0
+    >>> teacher = torch.tensor([[1e4, 0.0, -float("inf")]])
+    >>> logit_distillation_loss(torch.zeros(1, 3), teacher, 1.0).isfinite().item()
+    True
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise PruningError(f"the distillation temperature must be a finite number > 0, got {temperature!r}")
+    if student_logits.shape != teacher_logits.shape:
+        raise PruningError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                           f"{tuple(teacher_logits.shape)} differ in shape; distil from a teacher with "
+                           "the same classes (the unpruned model)")
+    if not (student_logits.is_floating_point() and teacher_logits.is_floating_point()):
+        raise PruningError(f"logits must be floating point, got {student_logits.dtype} and {teacher_logits.dtype}")
+    classes = student_logits.shape[-1] if student_logits.ndim else 1
+    student = F.log_softmax(student_logits.float().reshape(-1, classes) / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.detach().float().reshape(-1, classes) / temperature, dim=-1)
+    probabilities = teacher.exp()
+    terms = torch.where(probabilities > 0, probabilities * (teacher - student), 0.0)  # 0 * log 0 = 0
+    return terms.sum() / student.shape[0] * (temperature * temperature)
 
 
 class ExpectedFlops:

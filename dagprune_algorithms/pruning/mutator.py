@@ -18,6 +18,9 @@ every tensor, which a template does not hold: they run the analysis once and che
 gives the template's units, raising :class:`~.units.ChannelUnitError` if the model changed.
 ``parse_cfg["head_pruning"]`` (``"dims"``, the default, or ``"heads"``) says whether attention
 units hold head dimensions or whole heads (see :data:`~.channel_groups.HEAD_PRUNING_MODES`).
+``parse_cfg["exclude"]`` (module paths or fnmatch patterns) leaves modules alone: the units
+whose channels flow into or out of them are not mutable (see :mod:`.exclusion`; in parse mode
+``"Config"`` a unit counts as touched when its channel lists name an excluded module).
 
 Channel lists are compact runs (see :func:`~.units.encode_channel_runs`).
 
@@ -51,7 +54,8 @@ from dagprune.ops import INNER_AXIS
 
 from dagprune_algorithms.pruning.channel_groups import (HEAD_PRUNING_MODES, ChannelAnalysis, ChannelGroup,
                                                         ConsumerSite, find_channel_groups, iter_layout_atoms)
-from dagprune_algorithms.pruning.channel_pruning import _build_gated_dag
+from dagprune_algorithms.pruning.exclusion import check_exclude_patterns, exclude_modules, excluded_vertices
+from dagprune_algorithms.pruning.gated_model import build_gated_dag
 from dagprune_algorithms.pruning.channel_removal import remove_channels_from_dag
 from dagprune_algorithms.pruning.units import (CHANNEL_UNIT_TYPES, ChannelUnit, ChannelUnitError, _closest,
                                                _vertex_order, decode_channel_runs, encode_channel_runs,
@@ -157,7 +161,8 @@ class ChannelMutator:
             {"init_args": ..., "channels": ..., "choice": ...}}}`` (every part optional; a
             template from :meth:`config_template` is accepted as it is).
         parse_cfg: ``{"type": "ChannelAnalysis" or "Config", "input_shape": [C, H, W]}``
-            (default: ChannelAnalysis on a 3x224x224 input; see PARSE_TYPES).
+            (default: ChannelAnalysis on a 3x224x224 input; see PARSE_TYPES), optionally with
+            ``"head_pruning"`` and ``"exclude"`` (module paths or patterns to leave alone).
 
     Raises:
         ChannelUnitError: an unknown key, unit type or parse type (listing the closest names).
@@ -175,7 +180,7 @@ class ChannelMutator:
         parse_type = parse.get("type", TRACED)
         if parse_type not in PARSE_TYPES:
             raise ChannelUnitError(_closest(str(parse_type), sorted(PARSE_TYPES), "parse_cfg type"))
-        allowed = ("type", "input_shape", "head_pruning") + (
+        allowed = ("type", "input_shape", "head_pruning", "exclude") + (
             ("loss_calculator",) if parse_type not in (TRACED, FROM_CONFIG) else ())
         _check_keys(parse, allowed, "parse_cfg key")
         self.parse_mode = PARSE_TYPES[parse_type]
@@ -184,6 +189,7 @@ class ChannelMutator:
         if self.head_pruning not in HEAD_PRUNING_MODES:
             raise ChannelUnitError(_closest(str(self.head_pruning), list(HEAD_PRUNING_MODES),
                                             "parse_cfg head_pruning"))
+        self.exclude = check_exclude_patterns(parse.get("exclude"))
         _unit_class_args(self.unit_type, self.default_args, "default_args")
         self.units: list[ChannelUnit] = []
         self.masked_model: DagModule | None = None
@@ -223,16 +229,18 @@ class ChannelMutator:
         self.example_inputs = example_inputs
         if self.parse_mode == FROM_CONFIG:
             self.units = [self._unit_from_config(name, entry) for name, entry in self.units_cfg.items()]
+            _exclude_configured_units(model, self.units, self.exclude)
             self._analysis = _analysis_from_units(model, self.input_shape, self.head_pruning, self.units)
             self._traced = None
         else:
             self._analysis = find_channel_groups(model, self.input_shape, self.head_pruning,
                                                  self.example_inputs)
+            exclude_modules(self._analysis, self.exclude)
             self.units = self._units_from_analysis(self._analysis)
             self._set_traced(self._analysis)
         self._groups = dict(zip([unit.name for unit in self.mutable_units], self._analysis.prunable_groups))
         device = next(iter(model.parameters()), torch.zeros(0)).device
-        self.masked_model = _build_gated_dag(self._analysis, self.mutable_units).to(device)
+        self.masked_model = build_gated_dag(self._analysis, self.mutable_units).to(device)
         choices = {name: entry["choice"] for name, entry in self.units_cfg.items()
                    if isinstance(entry, Mapping) and "choice" in entry}
         self.set_choices({name: value for name, value in choices.items()
@@ -324,6 +332,8 @@ class ChannelMutator:
         parse = {"type": FROM_CONFIG if with_channels else TRACED, "input_shape": _shape_list(self.input_shape)}
         if self.head_pruning != "dims":
             parse["head_pruning"] = self.head_pruning
+        if self.exclude:
+            parse["exclude"] = list(self.exclude)
         return {"type": "ChannelMutator",
                 "channel_unit_cfg": {"type": self.unit_type, "default_args": dict(self.default_args),
                                      "units": units},
@@ -410,6 +420,7 @@ class ChannelMutator:
         self._require_prepared()
         if self._traced is None:
             traced = find_channel_groups(self.dag, self.input_shape, self.head_pruning, self.example_inputs)
+            exclude_modules(traced, self.exclude)
             expected = {unit.name: unit for unit in self.mutable_units}
             for name, group in zip(unit_names(traced), traced.groups):
                 unit = expected.pop(name, None)
@@ -469,6 +480,16 @@ class ChannelMutator:
         slim.train(self.masked_model.training)
         device = next(iter(self.dag.parameters()), torch.zeros(0)).device
         return slim.to(device)
+
+
+def _exclude_configured_units(dag: DagModule, units: list[ChannelUnit], exclude: Sequence[str]) -> None:
+    """Makes the units whose channel lists name a module of ``exclude`` not mutable."""
+    excluded = {vertex.name: pattern for vertex, pattern in excluded_vertices(dag, exclude).items()}
+    for unit in units:
+        entry = next((e for e in unit.output_related + unit.input_related if e.get("vertex") in excluded), None)
+        if unit.mutable and entry is not None:
+            unit.mutable = False
+            unit.reason = f"excluded: {entry['name']} matches exclude pattern {excluded[entry['vertex']]!r}"
 
 
 def _shape_tuple(shape: Sequence) -> tuple:
