@@ -30,7 +30,7 @@ from dagprune.outputs import OutputRecord
 from dagprune.specialization import (FIXED_META, OutputType, argument_values, fixed_arguments,
                                      remove_fixed_placeholders, required_extras, traced_signature)
 from dagprune.training_mode import evaluation_mode
-from dagprune.value_tracing import ValueProxy, ValueRecorder
+from dagprune.value_tracing import ValueProxy, ValueRecorder, torch_functions_for_proxies
 
 __all__ = ["build_from_unstructured_module", "register_leaf_module", "register_module_rewrite",
            "register_autowrap_function", "LEAF_MODULE_TYPES"]
@@ -181,7 +181,8 @@ def _trace(tracer: _DagTracer, source: nn.Module, inputs: ExampleInputs | None, 
     with traced_signature(source, inputs, output_type):
         fixed = fixed_arguments(source, inputs)
         tracer.record_values(source, {**argument_values(source, inputs), **fixed})
-        graph = tracer.trace(source, concrete_args=fixed or None)
+        with torch_functions_for_proxies(tracer):
+            graph = tracer.trace(source, concrete_args=fixed or None)
         remove_fixed_placeholders(graph, source, fixed)
     required_extras(graph, source, inputs)
     return graph

@@ -15,10 +15,17 @@ value:
 
 Buffers are traced as graph attributes (torch.fx ``proxy_buffer_attributes``), so a causal mask
 sliced by the traced sequence length (``self.bias[:, :, :T, :T]``) stays symbolic too.
+
+Two kinds of torch functions do not see proxies through ``__torch_function__``, and are patched
+while tracing (:func:`torch_functions_for_proxies`): ``torch.tensor`` / ``torch.as_tensor`` of a
+traced value (``torch.tensor(q.size(-1))``) are recorded as calls, and ``torch.finfo`` /
+``torch.iinfo`` of a traced dtype (``torch.finfo(x.dtype).min``) take the example's dtype: the
+DAG keeps that constant (convert the model in the dtype it will run in).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dis
 import inspect
 import sys
@@ -28,7 +35,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
 
-__all__ = ["ValueRecorder", "ValueProxy"]
+__all__ = ["ValueRecorder", "ValueProxy", "torch_functions_for_proxies"]
 
 _UNKNOWN = object()
 _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad",
@@ -128,7 +135,9 @@ class _ValueBehaviour:
             return value.shape[0]
         if hasattr(value, "__len__"):
             return len(value)
-        raise RuntimeError("'len' is not supported on this traced value; its example value is unknown")
+        if value is _UNKNOWN:
+            raise RuntimeError("'len' is not supported on this traced value; its example value is unknown")
+        raise TypeError(f"object of type '{type(value).__name__}' has no len()")
 
     def __iter__(self):
         value = self._known_value()
@@ -166,3 +175,44 @@ class ValueProxy(_ValueBehaviour, fx.Proxy):
 
 class ValueAttribute(_ValueBehaviour, fx.proxy.Attribute):
     """An attribute read (``x.shape``, ``x.ndim``) of a :class:`ValueProxy`."""
+
+
+def _has_proxy(args, kwargs) -> bool:
+    found = []
+    map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
+    return bool(found)
+
+
+def _recorded(tracer, original):
+    def call(*args, **kwargs):
+        if _has_proxy(args, kwargs):
+            return tracer.create_proxy("call_function", original, args, kwargs)
+        return original(*args, **kwargs)
+    return call
+
+
+def _specialised(tracer, original):
+    def call(*args, **kwargs):
+        def concrete(argument):
+            if not isinstance(argument, fx.Proxy):
+                return argument
+            recorder = tracer.values
+            if recorder is None or not recorder.is_static(argument.node):
+                raise fx.proxy.TraceError(f"torch.{original.__name__} of a traced value that is not a known dtype")
+            return recorder.value(argument.node)
+        return original(*map_aggregate(args, concrete), **map_aggregate(kwargs, concrete))
+    return call
+
+
+@contextlib.contextmanager
+def torch_functions_for_proxies(tracer):
+    """While active, the torch functions named in the module's docstring accept proxies."""
+    patches = {"tensor": _recorded, "as_tensor": _recorded, "finfo": _specialised, "iinfo": _specialised}
+    originals = {name: getattr(torch, name) for name in patches}
+    try:
+        for name, wrap in patches.items():
+            setattr(torch, name, wrap(tracer, originals[name]))
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch, name, original)

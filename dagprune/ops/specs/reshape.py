@@ -144,7 +144,7 @@ def whole_size_input(module) -> int | None:
     return sizes.index if whole else None
 
 
-def _couple_sizes(ctx, module, layouts, result: Layout, ndim: int, unify_tracked: bool) -> Layout:
+def _couple_sizes(ctx, module, layouts, values, result: Layout, ndim: int, unify_tracked: bool) -> Layout:
     """Couples output axes with the channel axes their run-time sizes were read from.
 
     A size shaping an axis that carries no channels, or another number of them, bars the axis it
@@ -156,10 +156,11 @@ def _couple_sizes(ctx, module, layouts, result: Layout, ndim: int, unify_tracked
     tags = [layouts[size.index] if isinstance(size, InputRef) else None
             for size in _size_arguments(module, ndim)]
     whole = whole_size_input(module)
-    if whole is not None and isinstance(layouts[whole], tuple) and len(layouts[whole]) == ndim:
-        tags = list(layouts[whole])  # one tag per output axis
-    else:
-        whole = None
+    if whole is not None:
+        whole_layout = layouts[whole]
+        tags = list(whole_layout) if isinstance(whole_layout, tuple) and len(whole_layout) == ndim else [None] * ndim
+        result = _bar_sizes_made_elsewhere(ctx, result, tags, values[whole])
+        unify_tracked = True  # a whole run-time shape cannot be rewritten: its axes must agree
     for axis, tag in enumerate(tags):
         if not isinstance(tag, ShapeTag):
             continue
@@ -178,6 +179,18 @@ def _couple_sizes(ctx, module, layouts, result: Layout, ndim: int, unify_tracked
     return result
 
 
+def _bar_sizes_made_elsewhere(ctx, result: Layout, tags: list, sizes) -> Layout:
+    """A whole shape tuple computed by other ops (``x.size()[:-1] + (heads, dim)``) fixes the
+    size of every axis it does not read from a channel axis (or leave to the reshape, -1):
+    channels there cannot be removed."""
+    for axis, atoms in list((result or {}).items()):
+        inferred = isinstance(sizes, (tuple, list)) and axis < len(sizes) and sizes[axis] == -1
+        if axis < len(tags) and not isinstance(tags[axis], ShapeTag) and not inferred:
+            ctx.barrier(atoms, "shaped by a size computed outside the reshape")
+            result.pop(axis)
+    return result
+
+
 def reshape_coupling(ctx, vertex, module, layouts, values, output):
     x_index = argument_input(module, 0, "input") if isinstance(module, FunctionalOp) else 0
     if x_index is None or not isinstance(output, torch.Tensor):
@@ -192,7 +205,7 @@ def reshape_coupling(ctx, vertex, module, layouts, values, output):
     if other_tensors and result:
         ctx.barrier_layout(result, "reshaped like another tensor")
         result = None
-    return _couple_sizes(ctx, module, layouts, result, output.ndim, unify_tracked=False) or None
+    return _couple_sizes(ctx, module, layouts, values, result, output.ndim, unify_tracked=False) or None
 
 
 def expand_coupling(ctx, vertex, module, layouts, values, output):
@@ -207,7 +220,7 @@ def expand_coupling(ctx, vertex, module, layouts, values, output):
     for index, layout_other in enumerate(layouts[1:], start=1):
         if isinstance(values[index], torch.Tensor):
             ctx.barrier_layout(layout_other, "expand template tensor")
-    return _couple_sizes(ctx, module, layouts, result, output.ndim, unify_tracked=True) or None
+    return _couple_sizes(ctx, module, layouts, values, result, output.ndim, unify_tracked=True) or None
 
 
 def _rewrite_sizes(sizes, new_sizes: list[int], old_sizes, static_positions=frozenset()) -> Any:
