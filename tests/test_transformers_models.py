@@ -116,6 +116,24 @@ def test_llama_grouped_query_attention_stays_consistent_after_removal():
     assert widths["lm_head"][1] < 32  # the residual width was pruned with the gates
 
 
+def test_llama_whole_heads_go_with_their_shared_key_value_head():
+    _, dag, example, fixed = _converted("llama")
+    pruning = ChannelPruning(dag, None, 0.5, 20, example_inputs=example, head_pruning="heads")
+    gated = pruning.prepare_for_pruning()
+    head_groups = [g for g in pruning.analysis.prunable_groups
+                   if any("q_proj" in (v.qualified_name or "") for v, _ in g.producers)]
+    assert len(head_groups) == 2 and all(len(g.classes) == 2 for g in head_groups)  # 2 kv heads a layer
+    for _ in random_gate_states(pruning, seed=4, count=3):
+        slim = assert_removal_matches_gates(pruning, gated, _inputs(2, 6, 2, seed=8, fixed=fixed))
+        widths = {v.qualified_name: v.module.weight.shape for v in slim.inner_vertices
+                  if isinstance(v.module, torch.nn.Linear)}
+        for layer in range(2):
+            attention = f"model.layers.{layer}.self_attn."
+            kv_heads = widths[attention + "k_proj"][0] // 8
+            assert widths[attention + "v_proj"][0] == 8 * kv_heads
+            assert widths[attention + "q_proj"][0] == widths[attention + "o_proj"][1] == 16 * kv_heads
+
+
 _LOAD_WITHOUT_TRANSFORMERS = textwrap.dedent("""
     import sys
     class _NoTransformers:

@@ -6,6 +6,7 @@ an axis carrying channels in one operand and broadcast or untracked in another i
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,6 +29,10 @@ def _tensor_operands(layouts, values) -> list:
 def elementwise_coupling(ctx, vertex, module, layouts, values, output):
     if isinstance(output, tuple) and module.short_name in ("add", "iadd"):
         return _concatenated_sizes(ctx, module, layouts, values, output)
+    if isinstance(output, int) and module.short_name == "mul":
+        repeated = _repeated_size(module, layouts)
+        if repeated is not None:
+            return repeated
     for layout in layouts:  # a channel count in arithmetic: not followed
         if is_size_layout(layout):
             ctx.barrier_layout(layout, f"channel count used by {describe_op(module)}")
@@ -64,6 +69,19 @@ def pointwise_coupling(ctx, vertex, module, layouts, values, output):
     if module.short_name in _DTYPE_SOURCES and len(tensors) > 1:
         tensors = tensors[:1]
     return broadcast_axes(ctx, tensors, output.shape, f"{module.function_name} broadcast") or None
+
+
+def _repeated_size(module, layouts):
+    """``heads * n_rep``: a channel count times a constant sizes an axis holding each channel
+    that many times in a row (grouped-query attention's key/value heads, repeated for the query
+    heads); the reshape reading it checks the axis against it."""
+    first, second = module.argument(0, None), module.argument(1, None)
+    if isinstance(second, InputRef) and isinstance(first, int):
+        first, second = second, first
+    if not (isinstance(first, InputRef) and isinstance(second, int) and second > 0):
+        return None
+    tag = layouts[first.index]
+    return ShapeTag(np.repeat(tag.atoms, second)) if isinstance(tag, ShapeTag) else None
 
 
 class _Residual(nn.Module):

@@ -61,13 +61,13 @@ def reshape_axis_groups(in_shape, out_shape) -> list[tuple[list[int], list[int]]
     return groups
 
 
-_HEAD_LOOKAHEAD = 8  # vertices followed from a reshape to the attention that reads its heads
+_HEAD_LOOKAHEAD = 48  # vertices followed from a reshape to the attention that reads its heads
 
 
 def _feeds_attention(ctx, vertex) -> bool:
     """Whether ``vertex``'s output reaches an attention or batched matmul through ops that only
-    move axes or act per element (permute, unbind, q/k norms, scaling), not through a reshape or
-    a layer with weights."""
+    move axes, repeat or act per element (permute, unbind, q/k norms, rotary embeddings,
+    grouped-query attention's repeat of the key/value heads), not through a layer with weights."""
     frontier, seen = list(ctx.users.get(vertex, ())), set()
     while frontier and len(seen) < _HEAD_LOOKAHEAD:
         user = frontier.pop(0)
@@ -78,8 +78,7 @@ def _feeds_attention(ctx, vertex) -> bool:
         if isinstance(module, (AttentionOp, MatmulOp)):
             return True
         has_weights = any(True for _ in module.parameters(recurse=False))
-        if isinstance(module, ReshapeOp) or (
-                has_weights and not isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm))):
+        if has_weights and not isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
             continue
         frontier.extend(ctx.users.get(user, ()))
     return False
