@@ -97,14 +97,17 @@ def test_gates_train_and_removal_is_exact(name):
     assert compute_flops(slim, example_inputs=example) < compute_flops(dag, example_inputs=example)
 
 
+def _linear_widths(dag) -> dict:
+    return {v.qualified_name: v.module.weight.shape for v in dag.inner_vertices if isinstance(v.module, torch.nn.Linear)}
+
+
 def test_llama_grouped_query_attention_stays_consistent_after_removal():
     _, dag, example, fixed = _converted("llama")
     pruning = ChannelPruning(dag, None, 0.5, 20, example_inputs=example)
     gated = pruning.prepare_for_pruning()
     for _ in random_gate_states(pruning, seed=3, count=1):
         slim = assert_removal_matches_gates(pruning, gated, _inputs(2, 6, 1, seed=7, fixed=fixed))
-    widths = {v.qualified_name: v.module.weight.shape for v in slim.inner_vertices
-              if isinstance(v.module, torch.nn.Linear)}
+    widths = _linear_widths(slim)
     for layer in range(2):
         prefix = f"model.layers.{layer}."
         hidden = widths[prefix + "self_attn.q_proj"][1]
@@ -125,8 +128,7 @@ def test_llama_whole_heads_go_with_their_shared_key_value_head():
     assert len(head_groups) == 2 and all(len(g.classes) == 2 for g in head_groups)  # 2 kv heads a layer
     for _ in random_gate_states(pruning, seed=4, count=3):
         slim = assert_removal_matches_gates(pruning, gated, _inputs(2, 6, 2, seed=8, fixed=fixed))
-        widths = {v.qualified_name: v.module.weight.shape for v in slim.inner_vertices
-                  if isinstance(v.module, torch.nn.Linear)}
+        widths = _linear_widths(slim)
         for layer in range(2):
             attention = f"model.layers.{layer}.self_attn."
             kv_heads = widths[attention + "k_proj"][0] // 8
