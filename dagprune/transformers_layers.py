@@ -8,6 +8,8 @@ and saves without naming transformers:
 * GPT-2's ``Conv1D`` (a linear layer whose weight is stored transposed, applied with ``addmm``
   to a flattened input) into ``nn.Linear`` with the transposed weight. The result is the same
   product; it may differ from ``Conv1D``'s in the last bits;
+* subclasses of ``nn.Linear`` with a forward of their own (Falcon's ``x @ W.T + b``) into
+  ``nn.Linear`` sharing the weight and bias, if the two agree on a random input (as below);
 * the RMS norms each model family defines (``LlamaRMSNorm``, ``Qwen2RMSNorm``, ``T5LayerNorm``,
   ...: a module of transformers with one 1-D ``weight`` and an epsilon) into ``nn.RMSNorm``
   sharing the weight, *if* the two agree on a random input (to 1e-6, relative; they are
@@ -50,20 +52,39 @@ def _looks_like_rms_norm(module: nn.Module) -> bool:
     return names == ["weight"] and module.weight.ndim == 1 and _epsilon(module) is not None
 
 
+def _agrees(module: nn.Module, candidate: nn.Module, features: int) -> bool:
+    """Whether ``candidate`` computes what ``module`` computes on a seeded random input."""
+    weight = next(module.parameters())
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+    x = torch.randn(2, 3, features, generator=generator, device=weight.device).to(weight.dtype) * 3
+    with torch.no_grad():
+        expected, got = module(x), candidate(x)
+        if not isinstance(expected, torch.Tensor) or expected.shape != got.shape:
+            return False
+        scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
+        return bool(((expected - got).abs().max() / scale) <= max(_AGREEMENT, torch.finfo(weight.dtype).eps))
+
+
 @register_module_rewrite(_looks_like_rms_norm)
 def _rewrite_rms_norm(module: nn.Module) -> nn.Module:
     weight = module.weight
     candidate = nn.RMSNorm(weight.shape[0], eps=_epsilon(module), device=weight.device, dtype=weight.dtype)
     candidate.weight = weight  # shared, as the model's other users of it expect
-    generator = torch.Generator(device=weight.device).manual_seed(0)
-    x = torch.randn(2, 3, weight.shape[0], generator=generator, device=weight.device).to(weight.dtype) * 3
-    with torch.no_grad():
-        expected, got = module(x), candidate(x)
-        if not isinstance(expected, torch.Tensor) or expected.shape != got.shape:
-            return module
-        scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
-        agree = bool(((expected - got).abs().max() / scale) <= max(_AGREEMENT, torch.finfo(weight.dtype).eps))
-    return candidate.train(module.training) if agree else module
+    return candidate.train(module.training) if _agrees(module, candidate, weight.shape[0]) else module
+
+
+def _is_linear_subclass(module: nn.Module) -> bool:
+    """A transformers subclass of ``nn.Linear`` with its own forward (Falcon's ``x @ W.T + b``)."""
+    return isinstance(module, nn.Linear) and type(module) is not nn.Linear \
+        and type(module).__module__.startswith("transformers.")
+
+
+@register_module_rewrite(_is_linear_subclass)
+def _rewrite_linear_subclass(module: nn.Linear) -> nn.Module:
+    candidate = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                          device=module.weight.device, dtype=module.weight.dtype)
+    candidate.weight, candidate.bias = module.weight, module.bias  # shared
+    return candidate.train(module.training) if _agrees(module, candidate, module.in_features) else module
 
 
 @register_module_rewrite(_pytorch_utils.Conv1D)

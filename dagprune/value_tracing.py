@@ -10,6 +10,10 @@ value:
   tensor's *data* (``x.sum() > 0``, ``x.item()``) is refused, since a branch on data would be
   silently wrong for other inputs.
 - ``len()`` and iteration unpack tuples, sizes and lists by their example length.
+- ``int()``, ``float()`` and ``operator.index()`` of such a value (``int(math.ceil(h / p))``,
+  ``range(n)``, ``len(x)`` of a tensor) take the example's number, and the graph checks at run
+  time that the value is still that number: other sizes get a clear error, never a silently
+  wrong result.
 - The graph itself stays symbolic: ``x.view(x.shape[0], -1)`` reads the shape at run time, so
   the DAG accepts other batch sizes and sequence lengths wherever the model's arithmetic does.
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dis
 import inspect
+import operator
 import sys
 from typing import Any
 
@@ -132,7 +137,7 @@ class _ValueBehaviour:
     def __len__(self) -> int:
         value = self._known_value()
         if isinstance(value, torch.Tensor):
-            return value.shape[0]
+            return _guarded(self.size(0), value.shape[0], "len()")
         if hasattr(value, "__len__"):
             return len(value)
         if value is _UNKNOWN:
@@ -148,6 +153,22 @@ class _ValueBehaviour:
             return iter([self[i] for i in range(unpacked)])
         return self.tracer.iter(self)
 
+    def __int__(self) -> int:
+        return self._specialised(int)
+
+    def __index__(self) -> int:
+        return self._specialised(operator.index)
+
+    def __float__(self) -> float:
+        return self._specialised(float)
+
+    def _specialised(self, convert):
+        recorder = self._recorder()
+        if recorder is None or not recorder.is_static(self.node):
+            raise fx.proxy.TraceError(f"{convert.__name__}() of a traced value computed from tensor data "
+                                      "(or not known), which a traced graph cannot follow for other inputs")
+        return _guarded(self, convert(recorder.value(self.node)), f"{convert.__name__}()")
+
     def __getattr__(self, name: str):
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
@@ -156,6 +177,17 @@ class _ValueBehaviour:
     def _known_value(self) -> Any:
         recorder = self._recorder()
         return _UNKNOWN if recorder is None else recorder.value(self.node)
+
+
+def _guarded(proxy, value, how: str):
+    """``value``, the example's value of ``proxy``, made a constant of the graph, which then
+    checks at run time that ``proxy`` still has it (a clear error, never a silently wrong
+    result, when the DAG is called with sizes the model specialised on)."""
+    message = (f"the model turned a size into a Python number ({how}) while it was converted: the DAG "
+               f"runs only where it is {value!r}, as in the example inputs; convert with example inputs "
+               "of the sizes it will run with")
+    proxy.tracer.create_proxy("call_function", torch._assert, (proxy == value, message), {})
+    return value
 
 
 def _unpacked_length(frame) -> int | None:

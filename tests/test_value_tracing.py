@@ -187,3 +187,26 @@ def test_a_module_that_is_no_submodule_is_traced_through():
     dag = dagprune.build_from_unstructured_module(model, example_inputs=(torch.randn(2, 4),))
     x = torch.randn(3, 4)
     assert torch.equal(model(x), dag(x))
+
+
+class _SquareTokens(nn.Module):
+    """A ViT-style token grid whose side is computed with int(): a size the model specialises."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, tokens):
+        batch, count, width = tokens.shape
+        side = int(math.sqrt(count))
+        grid = tokens.transpose(1, 2).reshape(batch, width, side, side)
+        return self.conv(grid).flatten(2).transpose(1, 2)
+
+
+def test_int_of_a_size_is_specialised_and_guarded_at_run_time():
+    model = _SquareTokens().eval()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=(torch.randn(2, 16, 4),))
+    x = torch.randn(3, 16, 4)  # another batch size, the same grid: runs
+    assert torch.equal(model(x), dag(x))
+    with pytest.raises(Exception, match="runs only where it is 4"):
+        dag(torch.randn(2, 25, 4))  # a 5 x 5 grid: the model specialised the side on 4

@@ -1,0 +1,501 @@
+"""Sweep Hugging Face transformers models: conversion, save/load, channel groups, exact removal.
+
+Every class in :data:`transformers_tiny_models.MODELS` is built from a tiny config (random
+weights, no download, eval mode) and called with keyword example inputs: ``input_ids`` with an ``attention_mask`` that pads
+one row (``use_cache=False`` for decoders) for text models, ``pixel_values`` for vision models.
+One JSON line per model records:
+
+* ``converts_exactly``: :func:`dagprune.compare_module_outputs` <= 1e-5 (relative) on the example
+  inputs AND on a second input of another batch size (and, for text, another length and padding);
+  ``output_type_kept``: the DAG returns the model's ``ModelOutput`` class;
+* ``roundtrip_exact``: the DAG, saved with ``dag.save``, loads with :func:`dagprune.load_dag` in a
+  fresh process where importing ``transformers`` raises ModuleNotFoundError (as if it were not
+  installed), and computes bit-equal outputs and state; when it does not, ``roundtrip_error`` and
+  ``roundtrip_with_transformers_exact`` (the same check in the converting process);
+* ``prunable``: :func:`find_channel_groups` finds a prunable group (``unprunable_reasons``: the
+  most common reasons of the others); ``prunable_proportion`` and ``max_removable_proportion``
+  from ``ChannelPruning(dag, None, 0.5, 10, example_inputs=...)``;
+* ``removal_exact``: under random gate logits, the slim model from ``remove_channels()`` computes
+  what the gated eval model computes (<= 1e-4 relative) on both inputs; ``flops`` and
+  ``slim_flops``: :func:`compute_flops` before and after removal.
+
+A failing stage records ``error`` (type and first line), ``failed_stage`` and a short
+``traceback``. Each model runs in its own subprocess under a wall-clock timeout; the child writes
+its record after each stage, so a model that times out still reports the stages it finished.
+
+Usage::
+
+    nice -n 10 python scripts/coverage_transformers.py                  # all, writes the table
+    python scripts/coverage_transformers.py --models 'Bert*' '*ForCausalLM'
+    python scripts/coverage_transformers.py --table-only               # table from the JSONL
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS = REPO_ROOT / "build" / "coverage_transformers" / "results.jsonl"
+DEFAULT_TABLE = REPO_ROOT / "resources" / "supported_transformers.md"
+CONVERSION_TOLERANCE = 1e-5
+REMOVAL_TOLERANCE = 1e-4
+PRUNING_TARGET = 0.5
+FALLBACK_PRUNING_TARGET = 0.99  # prunable, just not down to 50% of the FLOPs (the check does not train)
+SCRIPTS = Path(__file__).resolve().parent
+for _path in (REPO_ROOT, SCRIPTS):  # dagprune; removal_check, shared with the other sweeps
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from transformers_tiny_models import MODELS, build_model, describe, example_inputs
+
+# run in a fresh interpreter where transformers cannot be imported (this script imports it
+# lazily): loads the saved DAG and compares it with what the converting process saved
+_LOAD_CHECK = """
+import importlib.abc, sys
+class BlockTransformers(importlib.abc.MetaPathFinder):  # as if transformers were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformers" or name.startswith("transformers."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: a saved DAG must load without it)")
+sys.meta_path.insert(0, BlockTransformers())
+sys.path[:0] = sys.argv[1:3]
+import torch, dagprune
+from coverage_transformers import compare_bit_for_bit
+dag = dagprune.load_dag(sys.argv[3] + "/dag").eval()
+expected = torch.load(sys.argv[3] + "/expected.pt")
+with torch.no_grad():
+    output = dag(**expected["inputs"])
+same_output, same_state = compare_bit_for_bit(expected["output"], output, expected["state"], dag.state_dict())
+print("OUTPUT_TYPE", getattr(output, "type_name", type(output).__name__))
+print("ROUNDTRIP", same_output and same_state, "OUTPUT", same_output, "STATE", same_state)
+"""
+
+
+# ---------------------------------------------------------------------------------- the check
+def check_model(name: str, report=None, seed: int = 0) -> dict:
+    """Runs every stage on ``name`` in this process.
+
+    Args:
+        name: a key of :data:`MODELS` (a transformers class name).
+        report: called with keyword results as soon as each is known (so a parent that kills a
+            slow child still has the stages that finished); None to only return them.
+        seed: seeds the weights, the inputs and the gate logits.
+
+    Returns:
+        The recorded fields (see the module docstring). A failing stage raises; the fields
+        recorded before it have gone to ``report``.
+    """
+    record: dict = {"kind": MODELS[name][0]}
+
+    def note(**fields):
+        record.update(fields)
+        if report is not None:
+            report(**fields)
+
+    note(stage="build", kind=record["kind"])
+    model = build_model(name, seed)
+    inputs = example_inputs(name, model.config, seed=seed)
+    second = example_inputs(name, model.config, second=True, seed=seed)
+    note(params=sum(p.numel() for p in model.parameters()), example=describe(inputs),
+         second_example=describe(second))
+
+    note(stage="convert")
+    dag = _convert(model, inputs, second, note)
+    note(stage="roundtrip")
+    _check_roundtrip(dag, inputs, note)
+    note(stage="groups")
+    if not _find_groups(dag, inputs, note):
+        note(stage="done")
+        return record
+    note(stage="prune")
+    pruning, gated = _prepare_pruning(dag, inputs, note)
+    note(stage="flops")
+    note(flops=int(_compute_flops(dag, inputs)))
+    note(stage="remove")
+    _check_removal(pruning, gated, inputs, second, seed, note)
+    note(stage="done")
+    return record
+
+
+def _convert(model, inputs: dict, second: dict, note):
+    """The DAG of ``model``, with its differences from the model on both inputs noted."""
+    import torch
+
+    import dagprune as dp
+    from dagprune.compare import describe_non_finite
+    dag = dp.build_from_unstructured_module(model, example_inputs=inputs)
+    difference = float(dp.compare_module_outputs(model, dag, example_inputs=inputs, raise_error=False))
+    note(convert_max_rel_diff=difference)
+    second_difference = float(dp.compare_module_outputs(model, dag, example_inputs=second, raise_error=False))
+    with torch.no_grad():
+        model_output, dag_output = model(**inputs), dag(**inputs)
+    note(second_max_rel_diff=second_difference,
+         reference_finite=describe_non_finite(model_output) is None,
+         output_type=type(model_output).__name__,
+         output_type_kept=type(dag_output) is type(model_output),
+         converts_exactly=max(difference, second_difference) <= CONVERSION_TOLERANCE)
+    return dag
+
+
+def _check_roundtrip(dag, inputs: dict, note) -> None:
+    """Notes whether the saved DAG loads bit-exactly without transformers; when it does not,
+    the error, and whether it does in this process (where transformers is imported)."""
+    try:
+        roundtrip_exact, loaded_type = round_trips_without_transformers(dag, inputs)
+        note(roundtrip_exact=roundtrip_exact, loaded_output_type=loaded_type)
+        return
+    except Exception as error:  # noqa: BLE001 - recorded; the pruning stages do not need it
+        note(roundtrip_exact=False, roundtrip_error=_first_line(error),
+             roundtrip_traceback=getattr(error, "child_traceback", None)
+             or _short_traceback(traceback.format_exc()))
+    try:
+        note(roundtrip_with_transformers_exact=round_trips_in_process(dag, inputs))
+    except Exception as error:  # noqa: BLE001 - recorded
+        note(roundtrip_with_transformers_exact=False, roundtrip_with_transformers_error=_first_line(error))
+
+
+def _find_groups(dag, inputs: dict, note) -> bool:
+    """Notes the channel groups; whether one is prunable."""
+    from dagprune_algorithms.pruning import find_channel_groups
+    analysis = find_channel_groups(dag, example_inputs=inputs)
+    prunable = [group for group in analysis.groups if group.prunable]
+    reasons = collections.Counter(group.reason.split(": ", 1)[-1][:120]  # without the vertex name
+                                  for group in analysis.groups if not group.prunable)
+    note(channel_groups=len(analysis.groups), prunable_groups=len(prunable), prunable=bool(prunable),
+         unprunable_reasons=[f"{count} x {reason}" for reason, count in reasons.most_common(3)])
+    return bool(prunable)
+
+
+def _prepare_pruning(dag, inputs: dict, note):
+    """``ChannelPruning`` at 50% of the FLOPs, or at 99% when 50% cannot be reached; gated DAG."""
+    import dagprune as dp
+    from dagprune_algorithms.pruning import ChannelPruning
+    target = PRUNING_TARGET
+    pruning = ChannelPruning(dag, None, target, 10, example_inputs=inputs)
+    try:
+        gated = pruning.prepare_for_pruning()
+    except dp.errors.PruningError as error:
+        if "cannot be reached" not in str(error):
+            raise
+        target = FALLBACK_PRUNING_TARGET
+        pruning = ChannelPruning(dag, None, target, 10, example_inputs=inputs)
+        gated = pruning.prepare_for_pruning()
+    note(pruning_target=target, prunable_proportion=float(pruning.prunable_proportion),
+         max_removable_proportion=float(pruning.max_removable_proportion))
+    return pruning, gated
+
+
+def _compute_flops(dag, inputs: dict) -> int:
+    from dagprune_algorithms.pruning import compute_flops
+    return compute_flops(dag, example_inputs=inputs)
+
+
+def _check_removal(pruning, gated, inputs: dict, second: dict, seed: int, note) -> None:
+    """Random gates, slim model; its differences from the gated model on both inputs, its FLOPs."""
+    import torch
+    from removal_check import removal_difference_at_random_gates
+
+    import dagprune as dp
+    difference, slim, _ = removal_difference_at_random_gates(pruning, gated, None, 0, seed + 1,
+                                                             example_inputs=inputs)
+    note(removal_max_rel_diff=difference)
+    with torch.no_grad():
+        second_difference = float(dp.max_relative_difference(gated(**second), slim(**second)))
+    note(removal_second_max_rel_diff=second_difference,
+         removal_exact=max(difference, second_difference) <= REMOVAL_TOLERANCE,
+         slim_params=sum(p.numel() for p in slim.parameters()))
+    note(slim_flops=int(_compute_flops(slim, inputs)))
+
+
+def _named_tensors(value, path: str = "output") -> list:
+    """The tensors of an output (nested dicts, tuples, lists), named by where they sit."""
+    import torch
+    if isinstance(value, torch.Tensor):
+        return [(path, value)]
+    if isinstance(value, dict):
+        return [t for key, item in value.items() for t in _named_tensors(item, f"{path}.{key}")]
+    if isinstance(value, (tuple, list)):
+        return [t for index, item in enumerate(value) for t in _named_tensors(item, f"{path}[{index}]")]
+    return []
+
+
+def compare_bit_for_bit(expected_output, output, expected_state: dict, state: dict) -> tuple[bool, bool]:
+    """Whether ``output`` holds the tensors of ``expected_output`` (an output, or its
+    :func:`_named_tensors`) under the same names and dtypes, bit for bit; and whether the two
+    state dicts are equal bit for bit."""
+    import torch
+    expected = expected_output if isinstance(expected_output, list) else _named_tensors(expected_output)
+    actual = _named_tensors(output)
+    same_output = [name for name, _ in expected] == [name for name, _ in actual] and all(
+        e.dtype == a.dtype and torch.equal(e, a) for (_, e), (_, a) in zip(expected, actual))
+    same_state = expected_state.keys() == state.keys() and all(
+        torch.equal(value, state[key]) for key, value in expected_state.items())
+    return same_output, same_state
+
+
+def round_trips_without_transformers(dag, inputs: dict) -> tuple[bool, str]:
+    """Whether the saved DAG loads bit-exactly in a process that cannot import transformers;
+    and the class name of the loaded DAG's output."""
+    import torch
+    dag.eval()
+    with torch.no_grad():
+        output = dag(**inputs)
+    with tempfile.TemporaryDirectory(prefix="dagprune-hf-") as folder:
+        dag.save(Path(folder) / "dag")
+        torch.save({"inputs": inputs, "output": _named_tensors(output), "state": dag.state_dict()},
+                   Path(folder) / "expected.pt")
+        result = subprocess.run([sys.executable, "-c", _LOAD_CHECK, str(REPO_ROOT), str(SCRIPTS), folder],
+                                capture_output=True, text=True, timeout=300, check=False)
+    loaded_type = next((line.split()[1] for line in result.stdout.splitlines()
+                        if line.startswith("OUTPUT_TYPE")), "")
+    if "ROUNDTRIP True" in result.stdout:
+        return True, loaded_type
+    if "ROUNDTRIP False" in result.stdout:
+        verdict = next(line for line in result.stdout.splitlines() if line.startswith("ROUNDTRIP"))
+        raise AssertionError(f"the loaded DAG differs from the saved one ({verdict})")
+    raise LoadFailure("loading without transformers: " + _last_line(result.stderr),
+                      _short_traceback(result.stderr))
+
+
+class LoadFailure(RuntimeError):
+    """Loading failed in the fresh process; ``child_traceback``: the end of its traceback."""
+
+    def __init__(self, message: str, child_traceback: str):
+        super().__init__(message)
+        self.child_traceback = child_traceback
+
+
+def round_trips_in_process(dag, inputs: dict) -> bool:
+    """Whether the saved DAG, loaded in this process, computes bit-equal outputs and state."""
+    import torch
+
+    import dagprune as dp
+    with tempfile.TemporaryDirectory(prefix="dagprune-hf-") as folder:
+        loaded = dp.load_dag(dag.save(Path(folder) / "dag")).eval()
+    with torch.no_grad():
+        same_output, same_state = compare_bit_for_bit(dag.eval()(**inputs), loaded(**inputs),
+                                                      dag.state_dict(), loaded.state_dict())
+    return same_output and same_state
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:400]
+
+
+# ---------------------------------------------------------------------------------- the sweep
+def _run_child(name: str, record_path: Path) -> None:
+    record: dict = {"name": name}
+
+    def report(**fields):
+        record.update(fields)
+        record_path.write_text(json.dumps(record))
+
+    start = time.time()
+    try:
+        check_model(name, report)
+    except Exception as error:  # noqa: BLE001 - recorded as the model's failure
+        report(error=_first_line(error), failed_stage=record.get("stage"),
+               traceback=_short_traceback(traceback.format_exc()))
+    report(seconds=round(time.time() - start, 1))
+
+
+def _short_traceback(text: str, frames: int = 5) -> str:
+    """The last ``frames`` frames and the error of a formatted traceback, without the frames of
+    ``nn.Module.__call__``."""
+    lines = [line for line in text.rstrip().splitlines() if "Traceback (most recent" not in line]
+    blocks, current = [], []
+    for line in lines:
+        if line.startswith("  File ") and current:
+            blocks.append(current)
+            current = []
+        current.append(line)
+    blocks.append(current)
+    kept = [block for block in blocks if "torch/nn/modules/module.py" not in block[0]]
+    return "\n".join(line for block in kept[-frames - 1:] for line in block)[-3000:]
+
+
+def sweep(names: list[str], results: Path, timeout: float) -> None:
+    results.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if results.exists():
+        done = {json.loads(line)["name"] for line in results.read_text().splitlines() if line}
+    for name in names:
+        if name in done:
+            continue
+        record = _run_in_subprocess(name, timeout)
+        with results.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+        print(json.dumps({k: v for k, v in record.items() if k != "traceback"}), flush=True)
+
+
+def _run_in_subprocess(name: str, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="dagprune-hf-record-") as folder:
+        record_path = Path(folder) / "record.json"
+        start = time.time()
+        try:
+            subprocess.run([sys.executable, __file__, "--child", name, str(record_path)],
+                           timeout=timeout, capture_output=True, check=False)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        record = json.loads(record_path.read_text()) if record_path.exists() else {"name": name}
+    if timed_out:
+        record.update(error=f"timed out after {timeout:.0f} s in stage {record.get('stage')}",
+                      failed_stage=record.get("stage"))
+    elif "seconds" not in record and "error" not in record:
+        record.update(error=f"child process died in stage {record.get('stage')}",
+                      failed_stage=record.get("stage"))
+    record.setdefault("seconds", round(time.time() - start, 1))
+    return record
+
+
+# ---------------------------------------------------------------------------------- the table
+def _mark(value) -> str:
+    return {True: "yes", False: "**no**", None: "-"}[value]
+
+
+def _problems(record: dict) -> list[str]:
+    """Every check of ``record`` that did not hold, the stage first: errors, then differences."""
+    problems = []
+    if record.get("error"):
+        problems.append(f"{record.get('failed_stage')}: {record['error']}")
+    if record.get("roundtrip_error"):
+        with_transformers = {True: "bit-exact", False: "**not** bit-exact", None: "not checked"}[
+            record.get("roundtrip_with_transformers_exact")]
+        problems.append(f"roundtrip: {record['roundtrip_error']} (loaded with transformers "
+                        f"imported: {with_transformers})")
+    if record.get("converts_exactly") is False:
+        problems.append(f"convert: output differs by {record['convert_max_rel_diff']:.1e} "
+                        f"(second input {record.get('second_max_rel_diff', float('nan')):.1e})")
+    if record.get("output_type_kept") is False:
+        problems.append(f"convert: the DAG does not return {record.get('output_type')}")
+    if record.get("prunable") is False:
+        problems.append("groups: no prunable group: " + "; ".join(record.get("unprunable_reasons", [])))
+    if record.get("removal_exact") is False:
+        problems.append(f"remove: slim differs by {record['removal_max_rel_diff']:.1e} (second "
+                        f"input {record.get('removal_second_max_rel_diff', float('nan')):.1e})")
+    return problems
+
+
+def _read_records(results: Path) -> dict:
+    records = {}
+    for line in results.read_text().splitlines():
+        if line:
+            record = json.loads(line)
+            records[record["name"]] = record
+    return records
+
+
+_DESCRIPTION = (
+    "Written by `scripts/coverage_transformers.py`: each class built from a tiny config (random "
+    "weights, eval mode; `scripts/transformers_tiny_models.py`), called with keyword inputs "
+    "(`input_ids` and an `attention_mask` padding one row, `use_cache=False` for decoders; "
+    "`pixel_values` for vision). Convert: output within 1e-5 (relative) of the original on the "
+    "example and on a second input of another batch size (text: another length and padding). "
+    "Save/load: the saved DAG loads in a fresh process where `import transformers` fails, "
+    "bit-exact. Prunable: a prunable channel group. Removal: slim model within 1e-4 of the gated "
+    "model under random gates (both inputs). FLOPs per sample on the example, before and after "
+    "removal.")
+_HEADER = ("| model | kind | params | convert | save/load | prunable | prunable proportion "
+           "| max removable | removal | FLOPs (K) | slim FLOPs (K) | failure |")
+
+
+def write_table(results: Path, table: Path, note: str = "") -> None:
+    records = _read_records(results)
+
+    def count(key: str) -> int:
+        return sum(bool(r.get(key)) for r in records.values())
+
+    def number(record: dict, key: str, form: str) -> str:
+        return form.format(record[key]) if record.get(key) is not None else "-"
+
+    summary = (f"**{count('converts_exactly')} of {len(records)} convert, {count('roundtrip_exact')} "
+               f"save/load, {count('prunable')} prunable, {count('removal_exact')} removal-exact**"
+               f"{(' ' + note) if note else ''}")
+    lines = ["# Hugging Face transformers models", "", _DESCRIPTION, "", summary, "", _HEADER,
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in sorted(records, key=lambda n: (records[n].get("kind", ""), n)):
+        r = records[name]
+        lines.append(
+            f"| {name} | {r.get('kind', '-')} | {number(r, 'params', '{:,}')} | "
+            f"{_mark(r.get('converts_exactly'))} | {_mark(r.get('roundtrip_exact'))} | "
+            f"{_mark(r.get('prunable'))} | {number(r, 'prunable_proportion', '{:.3f}')} | "
+            f"{number(r, 'max_removable_proportion', '{:.3f}')} | {_mark(r.get('removal_exact'))} | "
+            f"{_kilo(r.get('flops'))} | {_kilo(r.get('slim_flops'))} | "
+            f"{_escape('; '.join(_problems(r)))[:200]} |")
+    lines += _failure_section(records) + _partly_prunable_section(records)
+    table.write_text("\n".join(lines) + "\n")
+
+
+def _kilo(value) -> str:
+    return "-" if value is None else f"{value / 1e3:,.0f}"
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _failure_section(records: dict) -> list[str]:
+    """One entry per failing model: each problem and the last lines of its traceback."""
+    failing = {name: r for name, r in sorted(records.items()) if _problems(r)}
+    lines = ["", "## Failures", ""]
+    if not failing:
+        return lines + ["None."]
+    for name, r in failing.items():
+        lines += [f"### {name}", "", *[f"- {problem}" for problem in _problems(r)]]
+        for key in ("traceback", "roundtrip_traceback"):
+            if r.get(key):
+                lines += ["", "```", *r[key].splitlines()[-8:], "```"]
+        lines.append("")
+    return lines
+
+
+def _partly_prunable_section(records: dict) -> list[str]:
+    """Models with groups left unprunable for a reason other than reaching the model's output."""
+    lines = ["", "## Groups left unprunable", "",
+             ("Not failures: the most common reasons why channel groups other than those reaching "
+              "the model's output are not prunable (`N x reason`)."), ""]
+    for name, r in sorted(records.items()):
+        reasons = [reason for reason in r.get("unprunable_reasons", []) if "model output" not in reason]
+        if reasons and r.get("prunable"):
+            lines.append(f"- {name} ({r.get('prunable_groups')} of {r.get('channel_groups')} groups "
+                         f"prunable): {'; '.join(reasons)}")
+    return lines
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        _run_child(sys.argv[2], Path(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="*", default=["*"], help="fnmatch patterns of class names")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model")
+    parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--note", default="", help="appended to the summary line")
+    args = parser.parse_args()
+    if not args.table_only:
+        names = [name for name in MODELS if any(fnmatch.fnmatch(name, pattern) for pattern in args.models)]
+        sweep(names, args.results, args.timeout)
+    write_table(args.results, args.table, args.note)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

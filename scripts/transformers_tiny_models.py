@@ -1,0 +1,152 @@
+"""The Hugging Face models of ``scripts/coverage_transformers.py``: tiny configs and inputs.
+
+:data:`MODELS` names each transformers class with its kind (encoder, decoder or vision) and the
+keyword arguments of a tiny config: hidden sizes 8-64, 2 layers or 1 block per stage, 4 heads,
+a vocabulary of 256, 32 px images (64 for MobileViT and Segformer). :func:`build_model` builds one
+with random weights (no download); :func:`example_inputs` gives its keyword inputs: token IDs and
+an attention mask padding one row (``use_cache=False`` for decoders), or ``pixel_values``; the
+second inputs have another batch size (and, for text, another length and padding).
+
+transformers is imported only inside the functions, so that a process where it cannot be imported
+can import this module.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+VOCAB = 256
+EXAMPLE_TEXT = (2, 12, {1: ("right", 3)})   # batch, length, row -> (side, padded tokens)
+SECOND_TEXT = (3, 7, {1: ("left", 2), 2: ("right", 4)})
+EXAMPLE_IMAGES, SECOND_IMAGES = 2, 3       # batch sizes
+DEFAULT_SIDE = 32
+
+_BERT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=64, max_position_embeddings=64)
+_LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+              bos_token_id=1, eos_token_id=2)
+_GPT = dict(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
+_VIT = dict(image_size=DEFAULT_SIDE, patch_size=8, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64)
+_STAGES4 = dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1])
+_SWIN = dict(image_size=DEFAULT_SIDE, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+             window_size=4)
+
+MODELS: dict[str, tuple[str, dict]] = {
+    # encoders
+    "BertModel": ("encoder", _BERT),
+    "BertForSequenceClassification": ("encoder", {**_BERT, "num_labels": 3}),
+    "RobertaModel": ("encoder", _BERT),
+    "XLMRobertaModel": ("encoder", _BERT),
+    "ElectraModel": ("encoder", {**_BERT, "embedding_size": 16}),
+    "AlbertModel": ("encoder", {**_BERT, "embedding_size": 16}),
+    "DistilBertModel": ("encoder", dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                        max_position_embeddings=64)),
+    "DebertaModel": ("encoder", {**_BERT, "relative_attention": True, "pos_att_type": ["c2p", "p2c"],
+                                 "max_relative_positions": -1}),
+    "DebertaV2Model": ("encoder", {**_BERT, "relative_attention": True, "pos_att_type": ["p2c", "c2p"],
+                                   "position_buckets": 32, "max_relative_positions": -1,
+                                   "position_biased_input": False, "norm_rel_ebd": "layer_norm",
+                                   "share_att_key": True}),
+    "MPNetModel": ("encoder", {**_BERT, "relative_attention_num_buckets": 32}),
+    "ModernBertModel": ("encoder", {**_BERT, "local_attention": 8, "global_attn_every_n_layers": 2,
+                                    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                                    "cls_token_id": 1, "sep_token_id": 2}),
+    "T5EncoderModel": ("encoder", dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                       num_heads=4, relative_attention_num_buckets=8,
+                                       relative_attention_max_distance=16)),
+    # decoders
+    "GPT2LMHeadModel": ("decoder", _GPT),
+    "GPTJForCausalLM": ("decoder", {**_GPT, "rotary_dim": 4}),
+    "GPTNeoForCausalLM": ("decoder", dict(vocab_size=VOCAB, max_position_embeddings=64, hidden_size=32,
+                                          num_layers=2, num_heads=4, intermediate_size=64, window_size=8,
+                                          attention_types=[[["global", "local"], 1]])),
+    "GPTNeoXForCausalLM": ("decoder", _LLAMA),
+    "OPTForCausalLM": ("decoder", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                       num_attention_heads=4, max_position_embeddings=64,
+                                       word_embed_proj_dim=32)),
+    "BloomForCausalLM": ("decoder", dict(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)),
+    "FalconForCausalLM": ("decoder", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                          num_attention_heads=4)),
+    "LlamaForCausalLM": ("decoder", _LLAMA),
+    "LlamaForSequenceClassification": ("decoder", {**_LLAMA, "num_labels": 3}),
+    "MistralForCausalLM": ("decoder", _LLAMA),
+    "MixtralForCausalLM": ("decoder", {**_LLAMA, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "Qwen2ForCausalLM": ("decoder", _LLAMA),
+    "Qwen3ForCausalLM": ("decoder", {**_LLAMA, "head_dim": 8}),
+    "Phi3ForCausalLM": ("decoder", _LLAMA),
+    "PhiForCausalLM": ("decoder", _LLAMA),
+    "GemmaForCausalLM": ("decoder", {**_LLAMA, "head_dim": 8}),
+    "Gemma2ForCausalLM": ("decoder", {**_LLAMA, "head_dim": 8, "sliding_window": 8,
+                                      "query_pre_attn_scalar": 8}),
+    "StableLmForCausalLM": ("decoder", _LLAMA),
+    "OlmoForCausalLM": ("decoder", _LLAMA),
+    # vision
+    "ViTModel": ("vision", _VIT),
+    "ViTForImageClassification": ("vision", {**_VIT, "num_labels": 10}),
+    "DeiTModel": ("vision", _VIT),
+    "BeitModel": ("vision", {**_VIT, "use_relative_position_bias": True}),
+    "Dinov2Model": ("vision", {**_VIT, "mlp_ratio": 2}),
+    "CLIPVisionModel": ("vision", _VIT),
+    "SiglipVisionModel": ("vision", _VIT),
+    "ConvNextModel": ("vision", _STAGES4),
+    "ConvNextV2Model": ("vision", _STAGES4),
+    "ResNetModel": ("vision", dict(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1])),
+    "SwinModel": ("vision", _SWIN),
+    "Swinv2Model": ("vision", _SWIN),
+    "MobileViTModel": ("vision", dict(image_size=64, hidden_sizes=[32, 40, 48],
+                                      neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64])),
+    "SegformerModel": ("vision", dict(image_size=64, depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64],
+                                      num_attention_heads=[1, 2, 2, 4], decoder_hidden_size=32)),
+}
+"""Model class name -> (kind: encoder, decoder or vision; keyword arguments of its config)."""
+
+
+def _text_inputs(shape, config, decoder: bool, seed: int) -> dict:
+    """Token IDs (never a special token below 4) and a 0/1 mask padding the rows of ``shape``."""
+    import torch
+    batch, length, padding = shape
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(4, VOCAB, (batch, length), generator=generator)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    pad_id = getattr(config, "pad_token_id", None) or 0
+    for row, (side, count) in padding.items():
+        padded = slice(0, count) if side == "left" else slice(length - count, length)
+        attention_mask[row, padded] = 0
+        input_ids[row, padded] = pad_id
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    return {**inputs, "use_cache": False} if decoder else inputs
+
+
+def example_inputs(name: str, config, second: bool = False, seed: int = 0) -> dict:
+    """The keyword inputs of ``name``: the example, or (``second``) one of another batch size and,
+    for text, another length and padding."""
+    import torch
+    kind, _ = MODELS[name]
+    if kind != "vision":
+        return _text_inputs(SECOND_TEXT if second else EXAMPLE_TEXT, config, kind == "decoder",
+                            seed + second)
+    side = getattr(config, "image_size", DEFAULT_SIDE)
+    side = side[0] if isinstance(side, (tuple, list)) else side
+    batch = SECOND_IMAGES if second else EXAMPLE_IMAGES
+    generator = torch.Generator().manual_seed(seed + second)
+    return {"pixel_values": torch.randn(batch, 3, side, side, generator=generator)}
+
+
+def build_model(name: str, seed: int = 0):
+    """``name`` from its tiny config, random weights seeded with ``seed``, in eval mode."""
+    import torch
+    import transformers
+    model_class = getattr(transformers, name)
+    config = model_class.config_class(**MODELS[name][1])
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model_class(config).eval()
+
+
+def describe(inputs: dict) -> str:
+    """``input_ids=[2, 12], use_cache=False``: the inputs' names with their shapes or values."""
+    return ", ".join(f"{key}={list(value.shape)}" if hasattr(value, "shape") else f"{key}={value!r}"
+                     for key, value in inputs.items())

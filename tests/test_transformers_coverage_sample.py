@@ -1,0 +1,67 @@
+"""A bounded sample of the Hugging Face coverage sweep (``scripts/coverage_transformers.py``),
+run in-process.
+
+One encoder, three decoders and one vision model from the sweep's tiny configs. Each runs the
+sweep's own per-model check: the DAG reproduces the model on the example inputs and on a second
+input of another batch size (and length and padding) (max relative difference <= 1e-5) and
+returns its ``ModelOutput`` class; the saved DAG loads bit-exactly in a fresh process where
+``import transformers`` fails; a channel group is prunable; removing the channels closed by
+random gate logits reproduces the gated model (<= 1e-4) and lowers the FLOPs. Models that fail
+today stay in the list as strict xfails with the reason, so a fix shows up as an unexpected pass.
+
+Select it with ``pytest -m coverage_sample``; with one torch thread the five take about 20 s
+(30 s under load) on the shared 2-core machine, each with one fresh process for the load check.
+"""
+
+import pytest
+import torch
+from script_modules import load_script
+
+pytest.importorskip("transformers")
+
+coverage_script = load_script("coverage_transformers.py")
+
+SAMPLE_MODELS = {
+    "encoder with pooler": "BertModel",
+    "decoder, rotary and grouped-query attention": "LlamaForCausalLM",
+    "decoder, GPT-2 Conv1D": "GPT2LMHeadModel",
+    "decoder, nn.Linear subclass with its own forward": "FalconForCausalLM",
+    "vision transformer": "ViTModel",
+}
+"""What the model stands for -> a class of :data:`MODELS` in the sweep."""
+
+EXPECTED_FAILURES: dict = {}
+"""Sample models that fail today, with the reason (strict xfail: a fix must remove the entry)."""
+
+
+def _params():
+    params = []
+    for role, name in SAMPLE_MODELS.items():
+        marks = [pytest.mark.coverage_sample]
+        if name in EXPECTED_FAILURES:
+            marks.append(pytest.mark.xfail(reason=EXPECTED_FAILURES[name], strict=True))
+        params.append(pytest.param(name, id=f"{role}-{name}", marks=marks))
+    return params
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Small models on a shared machine: one thread avoids idle spinning of the others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", _params())
+def test_sample_model_converts_round_trips_and_removes_exactly(name):
+    record = coverage_script.check_model(name)
+    assert record["converts_exactly"], (f"{name}: conversion differs by {record['convert_max_rel_diff']:.2e} "
+                                        f"(second input {record['second_max_rel_diff']:.2e})")
+    assert record["output_type_kept"], f"{name}: the DAG does not return {record['output_type']}"
+    assert record["prunable"] and record["prunable_groups"] > 0, record
+    assert 0 < record["max_removable_proportion"] <= record["prunable_proportion"] <= 1, record
+    assert record["removal_exact"], (f"{name}: removal differs by {record['removal_max_rel_diff']:.2e} "
+                                     f"(second input {record['removal_second_max_rel_diff']:.2e})")
+    assert 0 < record["slim_flops"] < record["flops"], record
+    assert record["roundtrip_exact"], f"{name}: save/load without transformers: {record.get('roundtrip_error')}"
