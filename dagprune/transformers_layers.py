@@ -10,11 +10,15 @@ and saves without naming transformers:
   product; it may differ from ``Conv1D``'s in the last bits;
 * subclasses of ``nn.Linear`` with a forward of their own (Falcon's ``x @ W.T + b``) into
   ``nn.Linear`` sharing the weight and bias, if the two agree on a random input (as below);
+* subclasses of ``nn.Embedding`` with a forward of their own (Gemma's scaled word embedding)
+  into ``nn.Embedding`` (times the ``embed_scale`` buffer where there is one), if bit-equal on
+  random token IDs;
 * the RMS norms each model family defines (``LlamaRMSNorm``, ``Qwen2RMSNorm``, ``T5LayerNorm``,
   ...: a module of transformers with one 1-D ``weight`` and an epsilon) into ``nn.RMSNorm``
   sharing the weight, *if* the two agree on a random input (to 1e-6, relative; they are
-  bit-equal for the LLaMA form). A norm of another form (Gemma's ``1 + weight``) fails that check
-  and is traced as it is. Traced, an RMS norm's mean over channels stops the residual stream's
+  bit-equal for the LLaMA form); Gemma's form, which scales by ``1 + weight``, becomes an
+  ``nn.RMSNorm`` whose weight is that sum (a parameter of its own). A norm that agrees in
+  neither form is traced as it is. Traced, an RMS norm's mean over channels stops the residual stream's
   channels from being pruned; as ``nn.RMSNorm`` they are (its mean counts only kept channels).
 
 Everything else in the supported models (attention, rotary embeddings, masks, activations,
@@ -30,7 +34,7 @@ from torch import nn
 
 from dagprune.leaf_modules import register_module_rewrite
 
-__all__: list[str] = []
+__all__ = ["ScaledEmbedding"]
 
 _pytorch_utils = importlib.import_module("transformers.pytorch_utils")
 
@@ -70,6 +74,10 @@ def _rewrite_rms_norm(module: nn.Module) -> nn.Module:
     weight = module.weight
     candidate = nn.RMSNorm(weight.shape[0], eps=_epsilon(module), device=weight.device, dtype=weight.dtype)
     candidate.weight = weight  # shared, as the model's other users of it expect
+    if _agrees(module, candidate, weight.shape[0]):
+        return candidate.train(module.training)
+    with torch.no_grad():  # Gemma's form scales by 1 + weight: the norm's own weight is that sum
+        candidate.weight = nn.Parameter(weight.detach() + 1, requires_grad=weight.requires_grad)
     return candidate.train(module.training) if _agrees(module, candidate, weight.shape[0]) else module
 
 
@@ -85,6 +93,41 @@ def _rewrite_linear_subclass(module: nn.Linear) -> nn.Module:
                           device=module.weight.device, dtype=module.weight.dtype)
     candidate.weight, candidate.bias = module.weight, module.bias  # shared
     return candidate.train(module.training) if _agrees(module, candidate, module.in_features) else module
+
+
+class ScaledEmbedding(nn.Module):
+    """``embedding(ids) * scale``: Gemma's scaled word embedding as a standard embedding and a
+    multiplication by a buffer, traced through (the embedding stays the layer that is pruned)."""
+
+    def __init__(self, embedding: nn.Embedding, scale: torch.Tensor):
+        super().__init__()
+        self.embedding = embedding
+        self.register_buffer("scale", scale, persistent=False)
+
+    def forward(self, input_ids):
+        return self.embedding(input_ids) * self.scale.to(self.embedding.weight.dtype)
+
+
+def _is_embedding_subclass(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding) and type(module) is not nn.Embedding \
+        and type(module).__module__.startswith("transformers.")
+
+
+@register_module_rewrite(_is_embedding_subclass)
+def _rewrite_embedding_subclass(module: nn.Embedding) -> nn.Module:
+    """A transformers embedding with a forward of its own: the standard embedding, times its
+    ``embed_scale`` if it has one, if that computes the same on random token IDs."""
+    embedding = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
+                             device=module.weight.device, dtype=module.weight.dtype)
+    embedding.weight = module.weight  # shared (tied output heads read it too)
+    scale = getattr(module, "embed_scale", None)
+    candidate = ScaledEmbedding(embedding, scale) if isinstance(scale, torch.Tensor) and scale.numel() == 1 \
+        else embedding
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, module.num_embeddings, (2, 5), generator=generator).to(module.weight.device)
+    with torch.no_grad():
+        same = torch.equal(module(ids), candidate(ids))
+    return candidate.train(module.training) if same else module
 
 
 @register_module_rewrite(_pytorch_utils.Conv1D)

@@ -173,14 +173,36 @@ def test_saved_dag_loads_without_transformers(name, tmp_path):
     assert "LOADED False" in result.stdout
 
 
-def test_llama_rms_norms_become_nn_rms_norm_and_other_norm_forms_stay_traced():
+class _CenteredNorm(torch.nn.Module):
+    """A norm of transformers' shape (one weight, an epsilon) that is no RMS norm."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight, self.variance_epsilon = torch.nn.Parameter(torch.randn(width)), 1e-6
+
+    def forward(self, x):
+        x = x - x.mean(-1, keepdim=True)
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+_CenteredNorm.__module__ = "transformers.models.example"
+
+
+def _norm_types(norm: torch.nn.Module) -> tuple[list, float]:
+    wrapper = torch.nn.Sequential(torch.nn.Linear(8, 8), norm)
+    converted = dagprune.build_from_unstructured_module(wrapper, example_inputs=(torch.randn(2, 3, 8),))
+    x = torch.randn(4, 5, 8)
+    difference = dagprune.max_relative_difference(wrapper(x), converted(x))
+    return [type(v.module) for v in converted.inner_vertices], difference
+
+
+def test_rms_norms_become_nn_rms_norm_and_other_norm_forms_stay_traced():
     _, dag, _, _ = _converted("llama")
     norms = [v for v in dag.inner_vertices if isinstance(v.module, torch.nn.RMSNorm)]
     assert len(norms) == 5  # two per layer and the final one
-    gemma = transformers.models.gemma.modeling_gemma.GemmaRMSNorm(8)
+    gemma = transformers.models.gemma.modeling_gemma.GemmaRMSNorm(8)  # scales by 1 + weight
     torch.nn.init.normal_(gemma.weight)
-    wrapper = torch.nn.Sequential(torch.nn.Linear(8, 8), gemma)
-    converted = dagprune.build_from_unstructured_module(wrapper, example_inputs=(torch.randn(2, 3, 8),))
-    assert not any(isinstance(v.module, torch.nn.RMSNorm) for v in converted.inner_vertices)
-    x = torch.randn(4, 5, 8)
-    assert dagprune.max_relative_difference(wrapper(x), converted(x)) == 0.0
+    types, difference = _norm_types(gemma)
+    assert torch.nn.RMSNorm in types and difference <= 1e-6
+    types, difference = _norm_types(_CenteredNorm(8))
+    assert torch.nn.RMSNorm not in types and difference == 0.0
