@@ -30,7 +30,8 @@ def test_quick_start_has_exactly_two_commands_and_ci_runs_the_test_command():
 def test_python_examples_run(tmp_path, monkeypatch):
     pytest.importorskip("timm")
     examples = _code_blocks("python")
-    assert len(examples) == 2, "the workflow example and the token-input example"
+    pytest.importorskip("transformers")
+    assert len(examples) == 3, "the workflow example, the token-input example and the Hugging Face example"
     monkeypatch.chdir(tmp_path)  # the first example saves to out/
     for example in examples:
         exec(compile(example, "README.md", "exec"), {})
