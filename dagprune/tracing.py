@@ -38,6 +38,12 @@ __all__ = ["build_from_unstructured_module", "register_leaf_module", "register_m
 register_function(torch._assert, "torch._assert")
 
 
+# torch.nn blocks traced through when example values are at hand (their forwards branch on
+# sizes, devices and flags); without them they stay whole, as black boxes
+_TRACED_WITH_VALUES = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
+                       nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 class _DagTracer(fx.Tracer):
     def __init__(self, leaf_types: tuple[type, ...], leaf_names: set[str], with_values: bool = False):
         super().__init__(autowrap_functions=autowrap_functions(), param_shapes_constant=True)
@@ -100,6 +106,8 @@ class _DagTracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         if qualified_name in self._leaf_names or isinstance(module, self._leaf_types):
             return True
+        if self.values is not None and type(module) in _TRACED_WITH_VALUES:
+            return False
         if isinstance(module, DagModule):
             return True
         if type(module) in LEAF_MODULE_TYPES:  # its condition decides, even for torch.nn types

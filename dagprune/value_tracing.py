@@ -43,10 +43,12 @@ from torch.fx.node import map_aggregate
 __all__ = ["ValueRecorder", "ValueProxy", "torch_functions_for_proxies"]
 
 _UNKNOWN = object()
-_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad",
+_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad", "is_nested",
+                               "is_mkldnn", "is_sparse_csr", "is_cpu", "is_mps", "is_xpu",
                                "is_sparse", "is_quantized", "is_meta"})
 _SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "is_floating_point",
                             "is_complex", "is_contiguous", "get_device", "element_size"})
+_SHAPE_FUNCTIONS = frozenset({torch.is_floating_point, torch.is_complex, torch.is_tensor, torch.numel})
 
 
 class ValueRecorder:
@@ -105,6 +107,7 @@ class ValueRecorder:
         if node.op == "placeholder":
             return True
         reads_shape = ((node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRIBUTES)
+                       or (node.op == "call_function" and node.target in _SHAPE_FUNCTIONS)
                        or (node.op == "call_method" and node.target in _SHAPE_METHODS))
         return reads_shape or all(self._static.get(n, False) for n in input_nodes)
 

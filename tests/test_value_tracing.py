@@ -210,3 +210,39 @@ def test_int_of_a_size_is_specialised_and_guarded_at_run_time():
     assert torch.equal(model(x), dag(x))
     with pytest.raises(Exception, match="runs only where it is 4"):
         dag(torch.randn(2, 25, 4))  # a 5 x 5 grid: the model specialised the side on 4
+
+
+class _TorchTransformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.decoder = nn.TransformerDecoderLayer(16, 4, 32, batch_first=True, dropout=0.0, norm_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, source, target, padding=None):
+        memory = self.encoder(source, src_key_padding_mask=padding)
+        return self.head(self.decoder(target, memory, memory_key_padding_mask=padding))
+
+
+def _transformer_inputs(batch: int, source: int, target: int):
+    padding = torch.zeros(batch, source, dtype=torch.bool)
+    padding[0, -2:] = True
+    return torch.randn(batch, source, 16), torch.randn(batch, target, 16), padding
+
+
+@pytest.mark.parametrize("head_pruning", ["dims", "heads"])
+def test_torch_transformer_blocks_are_traced_through_with_example_inputs_and_prune(head_pruning):
+    torch.manual_seed(0)
+    model = _TorchTransformer().eval()
+    example = _transformer_inputs(2, 7, 5)
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=example)
+    assert not any(isinstance(v.module, (nn.TransformerEncoder, nn.TransformerDecoderLayer))
+                   for v in dag.inner_vertices)
+    other = _transformer_inputs(3, 9, 4)
+    assert dagprune.max_relative_difference(model(*other), dag(*other)) == 0.0
+    pruning = ChannelPruning(dag, None, 0.5, 10, example_inputs=example, head_pruning=head_pruning)
+    gated = pruning.prepare_for_pruning()
+    assert pruning.prunable_proportion > 0.9
+    for _ in random_gate_states(pruning, seed=2, count=2):
+        assert_removal_matches_gates(pruning, gated, other)

@@ -59,7 +59,9 @@ _BUILTINS = {"getattr": builtins.getattr, "len": builtins.len, "int": builtins.i
              "float": builtins.float, "tuple": builtins.tuple, "list": builtins.list,
              "slice": builtins.slice, "max": builtins.max, "min": builtins.min}
 # Attributes a DAG may read with getattr(value, name): shape metadata only.
-_READABLE_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "T", "mT", "is_cuda", "data", "real"}
+_READABLE_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "T", "mT", "is_cuda", "data", "real", "layout",
+                        "requires_grad", "is_nested", "is_mkldnn", "is_sparse", "is_sparse_csr", "is_cpu",
+                        "is_quantized", "is_meta"}
 
 _NAME_BY_ID: dict[int, str] = {}
 _FUNCTION_BY_NAME: dict[str, Callable] = {}
