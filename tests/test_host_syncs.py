@@ -12,12 +12,14 @@ from __future__ import annotations
 import collections
 import traceback
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import dagprune
-from dagprune_algorithms.pruning import ChannelPruning
+from dagprune_algorithms.pruning import ChannelPruning, LatencyTable
+from dagprune_algorithms.pruning.budgets import KNOTS
 from zoo import ZOO, input_shapes, make_example_inputs
 
 READ_BACKS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
@@ -59,14 +61,23 @@ def _train_step(config, gated, optimizer, inputs, step) -> None:
     optimizer.zero_grad()
 
 
-@pytest.mark.parametrize("name", ["resnet_basic_blocks", "tiny_vit"])
-@pytest.mark.parametrize("head_pruning", ["dims", "heads"])
-def test_training_steps_read_nothing_back_to_the_host(name, head_pruning):
+def _rising_latency_table(dag) -> LatencyTable:
+    """A latency table without timing: every vertex's curve rises from 0.1 to 1 second."""
+    curve = np.linspace(0.1, 1.0, KNOTS).tolist()
+    return LatencyTable({vertex.name: curve for vertex in dag.inner_vertices}, 0.0, [1.0], [1.0], [1.0], {})
+
+
+@pytest.mark.parametrize("name, head_pruning, budget", [
+    ("resnet_basic_blocks", "dims", "flops"), ("resnet_basic_blocks", "heads", "flops"),
+    ("tiny_vit", "dims", "flops"), ("tiny_vit", "heads", "flops"),
+    ("resnet_basic_blocks", "dims", "params"), ("tiny_vit", "dims", "latency")])
+def test_training_steps_read_nothing_back_to_the_host(name, head_pruning, budget):
     entry = ZOO[name]
     (shape,) = input_shapes(entry)
     dag = dagprune.build_from_unstructured_module(entry.factory(seed=0))
+    table = _rising_latency_table(dag) if budget == "latency" else None
     config = ChannelPruning(dag, shape, pruning_proportion=0.5, num_training_steps=1000,
-                            head_pruning=head_pruning)
+                            head_pruning=head_pruning, budget=budget, latency_table=table)
     gated = config.prepare_for_pruning().train()
     optimizer = torch.optim.SGD([{"params": config.weight_parameters()},
                                  {"params": config.gate_parameters()}], lr=1e-3)

@@ -18,6 +18,7 @@ from dagprune.errors import DagpruneError
 
 from dagprune_algorithms.app.distributed import add_distributed_arguments
 from dagprune_algorithms.app.iterative_job import DEFAULT_PRUNE_TIMES
+from dagprune_algorithms.pruning.budgets import BUDGETS
 from dagprune_algorithms.pruning.channel_groups import HEAD_PRUNING_MODES
 from dagprune_algorithms.pruning.channel_pruning import TARGET_TOLERANCE
 from dagprune_algorithms.pruning.importance import IMPORTANCE_CRITERIA
@@ -69,10 +70,18 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: scikit-learn's built-in digits")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--target", type=float, default=None,
-                        help=f"target FLOPs as a fraction of the original, in (0, 1) (default "
+                        help=f"target FLOPs (or --budget's cost) as a fraction of the original, in (0, 1) (default "
                              f"{DEFAULT_FLOPS_TARGET}); a pruned model above it by more than "
                              f"{TARGET_TOLERANCE} is saved and reported, and the command exits with 1; "
                              "not with --target-pruning-ratio")
+    parser.add_argument("--budget", choices=BUDGETS, default="flops",
+                        help="what --target is a share of: flops, params (the parameter count, exact) or "
+                             "latency (predicted by a latency table timed on --device at the report's batch; "
+                             "an approximation, see resources/budgets.md); --method dag only")
+    parser.add_argument("--latency-cache", default=None, metavar="DIR",
+                        help="where --budget latency keeps its latency tables (default: "
+                             "~/.cache/dagprune/latency); a table measured once for the model, input size, "
+                             "device and torch version is read from there")
     parser.add_argument("--method", choices=["dag", "l1"], default="dag",
                         help="dag: differentiable gates with FLOPs/entropy/distillation losses; "
                              "l1: iterative pruning (mmrazor's ItePruneAlgorithm), channels ranked "
@@ -227,6 +236,7 @@ def _check_pruning_goal(args: argparse.Namespace) -> None:
         args.target = DEFAULT_FLOPS_TARGET
     if args.target is not None and not 0 < args.target < 1:
         raise PruneUsageError(f"--target must be in (0, 1) (a fraction of the original FLOPs), got {args.target}")
+    _check_budget_options(args)
     if args.method == "l1":
         from dagprune_algorithms.app.iterative_job import iterative_schedule, parse_target_pruning_ratio
 
@@ -235,6 +245,24 @@ def _check_pruning_goal(args: argparse.Namespace) -> None:
             parse_target_pruning_ratio(args.target_pruning_ratio)
         except DagpruneError as error:
             raise PruneUsageError(str(error)) from error
+
+
+def _check_budget_options(args: argparse.Namespace) -> None:
+    """``--budget`` with ``--method dag`` only; ``--latency-cache`` with ``--budget latency`` only, a
+    directory or a path where one can be created."""
+    if args.budget != "flops" and args.method != "dag":
+        raise PruneUsageError(f"--budget {args.budget} applies to --method dag only (--method {args.method} prunes "
+                              "to a FLOPs target); drop --budget or use --method dag")
+    if args.latency_cache is None:
+        return
+    if args.budget != "latency":
+        raise PruneUsageError(f"--latency-cache applies to --budget latency only (got --budget {args.budget}); "
+                              "add --budget latency or drop --latency-cache")
+    cache = Path(args.latency_cache)
+    blocker = next((p for p in (cache, *cache.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise PruneUsageError(f"--latency-cache {cache}: {blocker} is a file; give a directory (it is created "
+                              "if missing)")
 
 
 def _check_device(name: str) -> None:

@@ -46,6 +46,11 @@ LOG = logging.getLogger("dagprune.prune")
 CONVERSION_TOLERANCE = 1e-5
 """Largest difference between the model and its DAG, relative to the output scale."""
 
+LATENCY_BATCH = 32
+"""Batch size at which the report times the models (and ``--budget latency`` its table)."""
+
+_COST_NOUNS = {"flops": "FLOPs", "params": "parameters", "latency": "latency"}
+
 
 class _FailedCheck(Exception):
     """A check of the run failed: the job stops and the command exits with 1."""
@@ -66,7 +71,7 @@ def _measure(model, name, data_val, input_shape, original_flops, device, accurac
     from dagprune_algorithms.pruning import compute_flops
 
     flops = compute_flops(model, input_shape)
-    latency = measure_latency(model, input_shape, batch_size=32, device=device)
+    latency = measure_latency(model, input_shape, batch_size=LATENCY_BATCH, device=device)
     spatial = math.prod(input_shape[1:])
     return {"model": name,
             "accuracy": (accuracy if accuracy is not None
@@ -89,6 +94,7 @@ class _PruneJob:
     out: Path
     distiller: Any = None  # a .distillation.Distiller with --distill
     ranks: Ranks = SINGLE_PROCESS
+    latency_table: Any = None  # a LatencyTable with --budget latency
 
 
 @dataclass
@@ -129,7 +135,7 @@ def _load_data(args, ranks: Ranks):
     return split, train, val
 
 
-def _check_pruning_setup(args, model, input_shape, device) -> None:
+def _check_pruning_setup(args, model, input_shape, device, latency_table=None) -> None:
     """Runs what the job will do to ``model`` once, on a copy, before any training: a forward pass
     at the input size, the conversion, and the pruning setup (groups, target, units, schedule).
 
@@ -153,7 +159,7 @@ def _check_pruning_setup(args, model, input_shape, device) -> None:
 
             plan_from_arguments(dag, input_shape, args)
         else:
-            pruning = _channel_pruning(args, dag, input_shape)
+            pruning = _channel_pruning(args, dag, input_shape, latency_table)
             pruning.prepare_for_pruning()
             largest = max(group.size for group in pruning.prunable_groups)
             if largest <= args.block_size:
@@ -162,12 +168,32 @@ def _check_pruning_setup(args, model, input_shape, device) -> None:
                                       f"nothing can be removed; choose a --block-size below {largest}")
 
 
-def _channel_pruning(args, dag, input_shape):
+def _channel_pruning(args, dag, input_shape, latency_table=None):
     """The :class:`ChannelPruning` of ``--method dag`` for ``dag``."""
     from dagprune_algorithms.pruning import ChannelPruning
 
     return ChannelPruning(dag, input_shape, args.target, args.steps, block_size=args.block_size,
-                          head_pruning=args.head_pruning, exclude=args.exclude)
+                          head_pruning=args.head_pruning, exclude=args.exclude, budget=args.budget,
+                          latency_table=latency_table)
+
+
+def _latency_table(args, model, input_shape, device, ranks: Ranks):
+    """``--budget latency``: the model's latency table on ``device`` at the report's batch, from
+    ``--latency-cache`` or measured into it (rank 0 measures, then the others read its file)."""
+    if args.budget != "latency":
+        return None
+    from dagprune_algorithms.pruning.latency_table import measure_latency_table
+
+    dag, table = as_dag(model), None
+    for measuring in (ranks.is_main, not ranks.is_main):
+        if measuring:
+            table = measure_latency_table(dag, input_shape, batch_size=LATENCY_BATCH, device=device,
+                                          cache_dir=args.latency_cache, progress=not args.no_progress)
+        ranks.barrier()
+    LOG.info("latency table: %s (%s; %.1f ms at full width, fit error %.1f%%)", table.path,
+             "from the cache" if table.from_cache else "measured", 1000 * table.model_seconds[-1],
+             100 * table.fit_error())
+    return table
 
 
 def _check_conversion(args, model, dag, input_shape, device) -> None:
@@ -229,7 +255,7 @@ def _prune_with_gates(job: _PruneJob, dag, input_shape) -> _Pruned:
     """``--method dag``: trains the channel gates for ``--steps`` steps, then removes the closed
     channels."""
     args, device, val = job.args, job.device, job.val
-    pruning = _channel_pruning(args, dag, input_shape)
+    pruning = _channel_pruning(args, dag, input_shape, job.latency_table)
     gated = pruning.prepare_for_pruning().to(device)
     LOG.info("channel groups: %d (%d prunable); prunable_proportion %.4f, "
              "max_removable_proportion %.4f", len(pruning.channel_groups),
@@ -281,7 +307,7 @@ def _prune(job: _PruneJob, dag, input_shape) -> _Pruned:
 
 
 def _missed_target(args, reached_proportion: float) -> str | None:
-    """The one-line message of a FLOPs share above ``--target`` by more than
+    """The one-line message of a FLOPs (or ``--budget``) share above ``--target`` by more than
     :data:`TARGET_TOLERANCE` (None when met, or when the run has no FLOPs target)."""
     if args.target is None:
         return None
@@ -291,7 +317,8 @@ def _missed_target(args, reached_proportion: float) -> str | None:
         remedies = ["more --steps", "a higher --gate-lr"] if args.method == "dag" else ["more --prune-times"]
         if args.block_size > 1:
             remedies.append(f"a smaller --block-size (now {args.block_size})")
-        return (f"FLOPs target missed: the pruned model keeps {reached_proportion:.4f} of the original FLOPs, "
+        noun = _COST_NOUNS[args.budget]
+        return (f"{noun} target missed: the pruned model keeps {reached_proportion:.4f} of the original {noun}, "
                 f"{reached_proportion - args.target:.4f} above --target {args.target:g} (tolerance "
                 f"{TARGET_TOLERANCE:g}); its model and report are saved in {args.out}. Prune again into "
                 f"another --out with {' or '.join(remedies)}")
@@ -365,11 +392,12 @@ def _start(args, ranks: Ranks) -> tuple:
     model = create_timm_model(args.model, input_shape, num_classes=split.num_classes).to(device)
     if args.checkpoint:
         model = dagprune.load_weights(model, args.checkpoint).to(device)
-    _check_pruning_setup(args, model, input_shape, device)
+    latency_table = _latency_table(args, model, input_shape, device, ranks)
+    _check_pruning_setup(args, model, input_shape, device, latency_table)
     if ranks.is_main:
         record_run(out, identity)
     ranks.barrier()
-    return _PruneJob(args, train, val, device, out, ranks=ranks), split, model
+    return _PruneJob(args, train, val, device, out, ranks=ranks, latency_table=latency_table), split, model
 
 
 def run_prune(args) -> int:
@@ -407,10 +435,12 @@ def _run_job(args, ranks: Ranks) -> None:
     original_flops = dagprune.count_flops(dag, input_shape).total
     pruned = _prune(job, dag, input_shape)
     final_proportion = dagprune.count_flops(pruned.model, input_shape).total / original_flops
-    missed = _missed_target(args, final_proportion if pruned.gated_proportion is None else pruned.gated_proportion)
+    reached = final_proportion if pruned.gated_proportion is None else pruned.gated_proportion
+    missed = _missed_target(args, reached)
     LOG.info("pruned: FLOPs proportion %.4f (%s), accuracy before fine-tuning %.2f%%, "
              "removed model vs gated model max relative difference %.1e", final_proportion,
-             "from --target-pruning-ratio" if args.target is None else f"target {args.target:.2f}",
+             "from --target-pruning-ratio" if args.target is None else
+             f"{args.budget} target {args.target:.2f}, reached {reached:.4f}",
              pruned.gated_accuracy, pruned.removal_difference)
 
     pruned_accuracy = _finetune(job, pruned.model)
@@ -425,6 +455,21 @@ def _run_job(args, ranks: Ranks) -> None:
         raise _FailedCheck(missed)
 
 
+def _budget_summary(job: _PruneJob, rows: list, reached: float) -> dict:
+    """What ``--budget`` counted, the share the pruned model reached, and the measured latency
+    share (with the latency table's own prediction for ``--budget latency``)."""
+    args, table = job.args, job.latency_table
+    measured = rows[-1]["latency_ms"] / rows[0]["latency_ms"] if rows[0]["latency_ms"] else float("nan")
+    summary = {"name": args.budget, "target": args.target, "reached": reached, "measured_latency_share": measured,
+               "latency_table": None if table is None else {"path": str(table.path), "fit_error": table.fit_error(),
+                                                            "description": table.description}}
+    predicted = " (predicted by the latency table)" if table is not None else ""
+    summary["summary"] = (f"budget {args.budget}: target {args.target if args.target is not None else '-'}, "
+                          f"reached {reached:.3f}{predicted}; measured latency {measured:.3f} of the baseline's "
+                          f"(batch {LATENCY_BATCH}, {rows[0]['latency_device']})")
+    return summary
+
+
 def _report(job: _PruneJob, split, started: float, dag, pruned: _Pruned, missed: str | None,
             final_proportion: float, accuracies: dict) -> None:
     """Prints the before/after table and writes the report (rank 0's part of the job's end)."""
@@ -432,8 +477,13 @@ def _report(job: _PruneJob, split, started: float, dag, pruned: _Pruned, missed:
 
     args = job.args
     rows = _comparison_rows(job, dag, pruned.model, tuple(split.input_shape), accuracies)
+    reached = final_proportion if pruned.gated_proportion is None else pruned.gated_proportion
+    budget = _budget_summary(job, rows, reached)
+    rows[0]["budget_share"], rows[-1]["budget_share"] = f"{args.budget} 1.000", f"{args.budget} {budget['reached']:.3f}"
     print(format_comparison_table(rows))
+    print(budget["summary"])
     report = {"model": args.model, "data": split.name, "method": args.method, "target": args.target,
+              "budget": budget,
               "final_proportion": final_proportion, "target_reached": None if args.target is None else not missed,
               "target_tolerance": TARGET_TOLERANCE, "removal_max_relative_difference": pruned.removal_difference,
               "accuracy_before_finetune": pruned.gated_accuracy, "rows": rows, "history": pruned.history,

@@ -22,6 +22,7 @@ _COLUMNS: List[tuple] = [
     ("flops_proportion", "FLOPs proportion", lambda v: f"{float(v):.3f}"),
     ("params", "params (M)", lambda v: f"{float(v) / 1e6:.3f}"),
     ("latency_ms", "latency ms", lambda v: f"{float(v):.2f}"),
+    ("budget_share", "budget share", str),
 ]
 
 _LOSS_KEYS = [
@@ -38,7 +39,8 @@ def format_comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
     Each row is a mapping with the keys ``model`` (name), ``accuracy`` (a fraction in
     [0, 1], shown as a percentage), ``kmapp`` (normalised FLOPs: FLOPs / (H x W x
     1000), FLOPs = 2 x multiply-adds), ``flops_proportion`` (FLOPs relative to the
-    original model), ``params`` (a parameter count, shown in millions) and ``latency_ms``.
+    original model), ``params`` (a parameter count, shown in millions), ``latency_ms`` and
+    ``budget_share`` (text: the budget and the share of it kept, ``"params 0.498"``).
     An optional ``latency_iqr_ms`` is shown next to the latency as ``± IQR``. Missing or
     None values are shown as ``-``; other keys are ignored.
 

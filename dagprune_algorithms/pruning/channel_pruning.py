@@ -1,4 +1,5 @@
-"""ChannelPruning: the user-facing API of differentiable, FLOPs-constrained channel pruning."""
+"""ChannelPruning: the user-facing API of differentiable, FLOPs- (or parameter-, latency-) constrained
+channel pruning."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dagprune.errors import PruningError
 from dagprune.example_inputs import as_example_inputs
 from dagprune.shape_prop import module_device
 
+from dagprune_algorithms.pruning.budgets import BudgetCost, ExpectedCost, check_budget, flops_cost, params_cost
 from dagprune_algorithms.pruning.channel_groups import (ChannelAnalysis, ChannelGroup, check_head_pruning,
                                                         find_channel_groups)
 from dagprune_algorithms.pruning.channel_removal import remove_channels_from_dag
@@ -23,8 +25,9 @@ from dagprune_algorithms.pruning.exclusion import check_exclude_patterns, exclud
 from dagprune_algorithms.pruning.importance import channel_importance
 from dagprune_algorithms.pruning.gated_model import build_gated_dag
 from dagprune_algorithms.pruning.gates import ChannelGate, GateSet, MaskApply, MaskedConsumer
-from dagprune_algorithms.pruning.losses import (ExpectedFlops, NonFiniteLossWatch, PruningLossConfig, anneal,
-                                                binary_entropy, removed_energy_share, scheduled_target)
+from dagprune_algorithms.pruning.latency_table import LatencyTable, measure_latency_table
+from dagprune_algorithms.pruning.losses import (NonFiniteLossWatch, PruningLossConfig, anneal, binary_entropy,
+                                                removed_energy_share, scheduled_target)
 
 __all__ = ["ChannelPruning", "check_flops_target"]
 
@@ -52,7 +55,8 @@ class ChannelPruning:
         model: the DAG to prune (see :func:`dagprune.build_from_unstructured_module`).
         input_shape_without_batch: e.g. ``(3, 224, 224)``; FLOPs are counted for it (batch 1,
             random float inputs). None when ``example_inputs`` are given.
-        pruning_proportion: the target FLOPs as a fraction of the original, in (0, 1).
+        pruning_proportion: the target cost as a fraction of the original, in (0, 1): FLOPs,
+            or what ``budget`` names.
         num_training_steps: length of the pruning schedule (used by the losses).
         block_size: kept channel counts are multiples of this in every group (a group of at
             most ``block_size`` channels is kept whole).
@@ -76,6 +80,15 @@ class ChannelPruning:
         min_channels: fewest channels every group keeps.
         round_to: kept channel counts are multiples of this in groups of at least
             ``round_to`` channels (smaller groups are not rounded); not with ``block_size``.
+        budget: what ``pruning_proportion``, the FLOPs loss and the proportions count (see
+            :mod:`.budgets`): ``"flops"``; ``"params"``, the slim model's parameter count
+            (exact where :attr:`cost` lists no ``approximate`` vertex); ``"latency"``, the
+            latency a :class:`~.latency_table.LatencyTable` measured on the device predicts
+            (an approximation: see :mod:`.latency_table`).
+        latency_table: the table of ``budget="latency"``; None measures one at
+            :meth:`prepare_for_pruning` (batch 1 of the analysed inputs, on the model's
+            device, cached in :func:`~.latency_table.default_cache_dir`). Build it with
+            :func:`~.latency_table.measure_latency_table` to choose the batch, device or cache.
 
     Raises:
         PruningError: an argument is out of range or not finite; ``exclude`` is not a list of
@@ -96,6 +109,11 @@ class ChannelPruning:
     >>> gated = cfg.prepare_for_pruning()
     >>> [group.name for group in cfg.prunable_groups], round(cfg.prunable_proportion, 3)
     (['0'], 0.985)
+    >>> cfg = ChannelPruning(dagprune.build_from_unstructured_module(model), (3, 8, 8), 0.5, 100,
+    ...                      budget="params")  # the target is half the parameters
+    >>> gated = cfg.prepare_for_pruning()
+    >>> round(cfg.max_removable_proportion, 3), cfg.cost.approximate
+    (0.932, [])
     """
 
     def __init__(self, model: DagModule, input_shape_without_batch: Sequence[int] | None,
@@ -104,13 +122,14 @@ class ChannelPruning:
                  loss_config: PruningLossConfig | None = None, initial_importance: str | None = "l1",
                  initial_logit_spread: float = 1.0, head_pruning: str = "dims",
                  finite_check_interval: int = FINITE_CHECK_INTERVAL, example_inputs: Any = None,
-                 exclude: Sequence[str] | None = None, min_channels: int = 1, round_to: int = 1):
+                 exclude: Sequence[str] | None = None, min_channels: int = 1, round_to: int = 1,
+                 budget: str = "flops", latency_table: LatencyTable | None = None):
         if not isinstance(model, DagModule):
             raise PruningError(f"ChannelPruning needs a DagModule, got {type(model).__name__}; "
                                "convert it first with dagprune.build_from_unstructured_module(model)")
         if not (isinstance(pruning_proportion, (int, float)) and 0 < pruning_proportion < 1):
             raise PruningError(f"pruning_proportion must be in (0, 1) (the target share of the "
-                               f"original FLOPs), got {pruning_proportion!r}")
+                               f"original FLOPs, parameters or latency), got {pruning_proportion!r}")
         if not isinstance(num_training_steps, int) or num_training_steps < 1:
             raise PruningError(f"num_training_steps must be a positive int, got {num_training_steps!r}")
         if not isinstance(block_size, int) or block_size < 1:
@@ -123,6 +142,7 @@ class ChannelPruning:
         if temperature <= 0:
             raise PruningError(f"temperature must be > 0, got {temperature!r}")
         check_head_pruning(head_pruning)
+        _check_latency_table(check_budget(budget), latency_table)
         self.model = model
         self.input_shape_without_batch, self.example_inputs = _analysed_inputs(
             model, input_shape_without_batch, example_inputs)
@@ -139,6 +159,9 @@ class ChannelPruning:
         self.exclude = check_exclude_patterns(exclude)
         self.min_channels = min_channels
         self.round_to = round_to
+        self.budget = budget
+        self.latency_table = latency_table
+        self.cost: BudgetCost | None = None
         self._loss_watch = NonFiniteLossWatch()
         self.analysis: ChannelAnalysis | None = None
         self.pruning_model: DagModule | None = None
@@ -176,11 +199,12 @@ class ChannelPruning:
                 f"groups, none prunable: {blocked}); every channel reaches the model's boundary or "
                 "an op whose channels are not followed (find_channel_groups(...) lists each group's "
                 "reason; describe a missing op with dagprune.ops.register_op(OpSpec(...)))")
+        self.cost = self._budget_cost()
         reachable = 1.0 - self.max_removable_proportion
         if self.pruning_proportion < reachable - 1e-9:
             raise PruningError(
                 f"pruning_proportion {self.pruning_proportion:.3f} cannot be reached: removing every "
-                f"prunable channel leaves {reachable:.3f} of the FLOPs (max_removable_proportion "
+                f"prunable channel leaves {reachable:.3f} of the {self.cost.noun} (max_removable_proportion "
                 f"{self.max_removable_proportion:.3f}); choose a target >= {reachable:.3f}")
         self.gates = [ChannelGate(group.size, self.initial_logit, self.temperature,
                                   self._group_block_size(group.size), self._minimum_kept(group.size))
@@ -192,12 +216,24 @@ class ChannelPruning:
                 gate.logits.data += self.initial_logit_spread * spread
         self._check_gates_finite("prepare_for_pruning()")
         self.pruning_model = build_gated_dag(self.analysis, self.gates).to(device)
-        self._expected_flops = ExpectedFlops(self.analysis)
+        self._expected_flops = ExpectedCost(self.cost, self.prunable_groups)
         self._gate_set = GateSet(self.gates)
         self._mask_modules = [module for module in self.pruning_model.modules()
                               if isinstance(module, MaskApply) or (
                                   isinstance(module, MaskedConsumer) and module.records_energy)]
         return self.pruning_model
+
+    def _budget_cost(self) -> BudgetCost:
+        """The cost :attr:`budget` counts, for the prepared analysis."""
+        if self.budget == "flops":
+            return flops_cost(self.analysis)
+        if self.budget == "params":
+            return params_cost(self.analysis)
+        if self.latency_table is None:
+            self.latency_table = measure_latency_table(
+                self.model, self.input_shape_without_batch, example_inputs=self.example_inputs,
+                device=module_device(self.model), head_pruning=self.head_pruning)
+        return self.latency_table.cost(self.analysis)
 
     def _group_block_size(self, size: int) -> int:
         """Kept counts of a group of ``size`` channels are multiples of this."""
@@ -234,24 +270,27 @@ class ChannelPruning:
     def prunable_groups(self) -> list[ChannelGroup]:
         return self._require_prepared().prunable_groups
 
+    def _require_cost(self) -> BudgetCost:
+        self._require_prepared()
+        if self.cost is None:
+            raise PruningError("call prepare_for_pruning() first")
+        return self.cost
+
     @property
     def prunable_proportion(self) -> float:
-        """Share of FLOPs in ops that a gate touches on their input or output side."""
-        analysis = self._require_prepared()
-        gated = analysis.gated_class_mask()
-        touched = sum(term.base_flops for term in analysis.flops_terms
-                      if any(gated[f].any() for f in term.factors))
-        return touched / analysis.total_flops if analysis.total_flops else 0.0
+        """Share of the budget's cost (FLOPs by default) in ops that a gate touches on their
+        input or output side."""
+        return self._require_cost().touched_share(self.analysis.gated_class_mask())
 
     @property
     def max_removable_proportion(self) -> float:
-        """Share of FLOPs that vanishes when every prunable group keeps its fewest channels
-        (one, or what ``min_channels`` and ``round_to`` ask)."""
-        analysis = self._require_prepared()
-        keep = np.ones(len(analysis.atom_class), dtype=bool)
-        for group in analysis.prunable_groups:
+        """Share of the budget's cost that vanishes when every prunable group keeps its fewest
+        channels (one, or what ``min_channels`` and ``round_to`` ask)."""
+        cost = self._require_cost()
+        keep = np.ones(len(self.analysis.atom_class), dtype=bool)
+        for group in self.analysis.prunable_groups:
             keep[group.classes[self._minimum_kept(group.size):]] = False
-        return 1.0 - analysis.predicted_flops(keep) / analysis.total_flops
+        return 1.0 - cost.share(keep)
 
     # ------------------------------------------------------------------------------ training
     def gate_parameters(self) -> list[nn.Parameter]:
@@ -269,7 +308,8 @@ class ChannelPruning:
         return self.pruning_model
 
     def expected_proportion(self) -> torch.Tensor:
-        """Expected FLOPs share under the keep probabilities ``sigmoid(logits)`` (differentiable)."""
+        """Expected share of the budget's cost under the keep probabilities ``sigmoid(logits)``
+        (differentiable)."""
         self._require_gated()
         return self._expected_flops.proportion(self._gate_set.keep_probabilities())
 
@@ -289,7 +329,7 @@ class ChannelPruning:
             global_step: index of the training step, a Python int >= 0.
 
         Returns:
-            ``(proportion, flops_loss, entropy_loss, bkd_loss)``: the expected FLOPs share and
+            ``(proportion, flops_loss, entropy_loss, bkd_loss)``: the expected budget share and
             the three losses (scalar tensors; see :mod:`dagprune_algorithms.pruning.losses`).
             ``bkd_loss`` uses the activations of the latest train-mode forward pass of the
             gated model, so call this after the forward pass. Under ``torch.autocast`` the
@@ -447,9 +487,8 @@ class ChannelPruning:
         return keep
 
     def current_hard_proportion(self) -> float:
-        """FLOPs of the eval-mode (hard-mask) model over the original FLOPs."""
-        analysis = self._require_prepared()
-        return analysis.predicted_flops(self.kept_classes()) / analysis.total_flops
+        """The budget's cost (FLOPs by default) of the eval-mode (hard-mask) model over the original's."""
+        return self._require_cost().share(self.kept_classes())
 
     def remove_channels(self) -> DagModule:
         """A plain, slim DAG computing what the gated model computes in eval mode.
@@ -469,11 +508,11 @@ class ChannelPruning:
 
     def check_target_reached(self, tolerance: float = TARGET_TOLERANCE,
                              proportion: float | None = None) -> float:
-        """Checks that the pruned model's FLOPs share is at most the target plus ``tolerance``.
+        """Checks that the pruned model's budget share is at most the target plus ``tolerance``.
 
         Args:
             tolerance: the largest allowed excess, as a share of the original FLOPs.
-            proportion: the reached FLOPs share, e.g. measured on the slim model; default:
+            proportion: the reached share, e.g. measured on the slim model; default:
                 :meth:`current_hard_proportion` (what :meth:`remove_channels` gives).
 
         Returns:
@@ -483,10 +522,11 @@ class ChannelPruning:
             PruningError: the share exceeds the target by more than ``tolerance``.
         """
         reached = self.current_hard_proportion() if proportion is None else proportion
-        return check_flops_target(reached, self.pruning_proportion, tolerance)
+        return check_flops_target(reached, self.pruning_proportion, tolerance, self._require_cost().noun)
 
 
-def check_flops_target(proportion: float, target: float, tolerance: float = TARGET_TOLERANCE) -> float:
+def check_flops_target(proportion: float, target: float, tolerance: float = TARGET_TOLERANCE,
+                       cost_name: str = "FLOPs") -> float:
     """Checks that a reached FLOPs share is at most ``target + tolerance``.
 
     Below the target counts as reached: the target is a budget.
@@ -495,6 +535,7 @@ def check_flops_target(proportion: float, target: float, tolerance: float = TARG
         proportion: the reached FLOPs share (pruned FLOPs / original FLOPs).
         target: the requested share, e.g. ``pruning_proportion``.
         tolerance: the largest allowed excess, as a share of the original FLOPs.
+        cost_name: what the share counts, for the message (``"parameters"``, ``"latency"``).
 
     Returns:
         The miss, ``proportion - target``.
@@ -513,7 +554,7 @@ def check_flops_target(proportion: float, target: float, tolerance: float = TARG
     miss = proportion - target
     if miss > tolerance:
         raise PruningError(
-            f"FLOPs target missed: the pruned model keeps {proportion:.4f} of the original FLOPs, "
+            f"{cost_name} target missed: the pruned model keeps {proportion:.4f} of the original {cost_name}, "
             f"target {target:.4f}, {miss:.4f} above it (tolerance {tolerance:.4f}); train for more "
             "steps, raise the FLOPs loss weight or the gate learning rate")
     return miss
@@ -523,6 +564,15 @@ def _check_finite_numbers(**values) -> None:
     for name, value in values.items():
         if not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise PruningError(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_latency_table(budget: str, latency_table) -> None:
+    if latency_table is not None and not isinstance(latency_table, LatencyTable):
+        raise PruningError(f"latency_table must be a LatencyTable (from measure_latency_table(...)), got "
+                           f"{type(latency_table).__name__}")
+    if latency_table is not None and budget != "latency":
+        raise PruningError(f"a latency_table is used by budget='latency' only, got budget={budget!r}; "
+                           "pass budget='latency' or drop the table")
 
 
 def _check_channel_limits(block_size, min_channels, round_to) -> None:

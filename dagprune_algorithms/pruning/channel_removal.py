@@ -22,7 +22,7 @@ from dagprune.ops.spec import describe_op
 
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis
 
-__all__ = ["remove_channels_from_dag", "position_masks"]
+__all__ = ["remove_channels_from_dag", "remove_vertex_channels", "position_masks"]
 
 
 def position_masks(layout: Any, keep_class: np.ndarray, keep_full: bool = False) -> Any:
@@ -60,7 +60,7 @@ def remove_channels_from_dag(analysis: ChannelAnalysis, keep_class: np.ndarray) 
         inputs.append(new_vertex)
     inner = []
     for vertex in dag.inner_vertices:
-        module = _slim_module(analysis, vertex, keep_class)
+        module = remove_vertex_channels(analysis, vertex, keep_class)
         new_vertex = InnerVertex(vertex.name, module, [new_vertices[p] for p in vertex.predecessors],
                                  vertex.qualified_name)
         new_vertices[vertex] = new_vertex
@@ -79,8 +79,9 @@ def _inner_mask(analysis: ChannelAnalysis, vertex: InnerVertex, keep_class: np.n
     return None if site is None else keep_class[site.atoms]
 
 
-def _slim_module(analysis: ChannelAnalysis, vertex: InnerVertex, keep_class: np.ndarray) -> nn.Module:
-    """The vertex's module with the removed channels cut out, by its spec's removal facet."""
+def remove_vertex_channels(analysis: ChannelAnalysis, vertex: InnerVertex, keep_class: np.ndarray) -> nn.Module:
+    """A copy of the vertex's module with the removed channels cut out, by its spec's removal
+    facet (the module of ``vertex`` in :func:`remove_channels_from_dag`'s result)."""
     spec = spec_for(vertex.module)
     input_masks = [position_masks(analysis.layouts[p], keep_class, spec.full_masks)
                    for p in vertex.predecessors]

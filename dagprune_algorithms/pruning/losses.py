@@ -3,7 +3,8 @@
 * ``proportion``: expected FLOPs of the gated model under the gates' keep probabilities
   ``sigmoid(logits)``, over the original FLOPs. Each op's FLOPs are a product of the kept
   fractions of its input and output channels, so the proportion is differentiable in every
-  logit that touches a counted op.
+  logit that touches a counted op. With another budget (``ChannelPruning(budget=...)``,
+  :mod:`.budgets`) "FLOPs" below reads as that budget's cost: parameters or latency.
 * ``flops_loss``: ``w_flops * a(t) * (relu(r - 1) + below * relu(1 - r))`` with
   ``r = p_hard / target(t)``, where ``p_hard`` is the FLOPs share of the hard (eval-mode) gate
   decisions and the gradient is that of the expected share ``p`` (straight-through);
@@ -36,12 +37,12 @@ import dataclasses
 import math
 import numbers
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dagprune.errors import PruningError
 
+from dagprune_algorithms.pruning.budgets import ExpectedCost, flops_cost
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis
 
 __all__ = ["PruningLossConfig", "ExpectedFlops", "NonFiniteLossWatch", "anneal", "binary_entropy",
@@ -145,67 +146,12 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
     return terms.sum() / student.shape[0] * (temperature * temperature)
 
 
-class ExpectedFlops:
-    """Differentiable expected FLOPs of a gated model, as a function of keep probabilities.
-
-    Every FLOPs term is ``base * prod_f mean(keep[f])``; each factor's mean is computed as a
-    sparse weighted sum over the probabilities of the prunable classes, in one matrix product.
-    """
+class ExpectedFlops(ExpectedCost):
+    """Differentiable expected FLOPs share of a gated model: the :class:`.budgets.ExpectedCost`
+    of the FLOPs budget of ``analysis``."""
 
     def __init__(self, analysis: ChannelAnalysis):
-        self.total = float(analysis.total_flops)
-        groups = analysis.prunable_groups
-        slot_of_class = np.full(len(analysis.atom_class), -1, dtype=np.int64)
-        offset = 0
-        for group in groups:
-            slot_of_class[group.classes] = offset + np.arange(group.size)
-            offset += group.size
-        self.num_slots = offset
-        rows, cols, weights, constants, term_of_factor = [], [], [], [], []
-        bases, constant_terms = [], 0.0
-        factor_index = 0
-        for term in analysis.flops_terms:
-            factors = [f for f in term.factors if len(f) and (slot_of_class[f] >= 0).any()]
-            if not factors:
-                constant_terms += term.base_flops
-                continue
-            term_index = len(bases)
-            bases.append(float(term.base_flops))
-            for factor in factors:
-                slots = slot_of_class[factor]
-                gated = slots >= 0
-                unique, counts = np.unique(slots[gated], return_counts=True)
-                rows.extend([factor_index] * len(unique))
-                cols.extend(unique.tolist())
-                weights.extend((counts / len(factor)).tolist())
-                constants.append((~gated).sum() / len(factor))
-                term_of_factor.append(term_index)
-                factor_index += 1
-        self.constant_share = constant_terms / self.total if self.total else 0.0
-        indices = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
-        factor_matrix = torch.sparse_coo_tensor(indices, torch.tensor(weights, dtype=torch.float32),
-                                                (factor_index, max(offset, 1)), check_invariants=True)
-        # shares of the original FLOPs (float32 keeps 7 digits of a share, plenty for a loss)
-        shares = torch.tensor(bases, dtype=torch.float64) / max(self.total, 1.0)
-        self._tables = {torch.device("cpu"): (
-            factor_matrix.coalesce(), torch.tensor(constants, dtype=torch.float32),
-            torch.tensor(term_of_factor, dtype=torch.long), shares.float())}
-
-    def tables(self, device: torch.device) -> tuple:
-        """(factor matrix, factor constants, term of each factor, term shares) on ``device``,
-        moved there once and kept."""
-        if device not in self._tables:
-            self._tables[device] = tuple(t.to(device) for t in self._tables[torch.device("cpu")])
-        return self._tables[device]
-
-    def proportion(self, keep_probabilities: torch.Tensor) -> torch.Tensor:
-        """Expected FLOPs / original FLOPs for the concatenated keep probabilities of all groups
-        (float32, on their device; the log-domain product over each term's factors)."""
-        matrix, constants, term_of_factor, shares = self.tables(keep_probabilities.device)
-        fractions = torch.sparse.mm(matrix, keep_probabilities.float().unsqueeze(1)).squeeze(1) + constants
-        log_fraction = torch.log(fractions.clamp_min(1e-12))
-        per_term = torch.zeros(len(shares), device=log_fraction.device).index_add(0, term_of_factor, log_fraction)
-        return (shares * torch.exp(per_term)).sum() + self.constant_share
+        super().__init__(flops_cost(analysis), analysis.prunable_groups)
 
 
 class NonFiniteLossWatch:

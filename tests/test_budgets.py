@@ -1,0 +1,240 @@
+"""Budgets beyond FLOPs: the parameter budget predicts the slim model's parameter count exactly;
+latency tables are measured once, read back from their cache, and give a differentiable expected
+latency that never falls when a keep probability rises; ``dagprune prune --budget``."""
+
+import json
+import logging
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import dagprune
+from dagprune.errors import PruningError
+from dagprune.ops import OPS
+from dagprune_algorithms.app.cli import main
+from dagprune_algorithms.pruning import ChannelPruning, latency_table
+from dagprune_algorithms.pruning.latency_table import LatencyTable, measure_latency_table
+from gate_states import random_gate_states
+from test_cli_prune import TINY, fast_latency
+from zoo import ZOO, make_example_inputs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class HfStyleMlp(nn.Module):
+    """A Llama-style decoder MLP block as Hugging Face writes it: token embeddings, RMSNorm,
+    gated up/down projections without biases, a residual, a final norm and an LM head."""
+
+    def __init__(self, vocab: int = 40, hidden: int = 16, intermediate: int = 24):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, hidden)
+        self.input_layernorm, self.norm = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, input_ids):
+        hidden = self.embed_tokens(input_ids)
+        x = self.input_layernorm(hidden)
+        hidden = hidden + self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.lm_head(self.norm(hidden))
+
+
+def _timm_vit():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              num_classes=10)
+    return model, (torch.randn(1, 3, 32, 32),)
+
+
+PARAMS_MODELS = {
+    "conv_net": lambda: (ZOO["resnet_basic_blocks"].factory(seed=0),
+                         tuple(make_example_inputs(ZOO["resnet_basic_blocks"], batch_size=1))),
+    "timm_vit": _timm_vit,
+    "hf_style_mlp": lambda: (HfStyleMlp(), (torch.randint(0, 40, (1, 7)),)),
+}
+"""Models whose parameter count the params budget must predict exactly."""
+
+
+def _prepared(model, inputs, target: float = 0.5, **options) -> ChannelPruning:
+    config = ChannelPruning(dagprune.build_from_unstructured_module(model), None, target, 100,
+                            example_inputs=inputs, **options)
+    config.prepare_for_pruning()
+    return config
+
+
+# ------------------------------------------------------------------------------ parameters
+@pytest.mark.parametrize("name", PARAMS_MODELS)
+def test_params_budget_predicts_the_slim_parameter_count_exactly(name):
+    config = _prepared(*PARAMS_MODELS[name](), budget="params")
+    total = sum(p.numel() for p in config.model.parameters())
+    assert config.cost.approximate == [] and config.cost.total == total
+    for _ in random_gate_states(config, seed=1, count=4):
+        slim = config.remove_channels()
+        kept = sum(p.numel() for p in slim.parameters())
+        assert kept < total
+        assert round(config.cost.predicted(config.kept_classes())) == kept
+        assert config.current_hard_proportion() == pytest.approx(kept / total, abs=1e-12)
+        hard = config._expected_flops.proportion(config._gate_set.hard_masks())  # what the loss sees
+        assert hard.item() == pytest.approx(kept / total, abs=1e-5)
+
+
+def test_params_of_a_layer_whose_removal_renames_them_are_flagged_approximate():
+    model, inputs = OPS["multihead_attention"].example()
+    config = _prepared(model, inputs, target=0.9, budget="params")
+    assert config.cost.approximate == ["attention"]  # nn.MultiheadAttention -> separate projections
+
+
+# ------------------------------------------------------------------------------ latency
+class _OutputElements(TorchFunctionMode):
+    """Counts the torch calls made and the elements of the tensors they return."""
+
+    calls = elements = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        self.calls += 1
+        self.elements += output.numel() if isinstance(output, torch.Tensor) else 0
+        return output
+
+
+def _fake_seconds(call, device, seconds_per_round, rounds=3):
+    """A deterministic stand-in for the timer: a microsecond per torch call and a nanosecond per
+    element it returns (so a whole model costs what its ops cost)."""
+    with _OutputElements() as counted:
+        call()
+    return 1e-6 * counted.calls + 1e-9 * counted.elements
+
+
+def _conv_net():
+    return dagprune.build_from_unstructured_module(ZOO["resnet_basic_blocks"].factory(seed=0)), (3, 16, 16)
+
+
+def test_latency_table_is_measured_once_then_read_from_its_cache(tmp_path, monkeypatch):
+    dag, shape = _conv_net()
+    timings = []
+    monkeypatch.setattr(latency_table, "seconds_per_call", lambda *a, **k: timings.append(1) or _fake_seconds(*a))
+    first = measure_latency_table(dag, shape, cache_dir=tmp_path, widths=4, progress=False)
+    assert not first.from_cache and timings and first.path.parent == tmp_path
+    assert first.fit_error() < 0.05  # the fake times add up; only the curves' slope floor differs
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a cached table was measured again")
+
+    monkeypatch.setattr(latency_table, "seconds_per_call", no_timing)
+    second = measure_latency_table(dag, shape, cache_dir=tmp_path, widths=4, progress=False)
+    assert second.from_cache and second.path == first.path and second.curves == first.curves
+    monkeypatch.setattr(latency_table, "seconds_per_call", _fake_seconds)
+    other_batch = measure_latency_table(dag, shape, batch_size=2, cache_dir=tmp_path, widths=4, progress=False)
+    assert not other_batch.from_cache and other_batch.path != first.path
+
+
+def test_a_real_latency_table_is_quick_and_its_curves_rise(tmp_path):
+    dag, shape = _conv_net()
+    started = time.perf_counter()
+    table = measure_latency_table(dag, shape, batch_size=2, cache_dir=tmp_path, widths=4,
+                                  seconds_per_timing=2e-4, progress=False)
+    assert time.perf_counter() - started < 20
+    assert set(table.curves) == {vertex.name for vertex in dag.inner_vertices}
+    assert all(np.all(np.diff(curve) > 0) for curve in table.curves.values())
+    assert len(table.model_seconds) == 4 and min(table.model_seconds) > 0
+
+
+def test_expected_latency_is_differentiable_and_never_falls_when_a_keep_probability_rises(tmp_path, monkeypatch):
+    monkeypatch.setattr(latency_table, "seconds_per_call", _fake_seconds)
+    dag, shape = _conv_net()
+    table = measure_latency_table(dag, shape, batch_size=2, cache_dir=tmp_path, widths=4, progress=False)
+    config = ChannelPruning(dag, shape, 0.8, 100, budget="latency", latency_table=table)
+    config.prepare_for_pruning()
+    assert config.current_hard_proportion() == pytest.approx(1.0)
+    config.expected_proportion().backward()
+    gradients = torch.cat([gate.logits.grad for gate in config.gates])
+    assert (gradients > 0).all()  # every curve rises: no gate is left without a push
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        logits = torch.randn(len(gradients), generator=generator) * 3
+        raised = logits + torch.rand(len(gradients), generator=generator) * (
+            torch.rand(len(gradients), generator=generator) < 0.3)
+        low, high = (config._expected_flops.proportion(torch.sigmoid(x)).item() for x in (logits, raised))
+        assert high >= low - 1e-6
+    for _ in random_gate_states(config, seed=2, count=2):  # the loss's hard share is the one reported
+        hard = config._expected_flops.proportion(config._gate_set.hard_masks()).item()
+        assert hard == pytest.approx(config.current_hard_proportion(), abs=1e-5)
+
+
+def test_latency_table_errors_name_the_fix(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(latency_table, "seconds_per_call", _fake_seconds)
+    dag, shape = _conv_net()
+    table = measure_latency_table(dag, shape, cache_dir=tmp_path, widths=2, progress=False)
+    other = dagprune.build_from_unstructured_module(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)))
+    with pytest.raises(PruningError, match=r"has no curve for .* measure one for this model"):
+        ChannelPruning(other, (3, 8, 8), 0.5, 10, budget="latency", latency_table=table).prepare_for_pruning()
+    with pytest.raises(PruningError, match="used by budget='latency' only"):
+        ChannelPruning(dag, shape, 0.5, 10, latency_table=table)
+    with pytest.raises(PruningError, match="latency_table must be a LatencyTable"):
+        ChannelPruning(dag, shape, 0.5, 10, budget="latency", latency_table=str(table.path))
+    with pytest.raises(PruningError, match=r"budget must be one of \('flops', 'params', 'latency'\)"):
+        ChannelPruning(dag, shape, 0.5, 10, budget="memory")
+    table.path.write_text("{not json")
+    with pytest.raises(PruningError, match="is not a dagprune latency table .* delete it"):
+        LatencyTable.load(table.path)
+    with caplog.at_level(logging.WARNING):
+        again = measure_latency_table(dag, shape, cache_dir=tmp_path, widths=2, progress=False)
+    assert not again.from_cache and "measuring it again" in caplog.text
+
+
+def test_unreachable_target_names_the_budget():
+    with pytest.raises(PruningError, match="leaves .* of the parameters"):
+        _prepared(*PARAMS_MODELS["hf_style_mlp"](), target=0.01, budget="params")
+
+
+# ------------------------------------------------------------------------------ the command
+def test_prune_with_a_params_budget_reports_the_exact_parameter_share(tmp_path, capsys, monkeypatch):
+    fast_latency(monkeypatch)
+    out = tmp_path / "run"
+    code = main(["prune", *TINY, "--no-reference", "--budget", "params", "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert code in (0, 1), report  # 1: a missed target in 6 steps is a failed check
+    baseline, pruned = report["rows"][0], report["rows"][-1]
+    assert report["budget"]["name"] == "params"
+    assert report["budget"]["reached"] == pytest.approx(pruned["params"] / baseline["params"], abs=1e-12)
+    printed = capsys.readouterr().out
+    assert f"params {pruned['params'] / baseline['params']:.3f}" in printed and "budget params: target 0.5" in printed
+
+
+def test_prune_with_a_latency_budget_caches_its_table(tmp_path, capsys, monkeypatch):
+    fast_latency(monkeypatch)
+    monkeypatch.setattr(latency_table, "seconds_per_call", _fake_seconds)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    code = main(["prune", *TINY, "--no-reference", "--budget", "latency", "--latency-cache", str(cache),
+                 "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert code in (0, 1), report
+    assert report["budget"]["name"] == "latency" and report["budget"]["latency_table"]["path"].startswith(str(cache))
+    assert len(list(cache.glob("*.json"))) == 1
+    assert "(predicted by the latency table); measured latency" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--budget", "memory"], "argument --budget: invalid choice: 'memory'"),
+    (["--budget", "params", "--method", "l1"], "--budget params applies to --method dag only"),
+    (["--latency-cache", "somewhere"], "--latency-cache applies to --budget latency only"),
+    (["--budget", "latency", "--latency-cache", "FILE"], "is a file; give a directory"),
+])
+def test_bad_budget_options_give_one_line(tmp_path, capsys, arguments, message):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    arguments = [str(a_file) if argument == "FILE" else argument for argument in arguments]
+    try:
+        code = main(["prune", *TINY, "--no-reference", "--out", str(tmp_path / "run"), *arguments])
+    except SystemExit as exit:  # argparse's own errors (an unknown choice)
+        code = exit.code
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1 and "Traceback" not in error
+    assert not (tmp_path / "run" / "baseline.pt").exists()
