@@ -75,8 +75,30 @@ def as_example_inputs(example_inputs: Any) -> ExampleInputs:
         raise DagpruneError(
             f"example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword "
             f"inputs, got {type(example_inputs).__name__}")
+    _check_no_nested_tensors(inputs)
     inputs.first_tensor()
     return inputs
+
+
+def _holds_tensors(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensors(item) for item in value)
+    if isinstance(value, Mapping):
+        return any(_holds_tensors(item) for item in value.values())
+    return False
+
+
+def _check_no_nested_tensors(inputs: ExampleInputs) -> None:
+    """Tensors inside lists or dicts cannot be DAG inputs (a detector's list of images)."""
+    named = [*(f"positional value {i}" for i in range(len(inputs.args))), *(repr(k) for k in inputs.kwargs)]
+    for name, value in zip(named, (*inputs.args, *inputs.kwargs.values())):
+        if not isinstance(value, torch.Tensor) and _holds_tensors(value):
+            raise DagpruneError(
+                f"example_inputs: {name} is a {type(value).__name__} holding tensors; a DAG takes each "
+                "tensor as an argument of its own. Pass them separately, or convert the part of the model "
+                "that takes one batch tensor (a detector's model.backbone) and put the DAG back in its place")
 
 
 def _describe_value(value: Any) -> str:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import hashlib
-import json
 import multiprocessing
 import os
 import resource
@@ -65,10 +64,12 @@ def _source_root() -> Path:
 SOURCE_ROOT = _source_root()
 sys.path.insert(0, str(SOURCE_ROOT))
 sys.path.insert(1, str(REPO_ROOT / "tests"))  # make_weights_informative, shared with the test suite
-sys.path.insert(2, str(Path(__file__).resolve().parent))  # removal_check, shared with the other sweeps
+sys.path.insert(2, str(Path(__file__).resolve().parent))  # removal_check, sweep_harness: shared with the other sweeps
 
 import timm  # noqa: E402
 from removal_check import removal_difference_at_random_gates  # noqa: E402
+from sweep_harness import (CONVERSION_TOLERANCE, REMOVAL_TOLERANCE, append_record, done_names,  # noqa: E402
+                           first_line, read_records)
 
 import dagprune as dp  # noqa: E402
 from dagprune_algorithms.app.models import create_timm_model  # noqa: E402
@@ -78,8 +79,6 @@ from informative_weights import make_weights_informative  # noqa: E402
 DEFAULT_RESULTS = REPO_ROOT / "build" / "coverage" / "results.jsonl"
 SMALL_SIDE = 64
 FALLBACK_SIDES = (128,)
-CONVERSION_TOLERANCE = 1e-5
-REMOVAL_TOLERANCE = 1e-4
 PRUNING_TARGET = 0.5
 FVCORE_MATMUL_OPERATORS = ("conv", "linear", "matmul", "bmm", "addmm", "einsum")
 
@@ -218,7 +217,7 @@ def check_model(name: str, report=None, with_fvcore: bool = True, seed: int = 0)
             reference = fvcore_flops(model, input_size)
             note(flops_fvcore=reference, flops_ratio=record["flops"] / reference if reference else None)
         except Exception as error:  # noqa: BLE001 - fvcore's own limits are recorded, not failures
-            note(fvcore_error=_first_line(error))
+            note(fvcore_error=first_line(error))
 
     note(stage="roundtrip")  # last: with the original model freed, a large DAG and its loaded
     del model                # copy fit the address-space bound together
@@ -255,11 +254,6 @@ def _bit_equal(first, second) -> bool:
 
 
 # ------------------------------------------------------------------------------- the child
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:400]
-
-
 def _is_out_of_memory(error: BaseException) -> bool:
     text = str(error)
     return isinstance(error, MemoryError) or "can't allocate memory" in text \
@@ -287,7 +281,7 @@ def _child_main(name: str, connection, memory_bytes: int, cpu_seconds: int, with
                                                        f"(in stage {stage['stage']})"})
     except BaseException as error:  # noqa: BLE001 - everything is recorded, nothing escapes
         status = "oom" if _is_out_of_memory(error) else "error"
-        connection.send({"status": status, "error": _first_line(error), "error_stage": stage["stage"],
+        connection.send({"status": status, "error": first_line(error), "error_stage": stage["stage"],
                          "traceback": traceback.format_exc(limit=-6)[-3000:]})
     finally:
         connection.close()
@@ -411,43 +405,14 @@ def select_names(pattern: str | None, shard: tuple[int, int], limit: int | None)
     return names[:limit] if limit else names
 
 
-def done_names(path: Path) -> set[str]:
-    if not path.exists():
-        return set()
-    names = set()
-    for line in path.read_text().splitlines():
-        try:
-            names.add(json.loads(line)["name"])
-        except (json.JSONDecodeError, KeyError):
-            continue  # a line cut by an interruption is redone
-    return names
-
-
 def failed_names(path: Path) -> set[str]:
     """Names whose last record is not convertible with exact channel removal and bit-exact
     save/load of the DAG and the slim model."""
-    last = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            last[record["name"]] = record
+    last = read_records(path, tolerant=True) if path.exists() else {}
     return {name for name, record in last.items()
             if not (record.get("converts_exactly") and record.get("prunable")
                     and record.get("removal_exact") and record.get("roundtrip_exact")
                     and record.get("slim_roundtrip_exact"))}
-
-
-def append_record(path: Path, record: dict) -> None:
-    """One ``write`` per line with O_APPEND, so shards can share the file."""
-    line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(descriptor, line)
-    finally:
-        os.close(descriptor)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -484,7 +449,7 @@ def main(argv=None) -> int:
         failed = failed_names(args.results)
         names = [n for n in names if n in failed]
     elif not args.redo:
-        finished = done_names(args.results)
+        finished = done_names(args.results, tolerant=True)
         names = [n for n in names if n not in finished]
     context = multiprocessing.get_context("fork")
     version = code_version()
@@ -497,7 +462,7 @@ def main(argv=None) -> int:
         progress.set_postfix_str(name[:30])
         record = run_one(name, context, args.memory_gb, args.cpu_seconds, args.wall_seconds,
                          int(args.max_params), not args.no_fvcore, version)
-        append_record(args.results, record)
+        append_record(args.results, record, sort_keys=True)  # one write per line: shards share the file
         counts["ok"] += record["status"] == "ok"
         counts["exact"] += bool(record.get("converts_exactly"))
         counts["prunable"] += bool(record.get("prunable") and record.get("removal_exact"))

@@ -27,6 +27,8 @@ import re
 import sys
 from pathlib import Path
 
+from sweep_harness import escape, read_records
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO_ROOT / "build" / "coverage" / "results.jsonl"
 RESOURCES = REPO_ROOT / "resources"
@@ -41,14 +43,9 @@ TORCH_DAG_FIGURES = {"timm": "0.9.5", "all": 945, "convertible": 690, "prunable"
 
 
 def load_records(path: Path) -> dict[str, dict]:
-    records = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by an interruption
+    records = read_records(path, tolerant=True)  # lines cut by an interruption are skipped
+    for record in records.values():
         record.pop("traceback", None)
-        records[record["name"]] = record
     return records
 
 
@@ -144,10 +141,6 @@ def _mark(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
-def _escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def render_table(summary: dict, records: dict[str, dict], all_names: list[str]) -> str:
     s, theirs = summary, summary["torch_dag"]
     lines = [
@@ -229,7 +222,7 @@ def render_table(summary: dict, records: dict[str, dict], all_names: list[str]) 
             str(record.get("prunable_groups", "")), _number(record.get("prunable_proportion")),
             _number(record.get("max_removable_proportion")), removal,
             _number(flops / 1e9 if flops else None), _number(record.get("flops_ratio")),
-            _number(record.get("time_s"), 1), _escape(record.get("error", "")[:160]) + " |"]))
+            _number(record.get("time_s"), 1), escape(record.get("error", "")[:160]) + " |"]))
     return "\n".join(lines) + "\n"
 
 
@@ -255,10 +248,10 @@ def render_failures(summary: dict, records: dict[str, dict], all_names: list[str
     ]
     ordered = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))
     for index, (key, members) in enumerate(ordered, 1):
-        lines.append(f"| {index} | {len(members)} | {_escape(key[:200])} |")
+        lines.append(f"| {index} | {len(members)} | {escape(key[:200])} |")
     for index, (key, members) in enumerate(ordered, 1):
-        lines += ["", f"## {index}. {_escape(key[:200])} ({len(members)})", "",
-                  f"Example: `{members[0][0]}`: {_escape(members[0][1][:400])}", "",
+        lines += ["", f"## {index}. {escape(key[:200])} ({len(members)})", "",
+                  f"Example: `{members[0][0]}`: {escape(members[0][1][:400])}", "",
                   ", ".join(f"`{name}`" for name, _ in members)]
     return "\n".join(lines) + "\n"
 

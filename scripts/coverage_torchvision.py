@@ -30,47 +30,27 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import fnmatch
-import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
 import traceback
 import warnings
 from pathlib import Path
 
+SCRIPTS = Path(__file__).resolve().parent
+if str(SCRIPTS) not in sys.path:  # sweep_harness and removal_check, shared with the other sweeps
+    sys.path.insert(0, str(SCRIPTS))
+
+import sweep_harness  # noqa: E402
+from sweep_harness import CONVERSION_TOLERANCE, REMOVAL_TOLERANCE  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO_ROOT / "build" / "coverage_torchvision" / "results.jsonl"
 DEFAULT_TABLE = REPO_ROOT / "resources" / "supported_torchvision.md"
-CONVERSION_TOLERANCE = 1e-5
-REMOVAL_TOLERANCE = 1e-4
 MIN_SIDE = 64
 # models whose builder needs arguments to run as a plain classifier in eval mode
 BUILD_ARGUMENTS = {"inception_v3": {"aux_logits": False, "init_weights": True},
                    "googlenet": {"aux_logits": False, "init_weights": True}}
 FIXED_SIDES = {"inception_v3": 299}
-
-# run in a fresh interpreter: loads the saved DAG with torchvision absent, compares with the
-# expected outputs and state saved by the converting process
-_LOAD_CHECK = """
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-import dagprune
-folder = sys.argv[2]
-dag = dagprune.load_dag(folder + "/dag").eval()
-expected = torch.load(folder + "/expected.pt")
-with torch.no_grad():
-    output = dag(expected["input"])
-state = dag.state_dict()
-same = (state.keys() == expected["state"].keys()
-        and all(torch.equal(v, expected["state"][k]) for k, v in state.items())
-        and torch.equal(output, expected["output"]))
-print("ROUNDTRIP", same)
-print("IMPORTED_TORCHVISION", "torchvision" in sys.modules)
-"""
 
 
 def classification_models() -> list[str]:
@@ -156,95 +136,38 @@ def _round_trips_without_torchvision(dag, input_size) -> tuple[bool, bool]:
     """Whether the saved DAG loads bit-exactly in a process that has not imported torchvision,
     and whether loading it had to import torchvision (a graph naming torchvision functions)."""
     import torch
-    dag.eval()
     x = torch.randn(1, *input_size)
-    with torch.no_grad():
-        output = dag(x)
-    with tempfile.TemporaryDirectory(prefix="dagprune-tv-") as folder:
-        dag.save(Path(folder) / "dag")
-        torch.save({"input": x, "output": output, "state": dag.state_dict()},
-                   Path(folder) / "expected.pt")
-        result = subprocess.run([sys.executable, "-c", _LOAD_CHECK, str(REPO_ROOT), folder],
-                                capture_output=True, text=True, timeout=300)
-    imported_torchvision = "IMPORTED_TORCHVISION True" in result.stdout
-    if "ROUNDTRIP True" in result.stdout:
-        return True, imported_torchvision
-    if "ROUNDTRIP False" in result.stdout:
+    loaded = sweep_harness.load_in_fresh_process(dag, (x,), library="torchvision", block=False,
+                                                 temp_prefix="dagprune-tv-")
+    if loaded.exact is None:
+        raise RuntimeError("loading without torchvision failed: " + sweep_harness.last_line(loaded.stderr))
+    if not loaded.exact:
         raise AssertionError("the loaded DAG differs from the saved one")
-    raise RuntimeError("loading without torchvision failed: " + _last_line(result.stderr))
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
+    return True, loaded.imported_library
 
 
 # ------------------------------------------------------------------------------------ the sweep
-def _run_child(name: str, record_path: Path) -> None:
-    record: dict = {"name": name}
-
-    def report(**fields):
-        record.update(fields)
-        record_path.write_text(json.dumps(record))
-
-    start = time.time()
-    try:
-        check_model(name, report)
-    except Exception as error:  # noqa: BLE001 - recorded as the model's failure
-        report(error=f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}",
-               traceback=traceback.format_exc()[-2000:])
-    report(seconds=round(time.time() - start, 1))
+def _error_fields(error: BaseException, record: dict) -> dict:
+    message = str(error).strip()
+    return {"error": f"{type(error).__name__}: {message.splitlines()[0][:300] if message else ''}",
+            "traceback": traceback.format_exc()[-2000:]}
 
 
 def sweep(names: list[str], results: Path, timeout: float, max_params: int) -> None:
-    results.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if results.exists():
-        done = {json.loads(line)["name"] for line in results.read_text().splitlines() if line}
-    for name in names:
-        if name in done:
-            continue
+    def check_or_skip(name: str) -> dict:
         params = count_parameters(name)
         if params > max_params:
-            record = {"name": name, "params": params,
-                      "skipped": f"{params / 1e6:.0f}M parameters > {max_params / 1e6:.0f}M"}
-        else:
-            record = _run_in_subprocess(name, timeout)
-        with results.open("a") as file:
-            file.write(json.dumps(record) + "\n")
-        print(json.dumps({k: v for k, v in record.items() if k != "traceback"}), flush=True)
+            return {"name": name, "params": params,
+                    "skipped": f"{params / 1e6:.0f}M parameters > {max_params / 1e6:.0f}M"}
+        return sweep_harness.run_in_subprocess(__file__, name, timeout, "dagprune-tv-record-")
 
-
-def _run_in_subprocess(name: str, timeout: float) -> dict:
-    with tempfile.TemporaryDirectory(prefix="dagprune-tv-record-") as folder:
-        record_path = Path(folder) / "record.json"
-        start = time.time()
-        try:
-            subprocess.run([sys.executable, __file__, "--child", name, str(record_path)],
-                           timeout=timeout, capture_output=True)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        record = json.loads(record_path.read_text()) if record_path.exists() else {"name": name}
-    if timed_out:
-        record["error"] = f"timed out after {timeout:.0f} s in stage {record.get('stage')}"
-    elif "seconds" not in record and "error" not in record:
-        record["error"] = f"child process died in stage {record.get('stage')}"
-    record.setdefault("seconds", round(time.time() - start, 1))
-    return record
+    sweep_harness.sweep(names, results, check_or_skip)
 
 
 # ------------------------------------------------------------------------------------ the table
-def _mark(value) -> str:
-    return {True: "yes", False: "**no**", None: "-"}[value]
-
-
 def write_table(results: Path, table: Path, note: str = "") -> None:
-    records = {}
-    for line in results.read_text().splitlines():
-        if line:
-            record = json.loads(line)
-            records[record["name"]] = record
+    records = sweep_harness.read_records(results)
+    mark = sweep_harness.mark
     checked = [r for r in records.values() if "skipped" not in r]
     count = lambda key: sum(bool(r.get(key)) for r in checked)  # noqa: E731
     lines = [
@@ -277,30 +200,20 @@ def write_table(results: Path, table: Path, note: str = "") -> None:
             failure = f"output differs by {r['convert_max_rel_diff']:.1e}"
         if not failure and r.get("removal_exact") is False:
             failure = f"removal differs by {r['removal_max_rel_diff']:.1e}"
-        failure = failure.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {name} | {params} | {side} | {_mark(r.get('converts_exactly'))} | "
-                     f"{_mark(r.get('roundtrip_exact'))} | {_mark(r.get('prunable'))} | "
-                     f"{proportion} | {_mark(r.get('removal_exact'))} | {failure} |")
+        lines.append(f"| {name} | {params} | {side} | {mark(r.get('converts_exactly'))} | "
+                     f"{mark(r.get('roundtrip_exact'))} | {mark(r.get('prunable'))} | "
+                     f"{proportion} | {mark(r.get('removal_exact'))} | {sweep_harness.escape(failure)} |")
     table.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        sys.path.insert(0, str(REPO_ROOT))
-        _run_child(sys.argv[2], Path(sys.argv[3]))
+    if sweep_harness.child_main(check_model, _error_fields):
         return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="*", default=["*"], help="fnmatch patterns")
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
-    parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per model")
-    parser.add_argument("--max-params", type=float, default=150e6)
-    parser.add_argument("--table-only", action="store_true")
-    parser.add_argument("--note", default="", help="appended to the summary line")
-    args = parser.parse_args()
+    args = sweep_harness.parse_sweep_arguments(
+        __doc__.split("\n\n")[0], results=DEFAULT_RESULTS, table=DEFAULT_TABLE, timeout=120.0,
+        extra=lambda parser: parser.add_argument("--max-params", type=float, default=150e6))
     if not args.table_only:
-        names = [name for name in classification_models()
-                 if any(fnmatch.fnmatch(name, pattern) for pattern in args.models)]
+        names = sweep_harness.matching(classification_models(), args.models)
         sweep(names, args.results, args.timeout, int(args.max_params))
     write_table(args.results, args.table, args.note)
 

@@ -32,52 +32,28 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import collections
-import fnmatch
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO_ROOT / "build" / "coverage_transformers" / "results.jsonl"
 DEFAULT_TABLE = REPO_ROOT / "resources" / "supported_transformers.md"
-CONVERSION_TOLERANCE = 1e-5
-REMOVAL_TOLERANCE = 1e-4
 PRUNING_TARGET = 0.5
 FALLBACK_PRUNING_TARGET = 0.99  # prunable, just not down to 50% of the FLOPs (the check does not train)
 SCRIPTS = Path(__file__).resolve().parent
-for _path in (REPO_ROOT, SCRIPTS):  # dagprune; removal_check, shared with the other sweeps
+for _path in (REPO_ROOT, SCRIPTS):  # dagprune; sweep_harness, removal_check: shared with the other sweeps
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from transformers_tiny_models import MODELS, build_model, describe, example_inputs
-
-# run in a fresh interpreter where transformers cannot be imported (this script imports it
-# lazily): loads the saved DAG and compares it with what the converting process saved
-_LOAD_CHECK = """
-import importlib.abc, sys
-class BlockTransformers(importlib.abc.MetaPathFinder):  # as if transformers were not installed
-    def find_spec(self, name, path=None, target=None):
-        if name == "transformers" or name.startswith("transformers."):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked: a saved DAG must load without it)")
-sys.meta_path.insert(0, BlockTransformers())
-sys.path[:0] = sys.argv[1:3]
-import torch, dagprune
-from coverage_transformers import compare_bit_for_bit
-dag = dagprune.load_dag(sys.argv[3] + "/dag").eval()
-expected = torch.load(sys.argv[3] + "/expected.pt")
-with torch.no_grad():
-    output = dag(**expected["inputs"])
-same_output, same_state = compare_bit_for_bit(expected["output"], output, expected["state"], dag.state_dict())
-print("OUTPUT_TYPE", getattr(output, "type_name", type(output).__name__))
-print("ROUNDTRIP", same_output and same_state, "OUTPUT", same_output, "STATE", same_state)
-"""
+import sweep_harness  # noqa: E402
+from sweep_harness import (CONVERSION_TOLERANCE, REMOVAL_TOLERANCE, compare_bit_for_bit,  # noqa: E402
+                           escape, first_line, last_line, load_in_fresh_process, mark, read_records,
+                           run_in_subprocess, short_traceback)
+from transformers_tiny_models import MODELS, build_model, describe, example_inputs  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------- the check
@@ -154,13 +130,13 @@ def _check_roundtrip(dag, inputs: dict, note) -> None:
         note(roundtrip_exact=roundtrip_exact, loaded_output_type=loaded_type)
         return
     except Exception as error:  # noqa: BLE001 - recorded; the pruning stages do not need it
-        note(roundtrip_exact=False, roundtrip_error=_first_line(error),
+        note(roundtrip_exact=False, roundtrip_error=first_line(error),
              roundtrip_traceback=getattr(error, "child_traceback", None)
-             or _short_traceback(traceback.format_exc()))
+             or short_traceback(traceback.format_exc()))
     try:
         note(roundtrip_with_transformers_exact=round_trips_in_process(dag, inputs))
     except Exception as error:  # noqa: BLE001 - recorded
-        note(roundtrip_with_transformers_exact=False, roundtrip_with_transformers_error=_first_line(error))
+        note(roundtrip_with_transformers_exact=False, roundtrip_with_transformers_error=first_line(error))
 
 
 def _find_groups(dag, inputs: dict, note) -> bool:
@@ -216,54 +192,17 @@ def _check_removal(pruning, gated, inputs: dict, second: dict, seed: int, note) 
     note(slim_flops=int(_compute_flops(slim, inputs)))
 
 
-def _named_tensors(value, path: str = "output") -> list:
-    """The tensors of an output (nested dicts, tuples, lists), named by where they sit."""
-    import torch
-    if isinstance(value, torch.Tensor):
-        return [(path, value)]
-    if isinstance(value, dict):
-        return [t for key, item in value.items() for t in _named_tensors(item, f"{path}.{key}")]
-    if isinstance(value, (tuple, list)):
-        return [t for index, item in enumerate(value) for t in _named_tensors(item, f"{path}[{index}]")]
-    return []
-
-
-def compare_bit_for_bit(expected_output, output, expected_state: dict, state: dict) -> tuple[bool, bool]:
-    """Whether ``output`` holds the tensors of ``expected_output`` (an output, or its
-    :func:`_named_tensors`) under the same names and dtypes, bit for bit; and whether the two
-    state dicts are equal bit for bit."""
-    import torch
-    expected = expected_output if isinstance(expected_output, list) else _named_tensors(expected_output)
-    actual = _named_tensors(output)
-    same_output = [name for name, _ in expected] == [name for name, _ in actual] and all(
-        e.dtype == a.dtype and torch.equal(e, a) for (_, e), (_, a) in zip(expected, actual))
-    same_state = expected_state.keys() == state.keys() and all(
-        torch.equal(value, state[key]) for key, value in expected_state.items())
-    return same_output, same_state
-
-
 def round_trips_without_transformers(dag, inputs: dict) -> tuple[bool, str]:
     """Whether the saved DAG loads bit-exactly in a process that cannot import transformers;
     and the class name of the loaded DAG's output."""
-    import torch
-    dag.eval()
-    with torch.no_grad():
-        output = dag(**inputs)
-    with tempfile.TemporaryDirectory(prefix="dagprune-hf-") as folder:
-        dag.save(Path(folder) / "dag")
-        torch.save({"inputs": inputs, "output": _named_tensors(output), "state": dag.state_dict()},
-                   Path(folder) / "expected.pt")
-        result = subprocess.run([sys.executable, "-c", _LOAD_CHECK, str(REPO_ROOT), str(SCRIPTS), folder],
-                                capture_output=True, text=True, timeout=300, check=False)
-    loaded_type = next((line.split()[1] for line in result.stdout.splitlines()
-                        if line.startswith("OUTPUT_TYPE")), "")
-    if "ROUNDTRIP True" in result.stdout:
-        return True, loaded_type
-    if "ROUNDTRIP False" in result.stdout:
-        verdict = next(line for line in result.stdout.splitlines() if line.startswith("ROUNDTRIP"))
-        raise AssertionError(f"the loaded DAG differs from the saved one ({verdict})")
-    raise LoadFailure("loading without transformers: " + _last_line(result.stderr),
-                      _short_traceback(result.stderr))
+    loaded = load_in_fresh_process(dag, kwargs=inputs, library="transformers", block=True,
+                                   temp_prefix="dagprune-hf-")
+    if loaded.exact is None:
+        raise LoadFailure("loading without transformers: " + last_line(loaded.stderr),
+                          short_traceback(loaded.stderr))
+    if not loaded.exact:
+        raise AssertionError(f"the loaded DAG differs from the saved one ({loaded.verdict})")
+    return True, loaded.output_type
 
 
 class LoadFailure(RuntimeError):
@@ -287,88 +226,18 @@ def round_trips_in_process(dag, inputs: dict) -> bool:
     return same_output and same_state
 
 
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:400]
-
-
 # ---------------------------------------------------------------------------------- the sweep
-def _run_child(name: str, record_path: Path) -> None:
-    record: dict = {"name": name}
-
-    def report(**fields):
-        record.update(fields)
-        record_path.write_text(json.dumps(record))
-
-    start = time.time()
-    try:
-        check_model(name, report)
-    except Exception as error:  # noqa: BLE001 - recorded as the model's failure
-        report(error=_first_line(error), failed_stage=record.get("stage"),
-               traceback=_short_traceback(traceback.format_exc()))
-    report(seconds=round(time.time() - start, 1))
-
-
-def _short_traceback(text: str, frames: int = 5) -> str:
-    """The last ``frames`` frames and the error of a formatted traceback, without the frames of
-    ``nn.Module.__call__``."""
-    lines = [line for line in text.rstrip().splitlines() if "Traceback (most recent" not in line]
-    blocks, current = [], []
-    for line in lines:
-        if line.startswith("  File ") and current:
-            blocks.append(current)
-            current = []
-        current.append(line)
-    blocks.append(current)
-    kept = [block for block in blocks if "torch/nn/modules/module.py" not in block[0]]
-    return "\n".join(line for block in kept[-frames - 1:] for line in block)[-3000:]
+def _error_fields(error: BaseException, record: dict) -> dict:
+    return {"error": first_line(error), "failed_stage": record.get("stage"),
+            "traceback": short_traceback(traceback.format_exc())}
 
 
 def sweep(names: list[str], results: Path, timeout: float) -> None:
-    results.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if results.exists():
-        done = {json.loads(line)["name"] for line in results.read_text().splitlines() if line}
-    for name in names:
-        if name in done:
-            continue
-        record = _run_in_subprocess(name, timeout)
-        with results.open("a") as file:
-            file.write(json.dumps(record) + "\n")
-        print(json.dumps({k: v for k, v in record.items() if k != "traceback"}), flush=True)
-
-
-def _run_in_subprocess(name: str, timeout: float) -> dict:
-    with tempfile.TemporaryDirectory(prefix="dagprune-hf-record-") as folder:
-        record_path = Path(folder) / "record.json"
-        start = time.time()
-        try:
-            subprocess.run([sys.executable, __file__, "--child", name, str(record_path)],
-                           timeout=timeout, capture_output=True, check=False)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        record = json.loads(record_path.read_text()) if record_path.exists() else {"name": name}
-    if timed_out:
-        record.update(error=f"timed out after {timeout:.0f} s in stage {record.get('stage')}",
-                      failed_stage=record.get("stage"))
-    elif "seconds" not in record and "error" not in record:
-        record.update(error=f"child process died in stage {record.get('stage')}",
-                      failed_stage=record.get("stage"))
-    record.setdefault("seconds", round(time.time() - start, 1))
-    return record
+    sweep_harness.sweep(names, results, lambda name: run_in_subprocess(
+        __file__, name, timeout, "dagprune-hf-record-", record_failed_stage=True))
 
 
 # ---------------------------------------------------------------------------------- the table
-def _mark(value) -> str:
-    return {True: "yes", False: "**no**", None: "-"}[value]
-
-
 def _problems(record: dict) -> list[str]:
     """Every check of ``record`` that did not hold, the stage first: errors, then differences."""
     problems = []
@@ -392,15 +261,6 @@ def _problems(record: dict) -> list[str]:
     return problems
 
 
-def _read_records(results: Path) -> dict:
-    records = {}
-    for line in results.read_text().splitlines():
-        if line:
-            record = json.loads(line)
-            records[record["name"]] = record
-    return records
-
-
 _DESCRIPTION = (
     "Written by `scripts/coverage_transformers.py`: each class built from a tiny config (random "
     "weights, eval mode; `scripts/transformers_tiny_models.py`), called with keyword inputs "
@@ -416,7 +276,7 @@ _HEADER = ("| model | kind | params | convert | save/load | prunable | prunable 
 
 
 def write_table(results: Path, table: Path, note: str = "") -> None:
-    records = _read_records(results)
+    records = read_records(results)
 
     def count(key: str) -> int:
         return sum(bool(r.get(key)) for r in records.values())
@@ -433,21 +293,17 @@ def write_table(results: Path, table: Path, note: str = "") -> None:
         r = records[name]
         lines.append(
             f"| {name} | {r.get('kind', '-')} | {number(r, 'params', '{:,}')} | "
-            f"{_mark(r.get('converts_exactly'))} | {_mark(r.get('roundtrip_exact'))} | "
-            f"{_mark(r.get('prunable'))} | {number(r, 'prunable_proportion', '{:.3f}')} | "
-            f"{number(r, 'max_removable_proportion', '{:.3f}')} | {_mark(r.get('removal_exact'))} | "
+            f"{mark(r.get('converts_exactly'))} | {mark(r.get('roundtrip_exact'))} | "
+            f"{mark(r.get('prunable'))} | {number(r, 'prunable_proportion', '{:.3f}')} | "
+            f"{number(r, 'max_removable_proportion', '{:.3f}')} | {mark(r.get('removal_exact'))} | "
             f"{_kilo(r.get('flops'))} | {_kilo(r.get('slim_flops'))} | "
-            f"{_escape('; '.join(_problems(r)))[:200]} |")
+            f"{escape('; '.join(_problems(r)))[:200]} |")
     lines += _failure_section(records) + _partly_prunable_section(records)
     table.write_text("\n".join(lines) + "\n")
 
 
 def _kilo(value) -> str:
     return "-" if value is None else f"{value / 1e3:,.0f}"
-
-
-def _escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _failure_section(records: dict) -> list[str]:
@@ -479,20 +335,13 @@ def _partly_prunable_section(records: dict) -> list[str]:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        _run_child(sys.argv[2], Path(sys.argv[3]))
+    if sweep_harness.child_main(check_model, _error_fields):
         return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="*", default=["*"], help="fnmatch patterns of class names")
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
-    parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model")
-    parser.add_argument("--table-only", action="store_true")
-    parser.add_argument("--note", default="", help="appended to the summary line")
-    args = parser.parse_args()
+    args = sweep_harness.parse_sweep_arguments(
+        __doc__.split("\n\n")[0], results=DEFAULT_RESULTS, table=DEFAULT_TABLE, timeout=300.0,
+        models_help="fnmatch patterns of class names")
     if not args.table_only:
-        names = [name for name in MODELS if any(fnmatch.fnmatch(name, pattern) for pattern in args.models)]
-        sweep(names, args.results, args.timeout)
+        sweep(sweep_harness.matching(MODELS, args.models), args.results, args.timeout)
     write_table(args.results, args.table, args.note)
 
 

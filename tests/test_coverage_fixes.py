@@ -7,13 +7,11 @@ by random gate logits reproduces the gated model.
 
 
 import pytest
-import torch
 
-from script_modules import load_script
+from sample_params import sweep_script
 
-pytest.importorskip("timm")
-
-coverage_script = load_script("coverage.py")
+coverage_script = sweep_script("coverage.py", "timm")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 FIXED_FAMILY_MODELS = {
     # x[:, :token_length] with token_length read from a shape at run time, on the token axis
@@ -31,15 +29,6 @@ FIXED_FAMILY_MODELS = {
     "botnet": "sebotnet33ts_256",
 }
 """Family -> the model that failed before its fix (why in the comment above it)."""
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small models on a shared machine: one thread avoids idle spinning of the others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", list(FIXED_FAMILY_MODELS.values()), ids=list(FIXED_FAMILY_MODELS))

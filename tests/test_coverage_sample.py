@@ -9,19 +9,16 @@ fix shows up as an unexpected pass.
 
 Select it with ``pytest -m coverage_sample``. With one torch thread the 38 models take about
 40 s on one core of the shared 2-core machine (7 min with torch's default threads under load,
-hence the fixture below), so the sample is not marked ``slow``.
+hence the ``one_torch_thread`` fixture), so the sample is not marked ``slow``.
 """
 
 
 import pytest
-import torch
 
-from script_modules import load_script
+from sample_params import sample_params, sweep_script
 
-pytest.importorskip("timm")
-pytest.importorskip("fvcore")
-
-coverage_script = load_script("coverage.py")
+coverage_script = sweep_script("coverage.py", "timm", "fvcore")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 SAMPLE_MODELS = {
     "resnet": "resnet10t",
@@ -69,26 +66,7 @@ EXPECTED_FAILURES: dict = {}
 """Sample models that fail today, with the reason (strict xfail: a fix must remove the entry)."""
 
 
-def _params():
-    params = []
-    for family, name in SAMPLE_MODELS.items():
-        marks = [pytest.mark.coverage_sample]
-        if name in EXPECTED_FAILURES:
-            marks.append(pytest.mark.xfail(reason=EXPECTED_FAILURES[name], strict=True))
-        params.append(pytest.param(name, id=f"{family}-{name}", marks=marks))
-    return params
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small models on a shared machine: one thread avoids idle spinning of the others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.parametrize("name", _params())
+@pytest.mark.parametrize("name", sample_params(SAMPLE_MODELS, EXPECTED_FAILURES))
 def test_sample_model_converts_and_removes_exactly(name):
     record = coverage_script.check_model(name, with_fvcore=False)
     assert record["converts_exactly"], f"{name}: conversion differs by {record['convert_max_rel_diff']:.2e}"

@@ -14,12 +14,11 @@ Select it with ``pytest -m coverage_sample``; with one torch thread the five tak
 """
 
 import pytest
-import torch
-from script_modules import load_script
 
-pytest.importorskip("transformers")
+from sample_params import sample_params, sweep_script
 
-coverage_script = load_script("coverage_transformers.py")
+coverage_script = sweep_script("coverage_transformers.py", "transformers")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 SAMPLE_MODELS = {
     "encoder with pooler": "BertModel",
@@ -34,26 +33,7 @@ EXPECTED_FAILURES: dict = {}
 """Sample models that fail today, with the reason (strict xfail: a fix must remove the entry)."""
 
 
-def _params():
-    params = []
-    for role, name in SAMPLE_MODELS.items():
-        marks = [pytest.mark.coverage_sample]
-        if name in EXPECTED_FAILURES:
-            marks.append(pytest.mark.xfail(reason=EXPECTED_FAILURES[name], strict=True))
-        params.append(pytest.param(name, id=f"{role}-{name}", marks=marks))
-    return params
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small models on a shared machine: one thread avoids idle spinning of the others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.parametrize("name", _params())
+@pytest.mark.parametrize("name", sample_params(SAMPLE_MODELS, EXPECTED_FAILURES))
 def test_sample_model_converts_round_trips_and_removes_exactly(name):
     record = coverage_script.check_model(name)
     assert record["converts_exactly"], (f"{name}: conversion differs by {record['convert_max_rel_diff']:.2e} "
