@@ -1,7 +1,9 @@
-"""Sweep torchvision's classification models: conversion, save/load, channel groups, exact removal.
+"""Sweep torchvision's classification and segmentation models: conversion, save/load, channel groups, exact removal.
 
-For every name in ``torchvision.models.list_models(module=torchvision.models)`` (``weights=None``,
-eval mode) this records, one JSON line per model:
+For every name in ``torchvision.models.list_models(module=torchvision.models)`` and
+``list_models(module=torchvision.models.segmentation)`` (``weights=None``, segmentation
+backbones without weights too, eval mode; a segmentation model's output is its ordered dict)
+this records, one JSON line per model:
 
 * ``converts_exactly``: :func:`dagprune.compare_module_outputs` <= 1e-5 (relative);
 * ``roundtrip_exact``: the DAG, saved with ``dag.save``, loads with :func:`dagprune.load_dag` in a
@@ -54,8 +56,19 @@ FIXED_SIDES = {"inception_v3": 299}
 
 
 def classification_models() -> list[str]:
+    """The classifiers, then the segmentation models (detectors loop over their images in
+    Python: their backbones are converted instead, see tests/test_torchvision_detection.py)."""
     import torchvision
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    return (sorted(torchvision.models.list_models(module=torchvision.models))
+            + sorted(torchvision.models.list_models(module=torchvision.models.segmentation)))
+
+
+def build_arguments(name: str) -> dict:
+    """What ``name``'s builder needs to run in eval mode without downloading weights."""
+    import torchvision
+    if name in torchvision.models.list_models(module=torchvision.models.segmentation):
+        return {"weights_backbone": None}
+    return BUILD_ARGUMENTS.get(name, {})
 
 
 def count_parameters(name: str) -> int:
@@ -66,7 +79,7 @@ def count_parameters(name: str) -> int:
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = torchvision.models.get_model(name, weights=None, **BUILD_ARGUMENTS.get(name, {}))
+            model = torchvision.models.get_model(name, weights=None, **build_arguments(name))
         return sum(p.numel() for p in model.parameters())
     except NotImplementedError:
         return list(torchvision.models.get_model_weights(name))[0].meta["num_params"]
@@ -97,7 +110,7 @@ def check_model(name: str, report) -> None:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = torchvision.models.get_model(name, weights=None, **BUILD_ARGUMENTS.get(name, {}))
+        model = torchvision.models.get_model(name, weights=None, **build_arguments(name))
     model.eval()
     report(params=sum(p.numel() for p in model.parameters()), stage="convert")
 
@@ -171,7 +184,7 @@ def write_table(results: Path, table: Path, note: str = "") -> None:
     checked = [r for r in records.values() if "skipped" not in r]
     count = lambda key: sum(bool(r.get(key)) for r in checked)  # noqa: E731
     lines = [
-        "# torchvision classification models",
+        "# torchvision classification and segmentation models",
         "",
         "Written by `scripts/coverage_torchvision.py` (`weights=None`, eval mode, batch 1). "
         "Convert: output within 1e-5 (relative) of the original. Save/load: the saved DAG loads "
