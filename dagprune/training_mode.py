@@ -32,4 +32,5 @@ def evaluation_mode(*modules: nn.Module):
         yield
     finally:
         for module, training in previous.items():
-            module.training = training
+            if module.training != training:  # nn.Module.__setattr__ is slow; most are unchanged
+                module.training = training

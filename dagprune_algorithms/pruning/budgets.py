@@ -298,15 +298,22 @@ def _factor_matrix(terms: list[CostTerm], slot_of_class: np.ndarray, slots: int)
             slots_of_factor = slot_of_class[factor]
             gated = slots_of_factor >= 0
             unique, counts = np.unique(slots_of_factor[gated], return_counts=True)
-            rows.extend([len(constants)] * len(unique))
-            cols.extend(unique.tolist())
-            weights.extend((counts / len(factor)).tolist())
+            rows.append(np.full(len(unique), len(constants), dtype=np.int64))
+            cols.append(unique.astype(np.int64))
+            weights.append(counts / len(factor))
             constants.append((~gated).sum() / len(factor))
             term_of_factor.append(term_index)
-    indices = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
-    matrix = torch.sparse_coo_tensor(indices, torch.tensor(weights, dtype=torch.float32),
-                                     (len(constants), slots), check_invariants=True).coalesce()
+    # whole arrays, not Python lists, into torch: same values, without a float per element
+    indices = torch.from_numpy(np.stack([_joined(rows, np.int64), _joined(cols, np.int64)]))
+    values = torch.from_numpy(_joined(weights, np.float64)).float()
+    matrix = torch.sparse_coo_tensor(indices, values, (len(constants), slots),
+                                     check_invariants=True).coalesce()
     return matrix, torch.tensor(constants, dtype=torch.float32), torch.tensor(term_of_factor, dtype=torch.long)
+
+
+def _joined(arrays: list[np.ndarray], dtype) -> np.ndarray:
+    """``arrays`` concatenated as ``dtype`` (empty when there are none)."""
+    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype=dtype)
 
 
 def _latency_tables(cost: BudgetCost, gated: list[CostTerm], scale: float) -> tuple[float, tuple]:

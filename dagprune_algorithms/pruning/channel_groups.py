@@ -377,17 +377,9 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence | No
     reasons = {int(atom_class[atom]): reason for atom, reason in context.barrier_reasons.items()}
 
     signature = _class_signatures(layouts, context._producer_axes, atom_class)
-    members: dict[int, tuple[dict, list]] = {}  # signature -> (ordered classes, producers)
-    for vertex, axis, atoms in context._producer_axes:
-        for cls in atom_class[atoms]:
-            classes, producers = members.setdefault(int(signature[cls]), ({}, []))
-            classes.setdefault(int(cls), None)
-            if (vertex, axis) not in producers:
-                producers.append((vertex, axis))
     groups = []
-    for ordered, producers in members.values():
-        classes = np.fromiter(ordered, dtype=np.int64, count=len(ordered))
-        blocked = [int(c) for c in classes if barrier_classes[c]]
+    for classes, producers in _group_members(context._producer_axes, atom_class, signature):
+        blocked = [int(c) for c in classes[barrier_classes[classes]]]
         reason = next((reasons[c] for c in blocked if c in reasons), "barrier") if blocked else ""
         groups.append(ChannelGroup(len(groups), classes, producers,
                                    prunable=not blocked and len(classes) > 1,
@@ -421,12 +413,53 @@ def _class_signatures(layouts: dict, producer_axes: list, atom_class: np.ndarray
     keep the groups of different ops apart.
     """
     signature = np.zeros(len(atom_class), dtype=np.uint64)
-    keys = np.random.default_rng(0x5EED)
     every_atoms = [atoms for layout in layouts.values() for atoms in iter_layout_atoms(layout)]
-    for atoms in every_atoms + [atoms for _, _, atoms in producer_axes]:
-        present = np.unique(atom_class[atoms])
-        signature[present] += keys.integers(1, 2 ** 63, dtype=np.uint64)
+    every_atoms += [atoms for _, _, atoms in producer_axes]
+    if not every_atoms:
+        return signature
+    keys = np.random.default_rng(0x5EED).integers(1, 2 ** 63, size=len(every_atoms), dtype=np.uint64)
+    classes, owner = _classes_with_owner(every_atoms, atom_class)
+    count = max(len(atom_class), 1)
+    present = np.sort(owner * count + classes)  # np.unique's hashing is slower than a sort here
+    present = present[np.concatenate([[True], present[1:] != present[:-1]])]  # once per axis
+    np.add.at(signature, present % count, keys[present // count])
     return signature
+
+
+def _classes_with_owner(atom_arrays: list, atom_class: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The classes of all ``atom_arrays`` concatenated, and the index of the array each came from."""
+    arrays = [np.asarray(atoms, dtype=np.int64).ravel() for atoms in atom_arrays]
+    owner = np.repeat(np.arange(len(arrays)), [len(atoms) for atoms in arrays])
+    return atom_class[np.concatenate(arrays)], owner
+
+
+def _group_members(producer_axes: list, atom_class: np.ndarray, signature: np.ndarray) -> list:
+    """``(classes, producers)`` per signature, both in order of first appearance along the
+    producer axes (the groups too)."""
+    if not producer_axes:
+        return []
+    flat, owner = _classes_with_owner([atoms for _, _, atoms in producer_axes], atom_class)
+    if not flat.size:
+        return []
+    first = np.sort(np.unique(flat, return_index=True)[1])
+    classes = flat[first]  # each class once, by first appearance
+    _, group_first, group_of_class = np.unique(signature[classes], return_index=True,
+                                               return_inverse=True)
+    rank = np.empty(len(group_first), dtype=np.int64)
+    rank[np.argsort(group_first)] = np.arange(len(group_first))
+    group_of_class = rank[group_of_class.ravel()]
+    by_group = np.argsort(group_of_class, kind="stable")
+    bounds = np.cumsum(np.bincount(group_of_class, minlength=len(rank)))[:-1]
+    members = [(group_classes, []) for group_classes in np.split(classes[by_group], bounds)]
+    group_of_atom_class = np.zeros(len(atom_class), dtype=np.int64)
+    group_of_atom_class[classes] = group_of_class
+    pair = owner * len(rank) + group_of_atom_class[flat]
+    for key in pair[np.sort(np.unique(pair, return_index=True)[1])]:
+        vertex, axis, _ = producer_axes[key // len(rank)]
+        producers = members[key % len(rank)][1]
+        if (vertex, axis) not in producers:
+            producers.append((vertex, axis))
+    return members
 
 
 def _map_layout(layout: Any, atom_class: np.ndarray) -> Any:

@@ -49,7 +49,7 @@ def build_gated_dag(analysis: ChannelAnalysis, gates: list[nn.Module]) -> DagMod
         predecessors = [new_of[p] for p in vertex.predecessors]
         module = vertex.module
         for site in sites_by_vertex.get(vertex, []):
-            slots = [int(s) for s in dict.fromkeys(group_of_class[site.atoms]) if s >= 0]
+            slots = [s for s in dict.fromkeys(group_of_class[site.atoms].tolist()) if s >= 0]
             if not slots:
                 continue
             offsets = {}

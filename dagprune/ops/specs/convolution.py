@@ -40,11 +40,19 @@ def functional_conv_flops(module, inputs, output) -> int:
 # ------------------------------------------------------------------------------- coupling
 def _tie_conv_groups(ctx, in_atoms, out_atoms, module) -> None:
     """A whole conv group (its input and output channels) is kept or removed together."""
-    in_per_group = module.in_channels // module.groups
-    out_per_group = module.out_channels // module.groups
-    for group in range(module.groups):
-        ctx.tie(np.concatenate([in_atoms[group * in_per_group:(group + 1) * in_per_group],
-                                out_atoms[group * out_per_group:(group + 1) * out_per_group]]))
+    groups = module.groups
+    in_per_group = module.in_channels // groups
+    out_per_group = module.out_channels // groups
+    if len(in_atoms) != groups * in_per_group or len(out_atoms) != groups * out_per_group:
+        for group in range(groups):
+            ctx.tie(np.concatenate([in_atoms[group * in_per_group:(group + 1) * in_per_group],
+                                    out_atoms[group * out_per_group:(group + 1) * out_per_group]]))
+        return
+    # one row per conv group, tied in one call (a depthwise conv has thousands of groups)
+    members = np.concatenate([np.asarray(in_atoms).reshape(groups, in_per_group),
+                              np.asarray(out_atoms).reshape(groups, out_per_group)], axis=1)
+    if members.shape[1] > 1:
+        ctx.unify(members[:, 1:], np.repeat(members[:, :1], members.shape[1] - 1, axis=1))
 
 
 def conv_coupling(ctx, vertex, module, layouts, values, output):
