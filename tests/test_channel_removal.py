@@ -583,3 +583,37 @@ def test_unreachable_target_is_an_error_with_both_numbers():
 def test_plain_module_instead_of_dag_is_an_error():
     with pytest.raises(PruningError, match="build_from_unstructured_module"):
         ChannelPruning(ZOO["resnext_grouped"].factory(seed=0), ZOO["resnext_grouped"].input_shape, 0.5, 100)
+
+
+class _TiedLanguageModel(nn.Module):
+    """An embedding whose weight is also the output head's (tied), a residual MLP between."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(30, 12)
+        self.up, self.down = nn.Linear(12, 24), nn.Linear(24, 12)
+        self.head = nn.Linear(12, 30, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        return self.head(x + self.down(torch.relu(self.up(x))))
+
+
+def test_removal_keeps_tied_weights_tied():
+    torch.manual_seed(0)
+    model = _TiedLanguageModel().eval()
+    example = (torch.randint(0, 30, (2, 5)),)
+    dag = dp.build_from_unstructured_module(model, example_inputs=example)
+    pruning = ChannelPruning(dag, None, 0.5, 10, example_inputs=example)
+    gated = pruning.prepare_for_pruning()
+    generator = torch.Generator().manual_seed(1)
+    for gate in pruning.gates:
+        gate.logits.data = torch.randn(gate.logits.shape, generator=generator)
+    slim = pruning.remove_channels().eval()
+    modules = {v.qualified_name: v.module for v in slim.inner_vertices}
+    assert modules["head"].weight is modules["embed"].weight
+    assert modules["embed"].weight.shape[1] < 12  # the tied width was pruned, once
+    ids = torch.randint(0, 30, (3, 4))
+    with torch.no_grad():
+        assert dp.max_relative_difference(gated.eval()(ids), slim(ids)) <= 1e-4

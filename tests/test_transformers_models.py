@@ -136,6 +136,17 @@ def test_llama_whole_heads_go_with_their_shared_key_value_head():
             assert widths[attention + "q_proj"][0] == widths[attention + "o_proj"][1] == 16 * kv_heads
 
 
+def test_gpt2_output_head_stays_tied_to_the_token_embedding():
+    _, dag, example, _ = _converted("gpt2")
+    pruning = ChannelPruning(dag, None, 0.5, 20, example_inputs=example)
+    pruning.prepare_for_pruning()
+    for _ in random_gate_states(pruning, seed=6, count=1):
+        slim = pruning.remove_channels()
+    modules = {v.qualified_name: v.module for v in slim.inner_vertices}
+    assert modules["lm_head"].weight is modules["transformer.wte"].weight
+    assert modules["lm_head"].weight.shape[1] < 32
+
+
 _LOAD_WITHOUT_TRANSFORMERS = textwrap.dedent("""
     import sys
     class _NoTransformers:

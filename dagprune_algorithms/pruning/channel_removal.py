@@ -13,6 +13,7 @@ import copy
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from dagprune import DagModule, InnerVertex, InputVertex
@@ -65,11 +66,29 @@ def remove_channels_from_dag(analysis: ChannelAnalysis, keep_class: np.ndarray) 
                                  vertex.qualified_name)
         new_vertices[vertex] = new_vertex
         inner.append(new_vertex)
+    retie_shared_parameters([(vertex.module, new_vertices[vertex].module) for vertex in dag.inner_vertices])
     slim = DagModule(inputs, inner, [new_vertices[v] for v in dag.output_vertices],
                      copy.deepcopy(dag.output_structure), name=dag.name)
     slim.train(dag.training)
     slim.lint()
     return slim
+
+
+def retie_shared_parameters(pairs: list[tuple[nn.Module, nn.Module]]) -> None:
+    """Shares again, between the new modules, each parameter the old modules shared (tied
+    embeddings and output heads), where the new copies came out alike (same shape and values):
+    every vertex's module is copied on its own, which would untie them."""
+    first_copy: dict[int, nn.Parameter] = {}
+    for old_module, new_module in pairs:
+        new_parameters = dict(new_module.named_parameters(remove_duplicate=False))
+        for name, old in old_module.named_parameters(remove_duplicate=False):
+            new = new_parameters.get(name)
+            if new is None:
+                continue
+            shared = first_copy.setdefault(id(old), new)
+            if shared is not new and shared.shape == new.shape and torch.equal(shared, new):
+                owner_path, _, attribute = name.rpartition(".")
+                setattr(new_module.get_submodule(owner_path) if owner_path else new_module, attribute, shared)
 
 
 def _inner_mask(analysis: ChannelAnalysis, vertex: InnerVertex, keep_class: np.ndarray) -> np.ndarray | None:
