@@ -89,6 +89,17 @@ def test_distill_off_adds_no_distillation_and_new_weights_are_a_new_run(tmp_path
     assert f"the content of --checkpoint {checkpoint} changed" in capsys.readouterr().err
 
 
+def test_round_to_and_min_channels_shape_the_pruned_model(tmp_path, monkeypatch, capsys):
+    fast_latency(monkeypatch)
+    out = tmp_path / "run"
+    code = main(["prune", *TINY_TRAINED, "--out", str(out), "--round-to", "4", "--min-channels", "4"])
+    assert code in (0, 1), capsys.readouterr().err
+    pruned = dagprune.load_dag(out / "pruned")
+    widths = [v.module.out_channels for v in pruned.inner_vertices if isinstance(v.module, torch.nn.Conv2d)]
+    assert widths and all(width % 4 == 0 for width in widths), widths
+    assert json.loads((out / "report.json").read_text())["removal_max_relative_difference"] <= 1e-4
+
+
 def _wrong_classes(tmp_path) -> str:
     torch.manual_seed(0)
     path = tmp_path / "imagenet.pt"
@@ -106,6 +117,8 @@ def _wrong_classes(tmp_path) -> str:
     (lambda tmp: ["--method", "l1", "--exclude", "head.fc"], "exclude pattern 'head.fc' matches no module"),
     (lambda tmp: ["--distill-temperature", "0"], "--distill-temperature must be a number > 0"),
     (lambda tmp: ["--distill-weight", "-1"], "--distill-weight must be a number >= 0"),
+    (lambda tmp: ["--round-to", "0"], "--round-to must be positive"),
+    (lambda tmp: ["--round-to", "4", "--block-size", "8"], "--round-to 4 and --block-size 8 both set"),
 ])
 def test_bad_trained_model_options_give_one_line_before_training(tmp_path, capsys, arguments, message):
     out = tmp_path / "run"

@@ -51,6 +51,8 @@ _INTEGER_MINIMUMS = (
     ("limit_val", 1, "leave it out to use every validation image"),
     ("seed", 0, f"a seed in 0..{MAX_SEED}"),
     ("grad_accum", 1, "micro-batches per optimizer step; 1 accumulates nothing"),
+    ("min_channels", 1, "every group keeps at least this many channels"),
+    ("round_to", 1, "kept channel counts are multiples of it; 1 keeps any count"),
 )
 """``(argument name, smallest value, what it means)`` of the integer options."""
 
@@ -162,6 +164,11 @@ def _add_trained_model_arguments(parser: argparse.ArgumentParser) -> None:
     trained.add_argument("--exclude", action="extend", nargs="+", default=None, metavar="MODULE",
                          help="module paths (head.fc) or fnmatch patterns (stem*, layer1.*) to leave "
                               "alone: the channels flowing into or out of them are not pruned")
+    trained.add_argument("--min-channels", type=int, default=1, metavar="N",
+                         help="fewest channels every channel group keeps (--method dag)")
+    trained.add_argument("--round-to", type=int, default=1, metavar="N",
+                         help="kept channel counts are multiples of N in groups of at least N channels "
+                              "(--method dag; not with --block-size)")
     trained.add_argument("--distill", choices=DISTILL_MODES, default="auto",
                          help="add a logit distillation loss from the unpruned model (a frozen teacher in "
                               "eval mode) while pruning and fine-tuning; auto: on with --checkpoint")
@@ -179,6 +186,9 @@ def _check_trained_model_options(args: argparse.Namespace) -> None:
         if args.baseline_checkpoint is not None:
             raise PruneUsageError("--checkpoint and --baseline-checkpoint both give the unpruned model's "
                                   "weights; give one")
+    if args.round_to > 1 and args.block_size > 1:
+        raise PruneUsageError(f"--round-to {args.round_to} and --block-size {args.block_size} both set the "
+                              "multiple kept channel counts come in; give one")
     if not (math.isfinite(args.distill_temperature) and args.distill_temperature > 0):
         raise PruneUsageError(f"--distill-temperature must be a number > 0, got {args.distill_temperature}")
     if not (math.isfinite(args.distill_weight) and args.distill_weight >= 0):

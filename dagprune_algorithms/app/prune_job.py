@@ -174,7 +174,7 @@ def _channel_pruning(args, dag, input_shape, latency_table=None):
 
     return ChannelPruning(dag, input_shape, args.target, args.steps, block_size=args.block_size,
                           head_pruning=args.head_pruning, exclude=args.exclude, budget=args.budget,
-                          latency_table=latency_table)
+                          latency_table=latency_table, min_channels=args.min_channels, round_to=args.round_to)
 
 
 def _latency_table(args, model, input_shape, device, ranks: Ranks):
