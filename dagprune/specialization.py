@@ -56,7 +56,7 @@ def fixed_arguments(model: nn.Module, inputs: ExampleInputs) -> dict[str, Any]:
     unknown = sorted(set(inputs.kwargs) - set(names))
     if unknown:
         raise ConversionError(f"example_inputs name {unknown}, which {where} does not take")
-    given = {**dict(zip(names, inputs.args)), **inputs.kwargs}
+    given = _given_values(names, inputs)
     fixed = {}
     for parameter in parameters:
         if parameter.name in given:
@@ -73,9 +73,13 @@ def fixed_arguments(model: nn.Module, inputs: ExampleInputs) -> dict[str, Any]:
 def argument_values(model: nn.Module, inputs: ExampleInputs) -> dict[str, Any]:
     """The example's tensors by the name of the forward argument they are given for (copies, so
     that in-place ops run while tracing leave the user's tensors alone)."""
-    names = [p.name for p in _forward_parameters(model)]
-    given = {**dict(zip(names, inputs.args)), **inputs.kwargs}
+    given = _given_values([p.name for p in _forward_parameters(model)], inputs)
     return {name: value.clone() for name, value in given.items() if isinstance(value, torch.Tensor)}
+
+
+def _given_values(names: list[str], inputs: ExampleInputs) -> dict[str, Any]:
+    """The example's values by argument name: positional ones named in signature order."""
+    return {**dict(zip(names, inputs.args)), **inputs.kwargs}
 
 
 def _remove_guards(placeholder: fx.Node, graph: fx.Graph) -> None:
@@ -115,19 +119,16 @@ def remove_fixed_placeholders(graph: fx.Graph, model: nn.Module, fixed: dict[str
         placeholder.meta[FIXED_META] = (parameter.name, fixed[parameter.name])
 
 
-
 def _signature_parameters(model: nn.Module, inputs: ExampleInputs) -> list[inspect.Parameter]:
     """The named parameters of ``model.forward`` followed by the example's keywords that only
     its ``**kwargs`` takes."""
     parameters = _forward_parameters(model)
     named = {p.name for p in parameters}
-    takes_args = any(p.kind == inspect.Parameter.VAR_POSITIONAL
-                     for p in inspect.signature(model.forward).parameters.values())
-    if takes_args and len(inputs.args) > len(parameters):
+    kinds = {p.kind for p in inspect.signature(model.forward).parameters.values()}
+    if inspect.Parameter.VAR_POSITIONAL in kinds and len(inputs.args) > len(parameters):
         raise ConversionError(f"{type(model).__name__}.forward takes *args; pass the values after its "
                               f"named arguments ({', '.join(sorted(named)) or 'none'}) by keyword in example_inputs")
-    takes_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD
-                       for p in inspect.signature(model.forward).parameters.values())
+    takes_kwargs = inspect.Parameter.VAR_KEYWORD in kinds
     extras = [name for name in inputs.kwargs if name not in named] if takes_kwargs else []
     bad = [name for name in extras if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_dagprune")]
     if bad:

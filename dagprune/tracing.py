@@ -7,6 +7,7 @@ What tracing keeps whole, rewrites first or records as one call is registered in
 from __future__ import annotations
 
 import copy
+import operator
 import os
 import traceback
 from typing import Any, Iterable, Sequence
@@ -45,18 +46,19 @@ _TRACED_WITH_VALUES = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDeco
 
 
 class _DagTracer(fx.Tracer):
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: set[str], with_values: bool = False):
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: set[str]):
         super().__init__(autowrap_functions=autowrap_functions(), param_shapes_constant=True)
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names
         self.values: ValueRecorder | None = None
         self._computing_values = False
         self._buffer_names: dict[int, str] | None = None
-        self.proxy_buffer_attributes = with_values
 
     def record_values(self, root: nn.Module, placeholder_values: dict[str, Any]) -> None:
-        """From now on, runs every traced call on example values (see :mod:`dagprune.value_tracing`)."""
+        """From now on, runs every traced call on example values (see :mod:`dagprune.value_tracing`),
+        and traces buffers as graph attributes."""
         self.values = ValueRecorder(root, placeholder_values)
+        self.proxy_buffer_attributes = True
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return ValueProxy(node, self)
@@ -165,7 +167,7 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
     source = apply_module_rewrites(source)
     was_training = source.training
     inputs = None if example_inputs is None else as_example_inputs(example_inputs)
-    tracer = _DagTracer(leaf_types, leaf_names, with_values=inputs is not None)
+    tracer = _DagTracer(leaf_types, leaf_names)
     output_type = OutputType()
     try:
         with evaluation_mode(source):
@@ -257,7 +259,7 @@ def _graph_to_dag(graph: fx.Graph, root: nn.Module, name: str, output_type: type
             if node.target in attribute_vertices:
                 vertex_of[node] = attribute_vertices[node.target]
                 continue
-            value = _get_attribute(root, node.target)
+            value = operator.attrgetter(node.target)(root)
             if not isinstance(value, torch.Tensor):
                 raise ConversionError(f"attribute '{node.target}' read by the model is a "
                                       f"{type(value).__name__}, not a tensor; make its user a leaf")
@@ -311,13 +313,6 @@ def _unique_vertex_name(name: str, taken: set[str]) -> str:
         candidate, suffix = f"{name}_{suffix}", suffix + 1
     taken.add(candidate)
     return candidate
-
-
-def _get_attribute(root: nn.Module, target: str):
-    value = root
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _module_for(node: fx.Node, root: nn.Module, args, kwargs, predecessors: Sequence[fx.Node]):

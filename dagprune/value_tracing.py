@@ -87,7 +87,10 @@ class ValueRecorder:
         if node.op == "placeholder":
             return self._placeholder_values.get(node.target, _UNKNOWN)
         if node.op == "get_attr":
-            return _attribute(self._root, node.target)
+            try:
+                return operator.attrgetter(node.target)(self._root)
+            except AttributeError:
+                return _UNKNOWN
         if any(self._values.get(n, _UNKNOWN) is _UNKNOWN for n in input_nodes):
             return _UNKNOWN
         try:
@@ -110,15 +113,6 @@ class ValueRecorder:
                        or (node.op == "call_function" and node.target in _SHAPE_FUNCTIONS)
                        or (node.op == "call_method" and node.target in _SHAPE_METHODS))
         return reads_shape or all(self._static.get(n, False) for n in input_nodes)
-
-
-def _attribute(root: torch.nn.Module, target: str) -> Any:
-    value: Any = root
-    for part in target.split("."):
-        value = getattr(value, part, _UNKNOWN)
-        if value is _UNKNOWN:
-            break
-    return value
 
 
 class _ValueBehaviour:
