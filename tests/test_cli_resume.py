@@ -41,6 +41,14 @@ def uninterrupted(tmp_path_factory):
     return runs
 
 
+def prune_until_killed(monkeypatch, out: Path, file_name: str, step: int | None, *extra: str) -> None:
+    """Runs ``prune(out, *extra)`` and kills it right after it writes ``file_name`` at ``step``."""
+    with monkeypatch.context() as killing:
+        kill_after_writing(killing, file_name, step)
+        with pytest.raises(Killed):
+            prune(out, *extra)
+
+
 def kill_after_writing(monkeypatch, file_name: str, step: int | None = None) -> None:
     """Kills the run right after it writes ``file_name`` (at ``step``, for training checkpoints)."""
     write = training.save_checkpoint
@@ -67,10 +75,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_results(tmp_path, m
                                                                     file_name, step):
     fast_latency(monkeypatch)
     out = tmp_path / "run"
-    with monkeypatch.context() as killing:
-        kill_after_writing(killing, file_name, step)
-        with pytest.raises(Killed):
-            prune(out)
+    prune_until_killed(monkeypatch, out, file_name, step)
     assert not (out / "report.json").exists()
     assert prune(out) == 0
     assert_same_results(run_results(out), uninterrupted["dag"][1])
@@ -120,10 +125,7 @@ def test_a_run_killed_while_writing_its_report_resumes(tmp_path, monkeypatch, un
 def test_an_l1_run_killed_between_prunes_resumes_to_the_same_results(tmp_path, monkeypatch, uninterrupted):
     fast_latency(monkeypatch)
     out = tmp_path / "run"
-    with monkeypatch.context() as killing:
-        kill_after_writing(killing, "l1_pruning.ckpt", 3)
-        with pytest.raises(Killed):
-            prune(out, *L1)
+    prune_until_killed(monkeypatch, out, "l1_pruning.ckpt", 3, *L1)
     assert prune(out, *L1) == 0
     assert_same_results(run_results(out), uninterrupted["l1"][1])
 
@@ -194,10 +196,7 @@ def test_a_rerun_with_a_changed_baseline_file_is_refused(tmp_path, monkeypatch, 
 def test_options_that_change_no_result_may_change_on_a_rerun(tmp_path, monkeypatch, uninterrupted):
     fast_latency(monkeypatch)
     out = tmp_path / "run"
-    with monkeypatch.context() as killing:
-        kill_after_writing(killing, "pruning.ckpt", 3)
-        with pytest.raises(Killed):
-            prune(out)
+    prune_until_killed(monkeypatch, out, "pruning.ckpt", 3)
     assert prune(out, "--checkpoint-every", "2", "--no-progress") == 0
     assert_same_results(run_results(out), uninterrupted["dag"][1])
 

@@ -24,6 +24,7 @@ import dagprune
 from dagprune.errors import SerializationError
 from dagprune.save_directory import file_sha256
 from memory_limit import allocation_limit, is_allocation_failure
+from test_io_fuzz import SequenceModel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,19 +44,6 @@ class TokenModel(nn.Module):
 
     def forward(self, x):
         return self.proj(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1))
-
-
-class SequenceModel(nn.Module):
-    """An LSTM (saved by structure) read by a linear head."""
-
-    def __init__(self):
-        super().__init__()
-        self.lstm = nn.LSTM(3, 4, batch_first=True)
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x):
-        output, _ = self.lstm(x)
-        return self.head(output[:, -1])
 
 
 MODELS = {  # name: (factory, example input shape)

@@ -96,6 +96,8 @@ class AttentionBlock(nn.Module):
 
 
 class SequenceModel(nn.Module):
+    """An LSTM (saved by structure) read by a linear head."""
+
     def __init__(self):
         super().__init__()
         self.lstm = nn.LSTM(3, 6, batch_first=True)
