@@ -246,3 +246,21 @@ def test_torch_transformer_blocks_are_traced_through_with_example_inputs_and_pru
     assert pruning.prunable_proportion > 0.9
     for _ in random_gate_states(pruning, seed=2, count=2):
         assert_removal_matches_gates(pruning, gated, other)
+
+
+class _VariadicModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x, *more, **options):
+        return self.linear(x) * options.get("scale", 1.0)
+
+
+@pytest.mark.parametrize("example_inputs, message", [
+    ((torch.randn(2, 4), torch.randn(2, 4)), r"takes \*args; pass the values after its named arguments \(x\) by keyword"),
+    ({"x": torch.randn(2, 4), "not-a-name": torch.randn(2, 4)}, r"keys \['not-a-name'\] are not Python argument names"),
+])
+def test_inputs_a_variadic_forward_cannot_name_are_clear_errors(example_inputs, message):
+    with pytest.raises(ConversionError, match=message):
+        dagprune.build_from_unstructured_module(_VariadicModel(), example_inputs=example_inputs)
