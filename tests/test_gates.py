@@ -124,3 +124,78 @@ def test_calibration_lands_near_the_target_with_rounded_counts(block_size, toler
         for gate in pruning.gates:
             kept = int(gate.hard_mask().sum())
             assert kept >= 1 and kept % block_size == 0
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (3, 5, 8), (2, 3, 4, 8)])
+def test_masked_layer_norm_gradient_is_the_composed_ops_gradient(shape):
+    from dagprune.ops.specs.normalization import masked_layer_norm
+
+    torch.manual_seed(0)
+    x, weight, bias = (torch.randn(*s, dtype=torch.float64, requires_grad=True)
+                       for s in (shape, shape[-1:], shape[-1:]))
+    mask = torch.rand(shape[-1], dtype=torch.float64, requires_grad=True)
+    norm = lambda *args: masked_layer_norm(*args, 1e-5)  # noqa: E731
+    assert torch.autograd.gradcheck(norm, (x, mask, weight, bias))
+
+    weights = mask / mask.sum()  # the definition, composed of differentiable torch ops
+    centered = x - (x @ weights).unsqueeze(-1)
+    composed = centered * torch.rsqrt((centered * centered) @ weights + 1e-5).unsqueeze(-1) * weight + bias
+    fused = norm(x, mask, weight, bias)
+    grad_out = torch.randn_like(fused)
+    assert torch.allclose(fused, composed, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(fused, (x, mask, weight, bias), grad_out),
+                    torch.autograd.grad(composed, (x, mask, weight, bias), grad_out)):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+class _NormThenProjections(nn.Module):
+    """A pre-norm block: the norm feeds three projections (and a shape read); with
+    ``residual_reads_norm`` the residual also adds the norm's output, unmasked."""
+
+    def __init__(self, residual_reads_norm: bool = False):
+        super().__init__()
+        self.stem, self.norm = nn.Linear(6, 16), nn.LayerNorm(16)
+        self.q, self.k, self.v, self.out = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(8, 16)
+        self.head = nn.Linear(16, 3)
+        self.residual_reads_norm = residual_reads_norm
+
+    def forward(self, x):
+        h = self.stem(x)
+        n = self.norm(h)
+        mixed = (self.q(n).relu() * self.k(n) + self.v(n)).reshape(n.shape[0], n.shape[1], -1)
+        return self.head(h + self.out(mixed) + (n if self.residual_reads_norm else 0))
+
+
+@pytest.mark.parametrize("residual_reads_norm", [False, True])
+def test_a_norms_mask_moves_into_its_weight_when_every_reader_masks_it(monkeypatch, residual_reads_norm):
+    import dagprune
+    from dagprune_algorithms.pruning import ChannelPruning
+    from dagprune_algorithms.pruning import gated_model
+
+    torch.manual_seed(0)
+    dag = dagprune.build_from_unstructured_module(_NormThenProjections(residual_reads_norm))
+
+    def gated(fold: bool):
+        if not fold:
+            monkeypatch.setattr(gated_model, "_folded_sites", lambda dag, sites: (set(), set()))
+        pruning = ChannelPruning(dag, (5, 6), 0.5, 100)
+        model = pruning.prepare_for_pruning()
+        monkeypatch.undo()
+        generator = torch.Generator().manual_seed(2)  # the same logits in both models
+        for gate in pruning.gates:
+            gate.logits.data = torch.randn(gate.logits.numel(), generator=generator)
+        return model
+
+    folded, reference = gated(True), gated(False)
+    norms = [m for m in folded.modules() if isinstance(m, MaskedConsumer) and isinstance(m.layer, nn.LayerNorm)]
+    assert len(norms) == 1 and norms[0].scales_output is not residual_reads_norm
+    readers = [m for m in folded.modules() if isinstance(m, MaskedConsumer) and m.layer in (
+        dag.vertex("q").module, dag.vertex("k").module, dag.vertex("v").module)]
+    assert len(readers) == (3 if residual_reads_norm else 0)  # q, k, v mask their input themselves
+    x = torch.randn(3, 5, 6)
+    for train in (True, False):
+        folded.train(train), reference.train(train)
+        torch.manual_seed(1)
+        out = folded(x)
+        torch.manual_seed(1)  # the same gate noise
+        assert torch.allclose(out, reference(x), atol=1e-6)

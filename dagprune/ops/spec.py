@@ -23,7 +23,9 @@ names such as ``"torch.nn.functional.rms_norm"``) and holds one callable per *fa
     How a gate's mask applies where this op consumes channels on input 0 along ``axis``, when
     multiplying the input by the mask is not right (a normalisation whose statistics must skip
     removed channels) or not the fastest (scaling a convolution's weight instead). Without it
-    the input is multiplied by the mask.
+    the input is multiplied by the mask. With ``scales_output`` the facet also takes
+    ``output_scale=``: a per-channel factor along ``axis`` of its output, folded into the op's
+    own per-channel parameters, so a gate's mask on the op's consumers costs no full-size op.
 ``importance(module, vertex) -> ChannelWeight | None``  (ops with weights)
     The tensor that ranks the op's channels: a producer's filters (``kind="filter"``, scored by
     their L1 norm) or a normalisation's per-channel scale (``kind="scale"``).
@@ -135,6 +137,9 @@ class OpSpec:
         inner_masks: the removal facet also receives ``inner_mask=``, the kept positions of
             the op's consumer site of kind ``"inner"`` (channels the op creates and reads back
             inside itself, such as attention head dims, which no tensor shows), or None.
+        scales_output: the masking facet takes ``output_scale=`` (see the module docstring);
+            only for ops whose output rows are computed independently along ``axis``'s other
+            axes and whose output keeps the input's channel positions (a norm over the last axis).
         accepts_calls: every facet also takes a :class:`~dagprune.ops.ModuleCallOp` calling the
             layer (a layer called with constant arguments, ``lstm(x, None)``) as its
             ``module``, reading the layer's arguments with
@@ -158,6 +163,7 @@ class OpSpec:
     wraps: Callable[[nn.Module, list], tuple[nn.Module, list]] | None = None
     example: Callable[[], tuple[nn.Module, tuple]] | None = None
     inner_masks: bool = False
+    scales_output: bool = False
     accepts_calls: bool = False
 
     @property

@@ -216,6 +216,12 @@ ENERGY_SAMPLES = 4
 """Leading batch samples the distillation energy is estimated on (keeps its cost small)."""
 
 
+def energy_sample(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """The part of ``x`` its energy is estimated on: the first :data:`ENERGY_SAMPLES` samples
+    when axis 0 is the batch (not the channel axis), else all of it."""
+    return x[:ENERGY_SAMPLES] if axis != 0 and x.ndim > 1 else x
+
+
 class _PositionMasked(nn.Module):
     """Holds ``index``: which entry of ``[1, *masks]`` (the gates' masks joined, entry 0 for
     channels no gate controls) applies to each channel position of the masked tensor."""
@@ -239,7 +245,7 @@ class _PositionMasked(nn.Module):
         if not self.training:
             self.channel_energy = self.energy_mask = None
             return
-        sample = x.detach()[:ENERGY_SAMPLES] if axis != 0 and x.ndim > 1 else x.detach()
+        sample = energy_sample(x.detach(), axis)
         sample = sample.to(torch.promote_types(sample.dtype, torch.float32))
         reduce_axes = [a for a in range(sample.ndim) if a != axis]
         squares = sample * sample
@@ -288,26 +294,43 @@ class MaskedConsumer(_PositionMasked):
         num_inputs: how many inputs the op itself takes.
         records_energy: keep the masked input's energy for the distillation loss (the
             input of a normalisation is counted where it is produced instead).
+        scales_output: also multiply the output by the mask along ``axis``, folded into the
+            op's parameters (its spec's ``scales_output``): the op's consumers then need no
+            mask of their own. The energy recorded is then the unmasked output's, the tensor
+            those consumers would have masked.
     """
 
     def __init__(self, layer: nn.Module, index: torch.Tensor, axis: int, num_inputs: int = 1,
-                 records_energy: bool = True):
+                 records_energy: bool = True, scales_output: bool = False):
         super().__init__(index)
         self.layer = layer
         self.axis = axis
         self.num_inputs = num_inputs
-        self.records_energy = records_energy
-        self._masking = spec_for(layer).masking
+        self.records_energy = records_energy or scales_output
+        self.scales_output = scales_output
+        spec = spec_for(layer)
+        self._masking = spec.masking
         if self._masking is None:
             raise PruningError(f"{describe_op(layer)} has no masking facet in its op spec")
+        if scales_output and not spec.scales_output:
+            raise PruningError(f"{describe_op(layer)} cannot fold a mask into its output (no scales_output "
+                               "in its op spec)")
 
     def forward(self, *inputs):
         inputs, masks = inputs[:self.num_inputs], inputs[self.num_inputs:]
         mask = self.position_mask(masks, inputs[0].dtype)
-        if self.records_energy:
-            self.record_energy(inputs[0], self.axis, mask)
-        return self._masking(self.layer, inputs, mask, self.axis)
+        if not self.scales_output:
+            if self.records_energy:
+                self.record_energy(inputs[0], self.axis, mask)
+            return self._masking(self.layer, inputs, mask, self.axis)
+        if self.training:
+            with torch.no_grad():  # rows are independent: the unmasked output of a few samples
+                sample = (energy_sample(inputs[0], self.axis), *inputs[1:])
+                self.record_energy(self._masking(self.layer, sample, mask, self.axis), self.axis, mask)
+        else:
+            self.channel_energy = self.energy_mask = None
+        return self._masking(self.layer, inputs, mask, self.axis, output_scale=mask)
 
     def extra_repr(self) -> str:
-        return f"axis={self.axis}, positions={self.index.numel()}"
-
+        folded = ", scales_output=True" if self.scales_output else ""
+        return f"axis={self.axis}, positions={self.index.numel()}{folded}"

@@ -18,7 +18,7 @@ from dagprune_algorithms.pruning import ChannelPruning
 from .common import log, error_text, interleaved_medians
 
 
-def _training_step(model, optimizer, x, y, pruning=None, step=1000):
+def _training_step(model, optimizer, x, y, pruning=None, step=1):
     loss = F.cross_entropy(model(x), y)
     if pruning is not None:
         _, flops, entropy, bkd = pruning.compute_current_proportion_and_pruning_losses(step)

@@ -15,7 +15,8 @@ from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.spec import OpSpec, opaque_coupling
 from dagprune.ops.specs.normalization import (couple_normalized_shape, layer_norm_coupling,
                                              norm_over_last_axes, norm_scale,
-                                             remove_from_layer_norm, shrink_normalized_shape)
+                                             remove_from_layer_norm, scaled_affine,
+                                             shrink_normalized_shape)
 
 __all__ = ["SPECS", "masked_rms_norm"]
 
@@ -30,8 +31,9 @@ def functional_rms_norm_coupling(ctx, vertex, module, layouts, values, output):
     return norm_over_last_axes(ctx, vertex, x_index, len(shape), layouts, values, params)
 
 
-def masked_rms_norm(x: torch.Tensor, mask: torch.Tensor, weight, eps) -> torch.Tensor:
-    """RMSNorm over the last axis with the mean of squares taken over kept channels only.
+def masked_rms_norm(x: torch.Tensor, mask: torch.Tensor, weight, eps, output_scale=None) -> torch.Tensor:
+    """RMSNorm over the last axis with the mean of squares taken over kept channels only, its
+    output multiplied by ``output_scale`` (per channel) when given.
 
     With a 0/1 mask this equals ``F.rms_norm`` of ``x`` with the removed channels cut out.
 
@@ -42,18 +44,19 @@ def masked_rms_norm(x: torch.Tensor, mask: torch.Tensor, weight, eps) -> torch.T
     """
     if eps is None:
         eps = torch.finfo(x.dtype).eps
+    weight, _ = scaled_affine(weight, None, output_scale)
     mean_square = (x * x) @ (mask / mask.sum())
     y = x * torch.rsqrt(mean_square + eps).unsqueeze(-1)
     return y * weight if weight is not None else y
 
 
-def mask_rms_norm(norm, inputs, mask, axis):
-    return masked_rms_norm(inputs[0], mask, norm.weight, norm.eps)
+def mask_rms_norm(norm, inputs, mask, axis, output_scale=None):
+    return masked_rms_norm(inputs[0], mask, norm.weight, norm.eps, output_scale)
 
 
-def mask_functional_rms_norm(op, inputs, mask, axis):
-    return masked_rms_norm(argument_value(op, inputs, 0, "input"), mask,
-                           argument_value(op, inputs, 2, "weight"), argument_value(op, inputs, 3, "eps"))
+def mask_functional_rms_norm(op, inputs, mask, axis, output_scale=None):
+    return masked_rms_norm(argument_value(op, inputs, 0, "input"), mask, argument_value(op, inputs, 2, "weight"),
+                           argument_value(op, inputs, 3, "eps"), output_scale)
 
 
 class _FunctionalRMSNorm(nn.Module):
@@ -72,10 +75,11 @@ def _example():
 SPECS = (
     # the module: coupled and sliced like LayerNorm (a weight over normalized_shape)
     OpSpec("rms_norm", (nn.RMSNorm,), flops=no_flops, coupling=layer_norm_coupling,
-           removal=remove_from_layer_norm, masking=mask_rms_norm, importance=norm_scale,
-           example=_example),
+           removal=remove_from_layer_norm, masking=mask_rms_norm, scales_output=True,
+           importance=norm_scale, example=_example),
     OpSpec("functional_rms_norm", ("torch.nn.functional.rms_norm", "torch.rms_norm"),
            flops=no_flops, coupling=functional_rms_norm_coupling,
-           removal=shrink_normalized_shape, masking=mask_functional_rms_norm, reads_sizes=True,
+           removal=shrink_normalized_shape, masking=mask_functional_rms_norm, scales_output=True,
+           reads_sizes=True,
            example=lambda: (_FunctionalRMSNorm(), (torch.randn(2, 5),))),
 )
