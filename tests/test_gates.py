@@ -199,3 +199,22 @@ def test_a_norms_mask_moves_into_its_weight_when_every_reader_masks_it(monkeypat
         out = folded(x)
         torch.manual_seed(1)  # the same gate noise
         assert torch.allclose(out, reference(x), atol=1e-6)
+
+
+def test_eval_mode_masks_follow_every_change_of_the_logits():
+    gate = ChannelGate(4).eval()
+    gate.logits.data = torch.tensor([1.0, -1.0, 2.0, -2.0])
+    assert torch.equal(gate(), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    with torch.no_grad():
+        gate.logits[1] = 3.0  # in place, as an optimizer step
+    assert torch.equal(gate(), torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    gate.load_state_dict({**gate.state_dict(), "logits": torch.tensor([-1.0, -1.0, -1.0, 5.0])})
+    assert torch.equal(gate(), torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    gate.block_size = 2
+    assert torch.equal(gate(), torch.tensor([1.0, 0.0, 0.0, 1.0]))  # ties: the lower position first
+    with torch.inference_mode():
+        gate.logits.data = torch.tensor([1.0, 1.0, -1.0, -1.0])
+        assert torch.equal(gate(), torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    x = torch.ones(4, requires_grad=True)
+    (x * gate()).sum().backward()  # the mask made in inference mode is not reused for autograd
+    assert torch.equal(x.grad, torch.tensor([1.0, 1.0, 0.0, 0.0]))

@@ -10,6 +10,7 @@ FLOPs loss can push logits down while the task loss sees the effect of closing c
 
 from __future__ import annotations
 
+import weakref
 
 import torch
 from torch import nn
@@ -74,6 +75,10 @@ def _ranks_within_groups(logits: torch.Tensor, group_index: torch.Tensor, sizes:
     return ranks
 
 
+_HARD_MASKS: "weakref.WeakKeyDictionary[ChannelGate, tuple]" = weakref.WeakKeyDictionary()
+"""Each gate's latest eval-mode mask and its key (kept outside the module: never saved or copied)."""
+
+
 class ChannelGate(nn.Module):
     """Holds the logits of one channel group and produces its mask.
 
@@ -133,13 +138,24 @@ class ChannelGate(nn.Module):
             return self.frozen_mask.clone()
         return keep_mask_from_logits(self.logits, self.block_size, self.min_channels).to(self.logits.dtype)
 
+    def _cached_hard_mask(self) -> torch.Tensor:
+        """:meth:`hard_mask`, computed again only when the logits or the keep rule changed
+        (an eval-mode forward then costs the gates nothing). The key is read on the host: the
+        logits' storage and version counter (bumped by every in-place update, such as an
+        optimizer step)."""
+        key = (self.logits.data_ptr(), self.logits._version, self.block_size, self.min_channels)
+        cached = _HARD_MASKS.get(self)
+        if cached is None or cached[0] != key or (cached[1].is_inference() and not torch.is_inference_mode_enabled()):
+            cached = _HARD_MASKS[self] = (key, self.hard_mask())
+        return cached[1]
+
     def forward(self) -> torch.Tensor:
         if self.frozen:
             # `0 * logits` keeps the logits in the graph (with zero gradient) so that
             # DistributedDataParallel sees every parameter used.
             return self.frozen_mask + 0.0 * self.logits
         if not self.training:
-            return self.hard_mask()
+            return self._cached_hard_mask()
         # logistic noise: logit of a uniform sample, drawn in place (fewer ops per step)
         noise = torch.empty_like(self.logits, requires_grad=False).uniform_(1e-6, 1 - 1e-6).logit_()
         return torch.sigmoid((self.logits + noise) * (1.0 / self.temperature))

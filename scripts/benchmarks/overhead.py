@@ -2,11 +2,16 @@
 
 For each model the plain DAG and the gated DAG take alternating training steps (forward,
 backward, Adam step; the gated step also computes the three pruning losses) on the same batch,
-so machine noise hits both alike; the ratio of the medians is reported. torch-dag's gate
+so machine noise hits both alike; the ratio of the medians is reported. The step index grows
+from 1, as in a training loop: the non-finite check that reads the device every
+``finite_check_interval`` (100) steps does not fall in the timed steps. The eval-mode forward
+(no gradient; the gated model with its hard masks) is timed the same way. torch-dag's gate
 parameter counts come from its ``prepare`` run (the parameters its pruning model adds).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +23,10 @@ from dagprune_algorithms.pruning import ChannelPruning
 from .common import log, error_text, interleaved_medians
 
 
-def _training_step(model, optimizer, x, y, pruning=None, step=1):
+def _training_step(model, optimizer, x, y, pruning=None, steps=None):
     loss = F.cross_entropy(model(x), y)
     if pruning is not None:
-        _, flops, entropy, bkd = pruning.compute_current_proportion_and_pruning_losses(step)
+        _, flops, entropy, bkd = pruning.compute_current_proportion_and_pruning_losses(next(steps))
         loss = loss + flops + entropy + bkd
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -43,13 +48,19 @@ def measure(name: str, image_size: int, batch_size: int, repeats: int) -> dict:
         plain_optimizer = torch.optim.Adam(plain.parameters(), 1e-4)
         gated_optimizer = torch.optim.Adam(gated.parameters(), 1e-4)
         x, y = torch.randn(batch_size, *input_shape), torch.randint(0, 10, (batch_size,))
+        steps = itertools.count(1)
         plain_s, gated_s = interleaved_medians(
             [lambda: _training_step(plain, plain_optimizer, x, y),
-             lambda: _training_step(gated, gated_optimizer, x, y, pruning)], repeats, warmup=2)
+             lambda: _training_step(gated, gated_optimizer, x, y, pruning, steps)], repeats, warmup=2)
+        plain.eval(), gated.eval()
+        with torch.no_grad():
+            plain_eval_s, gated_eval_s = interleaved_medians([lambda: plain(x), lambda: gated(x)], repeats, warmup=2)
     except Exception as error:
         row["error"] = error_text("overhead", error)
         return row
     row.update(plain_ms=1000 * plain_s, gated_ms=1000 * gated_s, ratio=gated_s / plain_s,
+               plain_eval_ms=1000 * plain_eval_s, gated_eval_ms=1000 * gated_eval_s,
+               eval_ratio=gated_eval_s / plain_eval_s,
                groups=len(pruning.prunable_groups),
                gate_parameters=sum(p.numel() for p in pruning.gate_parameters()),
                model_parameters=sum(p.numel() for p in source.parameters()))
