@@ -6,7 +6,6 @@ What tracing keeps whole, rewrites first or records as one call is registered in
 
 from __future__ import annotations
 
-import copy
 import operator
 import os
 import traceback
@@ -23,6 +22,7 @@ from dagprune.integrations import load_support_for_imported_libraries
 from dagprune.leaf_modules import (LEAF_MODULE_TYPES, apply_module_rewrites, autowrap_functions,
                                    is_registered_leaf, register_autowrap_function,
                                    register_leaf_module, register_module_rewrite)
+from dagprune.module_copy import copy_module
 from dagprune.ops.base import op_class_for_function
 from dagprune.ops.functions import function_name, method_name, register_function
 from dagprune.ops.parameter import ModuleCallOp, ParameterOp
@@ -163,7 +163,7 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
     leaf_modules = list(leaf_modules)
     leaf_types = tuple(item for item in leaf_modules if isinstance(item, type))
     leaf_names = {item for item in leaf_modules if isinstance(item, str)}
-    source = copy.deepcopy(model) if copy_model else model
+    source = copy_module(model) if copy_model else model
     source = apply_module_rewrites(source)
     was_training = source.training
     inputs = None if example_inputs is None else as_example_inputs(example_inputs)

@@ -255,3 +255,45 @@ def test_timm_drop_path_keeps_dropping_in_train_mode(tmp_path):
     dag.train()
     torch.manual_seed(2)
     assert not torch.allclose(dag(x), outputs[1], rtol=1e-5, atol=1e-5)  # other draws, other paths
+
+
+class _OwnCopy(nn.Module):
+    """A layer with its own deep-copy protocol (copied by copy.deepcopy, not rebuilt)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+        self.copies = 0
+
+    def __deepcopy__(self, memo):
+        new = _OwnCopy()
+        new.scale = nn.Parameter(self.scale.detach().clone())
+        new.copies = self.copies + 1
+        return new
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_the_converted_model_shares_nothing_with_the_original_but_keeps_shared_weights_shared():
+    from dagprune.module_copy import copy_module
+
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(shared, _OwnCopy(), shared, nn.BatchNorm1d(3))
+    model[3].running_mean.add_(1.0)
+    model.extra = {"table": [1, 2]}
+    copied = copy_module(model)
+    assert copied[0] is copied[2] and copied[0] is not shared
+    assert copied[1].copies == 1  # its own __deepcopy__ ran
+    assert copied.extra == model.extra and copied.extra is not model.extra
+    originals = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert not originals & {t.data_ptr() for t in [*copied.parameters(), *copied.buffers()]}
+    assert all(type(a) is type(b) and a.requires_grad == b.requires_grad and torch.equal(a, b)
+               for a, b in zip([*model.parameters(), *model.buffers()], [*copied.parameters(), *copied.buffers()]))
+    x = torch.randn(4, 3)
+    assert torch.equal(copied.eval()(x), model.eval()(x))
+    dag = dagprune.build_from_unstructured_module(model)
+    assert torch.equal(dag(x), model(x))
+    with torch.no_grad():
+        dag.vertex("_0").module.weight.add_(1.0)
+    assert not torch.equal(dag(x), model(x))  # the DAG's weights are its own
