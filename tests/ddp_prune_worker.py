@@ -4,7 +4,8 @@ The command line is the one of ``dagprune prune``. Environment variables add the
 
 * ``DDP_TEST_DUMP``: a directory where this rank writes, when the command returns,
   ``rank<R>.pt``, ``{phase: state dict of the trained model at the end of the phase}`` (the
-  phase named by its checkpoint, e.g. ``pruning``: the gated model with its gate logits; and
+  phase named by its checkpoint, e.g. ``pruning``: the gated model with its gate logits, gathered
+  whole when ``--fsdp`` sharded it (a sharded model's gates are this rank's own tensors); and
   ``prune_at_step_<S>``: the Taylor score sums a ``--method l1`` prune at step S ranked the
   channels by, and the channel masks right after it), and
   ``rank<R>_writes.json``, every file this rank created, renamed or removed under ``--out``
@@ -27,6 +28,7 @@ import torch
 
 from dagprune_algorithms.app import iterative_job, latency, prune_job, training
 from dagprune_algorithms.app.cli import main
+from dagprune_algorithms.app.distributed import gathered_state
 from dagprune_algorithms.pruning.iterative import ItePruneAlgorithm
 
 _WRITE_EVENTS = ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree", "os.truncate")
@@ -58,7 +60,8 @@ def _record_phase_states(states: dict) -> None:
     def recording(model, *args, **kwargs):
         history = train_steps(model, *args, **kwargs)
         phase = Path(kwargs["checkpoint_path"]).stem
-        states[phase] = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+        state = gathered_state(model.state_dict())  # every rank: gathering a sharded model is a collective
+        states[phase] = {name: value.detach().cpu().clone() for name, value in state.items()}
         return history
 
     prune_job.train_steps = recording

@@ -1,7 +1,13 @@
-"""Run by test_pruning_training under torchrun: gated training with DistributedDataParallel.
+"""Run by test_pruning_training and test_cli_distributed under torchrun: gated training with
+DistributedDataParallel, as a library user writes it.
 
 Each rank trains on different data; at the end rank 0 writes, for every gate, the largest
 difference of its logits across ranks, and the same for the gate-only losses.
+
+With ``--bkd-nan-on-rank R --bkd-nan-at-step S`` the distillation loss of rank R alone is NaN at
+step S (and the library checks every step, with ``distributed_checks=True``): every rank then
+writes ``{"step": the step it stopped at, "error": the exception's type and message}`` to
+``<out>.rank<R>.json`` instead.
 """
 
 import argparse
@@ -14,7 +20,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import dagprune
-from dagprune_algorithms.pruning import ChannelPruning
+from dagprune.errors import PruningError
+from dagprune_algorithms.pruning import ChannelPruning, channel_pruning
 
 
 def _model() -> nn.Module:
@@ -28,9 +35,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--bkd-nan-on-rank", type=int, default=None)
+    parser.add_argument("--bkd-nan-at-step", type=int, default=2)
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if args.bkd_nan_on_rank is not None:
+        _stop_where_one_rank_fails(args, rank)
+    else:
+        _train_and_compare(args, rank, world)
+    dist.destroy_process_group()
+
+
+def _train_and_compare(args, rank: int, world: int) -> None:
     dag = dagprune.build_from_unstructured_module(_model())
     pruning = ChannelPruning(dag, (3, 8, 8), 0.5, args.steps)
     model = DistributedDataParallel(pruning.prepare_for_pruning())
@@ -58,7 +75,36 @@ def main() -> None:
                   "logits_moved": (logits - pruning.initial_logit).abs().max().item()}
         with open(args.out, "w") as handle:
             json.dump(result, handle)
-    dist.destroy_process_group()
+
+
+def _stop_where_one_rank_fails(args, rank: int) -> None:
+    """Trains until an error; writes the step and the error of this rank."""
+    removed_energy_share = channel_pruning.removed_energy_share
+    step = 0
+
+    def nan_on_one_rank(sites):
+        share = removed_energy_share(sites)
+        return share * float("nan") if rank == args.bkd_nan_on_rank and step == args.bkd_nan_at_step else share
+
+    channel_pruning.removed_energy_share = nan_on_one_rank
+    dag = dagprune.build_from_unstructured_module(_model())
+    pruning = ChannelPruning(dag, (3, 8, 8), 0.5, args.steps, finite_check_interval=1, distributed_checks=True)
+    model = DistributedDataParallel(pruning.prepare_for_pruning())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    torch.manual_seed(100 + rank)
+    error = None
+    try:
+        for step in range(args.steps):
+            x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+            task = F.cross_entropy(model(x), y)
+            _, flops, entropy, bkd = pruning.compute_current_proportion_and_pruning_losses(step)
+            (task + flops + entropy + bkd).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    except (PruningError, RuntimeError) as caught:  # the library's check, or a collective left waiting
+        error = f"{type(caught).__name__}: {caught}"
+    with open(f"{args.out}.rank{rank}.json", "w") as handle:
+        json.dump({"step": step, "error": error}, handle)
 
 
 if __name__ == "__main__":

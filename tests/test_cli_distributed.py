@@ -5,6 +5,13 @@ and dumps what each rank trained and wrote. They check that the ranks end with i
 logits and weights, that rank 0 alone writes, and that a run killed after a checkpoint resumes to
 the results of an uninterrupted run, bit for bit. Gradient accumulation is checked in one
 process: K micro-batches of B images step like one batch of K x B.
+
+``--fsdp`` runs shard the gated model (FSDP2 on gloo): the ranks keep identical gates, train
+what DistributedDataParallel trains (to float rounding), remove the channels from the gathered
+model, and write checkpoints that load without FSDP and resume bit for bit; the library reads a
+sharded model's weights shard by shard. Two guards are checked too: a NaN distillation loss on
+one rank stops every rank, and a parameter that gets no gradient does not stop
+DistributedDataParallel (in a one-process group, where DDP fails alike).
 """
 
 from __future__ import annotations
@@ -21,8 +28,12 @@ import torch
 from torch import nn
 
 import dagprune
+from dagprune.errors import PruningError
 from dagprune_algorithms.app.cli import main
+from dagprune_algorithms.app.distributed import Ranks, shard_gated_model
+from dagprune_algorithms.app.models import as_dag, create_timm_model
 from dagprune_algorithms.app.training import batch_indices, load_checkpoint, train_steps
+from dagprune_algorithms.pruning import ChannelPruning
 from prune_runs import TINY, assert_same_results, run_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +41,8 @@ WORKER = REPO / "tests" / "ddp_prune_worker.py"
 TWO_PROCESSES = [*TINY, "--batch-size", "8", "--device", "cpu"]
 """TINY on two processes: 8 images per process, the 16 of TINY per step."""
 PHASES = {"baseline_training", "pruning", "finetune", "reference"}
+FSDP = ["--fsdp", "--no-reference"]
+"""A sharded run; the reference phase (DistributedDataParallel, as without --fsdp) is left out."""
 
 
 def _free_port() -> int:
@@ -173,10 +186,135 @@ def test_an_accumulating_run_resumes_exactly(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--grad-accum", "0"], "--grad-accum must be positive"),
-    (["--distributed"], "not started by torchrun"),
+    (["--distributed"], "--distributed: this process was not started by torchrun"),
+    (["--fsdp"], "--fsdp: this process was not started by torchrun"),
+    (["--fsdp", "--method", "l1"], "--fsdp shards the gated model of --method dag"),
+    (["--fsdp", "--amp", "fp16"], "use --amp bf16 (no scaler) or --amp none"),
     (["--grad-accum", "4", "--limit-train", "40"], "more than the 40 training images"),
 ])
 def test_usage_errors(tmp_path, capsys, monkeypatch, extra, message):
     _outside_torchrun(monkeypatch)
     assert main(["prune", *TINY, "--device", "cpu", "--out", str(tmp_path / "run"), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """``(output directory, dump directory)`` of an uninterrupted ``--fsdp`` run."""
+    base = tmp_path_factory.mktemp("fsdp")
+    completed = _torchrun(base / "run", base / "dump", *FSDP)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return base / "run", base / "dump"
+
+
+@pytest.mark.distributed
+def test_fsdp_ranks_keep_identical_gates_and_train_what_ddp_trains(fsdp_run, two_process_run):
+    rank0, rank1 = _rank_states(fsdp_run[1])
+    gates = [name for name in rank0["pruning"] if name.endswith((".logits", ".frozen_mask"))]
+    assert gates and all(torch.equal(rank0["pruning"][name], rank1["pruning"][name]) for name in gates)
+    logits = torch.cat([rank0["pruning"][name] for name in gates if name.endswith(".logits")])
+    assert logits.std() > 0.1  # the gates trained
+    ddp, _ = _rank_states(two_process_run[1])
+    for phase in ("pruning", "finetune"):  # same batches, same averaged gradients: rounding apart
+        assert rank0[phase].keys() == ddp[phase].keys()
+        for name, value in rank0[phase].items():
+            torch.testing.assert_close(value, ddp[phase][name], rtol=0, atol=1e-5, msg=f"{phase}: {name}")
+
+
+@pytest.mark.distributed
+def test_fsdp_removes_from_the_gathered_model_and_its_checkpoint_loads_without_fsdp(fsdp_run):
+    out, _ = fsdp_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["removal_max_relative_difference"] <= 1e-4
+    checkpoint = load_checkpoint(out / "pruning.ckpt")
+    assert all(type(value) is torch.Tensor for value in checkpoint["model"].values())  # gathered, no DTensor
+    dag = as_dag(create_timm_model("test_resnet", (3, 16, 16), num_classes=10))
+    pruning = ChannelPruning(dag, (3, 16, 16), 0.5, 6)
+    gated = pruning.prepare_for_pruning()
+    gated.load_state_dict(checkpoint["model"])  # strict: every tensor whole, the names unchanged
+    optimizer = torch.optim.Adam([{"params": pruning.weight_parameters()}, {"params": pruning.gate_parameters()}])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    moments = [state["exp_avg"] for state in optimizer.state.values()]
+    assert [m.shape for m in moments] == [p.shape for group in optimizer.param_groups for p in group["params"]]
+    assert dagprune.load_dag(out / "pruned") is not None
+
+
+@pytest.mark.distributed
+def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_results(tmp_path, fsdp_run):
+    out = tmp_path / "run"
+    killed = _torchrun(out, tmp_path / "killed", *FSDP, kill_after="pruning.ckpt:3")
+    assert killed.returncode != 0
+    assert load_checkpoint(out / "pruning.ckpt")["step"] == 3
+    resumed = _torchrun(out, tmp_path / "resumed", *FSDP)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_results(run_results(out), run_results(fsdp_run[0]))
+
+
+@pytest.mark.distributed
+def test_a_nan_distillation_loss_on_one_rank_stops_every_rank(tmp_path):
+    # without distributed_checks rank 1 stops alone and rank 0 fails in its next all-reduce
+    out = tmp_path / "result"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+         str(REPO / "tests" / "ddp_worker.py"), "--out", str(out), "--bkd-nan-on-rank", "1"],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    rank0, rank1 = (json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in (0, 1))
+    assert rank0["step"] == rank1["step"] == 2
+    assert rank1["error"].startswith("PruningError") and "pruning losses were NaN or Inf at step 2" in rank1["error"]
+    assert rank0["error"].startswith("PruningError") and "process(es) 1 found NaN or Inf" in rank0["error"]
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """The :class:`Ranks` of a one-process gloo group (DistributedDataParallel behaves there as
+    with several: it fails on a parameter without gradient at the second step)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield Ranks(0, 1, 0, torch.device("cpu"), distributed=True)
+    dist.destroy_process_group()
+
+
+class _WithUnusedBranch(nn.Module):
+    """A model whose forward pass never uses one of its layers, as models with an unused head have."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(10, 3)
+        self.unused_branch = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+@pytest.mark.distributed
+def test_parameters_without_gradient_do_not_stop_distributed_training(one_process_group, caplog):
+    torch.manual_seed(0)
+    model = _WithUnusedBranch()
+    unused_before = model.unused_branch.weight.detach().clone()
+    data = (torch.randn(32, 10), torch.randint(0, 3, (32,)))
+    with caplog.at_level("INFO", logger="dagprune.distributed"):
+        train_steps(model, torch.optim.Adam(model.parameters()), data, 8, seed=0, total_steps=3,
+                    ranks=one_process_group)
+    assert "2 trainable parameter(s) get no gradient (unused_branch.weight, unused_branch.bias)" in caplog.text
+    assert torch.equal(model.unused_branch.weight, unused_before)
+    used_only = nn.Sequential(nn.Linear(10, 3))  # nothing unused: no search every step
+    assert not one_process_group.wrap(used_only, data[0][:2]).find_unused_parameters
+
+
+@pytest.mark.distributed
+def test_a_nan_in_this_process_s_shard_of_a_sharded_model_is_found(one_process_group):
+    from torch.distributed.tensor import DTensor
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2))
+    pruning = ChannelPruning(dagprune.build_from_unstructured_module(model), (3, 6, 6), 0.5, 10,
+                             distributed_checks=True)
+    gated = shard_gated_model(pruning.prepare_for_pruning(), pruning.gate_parameters(), one_process_group)
+    pruning.check_finite()  # the sharded weights are read shard by shard
+    name, weight = next((name, p) for name, p in gated.named_parameters() if isinstance(p, DTensor))
+    with torch.no_grad():
+        weight.to_local().view(-1)[0] = float("nan")
+    with pytest.raises(PruningError, match=f"{name}: NaN or Inf in this process's shard"):
+        pruning.check_finite()

@@ -209,6 +209,7 @@ def validate_prune_arguments(args: argparse.Namespace) -> None:
     check_timm_model_name(args.model)
     _check_pruning_goal(args)
     _check_device(args.device)
+    _check_sharding(args)
     check_output_directory(Path(args.out))
     _check_trained_model_options(args)
     if args.baseline_checkpoint is not None and not Path(args.baseline_checkpoint).is_file():
@@ -273,6 +274,20 @@ def _check_budget_options(args: argparse.Namespace) -> None:
     if blocker is not None:
         raise PruneUsageError(f"--latency-cache {cache}: {blocker} is a file; give a directory (it is created "
                               "if missing)")
+
+
+def _check_sharding(args: argparse.Namespace) -> None:
+    """``--fsdp`` shards the gated model of ``--method dag``, and its processes must skip or take
+    each step alike (which fp16's gradient scaler decides per process, from its own shards)."""
+    if not args.fsdp:
+        return
+    if args.method != "dag":
+        raise PruneUsageError(f"--fsdp shards the gated model of --method dag; --method {args.method} trains with "
+                              "DistributedDataParallel: drop --fsdp (torchrun still runs it on several processes)")
+    if args.amp == "fp16":
+        raise PruneUsageError("--fsdp with --amp fp16: the gradient scaler would check each process's shard of "
+                              "the gradients alone, and the processes could skip different steps; use --amp bf16 "
+                              "(no scaler) or --amp none")
 
 
 def _check_device(name: str) -> None:

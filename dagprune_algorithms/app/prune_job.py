@@ -30,7 +30,8 @@ from dagprune.training_mode import evaluation_mode
 
 from dagprune_algorithms.app.distillation import (distillation_logs, distillation_loss, make_distiller,
                                                   supervised_step)
-from dagprune_algorithms.app.distributed import SINGLE_PROCESS, Ranks, process_group
+from dagprune_algorithms.app.distributed import (SINGLE_PROCESS, Ranks, gathered_state, is_sharded, process_group,
+                                                  shard_gated_model)
 from dagprune_algorithms.app.models import as_dag
 from dagprune_algorithms.app.prune_arguments import (PruneUsageError, add_prune_arguments,
                                                      check_images_fit_in_memory, validate_prune_arguments)
@@ -168,13 +169,15 @@ def _check_pruning_setup(args, model, input_shape, device, latency_table=None) -
                                       f"nothing can be removed; choose a --block-size below {largest}")
 
 
-def _channel_pruning(args, dag, input_shape, latency_table=None):
-    """The :class:`ChannelPruning` of ``--method dag`` for ``dag``."""
+def _channel_pruning(args, dag, input_shape, latency_table=None, ranks: Ranks = SINGLE_PROCESS):
+    """The :class:`ChannelPruning` of ``--method dag`` for ``dag``; a NaN that one of ``ranks``
+    finds in its checks stops them all."""
     from dagprune_algorithms.pruning import ChannelPruning
 
     return ChannelPruning(dag, input_shape, args.target, args.steps, block_size=args.block_size,
                           head_pruning=args.head_pruning, exclude=args.exclude, budget=args.budget,
-                          latency_table=latency_table, min_channels=args.min_channels, round_to=args.round_to)
+                          latency_table=latency_table, min_channels=args.min_channels, round_to=args.round_to,
+                          distributed_checks=ranks.distributed)
 
 
 def _latency_table(args, model, input_shape, device, ranks: Ranks):
@@ -212,12 +215,17 @@ def _train_with_adam(job: _PruneJob, model, lr: float, seed: int, steps: int, ch
     """Trains ``model`` on cross-entropy (plus ``distiller``'s loss) for ``steps`` steps, resuming
     from ``out/checkpoint``."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    trained = job.ranks.wrap(model)
+    trained = job.ranks.wrap(model, _example_inputs(job))
     train_steps(model, optimizer, job.train, job.args.batch_size, seed, steps,
                 step_fn=None if distiller is None else supervised_step(trained, distiller),
                 checkpoint_path=job.out / checkpoint,
                 checkpoint_every=job.args.checkpoint_every, device=job.device, progress=_progress(job, phase),
                 **_parallel_options(job, trained))
+
+
+def _example_inputs(job: _PruneJob) -> torch.Tensor:
+    """Two training images, on which :meth:`Ranks.wrap` finds the parameters that get no gradient."""
+    return job.train[0][:2].to(job.device)
 
 
 def _parallel_options(job: _PruneJob, trained) -> dict:
@@ -252,18 +260,32 @@ def _prepare_baseline(job: _PruneJob, model, num_classes: int) -> float:
 
 
 def _prune_with_gates(job: _PruneJob, dag, input_shape) -> _Pruned:
-    """``--method dag``: trains the channel gates for ``--steps`` steps, then removes the closed
-    channels."""
-    args, device, val = job.args, job.device, job.val
-    pruning = _channel_pruning(args, dag, input_shape, job.latency_table)
+    """``--method dag``: trains the channel gates for ``--steps`` steps (with ``--fsdp`` on a
+    sharded copy of the gated model), then removes the closed channels from the whole model."""
+    device = job.device
+    pruning = _channel_pruning(job.args, dag, input_shape, job.latency_table, job.ranks)
     gated = pruning.prepare_for_pruning().to(device)
     LOG.info("channel groups: %d (%d prunable); prunable_proportion %.4f, "
              "max_removable_proportion %.4f", len(pruning.channel_groups),
              len(pruning.prunable_groups), pruning.prunable_proportion,
              pruning.max_removable_proportion)
+    history = _train_sharded_gates(job, pruning) if job.args.fsdp else _train_gates(job, pruning)
+    gated.eval()
+    pruned = pruning.remove_channels().to(device)
+    removal_difference = dagprune.compare_module_outputs(gated, pruned, (4, *input_shape),
+                                                         raise_error=False, device=device)
+    gated_accuracy = evaluate_accuracy(gated, *job.val, device=device, ranks=job.ranks)
+    return _Pruned(pruned, history, gated_accuracy, removal_difference, pruning.current_hard_proportion())
+
+
+def _train_gates(job: _PruneJob, pruning) -> list:
+    """Trains the gated model of ``pruning`` and its gates (DistributedDataParallel unless it is
+    sharded) for ``--steps`` steps, checkpointing ``pruning.ckpt``; returns the history."""
+    args = job.args
+    gated = pruning.pruning_model
     optimizer = torch.optim.Adam([{"params": pruning.weight_parameters(), "lr": args.lr},
                                   {"params": pruning.gate_parameters(), "lr": args.gate_lr}])
-    trained = job.ranks.wrap(gated)
+    trained = gated if is_sharded(gated) else job.ranks.wrap(gated, _example_inputs(job))
 
     def pruning_step(step, x, y):
         logits = trained(x)
@@ -280,20 +302,30 @@ def _prune_with_gates(job: _PruneJob, dag, input_shape) -> _Pruned:
     def validate(step, logs):
         if step % 100 and step != args.steps - 1:
             return {}
-        return {"val_accuracy": evaluate_accuracy(gated, *val, device=device, ranks=job.ranks) / 100.0}
+        return {"val_accuracy": evaluate_accuracy(gated, *job.val, device=job.device, ranks=job.ranks) / 100.0}
 
     history: list = []
     train_steps(gated, optimizer, job.train, args.batch_size, args.seed + 1, args.steps,
                 step_fn=pruning_step, checkpoint_path=job.out / "pruning.ckpt",
-                checkpoint_every=args.checkpoint_every, device=device,
+                checkpoint_every=args.checkpoint_every, device=job.device,
                 progress=_progress(job, "pruning"), history=history, on_log=validate,
                 **_parallel_options(job, trained))
-    gated.eval()
-    pruned = pruning.remove_channels().to(device)
-    removal_difference = dagprune.compare_module_outputs(gated, pruned, (4, *input_shape),
-                                                         raise_error=False, device=device)
-    gated_accuracy = evaluate_accuracy(gated, *val, device=device, ranks=job.ranks)
-    return _Pruned(pruned, history, gated_accuracy, removal_difference, pruning.current_hard_proportion())
+    return history
+
+
+def _train_sharded_gates(job: _PruneJob, pruning) -> list:
+    """``--fsdp``: trains a copy of ``pruning`` whose gated model is sharded over the processes
+    (:func:`.distributed.shard_gated_model`) while ``pruning``'s own model waits on the CPU,
+    then loads the trained state, gathered whole on every process, into ``pruning``'s gated
+    model (which shares the DAG's weights, as an unsharded run trains them), where the channels
+    are removed. Returns the history."""
+    sharded = copy.deepcopy(pruning)
+    shard_gated_model(sharded.pruning_model, sharded.gate_parameters(), job.ranks)
+    gated = pruning.pruning_model.to("cpu")
+    history = _train_gates(job, sharded)
+    gated.load_state_dict(gathered_state(sharded.pruning_model.state_dict()))
+    gated.to(job.device)
+    return history
 
 
 def _prune(job: _PruneJob, dag, input_shape) -> _Pruned:
@@ -413,7 +445,8 @@ def run_prune(args) -> int:
             or training cannot go on.
     """
     validate_prune_arguments(args)
-    with process_group(args.device, required=args.distributed) as ranks:
+    with process_group(args.device, required=args.distributed or args.fsdp,
+                       option="--fsdp" if args.fsdp else "--distributed") as ranks:
         try:
             _run_job(args, ranks)
         except _FailedCheck as failed:

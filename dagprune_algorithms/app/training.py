@@ -6,7 +6,8 @@ run stopped at any checkpoint and resumed continues bit-exactly. Checkpoints are
 atomically and a run whose loss becomes NaN stops with :class:`TrainingError`, leaving the last
 good checkpoint in place. A step may accumulate the gradients of several micro-batches and run
 on several processes (:class:`~dagprune_algorithms.app.distributed.Ranks`): its batch is then
-shared out among them, and they stay alike (see :func:`train_steps`).
+shared out among them, and they stay alike (see :func:`train_steps`); a model sharded over them
+(``--fsdp``) is checkpointed gathered, as an unsharded run would hold it.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from dagprune.errors import DagpruneError
 from dagprune.training_mode import evaluation_mode
 
-from dagprune_algorithms.app.distributed import SINGLE_PROCESS, Ranks
+from dagprune_algorithms.app.distributed import (SINGLE_PROCESS, Ranks, gathered_state, load_gathered_state,
+                                                  no_gradient_sync, unsharded_parameters)
 
 __all__ = ["TrainingError", "batch_indices", "batches", "evaluate_accuracy", "save_checkpoint",
            "load_checkpoint", "plain_log_value", "train_steps", "materialize"]
@@ -79,15 +80,18 @@ def evaluate_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tens
 
     With several ``ranks``, each evaluates every ``world_size``-th sample and the counts of
     correct predictions are summed: every sample is counted exactly once, and every rank gets
-    the result. Pass the model itself, not its DistributedDataParallel.
+    the result. Every rank runs the same number of forward passes (one whose share is used up
+    runs a sample it does not count), since those of a sharded model are collectives. Pass the
+    model itself, not its DistributedDataParallel.
     """
     correct = 0
     shard = slice(ranks.rank, None, ranks.world_size)
     own_inputs, own_labels = inputs[shard], labels[shard]
     with evaluation_mode(model):
-        for start in range(0, len(own_inputs), batch_size):
-            x = own_inputs[start:start + batch_size].to(device)
-            correct += (model(x).argmax(-1).cpu() == own_labels[start:start + batch_size]).sum().item()
+        for start in range(0, -(-len(inputs) // ranks.world_size), batch_size):
+            x, y = own_inputs[start:start + batch_size], own_labels[start:start + batch_size]
+            predictions = model((x if len(x) else inputs[:1]).to(device)).argmax(-1).cpu()
+            correct += (predictions[:len(y)] == y).sum().item()
     return 100.0 * ranks.sum(correct) / max(len(inputs), 1)
 
 
@@ -217,7 +221,7 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[
 
     Args:
         model, optimizer: what to train (``model`` itself, not a DistributedDataParallel: its
-            state is what is checkpointed).
+            state is what is checkpointed; a sharded model's, gathered).
         data: ``(inputs, labels)`` tensors of the training set.
         batch_size: images of one micro-batch of one process. A step trains on
             ``batch_size * grad_accum * ranks.world_size`` images: the batch of that size that
@@ -238,8 +242,10 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple[
             before ``on_log``, checkpoints and the end, and rank 0 alone writes the
             checkpoint, which holds every rank's RNG state.
         ddp_model: the DistributedDataParallel that ``step_fn`` calls (``model`` or a part of
-            it): its gradient all-reduce is skipped (``no_sync``) on all micro-batches of a step
-            but the last. Default with several ranks: ``model`` wrapped by ``ranks``.
+            it), or the sharded ``model`` itself: its gradient reduction is skipped on all
+            micro-batches of a step but the last; the parameters a sharded model holds whole
+            (the gates) have their gradients averaged before each update. Default with several
+            ranks: ``model`` wrapped by ``ranks``.
         before_step, after_step: ``(step) -> None`` called once per step, before its first
             micro-batch and after its update (before logging and checkpointing).
 
@@ -283,7 +289,8 @@ class _TrainingLoop:
     def __post_init__(self):
         self._check_arguments()
         if self.ddp_model is None and self.ranks.distributed:
-            self.ddp_model = self.ranks.wrap(self.model)
+            self.ddp_model = self.ranks.wrap(self.model, example_inputs=self.data[0][:2].to(self.device))
+        self.unsharded = unsharded_parameters(self.ddp_model)
         if self.step_fn is None:
             self.step_fn = self._cross_entropy_step
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
@@ -325,6 +332,7 @@ class _TrainingLoop:
             self.before_step(step)
         logging = step % self.log_every == 0 or step == self.total_steps - 1
         step_logs = self._accumulate_gradients(step, logging)
+        self.ranks.average_gradients(self.unsharded)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.after_step is not None:
@@ -346,7 +354,7 @@ class _TrainingLoop:
                                   micro * self.ranks.world_size + self.ranks.rank, parts)
             x, y = self.data[0][index].to(self.device), self.data[1][index].to(self.device)
             last = micro == self.grad_accum - 1
-            with contextlib.nullcontext() if last else _no_gradient_sync(self.ddp_model):
+            with contextlib.nullcontext() if last else no_gradient_sync(self.ddp_model):
                 with torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp], enabled=self.amp != "none"):
                     result = self.step_fn(step, x, y)
                 self.watch.record(result.loss, step)
@@ -367,8 +375,10 @@ class _TrainingLoop:
         if self.checkpoint_path is None:
             return
         rng_by_rank = self.ranks.gather(_rng_state())
+        model_state = gathered_state(self.model.state_dict())  # every rank: gathering shards is a collective
+        optimizer_state = gathered_state(self.optimizer.state_dict())
         if self.ranks.is_main:
-            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            state = {"model": model_state, "optimizer": optimizer_state,
                      "scaler": self.scaler.state_dict(), "rng": rng_by_rank[0], "step": step,
                      "history": self.history}
             if self.ranks.distributed:
@@ -377,19 +387,14 @@ class _TrainingLoop:
         self.ranks.barrier()
 
 
-def _no_gradient_sync(model: nn.Module | None):
-    """``model.no_sync()`` for a DistributedDataParallel; nothing to skip otherwise."""
-    return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
-
-
 def _resume(checkpoint_path, model, optimizer, scaler, history: list, ranks: Ranks) -> int:
     """Restores the state of ``checkpoint_path`` if it exists (every rank reads the same file,
-    and takes its own RNG state from it); returns the step to start at."""
+    keeps its shard of a sharded model, and takes its own RNG state from it); returns the step
+    to start at."""
     if checkpoint_path is None or not Path(checkpoint_path).exists():
         return 0
     state = load_checkpoint(checkpoint_path)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    load_gathered_state(model, optimizer, state["model"], state["optimizer"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     rng_by_rank = state.get("rng_by_rank") or [state["rng"]]

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from dagprune import DagModule
-from dagprune.compare import non_finite_tensors
 from dagprune.errors import PruningError
 from dagprune.example_inputs import as_example_inputs
 from dagprune.shape_prop import module_device
@@ -27,6 +26,7 @@ from dagprune_algorithms.pruning.gated_model import build_gated_dag
 from dagprune_algorithms.pruning.gates import ChannelGate, GateSet, MaskApply, MaskedConsumer
 from dagprune_algorithms.pruning.latency_table import LatencyTable, measure_latency_table
 from dagprune_algorithms.pruning.losses import (NonFiniteLossWatch, PruningLossConfig, anneal, binary_entropy,
+                                                failures_shared_by_processes, non_finite_local_tensors,
                                                 removed_energy_share, scheduled_target)
 
 __all__ = ["ChannelPruning", "check_flops_target"]
@@ -89,6 +89,10 @@ class ChannelPruning:
             :meth:`prepare_for_pruning` (batch 1 of the analysed inputs, on the model's
             device, cached in :func:`~.latency_table.default_cache_dir`). Build it with
             :func:`~.latency_table.measure_latency_table` to choose the batch, device or cache.
+        distributed_checks: under ``torch.distributed`` (DDP, FSDP), a NaN or Inf that one
+            process finds (in its own ``bkd_loss``, or its shard of a sharded model) stops every
+            process at that check, not that one alone; every process must then reach the checks
+            together (as a training loop does; see :meth:`check_finite`).
 
     Raises:
         PruningError: an argument is out of range or not finite; ``exclude`` is not a list of
@@ -123,7 +127,8 @@ class ChannelPruning:
                  initial_logit_spread: float = 1.0, head_pruning: str = "dims",
                  finite_check_interval: int = FINITE_CHECK_INTERVAL, example_inputs: Any = None,
                  exclude: Sequence[str] | None = None, min_channels: int = 1, round_to: int = 1,
-                 budget: str = "flops", latency_table: LatencyTable | None = None):
+                 budget: str = "flops", latency_table: LatencyTable | None = None,
+                 distributed_checks: bool = False):
         if not isinstance(model, DagModule):
             raise PruningError(f"ChannelPruning needs a DagModule, got {type(model).__name__}; "
                                "convert it first with dagprune.build_from_unstructured_module(model)")
@@ -156,6 +161,7 @@ class ChannelPruning:
         self.initial_logit_spread = initial_logit_spread
         self.head_pruning = head_pruning
         self.finite_check_interval = finite_check_interval
+        self.distributed_checks = distributed_checks
         self.exclude = check_exclude_patterns(exclude)
         self.min_channels = min_channels
         self.round_to = round_to
@@ -381,7 +387,8 @@ class ChannelPruning:
     def check_finite(self) -> None:
         """Raises when the gates, the model's weights and statistics, or the losses of any step
         so far are NaN or Inf. Reads a few flags from the device (one wait each), so call it
-        where the loop synchronises anyway, e.g. when logging.
+        where the loop synchronises anyway, e.g. when logging. With ``distributed_checks`` it is a
+        collective, as are :meth:`remove_channels` and the checked steps of the losses.
 
         Raises:
             PruningError: naming the channel groups whose gate logits, or the vertices whose
@@ -392,14 +399,10 @@ class ChannelPruning:
 
     def _check_all_finite(self, during: str) -> None:
         self._require_gated()
-        self._check_gates_finite(during)
-        self._check_model_finite(during)
-        step = self._loss_watch.first_step()
-        if step is not None:
-            raise PruningError(
-                f"{during}: the pruning losses were NaN or Inf at step {step} while the gates, weights and "
-                "statistics are finite; check the loss_config weights and the gate learning rate, "
-                "and restart from the last good checkpoint")
+        with failures_shared_by_processes(self.distributed_checks, during):
+            self._check_gates_finite(during)
+            self._check_model_finite(during)
+            self._loss_watch.check(during)
 
     def _check_gates_finite(self, during: str) -> None:
         with torch.no_grad():
@@ -414,7 +417,7 @@ class ChannelPruning:
                 "and restart from the last good checkpoint")
 
     def _check_model_finite(self, during: str) -> None:
-        bad = non_finite_tensors(self.model)
+        bad = non_finite_local_tensors(self.model)
         if bad:
             raise PruningError(
                 f"{during}: {self.model.name} holds NaN or Inf in {len(bad)} weight or statistic "

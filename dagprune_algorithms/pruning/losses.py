@@ -33,20 +33,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
+import sys
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from dagprune.compare import non_finite_tensors
 from dagprune.errors import PruningError
 
 from dagprune_algorithms.pruning.budgets import ExpectedCost, flops_cost
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis
 
 __all__ = ["PruningLossConfig", "ExpectedFlops", "NonFiniteLossWatch", "anneal", "binary_entropy",
-           "removed_energy_share", "logit_distillation_loss"]
+           "removed_energy_share", "logit_distillation_loss", "failures_shared_by_processes",
+           "non_finite_local_tensors"]
 
 
 @dataclasses.dataclass
@@ -188,3 +194,77 @@ class NonFiniteLossWatch:
             return None
         step = int(self._first_step)
         return step if step >= 0 else None
+
+    def check(self, during: str) -> None:
+        """Raises :class:`PruningError` naming the first recorded step with a non-finite loss.
+
+        >>> watch = NonFiniteLossWatch()
+        >>> watch.record(4, torch.tensor(float("nan")))
+        >>> watch.check("check_finite()")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        dagprune.errors.PruningError: check_finite(): the pruning losses were NaN or Inf at step 4 ...
+        """
+        step = self.first_step()
+        if step is not None:
+            raise PruningError(
+                f"{during}: the pruning losses were NaN or Inf at step {step} while the gates, weights and "
+                "statistics are finite; check the loss_config weights and the gate learning rate, "
+                "and restart from the last good checkpoint")
+
+
+def _local_values(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded tensor (a DTensor, as FSDP's ``fully_shard`` makes of
+    parameters), or ``tensor`` itself. No DTensor exists before its module is imported, so
+    importing it here (0.6 s) is left to the code that shards."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor.DTensor) else tensor
+
+
+def non_finite_local_tensors(module: nn.Module) -> list[str]:
+    """:func:`dagprune.compare.non_finite_tensors` of ``module``, where a sharded parameter is
+    checked on this process's shard (the other shards are other processes' to check: see
+    :func:`failures_shared_by_processes`)."""
+    named = [*module.named_parameters(), *module.named_buffers()]
+    if all(_local_values(tensor) is tensor for _, tensor in named):
+        return non_finite_tensors(module)
+    floating = [(name, _local_values(tensor)) for name, tensor in named if tensor.is_floating_point()]
+    with torch.no_grad():  # one read from the device for all tensors
+        finite = torch.stack([torch.isfinite(values).all().to(floating[0][1].device) for _, values in floating])
+    return [f"{name}: NaN or Inf in this process's shard" for (name, _), ok in zip(floating, finite.tolist())
+            if not ok]
+
+
+@contextlib.contextmanager
+def failures_shared_by_processes(shared: bool, during: str) -> Iterator[None]:
+    """Makes a :class:`PruningError` raised in the ``with`` block by one process of the default
+    ``torch.distributed`` process group stop every process of it: the block's own error where it
+    was raised, one naming the processes that raised elsewhere. A collective when ``shared``
+    (every process must run the block); the block itself otherwise.
+
+    Without it, a process whose own losses or shard hold a NaN stops alone, and the others fail
+    later in their next collective (DistributedDataParallel's gradient all-reduce) with a
+    communication error that does not say why, or wait there until the group's timeout.
+    """
+    if not shared:
+        yield
+        return
+    try:
+        yield
+    except PruningError:
+        _processes_that_failed(failed_here=True)
+        raise
+    failed = _processes_that_failed(failed_here=False)
+    if failed:
+        raise PruningError(f"{during}: process(es) {', '.join(map(str, failed))} found NaN or Inf (their error "
+                           "names where); every process stops with them: restart from the last good checkpoint")
+
+
+def _processes_that_failed(failed_here: bool) -> list[int]:
+    """The ranks of the default process group that report a failure (a collective)."""
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    failed = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
+    failed[dist.get_rank()] = int(failed_here)
+    dist.all_reduce(failed)
+    return failed.nonzero().flatten().tolist()
