@@ -1,11 +1,13 @@
 """``scripts/benchmark.py --short``: every section runs and its figures mean what they say."""
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from script_modules import load_script
 
@@ -56,14 +58,90 @@ def test_latency_rows_are_at_their_targets(short_run):
 
 
 def test_accuracy_and_exactness(short_run):
-    results, _, _ = short_run
-    rows = results["accuracy"]["results"]
-    assert {row["method"] for row in rows} == {"dagprune (differentiable)", "dagprune (L1 iterative)"}
+    results, report, _ = short_run
+    section = results["accuracy"]
+    rows = section["results"]
+    assert {row["method"] for row in rows} == {"dagprune differentiable + distillation", "dagprune differentiable",
+                                               "dagprune L1 iterative"}
     assert all(row["error"] is None and 0 <= row["accuracy"] <= 100 for row in rows)
-    l1 = next(row for row in rows if row["method"] == "dagprune (L1 iterative)")
+    l1 = next(row for row in rows if row["method"] == "dagprune L1 iterative")
     assert abs(l1["flops_proportion"] - l1["target"]) <= 0.02
+    for row in rows:  # every saved model measured again, against its baseline, in every setting
+        assert not row["accuracy_mismatch"] and row["accuracy"] == pytest.approx(row["job_accuracy"])
+        assert set(row["latency_share"]) == set(section["measurements"]["settings"]) >= {"1t_b1", "1t_b32"}
+    (baseline,) = section["baselines"]
+    assert baseline["steps"] == sum(phase["steps"] for phase in baseline["phases"]) == baseline["curve"][-1]["total_step"]
+    assert "### Target check" in report and "at 0.5 of the FLOPs within 1 point" in report
     (exact,) = results["exactness"]["dagprune"]["results"]
     assert exact["exact"] and exact["masks_took_effect"] and exact["max_rel_diff"] <= 1e-4
+
+
+def _benchmarks_module(name: str):
+    """``scripts/benchmarks/<name>.py`` imported as part of its package (it uses relative imports)."""
+    if str(REPO_ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def test_baseline_stops_at_plateau_and_resumes(tmp_path):
+    training = _benchmarks_module("baseline_training")
+    torch.manual_seed(0)
+    inputs, labels = torch.randn(96, 4), torch.randint(0, 2, (96,))
+    train, selection = training.split_selection((inputs, labels), 32, seed=0)
+    assert len(train[0]) == 64 and len(selection[0]) == 32
+    rule = training.PlateauRule(eval_every=2, patience=2, min_delta=100.0)  # no step can improve by 100 points
+
+    def fit():
+        torch.manual_seed(0)
+        return training.train_converged_baseline(torch.nn.Linear(4, 2), train, selection, selection, lr=1e-2,
+                                                 batch_size=8, seed=0, phase_max_steps=[20, 20], rule=rule,
+                                                 folder=tmp_path)
+    first = fit()
+    # each phase: a first evaluation (compared with the phases before), then `patience` without improvement
+    assert [p["steps"] for p in first["phases"]] == [6, 4] and all(p["plateaued"] for p in first["phases"])
+    assert first["steps"] == 10 and [r["total_step"] for r in first["curve"]] == [2, 4, 6, 8, 10]
+    best = max(first["curve"], key=lambda r: r["selection_accuracy"])
+    assert first["best_step"] == best["total_step"] and first["selection_accuracy"] == best["selection_accuracy"]
+    again = fit()  # read back, nothing trained
+    assert {k: again[k] for k in ("steps", "best_step", "accuracy", "curve")} == \
+        {k: first[k] for k in ("steps", "best_step", "accuracy", "curve")}
+
+
+def _synthetic_accuracy_section(ours: list, other: list, baseline: list) -> dict:
+    rows = []
+    for key, label, accuracies in (("dag_distill", "dagprune differentiable + distillation", ours),
+                                   ("tp_magnitude", "Torch-Pruning magnitude (L1), iterative", other)):
+        rows += [{"method": label, "method_key": key, "budget": "flops", "target": 0.5, "seed": seed,
+                  "error": None, "accuracy": accuracy, "flops_proportion": 0.5, "accuracy_before_finetune": 50.0,
+                  "params": 1e6, "seconds": 1.0, "latency_ms": {"1t_b32": 5.0}, "latency_share": {"1t_b32": 0.5}}
+                 for seed, accuracy in enumerate(accuracies)]
+    baselines = [{"seed": seed, "accuracy": accuracy, "selection_accuracy": accuracy, "steps": 10, "best_step": 8,
+                  "data": "idx:fashion-mnist", "train_images": 100, "val_images": 50, "seconds_per_step": 0.1,
+                  "latency_ms": {"1t_b32": 10.0}, "phases": [{"lr": 1e-3, "steps": 10, "plateaued": True}],
+                  "curve": [{"total_step": 10, "selection_accuracy": accuracy}]}
+                 for seed, accuracy in enumerate(baseline)]
+    setup = {"model": "resnet18", "input_shape": [3, 32, 32], "seeds": [0, 1, 2], "threads": 1, "steps": 10,
+             "finetune_steps": 5, "lr": 1e-3, "lr_decay": 10.0, "batch_size": 8, "prune_times": 5, "step_epoch": 2,
+             "ours": "dagprune differentiable + distillation", "latency_budget_methods": [], "notes": [],
+             "methods": {"dag_distill": "dagprune differentiable + distillation",
+                         "tp_magnitude": "Torch-Pruning magnitude (L1), iterative"},
+             "baseline_rule": {"eval_every": 2, "patience": 2, "min_delta": 0.2, "max_steps": 10,
+                               "decay_max_steps": 0, "selection_images": 10}}
+    return {"format": 2, "setup": setup, "baselines": baselines, "results": rows, "seconds": 60.0,
+            "training_seconds": 50.0, "measurements": {"settings": ["1t_b32"]}}
+
+
+@pytest.mark.parametrize("ours, other, verdicts", [
+    ([91.5, 91.7, 91.6], [90.0, 90.2, 90.1], ["met", "met"]),  # 0.5 below the baseline, 1.5 ahead (spread 0.1)
+    ([90.5, 91.5, 92.5], [90.3, 91.3, 92.3], ["met", "MISSED"]),  # ahead by 0.2, within the spread 1.0
+    ([89.0, 89.1, 89.2], [89.5, 89.6, 89.7], ["MISSED", "MISSED"]),  # 3 below the baseline, behind
+])
+def test_target_check_is_computed_from_the_numbers(tmp_path, ours, other, verdicts):
+    report = _benchmarks_module("accuracy_report")
+    lines, found = [], []
+    report.accuracy_section(_synthetic_accuracy_section(ours, other, [92.0, 92.2, 92.1]), tmp_path, lines, found)
+    assert [text.split(": ")[1].split(" ")[0] for text in found] == verdicts
+    assert (tmp_path / "benchmark_accuracy_latency.png").stat().st_size > 0
 
 
 def test_unknown_peer_is_a_clear_error():

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+from .accuracy_report import accuracy_section
+from .plots import figure as _figure
 
 PEER_ORDER = ["dagprune", "torch-dag", "torch-pruning"]
 TOOL_NAMES = {"dagprune": "dagprune", "torch-dag": "torch-dag", "torch-pruning": "Torch-Pruning"}
 PREPARE_SPEEDUP_TARGET = 3.0
 OVERHEAD_TARGET = 1.15
 LATENCY_EFFICIENCY_TARGET = 0.8
-ACCURACY_TARGET_SLACK = 0.02
-"""A run whose FLOPs share exceeds its target by more than this did not reach the target."""
 
 
 def _seconds(row: dict | None) -> str:
@@ -71,23 +70,6 @@ def prepare_section(section: dict, plots: Path, lines: list, verdicts: list) -> 
                                                                  if failed_peer else "") + ")")
         _bar_plot(ours, dag, tp, plots / "benchmark_prepare_time.png")
         lines += [f"![time to pruning-ready]({plots.name}/benchmark_prepare_time.png)", ""]
-
-
-@contextlib.contextmanager
-def _figure(path: Path, size: tuple[float, float], xlabel: str, ylabel: str, legend_size: int = 8):
-    """Yields the axis of a new figure; labels it, adds the legend and saves it as ``path``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=size)
-    yield axis
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel(ylabel)
-    axis.legend(fontsize=legend_size)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def _bar_plot(ours, dag, tp, path: Path) -> None:
@@ -187,85 +169,6 @@ def _latency_plot(rows, path: Path) -> None:
             top = max(top, max(max(p) for p in points))
         axis.plot([1, top], [1, top], "k--", linewidth=0.8, label="speed-up = FLOPs reduction")
         axis.plot([1, top], [0.8, 0.8 * top], "k:", linewidth=0.8, label="0.8 x FLOPs reduction")
-
-
-def _mean_spread(values: list[float]) -> str:
-    if not values:
-        return "-"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {spread:.2f}"
-
-
-def _share_spread(values: list[float]) -> str:
-    if not values:
-        return "-"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
-
-
-def accuracy_section(section: dict, plots: Path, lines: list, verdicts: list) -> None:
-    setup = section["setup"]
-    baseline = [b["accuracy"] for b in section["baselines"]]
-    lines += ["## 4. Accuracy against FLOPs", "",
-              f"{setup['model']} on {setup['data']} at {setup['image_size']} px; baseline trained "
-              f"{setup['baseline_steps']} steps per seed (accuracy {_mean_spread(baseline)} %); every method "
-              f"then gets {setup['steps']} steps at lr {setup['lr']} and {setup['finetune_steps']} at lr/10, "
-              f"batch {setup['batch_size']}; seeds {sorted(b['seed'] for b in section['baselines'])}. "
-              "Mean ± standard deviation over seeds.", "",
-              "| method | target | FLOPs share | top-1 % | before fine-tuning % | runs | failures |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
-    grouped = defaultdict(list)
-    for row in section["results"]:
-        grouped[(row["method"], row.get("target"))].append(row)
-    summary = {}
-    for (method, target), runs in sorted(grouped.items(), key=lambda item: (item[0][0], -(item[0][1] or 0))):
-        good = [r for r in runs if not r.get("error")]
-        failures = len(runs) - len(good)
-        accuracy = [r["accuracy"] for r in good]
-        summary[(method, target)] = statistics.mean(accuracy) if accuracy else None
-        lines.append(f"| {method} | {target if target is not None else '-'} | "
-                     f"{_share_spread([r['flops_proportion'] for r in good])} | "
-                     f"{_mean_spread(accuracy)} | {_mean_spread([r['accuracy_before_finetune'] for r in good])} | "
-                     f"{len(good)} | {failures}" + (f" ({runs[0]['error'][:60]})" if failures else "") + " |")
-    lines.append("")
-    ours = "dagprune (differentiable)"
-    shares = defaultdict(list)
-    for row in section["results"]:
-        if not row.get("error"):
-            shares[(row["method"], row["target"])].append(row["flops_proportion"])
-    off_target = [f"{method} at {target}: FLOPs share {statistics.mean(values):.3f}"
-                  for (method, target), values in sorted(shares.items())
-                  if statistics.mean(values) > target + ACCURACY_TARGET_SLACK]
-    targets = sorted({t for (_, t) in summary if t is not None}, reverse=True)
-    behind = []
-    for target in targets:
-        mine = summary.get((ours, target))
-        for (method, t), value in summary.items():
-            if t == target and method != ours and value is not None and (mine is None or mine < value):
-                behind.append(f"{target}: {method} {value:.2f} > {ours} "
-                              f"{'failed' if mine is None else f'{mine:.2f}'}")
-    verdicts.append("Accuracy at equal FLOPs >= every other method at every target: "
-                    + ("met" if not behind else "MISSED at " + "; ".join(behind))
-                    + ("" if not off_target else " (above the target FLOPs, so not at equal FLOPs: "
-                       + "; ".join(off_target) + ")"))
-    _accuracy_plot(section["results"], baseline, plots / "benchmark_accuracy.png")
-    lines += [f"![accuracy vs FLOPs]({plots.name}/benchmark_accuracy.png)", ""]
-
-
-def _accuracy_plot(rows, baseline, path: Path) -> None:
-    series = defaultdict(lambda: defaultdict(list))
-    for row in rows:
-        if not row.get("error"):
-            series[row["method"]][row["target"]].append((row["flops_proportion"], row["accuracy"]))
-    with _figure(path, (6, 4.5), "FLOPs share of the original", "top-1 accuracy (%)") as axis:
-        for method, by_target in sorted(series.items()):
-            points = sorted((statistics.mean(f for f, _ in runs), statistics.mean(a for _, a in runs),
-                             statistics.stdev(a for _, a in runs) if len(runs) > 1 else 0.0)
-                            for runs in by_target.values())
-            axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                          marker="o", capsize=3, label=method)
-        if baseline:
-            axis.axhline(statistics.mean(baseline), color="k", linestyle="--", linewidth=0.8, label="unpruned")
 
 
 def exactness_section(section: dict, lines: list, verdicts: list) -> None:
