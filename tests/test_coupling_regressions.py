@@ -128,3 +128,32 @@ def test_filter_response_norm_resnet_is_prunable():
     timm = pytest.importorskip("timm")
     model = timm.create_model("resnetv2_50d_frn", pretrained=False, num_classes=10)
     assert _removal_difference(model, (3, 64, 64), target=0.5) <= 1e-4
+
+
+class _ChannelsFirstLayerNorm(nn.Module):
+    """A layer norm over the channels of NCHW activations written with means (as in the
+    original ConvNeXt code), then a channel sum feeding a gate: reductions over channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+        self.weight, self.bias = nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        x = self.stem(x)
+        mean = x.mean(1, keepdim=True)
+        variance = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(variance + 1e-6)
+        x = self.weight[:, None, None] * x + self.bias[:, None, None]
+        gate = torch.sigmoid(x.sum(dim=1, keepdim=True))
+        return self.head(x * gate)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_means_and_sums_over_channels_reduce_over_the_kept_ones(seed):
+    torch.manual_seed(seed)
+    model = _ChannelsFirstLayerNorm()
+    pruning = ChannelPruning(dagprune.build_from_unstructured_module(model), (3, 6, 6), 0.5, 10)
+    pruning.prepare_for_pruning()
+    assert [group.name for group in pruning.prunable_groups] == ["stem"]
+    assert _removal_difference(model, (3, 6, 6), seed) < 1e-5

@@ -1,6 +1,15 @@
-"""Reductions (mean, sum, amax, ...) and softmax: channels on the reduced axis are barriers."""
+"""Reductions (mean, sum, amax, ...) and softmax.
+
+A mean, sum or 2-norm over a channel axis (a hand-written layer norm's ``x.mean(-1)``, a
+global response norm's ``x.mean(-1)``) *consumes* that axis' channels like a normalisation:
+in the gated model it reduces over the kept channels only (the masking facet), so removing
+them gives the same value. Other reductions over a channel axis, and reductions over several
+channel axes at once, make those channels barriers; so does softmax over one.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -16,19 +25,58 @@ __all__ = ["SPECS"]
 _SOFTMAX_LAYERS = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 
 
+_MASKABLE = {"mean", "sum", "norm"}
+"""Reductions whose value over kept channels the masking facet computes."""
+
+
+def _reduction_arguments(module, values) -> tuple[list[int], bool]:
+    """The reduced axes and ``keepdim`` of a reduction (``norm`` takes ``p`` before ``dim``)."""
+    offset = 1 if module.short_name == "norm" else 0
+    dims = normalize_dims(argument_value(module, values, 1 + offset, "dim"), values[0].ndim)
+    return dims, bool(argument_value(module, values, 2 + offset, "keepdim", False))
+
+
+def _maskable(module, values) -> bool:
+    """Whether the masking facet computes this call over kept channels: a mean, a sum or a
+    2-norm of a floating-point tensor (no ``dtype=`` or ``out=`` conversions)."""
+    if module.short_name not in _MASKABLE or not values[0].is_floating_point():
+        return False
+    if any(module.argument(None, name) is not None for name in ("dtype", "out")):
+        return False
+    return module.short_name != "norm" or argument_value(module, values, 1, "p", "fro") in (2, 2.0, "fro", None)
+
+
 def reduction_coupling(ctx, vertex, module, layouts, values, output):
     if not isinstance(values[0], torch.Tensor) or not isinstance(output, torch.Tensor):
         return opaque_coupling(ctx, vertex, module, layouts, values, output)
     x_layout = tensor_layout(layouts[0])
-    dims = normalize_dims(argument_value(module, values, 1, "dim"), values[0].ndim)
-    keepdim = bool(argument_value(module, values, 2, "keepdim", False))
+    dims, keepdim = _reduction_arguments(module, values)
+    reduced = [axis for axis in x_layout if axis in dims]
+    consumed = reduced[0] if len(reduced) == 1 and _maskable(module, values) else None
     result = {}
     for axis, atoms in x_layout.items():
-        if axis in dims:
+        if axis == consumed:
+            ctx.consume(vertex, 0, axis, atoms, kind="norm")
+        elif axis in dims:
             ctx.barrier(atoms, f"{module.short_name} over a channel axis")
         else:
             result[axis if keepdim else axis - sum(d < axis for d in dims)] = atoms
     return result or None
+
+
+def mask_reduction(op, inputs, mask, axis):
+    """The mean, sum or 2-norm over kept channels: channel ``c`` of ``axis`` weighs ``mask[c]``
+    (a mean divides by the kept count times the other reduced sizes)."""
+    x = inputs[0]
+    dims, keepdim = _reduction_arguments(op, inputs)
+    weights = mask.reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+    if op.short_name == "norm":
+        return ((x * x) * weights).sum(dims, keepdim=keepdim).sqrt()
+    total = (x * weights).sum(dims, keepdim=keepdim)
+    if op.short_name == "sum":
+        return total
+    others = math.prod(x.shape[d] for d in dims if d != axis)
+    return total / (mask.sum() * others)
 
 
 def softmax_coupling(ctx, vertex, module, layouts, values, output):
@@ -42,6 +90,20 @@ def softmax_coupling(ctx, vertex, module, layouts, values, output):
     return {axis: atoms for axis, atoms in x_layout.items() if axis != dim} or None
 
 
+class _HandWrittenNorms(nn.Module):
+    """A layer norm written out with means over the channel axis, and a 2-norm over it."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.up(x)
+        centered = h - h.mean(-1, keepdim=True)
+        h = centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.down(h / torch.norm(h, dim=-1, keepdim=True))
+
+
 class _Pooled(nn.Module):
     def __init__(self):
         super().__init__()
@@ -53,7 +115,8 @@ class _Pooled(nn.Module):
 
 SPECS = (
     OpSpec("reduction", (ReductionOp,), flops=no_flops, coupling=reduction_coupling,
-           removal=unchanged_removal, example=lambda: (_Pooled(), (torch.randn(1, 3, 4, 4),))),
+           removal=unchanged_removal, masking=mask_reduction,
+           example=lambda: (_HandWrittenNorms(), (torch.randn(2, 4, 5),))),
     OpSpec("softmax", (SoftmaxOp, *_SOFTMAX_LAYERS), flops=no_flops, coupling=softmax_coupling,
            removal=unchanged_removal, example=lambda: (_Pooled(), (torch.randn(1, 3, 4, 4),))),
 )
