@@ -149,6 +149,21 @@ def functional_batch_norm_coupling(ctx, vertex, module, layouts, values, output)
     return dict(x_layout) or None
 
 
+def functional_normalize_coupling(ctx, vertex, module, layouts, values, output):
+    """``F.normalize(x, p=2, dim)``: the norm over ``dim`` mixes that axis' channels (consumed,
+    with statistics over the kept ones); every channel passes through to the output."""
+    x_index = argument_input(module, 0, "input")
+    p = argument_value(module, values, 1, "p", 2.0)
+    dim = argument_value(module, values, 2, "dim", 1)
+    if x_index is None or p not in (2, 2.0) or not isinstance(dim, int):
+        return opaque_coupling(ctx, vertex, module, layouts, values, output)
+    x_layout = tensor_layout(layouts[x_index])
+    axis = dim % values[x_index].ndim
+    if axis in x_layout:
+        ctx.consume(vertex, x_index, axis, x_layout[axis], kind="norm")
+    return dict(x_layout) or None
+
+
 # ------------------------------------------------------------------------------- removal
 def _slice_channels_on_axis_1(module, output_mask, count_attribute: str):
     mask = output_mask.get(1)
@@ -296,6 +311,15 @@ def mask_functional_layer_norm(op, inputs, mask, axis, output_scale=None):
                              value(4, "eps", _DEFAULT_EPS), output_scale)
 
 
+def mask_functional_normalize(op, inputs, mask, axis):
+    """``x / max(||x||, eps)`` with the 2-norm over the kept (mask-weighted) channels of ``axis``."""
+    x = argument_value(op, inputs, 0, "input")
+    eps = argument_value(op, inputs, 3, "eps", 1e-12)
+    weights = mask.reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+    norm = ((x * x) * weights).sum(axis, keepdim=True).sqrt()
+    return x / norm.clamp_min(eps)
+
+
 def mask_group_norm(norm, inputs, mask, axis):
     return masked_group_norm(inputs[0], mask, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
@@ -338,6 +362,22 @@ class _FunctionalNorms(nn.Module):
         return self.head(x)
 
 
+class _CosineAttention(nn.Module):
+    """Cosine-similarity attention (Swin V2): q and k normalised over their head dims."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.out = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        q, k = F.normalize(self.q(x), dim=-1), F.normalize(self.k(x), dim=-1)
+        return self.out((q @ k.transpose(-2, -1)).softmax(-1) @ self.v(x))
+
+
+def _cosine_attention_example():
+    return _CosineAttention(), (torch.randn(2, 5, 6),)
+
+
 def _functional_example():
     return _FunctionalNorms(), (torch.randn(2, 3, 4, 4),)
 
@@ -365,6 +405,8 @@ SPECS = (
     OpSpec("functional_batch_norm", (_F + "batch_norm", "torch.batch_norm"), flops=no_flops,
            coupling=functional_batch_norm_coupling, removal=unchanged_removal,
            example=_functional_example),
-    # F.normalize, F.instance_norm: statistics over axes the call decides; not followed
+    OpSpec("functional_normalize", (_F + "normalize",), flops=no_flops, coupling=functional_normalize_coupling,
+           removal=unchanged_removal, masking=mask_functional_normalize, example=_cosine_attention_example),
+    # F.instance_norm and other functional norms: statistics over axes the call decides; not followed
     OpSpec("functional_norm", (NormOp,), flops=no_flops, coupling=opaque_coupling),
 )
