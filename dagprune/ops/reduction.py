@@ -16,7 +16,8 @@ class ReductionOp(FunctionalOp):
     """Reduces over some axes (``dim``), keeping or dropping them (``keepdim``)."""
 
     function_names = _all("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm",
-                          "logsumexp", "prod", "argmax", "argmin", "nanmean", "nansum", "all", "any")
+                          "logsumexp", "prod", "argmax", "argmin", "nanmean", "nansum", "all", "any") + (
+        "torch.linalg.vector_norm",)
 
 
 @register_op_type

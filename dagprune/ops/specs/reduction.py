@@ -25,13 +25,15 @@ __all__ = ["SPECS"]
 _SOFTMAX_LAYERS = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 
 
-_MASKABLE = {"mean", "sum", "norm"}
+_NORMS = {"norm": "p", "vector_norm": "ord"}
+"""2-norm reductions, by name, with the keyword of their order (given before ``dim``)."""
+_MASKABLE = {"mean", "sum", *_NORMS}
 """Reductions whose value over kept channels the masking facet computes."""
 
 
 def _reduction_arguments(module, values) -> tuple[list[int], bool]:
-    """The reduced axes and ``keepdim`` of a reduction (``norm`` takes ``p`` before ``dim``)."""
-    offset = 1 if module.short_name == "norm" else 0
+    """The reduced axes and ``keepdim`` of a reduction (a norm takes its order before ``dim``)."""
+    offset = 1 if module.short_name in _NORMS else 0
     dims = normalize_dims(argument_value(module, values, 1 + offset, "dim"), values[0].ndim)
     return dims, bool(argument_value(module, values, 2 + offset, "keepdim", False))
 
@@ -39,11 +41,12 @@ def _reduction_arguments(module, values) -> tuple[list[int], bool]:
 def _maskable(module, values) -> bool:
     """Whether the masking facet computes this call over kept channels: a mean, a sum or a
     2-norm of a floating-point tensor (no ``dtype=`` or ``out=`` conversions)."""
-    if module.short_name not in _MASKABLE or not values[0].is_floating_point():
+    name = module.short_name
+    if name not in _MASKABLE or not values[0].is_floating_point():
         return False
-    if any(module.argument(None, name) is not None for name in ("dtype", "out")):
+    if any(module.argument(None, keyword) is not None for keyword in ("dtype", "out")):
         return False
-    return module.short_name != "norm" or argument_value(module, values, 1, "p", "fro") in (2, 2.0, "fro", None)
+    return name not in _NORMS or argument_value(module, values, 1, _NORMS[name], 2) in (2, 2.0, "fro", None)
 
 
 def reduction_coupling(ctx, vertex, module, layouts, values, output):
@@ -70,7 +73,7 @@ def mask_reduction(op, inputs, mask, axis):
     x = inputs[0]
     dims, keepdim = _reduction_arguments(op, inputs)
     weights = mask.reshape([-1 if a == axis else 1 for a in range(x.ndim)])
-    if op.short_name == "norm":
+    if op.short_name in _NORMS:
         return ((x * x) * weights).sum(dims, keepdim=keepdim).sqrt()
     total = (x * weights).sum(dims, keepdim=keepdim)
     if op.short_name == "sum":
@@ -101,7 +104,8 @@ class _HandWrittenNorms(nn.Module):
         h = self.up(x)
         centered = h - h.mean(-1, keepdim=True)
         h = centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return self.down(h / torch.norm(h, dim=-1, keepdim=True))
+        h = h / torch.norm(h, dim=-1, keepdim=True)
+        return self.down(h * torch.linalg.vector_norm(h, 2, dim=1, keepdim=True) / torch.linalg.vector_norm(h))
 
 
 class _Pooled(nn.Module):
