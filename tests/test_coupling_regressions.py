@@ -157,3 +157,27 @@ def test_means_and_sums_over_channels_reduce_over_the_kept_ones(seed):
     pruning.prepare_for_pruning()
     assert [group.name for group in pruning.prunable_groups] == ["stem"]
     assert _removal_difference(model, (3, 6, 6), seed) < 1e-5
+
+
+class _TransposedByAttribute(nn.Module):
+    """``x.T`` and ``x.mT`` read as attributes: the channels move with the axes (they were
+    dropped, so a producer behind them was pruned and the product's shapes no longer matched)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.head = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        tokens = x.flatten(0, 1)
+        scores = self.a(tokens) @ self.b(tokens).T                # a and b contracted
+        mixed = (scores.softmax(-1) @ self.c(tokens)).mT.mT       # c's channels pass
+        return self.head(mixed).reshape(x.shape[0], -1, 2)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tensor_attributes_carry_their_channels(seed):
+    model = _TransposedByAttribute()
+    pruning = ChannelPruning(dagprune.build_from_unstructured_module(model), (6, 4), 0.5, 10)
+    pruning.prepare_for_pruning()
+    assert sorted(group.name for group in pruning.prunable_groups) == ["a", "c"]
+    assert _removal_difference(model, (6, 4), seed) < 1e-5

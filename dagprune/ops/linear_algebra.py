@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dagprune.ops.base import FunctionalOp, register_op_type
 
-__all__ = ["MatmulOp", "AttentionOp", "EinsumOp"]
+__all__ = ["MatmulOp", "AddMatmulOp", "AttentionOp", "EinsumOp"]
 
 
 @register_op_type
@@ -13,6 +13,14 @@ class MatmulOp(FunctionalOp):
 
     function_names = ("operator.matmul", "torch.matmul", "Tensor.matmul", "torch.bmm",
                       "Tensor.bmm", "torch.mm", "Tensor.mm", "Tensor.__matmul__")
+
+
+@register_op_type
+class AddMatmulOp(FunctionalOp):
+    """``beta * input + alpha * (batch1 @ batch2)``: ``baddbmm`` (``torch.addmm`` is a
+    :class:`~dagprune.ops.layers.FunctionalLayerOp`, with the same coupling)."""
+
+    function_names = ("torch.baddbmm", "Tensor.baddbmm")
 
 
 @register_op_type

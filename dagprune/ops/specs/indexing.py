@@ -20,6 +20,21 @@ from dagprune.ops.templates import InputRef
 __all__ = ["SPECS"]
 
 
+_TENSOR_ATTRIBUTES = ("data", "real", "T", "mT")
+"""Attributes read with ``getattr`` that are tensors: the same values, or their axes reversed
+(``T``) or the last two swapped (``mT``)."""
+
+
+def _attribute_layout(attribute: str, layout: dict, ndim: int) -> dict | None:
+    """The layout of ``x.<attribute>`` for a tensor attribute (see :data:`_TENSOR_ATTRIBUTES`)."""
+    if attribute == "T":
+        return {ndim - 1 - axis: atoms for axis, atoms in layout.items()}
+    if attribute == "mT":
+        swap = {ndim - 1: ndim - 2, ndim - 2: ndim - 1}
+        return {swap.get(axis, axis): atoms for axis, atoms in layout.items()}
+    return dict(layout)
+
+
 def shape_query_coupling(ctx, vertex, module, layouts, values, output):
     """Sizes read from channel axes carry those axes' atoms (see :class:`ShapeTag`)."""
     layout = tensor_layout(layouts[0]) if layouts else {}
@@ -30,6 +45,8 @@ def shape_query_coupling(ctx, vertex, module, layouts, values, output):
     def tag(axis):
         return ShapeTag(layout[axis]) if axis in layout else None
 
+    if name == "getattr" and module.argument(1, None) in _TENSOR_ATTRIBUTES:
+        return _attribute_layout(module.argument(1, None), layout, values[0].ndim)
     if name == "getattr" and module.argument(1, None) == "shape" or (
             name == "size" and argument_value(module, values, 1, "dim") is None):
         return tuple(tag(axis) for axis in range(values[0].ndim))

@@ -11,6 +11,7 @@ from torch import nn
 from dagprune.ops.channel_map import argument_input, argument_value, tensor_layout
 from dagprune.ops.slicing import kept_count, replace_tensor, slice_tensor, unchanged_removal
 from dagprune.ops.spec import ChannelWeight, OpSpec, opaque_coupling
+from dagprune.ops.specs.products import add_matmul_coupling, added_scores_example
 
 __all__ = ["SPECS"]
 
@@ -123,5 +124,6 @@ SPECS = (
            coupling=functional_linear_coupling, removal=unchanged_removal,
            importance=functional_linear_filters,
            example=lambda: (_FunctionalLinear(), (torch.randn(2, 6),))),
-    OpSpec("addmm", ("torch.addmm",), flops=addmm_flops, coupling=opaque_coupling),
+    OpSpec("addmm", ("torch.addmm",), flops=addmm_flops, coupling=add_matmul_coupling,
+           removal=unchanged_removal, example=added_scores_example),
 )

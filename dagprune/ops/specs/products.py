@@ -12,11 +12,11 @@ from torch import nn
 from dagprune.ops.channel_map import (argument_input, argument_value, broadcast_axes,
                                       tensor_layout)
 from dagprune.ops.flop_counting import measured_flops
-from dagprune.ops.linear_algebra import AttentionOp, EinsumOp, MatmulOp
+from dagprune.ops.linear_algebra import AddMatmulOp, AttentionOp, EinsumOp, MatmulOp
 from dagprune.ops.slicing import unchanged_removal
 from dagprune.ops.spec import OpSpec, opaque_coupling
 
-__all__ = ["SPECS"]
+__all__ = ["SPECS", "add_matmul_coupling", "added_scores_example"]
 
 
 # ------------------------------------------------------------------------------- flops
@@ -62,6 +62,35 @@ def matmul_coupling(ctx, vertex, module, layouts, values, output):
     a_index, b_index = _matmul_operands(module)
     if a_index is None or b_index is None or values[a_index].ndim < 2 or values[b_index].ndim < 2:
         return opaque_coupling(ctx, vertex, module, layouts, values, output)
+    return _product_coupling(ctx, vertex, layouts, values, output, a_index, b_index)
+
+
+def _add_matmul_operands(module) -> tuple[int | None, int | None, int | None]:
+    batched = module.short_name == "baddbmm"
+    return (argument_input(module, 0, "input"), argument_input(module, 1, "batch1" if batched else "mat1"),
+            argument_input(module, 2, "batch2" if batched else "mat2"))
+
+
+def add_matmul_flops(module, inputs, output) -> int:
+    _, a_index, _ = _add_matmul_operands(module)
+    if a_index is None or not isinstance(output, torch.Tensor):
+        return 0
+    return 2 * output.numel() * inputs[a_index].shape[-1]
+
+
+def add_matmul_coupling(ctx, vertex, module, layouts, values, output):
+    """``baddbmm`` / ``addmm``: the product couples like a matmul; the added input combines
+    with its result elementwise (an untracked added axis bars the channels it meets)."""
+    input_index, a_index, b_index = _add_matmul_operands(module)
+    if None in (input_index, a_index, b_index) or not isinstance(values[input_index], torch.Tensor):
+        return opaque_coupling(ctx, vertex, module, layouts, values, output)
+    product = _product_coupling(ctx, vertex, layouts, values, output, a_index, b_index)
+    return broadcast_axes(ctx, [(product or {}, output), (tensor_layout(layouts[input_index]), values[input_index])],
+                          output.shape, f"{module.short_name} added input") or None
+
+
+def _product_coupling(ctx, vertex, layouts, values, output, a_index: int, b_index: int):
+    """The channel map of ``values[a_index] @ values[b_index]`` (see :func:`matmul_coupling`)."""
     a, b = values[a_index], values[b_index]
     a_layout, b_layout = tensor_layout(layouts[a_index]), tensor_layout(layouts[b_index])
     factors = _unify_contraction(ctx, vertex, (a_index, a.ndim - 1, a_layout.get(a.ndim - 1)),
@@ -75,7 +104,7 @@ def matmul_coupling(ctx, vertex, module, layouts, values, output):
     if b.ndim - 1 in b_layout:
         result[output.ndim - 1] = b_layout[b.ndim - 1]
     factors.extend(result.values())
-    ctx.count_flops(vertex, matmul_flops(module, values, output), factors)
+    ctx.count_flops(vertex, 2 * output.numel() * a.shape[-1], factors)
     return result or None
 
 
@@ -150,7 +179,27 @@ class _Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], 8))
 
 
+class _AddedScores(nn.Module):
+    """Attention scores with an added bias through ``baddbmm``, and an ``addmm`` head."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.key = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(6, 8)
+        self.bias, self.shift = nn.Parameter(torch.randn(5, 5)), nn.Parameter(torch.randn(5, 5))
+
+    def forward(self, x):
+        scores = torch.baddbmm(self.bias, self.q(x), self.k(x).transpose(1, 2), alpha=0.5)
+        mixed = scores.softmax(-1) @ self.v(x)
+        return torch.addmm(self.shift, mixed[0], self.key(x)[0].T)
+
+
+def added_scores_example():
+    return _AddedScores(), (torch.randn(2, 5, 6),)
+
+
 SPECS = (
+    OpSpec("add_matmul", (AddMatmulOp,), flops=add_matmul_flops, coupling=add_matmul_coupling,
+           removal=unchanged_removal, example=added_scores_example),
     OpSpec("matmul", (MatmulOp,), flops=matmul_flops, coupling=matmul_coupling,
            removal=unchanged_removal, example=lambda: (_Attention(False), (torch.randn(1, 5, 8),))),
     OpSpec("attention", (AttentionOp,), flops=attention_flops, coupling=attention_coupling,
