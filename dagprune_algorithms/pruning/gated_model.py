@@ -14,6 +14,7 @@ from torch import nn
 from dagprune import DagModule, InnerVertex
 from dagprune.ops import spec_for
 from dagprune.ops.shape import ShapeQueryOp
+from dagprune.ops.specs.indexing import TENSOR_ATTRIBUTES
 
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis
 from dagprune_algorithms.pruning.gates import MaskApply, MaskedConsumer
@@ -28,15 +29,12 @@ def _masks_inside(module: nn.Module, site) -> bool:
     return spec_for(module).masking is not None and (site.kind in ("norm", "inner") or site.input_index == 0)
 
 
-_METADATA = {"shape", "dtype", "device", "ndim", "layout", "requires_grad", "is_cuda", "is_cpu"}
-
-
 def _reads_metadata_only(module: nn.Module) -> bool:
     """Whether the op reads only its input's sizes or dtype (``x.shape``, ``x.size(1)``), not
     its values."""
     if not isinstance(module, ShapeQueryOp):
         return False
-    return module.function_name != "getattr" or module.argument(1, "name") in _METADATA
+    return module.function_name != "getattr" or module.argument(1, "name") not in TENSOR_ATTRIBUTES
 
 
 def _same_site(norm_site, site) -> bool:

@@ -17,16 +17,16 @@ from dagprune.ops.slicing import kept_count, unchanged_removal
 from dagprune.ops.spec import OpSpec
 from dagprune.ops.templates import InputRef
 
-__all__ = ["SPECS"]
+__all__ = ["SPECS", "TENSOR_ATTRIBUTES"]
 
 
-_TENSOR_ATTRIBUTES = ("data", "real", "T", "mT")
+TENSOR_ATTRIBUTES = ("data", "real", "T", "mT")
 """Attributes read with ``getattr`` that are tensors: the same values, or their axes reversed
 (``T``) or the last two swapped (``mT``)."""
 
 
 def _attribute_layout(attribute: str, layout: dict, ndim: int) -> dict | None:
-    """The layout of ``x.<attribute>`` for a tensor attribute (see :data:`_TENSOR_ATTRIBUTES`)."""
+    """The layout of ``x.<attribute>`` for a tensor attribute (see :data:`TENSOR_ATTRIBUTES`)."""
     if attribute == "T":
         return {ndim - 1 - axis: atoms for axis, atoms in layout.items()}
     if attribute == "mT":
@@ -45,7 +45,7 @@ def shape_query_coupling(ctx, vertex, module, layouts, values, output):
     def tag(axis):
         return ShapeTag(layout[axis]) if axis in layout else None
 
-    if name == "getattr" and module.argument(1, None) in _TENSOR_ATTRIBUTES:
+    if name == "getattr" and module.argument(1, None) in TENSOR_ATTRIBUTES:
         return _attribute_layout(module.argument(1, None), layout, values[0].ndim)
     if name == "getattr" and module.argument(1, None) == "shape" or (
             name == "size" and argument_value(module, values, 1, "dim") is None):
