@@ -46,6 +46,10 @@ SHORT = dict(models=["resnet18"], repeats=2, peers=[], latency_models=["resnet18
              acc_latency_repeats=2, overhead_image_size=32, overhead_batch_size=8)
 
 
+def _round_to(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
@@ -63,8 +67,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         default=["resnet18", "resnet50", "mobilenetv2_100", "efficientnet_b0",
                                  "convnext_tiny", "deit_tiny_patch16_224"])
     parser.add_argument("--latency-image-size", type=int, default=None, help="default: the model's own")
-    parser.add_argument("--latency-block-size", type=int, default=8,
-                        help="kept channel counts are multiples of this (ChannelPruning's block_size)")
+    parser.add_argument("--latency-round-to", nargs="+", type=_round_to, default=[1, "auto"],
+                        help="width rules compared side by side (ChannelPruning's round_to): 1 keeps any "
+                             "channel count, auto the multiple of this machine's width table, N multiples of N")
     parser.add_argument("--latency-threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--latency-batch-sizes", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -166,9 +166,12 @@ def _add_trained_model_arguments(parser: argparse.ArgumentParser) -> None:
                               "alone: the channels flowing into or out of them are not pruned")
     trained.add_argument("--min-channels", type=int, default=1, metavar="N",
                          help="fewest channels every channel group keeps (--method dag)")
-    trained.add_argument("--round-to", type=int, default=1, metavar="N",
+    trained.add_argument("--round-to", type=_round_to, default="auto", metavar="N|auto",
                          help="kept channel counts are multiples of N in groups of at least N channels "
-                              "(--method dag; not with --block-size)")
+                              "(--method dag; not with --block-size). auto (the default): the multiple this "
+                              "device runs fast, from a width table timed once and cached in "
+                              "~/.cache/dagprune/latency ($DAGPRUNE_CACHE); 1 with --block-size; "
+                              "--round-to 1 keeps any count")
     trained.add_argument("--distill", choices=DISTILL_MODES, default="auto",
                          help="add a logit distillation loss from the unpruned model (a frozen teacher in "
                               "eval mode) while pruning and fine-tuning; auto: on with --checkpoint")
@@ -176,6 +179,16 @@ def _add_trained_model_arguments(parser: argparse.ArgumentParser) -> None:
                          help="softmax temperature of the distillation loss (> 0)")
     trained.add_argument("--distill-weight", type=float, default=1.0, metavar="W",
                          help="weight of the distillation loss, added to the task loss (>= 0)")
+
+
+def _round_to(text: str) -> int | str:
+    """``--round-to``'s value: ``auto`` or an int."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or auto, got {text!r}") from None
 
 
 def _check_trained_model_options(args: argparse.Namespace) -> None:
@@ -186,7 +199,7 @@ def _check_trained_model_options(args: argparse.Namespace) -> None:
         if args.baseline_checkpoint is not None:
             raise PruneUsageError("--checkpoint and --baseline-checkpoint both give the unpruned model's "
                                   "weights; give one")
-    if args.round_to > 1 and args.block_size > 1:
+    if args.round_to != "auto" and args.round_to > 1 and args.block_size > 1:
         raise PruneUsageError(f"--round-to {args.round_to} and --block-size {args.block_size} both set the "
                               "multiple kept channel counts come in; give one")
     if not (math.isfinite(args.distill_temperature) and args.distill_temperature > 0):
@@ -220,7 +233,7 @@ def validate_prune_arguments(args: argparse.Namespace) -> None:
 def _check_numbers(args: argparse.Namespace) -> None:
     for name, minimum, meaning in _INTEGER_MINIMUMS:
         value = getattr(args, name)
-        if value is not None and value < minimum:
+        if value is not None and value != "auto" and value < minimum:
             bound = "positive" if minimum == 1 else f">= {minimum}"
             raise PruneUsageError(f"--{name.replace('_', '-')} must be {bound} ({meaning}), got {value}")
     if args.seed > MAX_SEED:

@@ -96,6 +96,7 @@ class _PruneJob:
     distiller: Any = None  # a .distillation.Distiller with --distill
     ranks: Ranks = SINGLE_PROCESS
     latency_table: Any = None  # a LatencyTable with --budget latency
+    width_table: Any = None  # the WidthTable of --round-to auto
 
 
 @dataclass
@@ -196,6 +197,28 @@ def _latency_table(args, model, input_shape, device, ranks: Ranks):
     LOG.info("latency table: %s (%s; %.1f ms at full width, fit error %.1f%%)", table.path,
              "from the cache" if table.from_cache else "measured", 1000 * table.model_seconds[-1],
              100 * table.fit_error())
+    return table
+
+
+def _resolve_round_to(args, device, ranks: Ranks):
+    """``--round-to auto``: sets ``args.round_to`` to the channel multiple ``device`` runs fast and
+    returns the width table it was read from (rank 0 measures it into the cache, then the others
+    read its file); 1, and no table, with ``--block-size`` or ``--method l1``."""
+    if args.round_to != "auto":
+        return None
+    if args.block_size > 1 or args.method != "dag":
+        args.round_to = 1
+        return None
+    from dagprune_algorithms.pruning.width_table import measure_width_table
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp, torch.float32)
+    table = None
+    for measuring in (ranks.is_main, not ranks.is_main):
+        if measuring:
+            table = measure_width_table(device, dtype)
+        ranks.barrier()
+    args.round_to = table.best_multiple()
+    LOG.info("--round-to auto: %s (%s)", table.summary(), "from the cache" if table.from_cache else "measured")
     return table
 
 
@@ -425,11 +448,13 @@ def _start(args, ranks: Ranks) -> tuple:
     if args.checkpoint:
         model = dagprune.load_weights(model, args.checkpoint).to(device)
     latency_table = _latency_table(args, model, input_shape, device, ranks)
+    width_table = _resolve_round_to(args, device, ranks)
     _check_pruning_setup(args, model, input_shape, device, latency_table)
     if ranks.is_main:
         record_run(out, identity)
     ranks.barrier()
-    return _PruneJob(args, train, val, device, out, ranks=ranks, latency_table=latency_table), split, model
+    return _PruneJob(args, train, val, device, out, ranks=ranks, latency_table=latency_table,
+                     width_table=width_table), split, model
 
 
 def run_prune(args) -> int:
@@ -503,6 +528,14 @@ def _budget_summary(job: _PruneJob, rows: list, reached: float) -> dict:
     return summary
 
 
+def _round_to_summary(job: _PruneJob) -> dict:
+    """The multiple kept channel counts were rounded to, and the width table that chose it."""
+    table = job.width_table
+    return {"value": job.args.round_to, "auto": table is not None,
+            "width_table": None if table is None else {"path": str(table.path), "summary": table.summary(),
+                                                       "description": table.description}}
+
+
 def _report(job: _PruneJob, split, started: float, dag, pruned: _Pruned, missed: str | None,
             final_proportion: float, accuracies: dict) -> None:
     """Prints the before/after table and writes the report (rank 0's part of the job's end)."""
@@ -516,7 +549,7 @@ def _report(job: _PruneJob, split, started: float, dag, pruned: _Pruned, missed:
     print(format_comparison_table(rows))
     print(budget["summary"])
     report = {"model": args.model, "data": split.name, "method": args.method, "target": args.target,
-              "budget": budget,
+              "budget": budget, "round_to": _round_to_summary(job),
               "final_proportion": final_proportion, "target_reached": None if args.target is None else not missed,
               "target_tolerance": TARGET_TOLERANCE, "removal_max_relative_difference": pruned.removal_difference,
               "accuracy_before_finetune": pruned.gated_accuracy, "rows": rows, "history": pruned.history,

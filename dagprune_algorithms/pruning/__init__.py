@@ -9,12 +9,14 @@ from dagprune_algorithms.pruning.flops_api import compute_flops, compute_normali
 from dagprune_algorithms.pruning.latency_table import LatencyTable, measure_latency_table
 from dagprune_algorithms.pruning.gates import ChannelGate, MaskApply, MaskedConsumer, keep_mask_from_logits
 from dagprune_algorithms.pruning.losses import logit_distillation_loss
+from dagprune_algorithms.pruning.width_table import WidthTable, measure_width_table
 
 __all__ = [
     "ChannelPruning", "ChannelGroup", "ChannelAnalysis", "CouplingContext", "find_channel_groups",
     "remove_channels_from_dag",
     "compute_flops", "compute_normalized_flops", "ChannelGate", "MaskApply", "MaskedConsumer",
     "keep_mask_from_logits", "logit_distillation_loss", "BUDGETS", "LatencyTable", "measure_latency_table",
+    "WidthTable", "measure_width_table",
 ]
 
 from dagprune_algorithms.pruning.units import (CHANNEL_UNIT_TYPES, ChannelUnit, ChannelUnitError,  # noqa: E402

@@ -16,6 +16,7 @@ from dagprune.errors import PruningError
 from dagprune.example_inputs import as_example_inputs
 from dagprune.shape_prop import module_device
 
+from dagprune_algorithms.pruning.calibration import logits_keeping, refine_block_counts
 from dagprune_algorithms.pruning.budgets import BudgetCost, ExpectedCost, check_budget, flops_cost, params_cost
 from dagprune_algorithms.pruning.channel_groups import (ChannelAnalysis, ChannelGroup, check_head_pruning,
                                                         find_channel_groups)
@@ -25,6 +26,7 @@ from dagprune_algorithms.pruning.importance import channel_importance
 from dagprune_algorithms.pruning.gated_model import build_gated_dag
 from dagprune_algorithms.pruning.gates import ChannelGate, GateSet, MaskApply, MaskedConsumer
 from dagprune_algorithms.pruning.latency_table import LatencyTable, measure_latency_table
+from dagprune_algorithms.pruning.width_table import WidthTable, measure_width_table
 from dagprune_algorithms.pruning.losses import (NonFiniteLossWatch, PruningLossConfig, anneal, binary_entropy,
                                                 failures_shared_by_processes, non_finite_local_tensors,
                                                 removed_energy_share, scheduled_target)
@@ -80,6 +82,10 @@ class ChannelPruning:
         min_channels: fewest channels every group keeps.
         round_to: kept channel counts are multiples of this in groups of at least
             ``round_to`` channels (smaller groups are not rounded); not with ``block_size``.
+            ``"auto"``: the multiple the device runs fast, chosen at :meth:`prepare_for_pruning`
+            from ``width_table`` or one measured on the model's device and dtype (cached; see
+            :mod:`.width_table`); :attr:`round_to` then holds the chosen int.
+        width_table: the :class:`~.width_table.WidthTable` of ``round_to="auto"``.
         budget: what ``pruning_proportion``, the FLOPs loss and the proportions count (see
             :mod:`.budgets`): ``"flops"``; ``"params"``, the slim model's parameter count
             (exact where :attr:`cost` lists no ``approximate`` vertex); ``"latency"``, the
@@ -126,9 +132,9 @@ class ChannelPruning:
                  loss_config: PruningLossConfig | None = None, initial_importance: str | None = "l1",
                  initial_logit_spread: float = 1.0, head_pruning: str = "dims",
                  finite_check_interval: int = FINITE_CHECK_INTERVAL, example_inputs: Any = None,
-                 exclude: Sequence[str] | None = None, min_channels: int = 1, round_to: int = 1,
+                 exclude: Sequence[str] | None = None, min_channels: int = 1, round_to: int | str = 1,
                  budget: str = "flops", latency_table: LatencyTable | None = None,
-                 distributed_checks: bool = False):
+                 distributed_checks: bool = False, width_table: WidthTable | None = None):
         if not isinstance(model, DagModule):
             raise PruningError(f"ChannelPruning needs a DagModule, got {type(model).__name__}; "
                                "convert it first with dagprune.build_from_unstructured_module(model)")
@@ -141,7 +147,7 @@ class ChannelPruning:
             raise PruningError(f"block_size must be a positive int, got {block_size!r}")
         if not isinstance(finite_check_interval, int) or finite_check_interval < 1:
             raise PruningError(f"finite_check_interval must be a positive int, got {finite_check_interval!r}")
-        _check_channel_limits(block_size, min_channels, round_to)
+        _check_channel_limits(block_size, min_channels, round_to, width_table)
         _check_finite_numbers(initial_logit=initial_logit, temperature=temperature,
                               initial_logit_spread=initial_logit_spread)
         if temperature <= 0:
@@ -165,6 +171,7 @@ class ChannelPruning:
         self.exclude = check_exclude_patterns(exclude)
         self.min_channels = min_channels
         self.round_to = round_to
+        self.width_table = width_table
         self.budget = budget
         self.latency_table = latency_table
         self.cost: BudgetCost | None = None
@@ -194,6 +201,7 @@ class ChannelPruning:
             return self.pruning_model
         self._check_model_finite("prepare_for_pruning()")
         device = module_device(self.model)
+        self._resolve_round_to(device)
         self.analysis = find_channel_groups(self.model, self.input_shape_without_batch,
                                             self.head_pruning, self.example_inputs)
         exclude_modules(self.analysis, self.exclude)
@@ -240,6 +248,15 @@ class ChannelPruning:
                 self.model, self.input_shape_without_batch, example_inputs=self.example_inputs,
                 device=module_device(self.model), head_pruning=self.head_pruning)
         return self.latency_table.cost(self.analysis)
+
+    def _resolve_round_to(self, device: torch.device) -> None:
+        """``round_to="auto"``: the best multiple of the width table, measured if none was given."""
+        if self.round_to != "auto":
+            return
+        if self.width_table is None:
+            dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+            self.width_table = measure_width_table(device, dtype)
+        self.round_to = self.width_table.best_multiple()
 
     def _group_block_size(self, size: int) -> int:
         """Kept counts of a group of ``size`` channels are multiples of this."""
@@ -432,7 +449,9 @@ class ChannelPruning:
         shortest prefix of flips (closing open channels when above the target, opening closed
         ones when below) that brings the hard FLOPs share closest to ``pruning_proportion`` is
         applied by moving those logits just across zero. Every group keeps a channel, and the
-        shares compared are those of the kept counts after rounding to ``block_size``.
+        shares compared are those of the kept counts after rounding to ``block_size`` or
+        ``round_to``; with such blocks, whole blocks are then opened or closed where that lands
+        nearer the target (see :mod:`.calibration`).
 
         Returns:
             The hard FLOPs share after calibration.
@@ -473,12 +492,23 @@ class ChannelPruning:
             flipped = order[:count]
             new_logits = logits.clone()
             new_logits[flipped] = -0.05 if closing else 0.05
-            offset = 0
-            for gate in self.gates:
-                size = gate.logits.numel()
-                gate.logits.data.copy_(new_logits[offset:offset + size].to(gate.logits.device))
-                offset += size
+            per_gate = list(new_logits.split([gate.logits.numel() for gate in self.gates]))
+            if any(gate.block_size > 1 for gate in self.gates):
+                per_gate = self._refined_block_logits(per_gate)
+            for gate, gate_logits in zip(self.gates, per_gate):
+                gate.logits.data.copy_(gate_logits.to(gate.logits.device))
         return self.current_hard_proportion()
+
+    def _refined_block_logits(self, per_gate: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``per_gate`` logits after whole-block moves that land the hard share nearer the target
+        (see :mod:`.calibration`)."""
+        counts = refine_block_counts(per_gate, [gate.block_size for gate in self.gates],
+                                     [gate.min_channels for gate in self.gates],
+                                     lambda keep: self._expected_flops.proportion(keep).item(),
+                                     self.pruning_proportion)
+        if counts is None:
+            return per_gate
+        return [logits_keeping(logits, count) for logits, count in zip(per_gate, counts)]
 
     # ------------------------------------------------------------------------------ state
     def kept_classes(self) -> np.ndarray:
@@ -578,11 +608,15 @@ def _check_latency_table(budget: str, latency_table) -> None:
                            "pass budget='latency' or drop the table")
 
 
-def _check_channel_limits(block_size, min_channels, round_to) -> None:
-    for name, value in (("min_channels", min_channels), ("round_to", round_to)):
+def _check_channel_limits(block_size, min_channels, round_to, width_table) -> None:
+    for name, value in (("min_channels", min_channels), ("round_to", 1 if round_to == "auto" else round_to)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PruningError(f"{name} must be a positive int, got {value!r}")
-    if round_to > 1 and block_size > 1:
+            raise PruningError(f"{name} must be a positive int, got {value!r}" +
+                               ("" if name == "min_channels" else ' (or "auto")'))
+    if width_table is not None and (round_to != "auto" or not isinstance(width_table, WidthTable)):
+        raise PruningError(f"width_table is used by round_to='auto' only and must be a WidthTable, got "
+                           f"round_to={round_to!r}, {type(width_table).__name__}")
+    if (round_to == "auto" or round_to > 1) and block_size > 1:
         raise PruningError(f"block_size={block_size} and round_to={round_to} both round the kept counts; "
                            "give one (round_to leaves groups smaller than it unrounded)")
 

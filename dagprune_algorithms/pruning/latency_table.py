@@ -19,8 +19,8 @@ How approximate this is, plainly:
   share. Kernels are faster at some widths than others (vector lengths, tiles of 8, 16 or 32
   channels): on a 2-core x86 CPU resnet18 at 3/8 width (24, 48, 96, 192 channels) ran slower
   than at 4/8 (32, 64, 128, 256). The non-decreasing curve smooths such steps away, so a model
-  with odd channel counts can be slower than predicted; ``round_to=8`` (``--block-size 8``)
-  keeps the counts aligned.
+  with odd channel counts can be slower than predicted; ``round_to="auto"`` (``--round-to
+  auto``, see :mod:`.width_table`) keeps the counts at the multiple the device runs fast.
 * Ops are timed alone, repeatedly, on warm caches; in the model they run one after another.
   The ops' times are scaled by one factor, and a constant ``overhead`` added (the DAG's own
   Python loop, mostly), so that their sum fits the whole slim model's measured time at the timed
@@ -46,7 +46,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -59,13 +59,12 @@ from dagprune.training_mode import evaluation_mode
 from dagprune_algorithms.pruning.budgets import KNOTS, BudgetCost, CostTerm, vertex_work_fractions
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis, find_channel_groups
 from dagprune_algorithms.pruning.channel_removal import remove_channels_from_dag
+from dagprune_algorithms.pruning.table_files import CachedTable
 
 __all__ = ["LatencyTable", "measure_latency_table", "latency_terms", "default_cache_dir"]
 
 LOG = logging.getLogger(__name__)
 
-TABLE_FORMAT = 1
-"""Version of the table files; a file of another version is measured again."""
 
 MIN_SLOPE = 1e-3
 """Smallest slope of a curve, as a share of the vertex's full-width time per unit of work."""
@@ -93,7 +92,7 @@ def latency_terms(analysis: ChannelAnalysis) -> list[CostTerm]:
 
 
 @dataclasses.dataclass
-class LatencyTable:
+class LatencyTable(CachedTable):
     """Per-vertex latency curves of one model on one device (see the module docstring).
 
     Attributes:
@@ -106,6 +105,8 @@ class LatencyTable:
         path: the file the table was read from or written to.
         from_cache: whether it was read from a file rather than measured.
     """
+
+    KIND: ClassVar[str] = "latency table"
 
     curves: dict[str, list[float]]
     overhead_seconds: float
@@ -137,40 +138,9 @@ class LatencyTable:
         return BudgetCost("latency", latency_terms(analysis), len(analysis.atom_class), curves=curves,
                           constant=self.overhead_seconds)
 
-    def to_json(self) -> dict:
-        fields = dataclasses.asdict(self)
-        fields.pop("path"), fields.pop("from_cache")
-        return {"format": TABLE_FORMAT, **fields}
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Writes the table as JSON (atomically: a reader sees the old file or the new one)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(self.to_json(), indent=1))
-        os.replace(temporary, path)
-        self.path = path
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "LatencyTable":
-        """Reads a table written by :meth:`save`.
-
-        Raises:
-            PruningError: the file is not a latency table of this version.
-        """
-        path = Path(path)
-        try:
-            fields = json.loads(path.read_text())
-            if fields.pop("format") != TABLE_FORMAT:
-                raise ValueError(f"format is not {TABLE_FORMAT}")
-            table = cls(**fields, path=path, from_cache=True)
-            if any(len(curve) != KNOTS for curve in table.curves.values()):
-                raise ValueError(f"curves must have {KNOTS} points")
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
-            raise PruningError(f"{path} is not a dagprune latency table ({error}); delete it to measure "
-                               "the table again") from error
-        return table
+    def check_contents(self) -> None:
+        if any(len(curve) != KNOTS for curve in self.curves.values()):
+            raise ValueError(f"curves must have {KNOTS} points")
 
 
 def measure_latency_table(model: DagModule, input_shape_without_batch: Sequence | None = None, *,
@@ -236,6 +206,13 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60] or "model"
 
 
+def device_name(device: torch.device) -> str:
+    """The name timings on ``device`` are filed under: the GPU's model, or the CPU's kind and count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type}:{platform.machine()}:{platform.processor()}:{os.cpu_count()} cpus"
+
+
 def _describe(model: DagModule, inputs, device: torch.device, head_pruning: str, widths: int) -> dict:
     """What decides a table: the cache key's contents."""
     structure = hashlib.sha256()
@@ -244,11 +221,7 @@ def _describe(model: DagModule, inputs, device: torch.device, head_pruning: str,
                                [p.name for p in vertex.predecessors])).encode())
     for name, tensor in model.state_dict().items():
         structure.update(repr((name, tuple(tensor.shape), str(tensor.dtype))).encode())
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = f"{device.type}:{platform.machine()}:{platform.processor()}:{os.cpu_count()} cpus"
-    return {"structure": structure.hexdigest(), "device": device_name, "torch": torch.__version__,
+    return {"structure": structure.hexdigest(), "device": device_name(device), "torch": torch.__version__,
             "threads": torch.get_num_threads() if device.type == "cpu" else None,
             "inputs": [(list(t.shape), str(t.dtype)) for t in inputs.tensors()],
             "head_pruning": head_pruning, "widths": widths}

@@ -1,10 +1,12 @@
 """Real speed of pruned models: CPU latency at 0.7 / 0.5 / 0.3 of the FLOPs.
 
-Each model is pruned without training to each target: gates start from L1 importance and
+Each model is pruned without training to each target, once per width rule (``round_to`` of
+``ChannelPruning``: 1 keeps any channel count, ``auto`` rounds kept counts to the multiple the
+width table of this machine chose, an int to that multiple): gates start from L1 importance and
 ``ChannelPruning.calibrate_to_target`` closes the least important channels across all groups
 until the hard FLOPs share reaches the target; ``remove_channels`` gives the slim model. The
-original and its slim versions are timed in alternation (so noise hits all alike) with torch
-at 1 and 2 intra-op threads and batch 1 and 32, and with onnxruntime when it is installed.
+original and all its slim versions are timed in alternation (so noise hits all alike) with
+torch at 1 and 2 intra-op threads and batch 1 and 32, and with onnxruntime when it is installed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 import dagprune
 from dagprune_algorithms.app.models import create_timm_model
-from dagprune_algorithms.pruning import ChannelPruning
+from dagprune_algorithms.pruning import ChannelPruning, measure_width_table
 
 from .common import log, error_text, interleaved_medians
 
@@ -23,9 +25,9 @@ TARGETS = (0.7, 0.5, 0.3)
 
 
 def slim_models(name: str, image_size: int | None, targets,
-                block_size: int = 1) -> tuple[tuple, dagprune.DagModule, list]:
-    """``(input_shape, original DAG, [(target, FLOPs share, slim DAG)])``; kept channel counts
-    are multiples of ``block_size`` where a group allows."""
+                round_to_values=(1,)) -> tuple[tuple, dagprune.DagModule, list]:
+    """``(input_shape, original DAG, [(target, round_to asked, round_to used, FLOPs share, slim
+    DAG)])``, one slim DAG per target and ``round_to`` value."""
     torch.manual_seed(0)
     model = create_timm_model(name).eval()
     input_shape = tuple(model.pretrained_cfg["input_size"])
@@ -35,13 +37,15 @@ def slim_models(name: str, image_size: int | None, targets,
     dag = dagprune.build_from_unstructured_module(model).eval()
     original_flops = dagprune.count_flops(dag, input_shape).total
     slims = []
-    for target in targets:
-        pruning = ChannelPruning(dag, input_shape, target, 1000, initial_importance="l1",
-                                 block_size=block_size)
-        pruning.prepare_for_pruning().eval()
-        pruning.calibrate_to_target()
-        slim = pruning.remove_channels().eval()
-        slims.append((target, dagprune.count_flops(slim, input_shape).total / original_flops, slim))
+    for round_to in round_to_values:
+        for target in targets:
+            pruning = ChannelPruning(dag, input_shape, target, 1000, initial_importance="l1",
+                                     round_to=round_to)
+            pruning.prepare_for_pruning().eval()
+            pruning.calibrate_to_target()
+            slim = pruning.remove_channels().eval()
+            share = dagprune.count_flops(slim, input_shape).total / original_flops
+            slims.append((target, round_to, pruning.round_to, share, slim))
     return input_shape, dag, slims
 
 
@@ -78,7 +82,7 @@ def measure(name: str, options) -> list[dict]:
     log(f"latency {name}")
     try:
         input_shape, dag, slims = slim_models(name, options.latency_image_size, options.targets,
-                                              options.latency_block_size)
+                                              options.latency_round_to)
     except Exception as error:
         return [{"model": name, "error": error_text("pruning", error)}]
     rows = []
@@ -89,7 +93,7 @@ def measure(name: str, options) -> list[dict]:
                 torch.set_num_threads(threads)
                 for batch_size in options.latency_batch_sizes:
                     x = torch.randn(batch_size, *input_shape)
-                    models = [dag] + [slim for _, _, slim in slims]
+                    models = [dag] + [slim for *_, slim in slims]
                     try:
                         runners = [_torch_runner(m, x) if runtime == "torch" else _onnx_runner(m, x, threads)
                                    for m in models]
@@ -99,9 +103,10 @@ def measure(name: str, options) -> list[dict]:
                         rows.append({"model": name, "runtime": runtime, "threads": threads,
                                      "batch_size": batch_size, "error": error_text(runtime, error)})
                         continue
-                    for (target, share, _), slim_s in zip(slims, times[1:]):
+                    for (target, asked, used, share, _), slim_s in zip(slims, times[1:]):
                         rows.append({"model": name, "input_size": list(input_shape), "runtime": runtime,
                                      "threads": threads, "batch_size": batch_size, "target": target,
+                                     "round_to": asked, "multiple": used,
                                      "flops_proportion": share, "original_ms": 1000 * times[0],
                                      "pruned_ms": 1000 * slim_s, "speedup": times[0] / slim_s,
                                      "flops_reduction": 1 / share,
@@ -113,4 +118,10 @@ def measure(name: str, options) -> list[dict]:
 
 def run(options) -> dict:
     rows = [row for name in options.latency_models for row in measure(name, options)]
-    return {"dagprune": {"tool": "dagprune", "block_size": options.latency_block_size, "results": rows}}
+    return {"dagprune": {"tool": "dagprune", "round_to": list(options.latency_round_to), "width_table": _width_table(),
+                         "results": rows}}
+
+
+def _width_table() -> str:
+    """The summary of this machine's width table (what ``round_to="auto"`` read)."""
+    return measure_width_table().summary()

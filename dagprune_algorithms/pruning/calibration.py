@@ -1,0 +1,76 @@
+"""Landing the hard model near its target when kept counts come in blocks.
+
+With ``round_to`` or ``block_size`` N > 1 a group's kept count moves in steps of N channels,
+so flipping channels one at a time in logit order (:meth:`.ChannelPruning.calibrate_to_target`)
+can only stop at the step where some group crosses a multiple, which may lie a whole block of
+a wide layer away from the target. :func:`refine_block_counts` then moves whole blocks: from
+the kept counts reached, it repeatedly opens or closes one block in the group where that brings
+the share nearest the target, until no single block move does better. Within a group the
+channels kept are always its highest logits, so the move changes how many channels are kept,
+never which ones rank first.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["refine_block_counts", "logits_keeping"]
+
+
+def refine_block_counts(logits: Sequence[torch.Tensor], blocks: Sequence[int], minimums: Sequence[int],
+                        share_of: Callable[[torch.Tensor], float], target: float) -> list[int] | None:
+    """Kept counts, one per group, whose share lies nearest ``target``; None when no block move
+    improves on the counts the logits keep now.
+
+    Args:
+        logits: each group's logits (their ranks decide which channels a count keeps).
+        blocks: each group's block size (kept counts are multiples of it, or the whole group).
+        minimums: each group's fewest kept channels (after rounding to its block).
+        share_of: the budget share of joined keep masks (one float per channel, groups joined).
+        target: the share to land nearest.
+    """
+    ranks = [torch.argsort(torch.argsort(group, descending=True, stable=True)) for group in logits]
+    counts = [int((group > 0).sum()) for group in logits]
+    counts = [_round_up(max(count, minimum, 1), block, rank.numel())
+              for count, block, minimum, rank in zip(counts, blocks, minimums, ranks)]
+
+    def share(trial: list[int]) -> float:
+        return share_of(torch.cat([(rank < count).float() for rank, count in zip(ranks, trial)]))
+
+    best, distance, improved = counts, abs(share(counts) - target), False
+    for _ in range(4 * len(counts) + 4):
+        moves = [moved for i in range(len(best)) for moved in _block_moves(best, i, blocks[i], minimums[i],
+                                                                            ranks[i].numel())]
+        scored = [(abs(share(moved) - target), moved) for moved in moves]
+        if not scored or min(scored, key=lambda item: item[0])[0] >= distance - 1e-12:
+            break
+        distance, best = min(scored, key=lambda item: item[0])
+        improved = True
+    return best if improved else None
+
+
+def logits_keeping(logits: torch.Tensor, count: int, margin: float = 0.05) -> torch.Tensor:
+    """``logits`` moved just across zero where needed so that exactly the ``count`` highest are
+    positive (ties: lower position first, as the keep rule ranks them)."""
+    rank = torch.argsort(torch.argsort(logits, descending=True, stable=True))
+    kept = rank < count
+    return torch.where(kept, logits.clamp(min=margin), logits.clamp(max=-margin))
+
+
+def _round_up(count: int, block: int, size: int) -> int:
+    return min(-(-count // block) * block, size)
+
+
+def _block_moves(counts: list[int], index: int, block: int, minimum: int, size: int) -> list[list[int]]:
+    """The counts with group ``index`` one block smaller and one block larger, where allowed."""
+    moves = []
+    current = counts[index]
+    smaller = (current - 1) // block * block  # the multiple below (a whole group may not be one)
+    if smaller >= max(_round_up(max(minimum, 1), block, size), 1) and smaller < current:
+        moves.append(counts[:index] + [smaller] + counts[index + 1:])
+    larger = _round_up(current + 1, block, size)
+    if larger > current:
+        moves.append(counts[:index] + [larger] + counts[index + 1:])
+    return moves
