@@ -12,6 +12,7 @@ stay tied) and nothing in the copy is shared with the original.
 
 from __future__ import annotations
 
+import collections
 import copy
 from typing import Any
 
@@ -58,9 +59,25 @@ def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
         elif name in _TENSOR_DICTS:
             state[name] = type(value)((key, _copy_tensor(tensor, memo)) for key, tensor in value.items())
         else:
-            state[name] = copy.deepcopy(value, memo)
+            state[name] = _copy_value(value, memo)
     new.__setstate__(state)
     return new
+
+
+_ATOMS = (type(None), bool, int, float, str)
+_EMPTY_CONTAINERS = (dict, collections.OrderedDict, set, list)
+
+
+def _copy_value(value: Any, memo: dict) -> Any:
+    """What ``copy.deepcopy`` gives, without its generic protocol for the values most module
+    attributes hold: numbers, strings and None (shared, being immutable), tuples of those, and
+    the empty hook dictionaries and sets every module carries (new empty ones)."""
+    kind = type(value)
+    if kind in _ATOMS or (kind is tuple and all(type(item) in _ATOMS for item in value)):
+        return value
+    if kind in _EMPTY_CONTAINERS and not value:
+        return kind()
+    return copy.deepcopy(value, memo)
 
 
 def _copy_tensor(tensor: Any, memo: dict) -> Any:

@@ -286,6 +286,10 @@ def test_the_converted_model_shares_nothing_with_the_original_but_keeps_shared_w
     assert copied[0] is copied[2] and copied[0] is not shared
     assert copied[1].copies == 1  # its own __deepcopy__ ran
     assert copied.extra == model.extra and copied.extra is not model.extra
+    assert copied[0]._forward_hooks == {} and copied[0]._forward_hooks is not shared._forward_hooks
+    copied[0].register_forward_hook(lambda *args: None)  # a hook on the copy stays on the copy
+    assert not shared._forward_hooks and copied[3].eps == model[3].eps
+    assert copied[3]._non_persistent_buffers_set is not model[3]._non_persistent_buffers_set
     originals = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
     assert not originals & {t.data_ptr() for t in [*copied.parameters(), *copied.buffers()]}
     assert all(type(a) is type(b) and a.requires_grad == b.requires_grad and torch.equal(a, b)
