@@ -20,6 +20,58 @@ def _gates(seed: int) -> list[ChannelGate]:
     return gates
 
 
+def test_joint_samples_are_the_gates_own_relaxed_samples_drawn_together():
+    gates = _gates(1)
+    gates[4].temperature = 0.25  # another temperature inside the same draw
+    GateSet(gates, joint_sampling=True)
+    torch.manual_seed(3)
+    joint = [gate.train()() for gate in gates]
+    torch.manual_seed(3)
+    noise = torch.empty(sum(g.logits.numel() for g in gates)).uniform_(1e-6, 1 - 1e-6).logit_()
+    inverse = torch.cat([torch.full((g.logits.numel(),), 1 / g.temperature) for g in gates])
+    leaves = [g.logits.detach().clone().requires_grad_() for g in gates]
+    expected = torch.sigmoid((torch.cat(leaves) + noise) * inverse)
+    assert torch.allclose(torch.cat(joint), expected, atol=1e-6)
+    weights = torch.randn(expected.numel())
+    (torch.cat(joint) * weights).sum().backward()
+    (expected * weights).sum().backward()
+    for gate, leaf in zip(gates, leaves):
+        assert gate.logits.grad is not None and torch.allclose(gate.logits.grad, leaf.grad, atol=1e-6)
+
+
+def test_every_joint_call_is_a_fresh_sample_of_the_current_logits():
+    gates = _gates(2)
+    gate_set = GateSet(gates, joint_sampling=True)
+    first, second = gates[0](), gates[0]()  # called again: a new draw
+    assert not torch.equal(first, second)
+    partner = gates[1]()  # from the second draw
+    gate_set.new_draw()
+    assert not torch.equal(partner, gates[1]())
+    with torch.no_grad():
+        gates[5].logits.fill_(30.0)  # in place, as an optimizer step: the version changes
+    assert torch.all(gates[5]() > 0.99)
+    with torch.no_grad():
+        untracked = gates[2]()
+    assert untracked.grad_fn is None and gates[2]().grad_fn is not None  # grad mode changed
+
+
+def test_the_gated_model_draws_once_per_forward_pass():
+    from dagprune_algorithms.pruning import ChannelPruning
+    import dagprune
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    config = ChannelPruning(dagprune.build_from_unstructured_module(model), (3, 8, 8), 0.5, 10)
+    gated = config.prepare_for_pruning().train()
+    draws = []
+    original = config._gate_set._draw
+    config._gate_set._draw = lambda: (draws.append(1), original())
+    x = torch.randn(2, 3, 8, 8)
+    first, second = gated(x), gated(x)
+    assert len(draws) == 2 and not torch.equal(first, second)
+    second.sum().backward()
+    assert all(gate.logits.grad is not None for gate in config.gates)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_gate_set_hard_masks_follow_each_gates_rule(seed):
     gates = _gates(seed)

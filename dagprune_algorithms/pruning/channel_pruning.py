@@ -231,7 +231,8 @@ class ChannelPruning:
         self._check_gates_finite("prepare_for_pruning()")
         self.pruning_model = build_gated_dag(self.analysis, self.gates).to(device)
         self._expected_flops = ExpectedCost(self.cost, self.prunable_groups)
-        self._gate_set = GateSet(self.gates)
+        self._gate_set = GateSet(self.gates, joint_sampling=True)
+        self.pruning_model.register_forward_pre_hook(self._gate_set.new_draw)
         self._mask_modules = [module for module in self.pruning_model.modules()
                               if isinstance(module, MaskApply) or (
                                   isinstance(module, MaskedConsumer) and module.records_energy)]

@@ -104,6 +104,7 @@ class ChannelGate(nn.Module):
         self.register_buffer("frozen_flag", torch.zeros((), dtype=torch.bool))
         self.register_buffer("frozen_mask", torch.ones(num_channels))
         self._frozen = False  # mirrors frozen_flag: reading it needs no device synchronisation
+        self.joint: GateSet | None = None  # draws this gate's train-mode sample with its set's others
 
     @property
     def frozen(self) -> bool:
@@ -156,9 +157,9 @@ class ChannelGate(nn.Module):
             return self.frozen_mask + 0.0 * self.logits
         if not self.training:
             return self._cached_hard_mask()
-        # logistic noise: logit of a uniform sample, drawn in place (fewer ops per step)
-        noise = torch.empty_like(self.logits, requires_grad=False).uniform_(1e-6, 1 - 1e-6).logit_()
-        return torch.sigmoid((self.logits + noise) * (1.0 / self.temperature))
+        if self.joint is not None:
+            return self.joint.sample_for(self)
+        return relaxed_sample(self.logits, 1.0 / self.temperature)
 
     def extra_repr(self) -> str:
         minimum = f", min_channels={self.min_channels}" if self.min_channels > 1 else ""
@@ -166,18 +167,66 @@ class ChannelGate(nn.Module):
                 f"block_size={self.block_size}{minimum}")
 
 
+def relaxed_sample(logits: torch.Tensor, inverse_temperature: float | torch.Tensor) -> torch.Tensor:
+    """``sigmoid((logits + logistic noise) / temperature)``: the relaxed keep mask of train mode.
+    The logistic noise is the logit of a uniform sample, drawn in place (fewer ops per step)."""
+    noise = torch.empty_like(logits, requires_grad=False).uniform_(1e-6, 1 - 1e-6).logit_()
+    return torch.sigmoid((logits + noise) * inverse_temperature)
+
+
 class GateSet:
     """The gates of one pruning run, read together: a training step evaluates all their keep
     probabilities, hard masks and per-group means in a few tensor ops instead of a few per gate.
 
     Joined tensors list the gates' channels in order (gate 0's channels first).
+
+    With ``joint_sampling`` the gates' train-mode samples are drawn together too: the first gate
+    called draws every gate's sample (one chain of ops over the joined logits) and each gate
+    takes its own part. A gate called again, or whose logits changed since the draw (an
+    optimizer step, in place), or under another grad mode, starts a new draw; so does
+    :meth:`new_draw` (the gated model calls it before each forward pass). Every call of a gate
+    therefore gets a fresh sample, as when it draws alone.
     """
 
-    def __init__(self, gates: list[ChannelGate]):
+    def __init__(self, gates: list[ChannelGate], joint_sampling: bool = False):
         self.gates = list(gates)
         self.sizes = [gate.logits.numel() for gate in self.gates]
         self._group_index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._limits: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._position = {id(gate): i for i, gate in enumerate(self.gates)}
+        self._samples: list[torch.Tensor] = []
+        self._drawn_versions: list[int] = []
+        self._taken: list[bool] = [True] * len(self.gates)
+        self._drawn_with_grad = False
+        if joint_sampling:
+            for gate in self.gates:
+                gate.joint = self
+
+    def new_draw(self, *_) -> None:
+        """Makes the next gate call draw every gate's sample afresh (usable as a forward pre-hook)."""
+        self._taken = [True] * len(self.gates)
+
+    def sample_for(self, gate: ChannelGate) -> torch.Tensor:
+        """``gate``'s relaxed train-mode sample, from the current joint draw or a new one."""
+        i = self._position[id(gate)]
+        if (self._taken[i] or self._drawn_versions[i] != gate.logits._version
+                or self._drawn_with_grad != torch.is_grad_enabled()):
+            self._draw()
+        self._taken[i] = True
+        return self._samples[i]
+
+    def _draw(self) -> None:
+        logits = torch.cat([gate.logits for gate in self.gates])
+        temperatures = {gate.temperature for gate in self.gates}
+        if len(temperatures) == 1:
+            inverse: float | torch.Tensor = 1.0 / temperatures.pop()
+        else:
+            inverse = torch.cat([torch.full((size,), 1.0 / gate.temperature, device=logits.device)
+                                 for gate, size in zip(self.gates, self.sizes)])
+        self._samples = list(relaxed_sample(logits, inverse).split(self.sizes))
+        self._drawn_versions = [gate.logits._version for gate in self.gates]
+        self._taken = [False] * len(self.gates)
+        self._drawn_with_grad = torch.is_grad_enabled()
 
     def _index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate of each joined channel, size of each gate) on ``device``."""
