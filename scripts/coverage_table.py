@@ -60,6 +60,16 @@ def is_prunable(record: dict) -> bool:
         and bool(record.get("slim_roundtrip_exact"))
 
 
+MEANINGFUL_SHARE = 0.5
+"""A model is *meaningfully prunable* when removing channels can take away at least this share
+of its FLOPs (``max_removable_proportion``)."""
+
+
+def is_meaningfully_prunable(record: dict) -> bool:
+    """Prunable, and at least :data:`MEANINGFUL_SHARE` of its FLOPs removable."""
+    return is_prunable(record) and (record.get("max_removable_proportion") or 0.0) >= MEANINGFUL_SHARE
+
+
 def failure_cause(record: dict) -> str | None:
     """Why ``record`` is not prunable-with-exact-removal (None when it is)."""
     if is_prunable(record):
@@ -99,6 +109,7 @@ def summarize(records: dict[str, dict], all_names: list[str], timm_version: str)
     total = len(all_names)
     convertible = sum(map(is_convertible, covered))
     prunable = sum(map(is_prunable, covered))
+    meaningful = sum(map(is_meaningfully_prunable, covered))
     theirs = TORCH_DAG_FIGURES
     return {
         "timm_version": timm_version,
@@ -110,6 +121,9 @@ def summarize(records: dict[str, dict], all_names: list[str], timm_version: str)
         "convertible_percent": _percent(convertible, total),
         "prunable": prunable,
         "prunable_percent": _percent(prunable, total),
+        "meaningfully_prunable": meaningful,
+        "meaningfully_prunable_percent": _percent(meaningful, total),
+        "meaningfully_prunable_percent_of_run": _percent(meaningful, len(covered)),
         "convertible_percent_of_run": _percent(convertible, len(covered)),
         "prunable_percent_of_run": _percent(prunable, len(covered)),
         "statuses": dict(sorted(statuses.items())),
@@ -166,24 +180,30 @@ def render_table(summary: dict, records: dict[str, dict], all_names: list[str]) 
         "* **prunable**: convertible, at least one prunable channel group, removing the channels "
         "closed by random gate logits reproduces the gated model's output within 1e-4, and the slim "
         "model saved and loaded back is bit-identical.",
+        f"* **meaningfully prunable**: prunable, and removing channels can take away at least "
+        f"{MEANINGFUL_SHARE:.0%} of its FLOPs (`max_removable_proportion` >= {MEANINGFUL_SHARE}); a model "
+        "where one small group is removable is prunable but not meaningfully so.",
         "* Skipped, timed-out, out-of-memory and crashed models, and models not covered by the run, "
         "count as failures.",
         "",
         "## Summary",
         "",
-        "| | timm | models | convertible | prunable (exact removal) |",
-        "|---|---|---:|---:|---:|",
+        "| | timm | models | convertible | prunable (exact removal) | meaningfully prunable |",
+        "|---|---|---:|---:|---:|---:|",
         f"| dagprune (this run) | {s['timm_version']} | {s['all']} | {s['convertible']} "
-        f"({s['convertible_percent']}%) | {s['prunable']} ({s['prunable_percent']}%) |",
+        f"({s['convertible_percent']}%) | {s['prunable']} ({s['prunable_percent']}%) | "
+        f"{s['meaningfully_prunable']} ({s['meaningfully_prunable_percent']}%) |",
         f"| torch-dag (their published figures) | {theirs['timm']} | {theirs['all']} | "
         f"{theirs['convertible']} ({theirs['convertible_percent']}%) | {theirs['prunable']} "
-        f"({theirs['prunable_percent']}%) |",
+        f"({theirs['prunable_percent']}%) | - |",
         "",
         f"Covered by the run: {s['covered']} of {s['all']} models"
         + (f" ({s['not_covered']} not run, counted as failures)." if s["not_covered"] else ".")
         + " Outcomes: " + ", ".join(f"{k} {v}" for k, v in s["statuses"].items()) + ".",
         f"Of the {s['covered']} models run, {s['convertible']} ({s['convertible_percent_of_run']}%) are "
-        f"convertible and {s['prunable']} ({s['prunable_percent_of_run']}%) prunable; the models not "
+        f"convertible, {s['prunable']} ({s['prunable_percent_of_run']}%) prunable and "
+        f"{s['meaningfully_prunable']} ({s['meaningfully_prunable_percent_of_run']}%) meaningfully "
+        "prunable; the models not "
         "run are not counted as passing anywhere. The sweep visits the names in a fixed hash "
         "order, so a partial run is an unbiased sample of the zoo, not its first letters.",
         "Rows per dagprune commit they ran on: "
