@@ -124,23 +124,44 @@ def is_registered_leaf(module: nn.Module) -> bool:
     return condition is None or bool(condition(module))
 
 
-def apply_module_rewrites(module: nn.Module) -> nn.Module:
-    """``module`` with every registered rewrite applied, outermost first, in place.
+def apply_module_rewrites(module: nn.Module, in_place: bool = False) -> nn.Module:
+    """``module`` with every registered rewrite applied, outermost first.
+
+    The modules given are left as they are: a module with a rewritten descendant is replaced by
+    a shallow copy of itself (sharing its parameters, buffers and other attributes) holding the
+    rewritten children, so the caller's model keeps its structure and state-dict keys. With
+    ``in_place`` (for a private copy of a model) the children are set on the modules themselves.
+    A module reached twice is rewritten once (tied modules stay tied).
 
     Returns:
-        The rewritten module: ``module`` itself (with rewritten children) unless its own type
-        has a rewrite.
+        The rewritten module: ``module`` itself when nothing inside it has a rewrite.
     """
+    return _rewritten(module, in_place, {})
+
+
+def _rewritten(module: nn.Module, in_place: bool, memo: dict) -> nn.Module:
+    if id(module) in memo:
+        return memo[id(module)]
     rewrite = _rewrite_for(module)
-    if rewrite is not None:
-        replacement = rewrite(module)
-        if replacement is not module:
-            return replacement
-    for name, child in list(module.named_children()):
-        replacement = apply_module_rewrites(child)
-        if replacement is not child:
-            setattr(module, name, replacement)
-    return module
+    replacement = rewrite(module) if rewrite is not None else module
+    if replacement is module:
+        children = {name: _rewritten(child, in_place, memo) for name, child in module._modules.items()
+                    if child is not None}
+        changed = {name: child for name, child in children.items() if child is not module._modules[name]}
+        if changed:
+            replacement = module if in_place else _shallow_copy(module)
+            for name, child in changed.items():
+                setattr(replacement, name, child)
+    memo[id(module)] = replacement
+    return replacement
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A module of the same type sharing every attribute of ``module`` but its children table."""
+    copied = object.__new__(type(module))
+    copied.__dict__.update(module.__dict__)
+    copied.__dict__["_modules"] = type(module._modules)(module._modules)
+    return copied
 
 
 def _rewrite_for(module: nn.Module) -> Callable[[nn.Module], nn.Module] | None:

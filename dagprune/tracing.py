@@ -164,7 +164,7 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
     leaf_types = tuple(item for item in leaf_modules if isinstance(item, type))
     leaf_names = {item for item in leaf_modules if isinstance(item, str)}
     source = copy_module(model) if copy_model else model
-    source = apply_module_rewrites(source)
+    source = apply_module_rewrites(source, in_place=copy_model)
     was_training = source.training
     inputs = None if example_inputs is None else as_example_inputs(example_inputs)
     tracer = _DagTracer(leaf_types, leaf_names)

@@ -301,3 +301,37 @@ def test_the_converted_model_shares_nothing_with_the_original_but_keeps_shared_w
     with torch.no_grad():
         dag.vertex("_0").module.weight.add_(1.0)
     assert not torch.equal(dag(x), model(x))  # the DAG's weights are its own
+
+
+def test_converting_without_a_copy_shares_the_weights_and_leaves_the_model_as_it_was():
+    """``copy_model=False``: the DAG uses the model's own parameters, and the module rewrites
+    (timm's fused norm + activation becomes norm, then activation) happen on shallow copies, so
+    the model keeps its module types and state-dict keys (its checkpoints still load)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=10).eval()
+    keys, types = list(model.state_dict()), [type(m) for m in model.modules()]
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    dag = dagprune.build_from_unstructured_module(model, copy_model=False)
+    assert list(model.state_dict()) == keys and [type(m) for m in model.modules()] == types
+    assert torch.equal(dag(x), expected) and torch.equal(model(x), expected)
+    assert {p.data_ptr() for p in dag.parameters()} <= {p.data_ptr() for p in model.parameters()}
+    with torch.no_grad():
+        model.conv_stem.weight.mul_(2.0)  # shared: the DAG sees it
+    assert torch.equal(dag(x), model(x)) and not torch.equal(dag(x), expected)
+
+
+@pytest.mark.parametrize("copy_model", [True, False])
+def test_a_module_used_twice_is_rewritten_once(copy_model):
+    from timm.layers import BatchNormAct2d
+
+    shared = BatchNormAct2d(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), shared, nn.Conv2d(4, 4, 1), shared).eval()
+    x = torch.randn(2, 3, 5, 5)
+    dag = dagprune.build_from_unstructured_module(model, copy_model=copy_model)
+    assert torch.allclose(dag(x), model(x), atol=1e-6)
+    norms = {id(v.module) for v in dag.inner_vertices if isinstance(v.module, nn.BatchNorm2d)}
+    assert len(norms) == 1  # one norm, called twice
+    assert type(model[1]) is BatchNormAct2d and model[1] is model[3]
