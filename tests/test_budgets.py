@@ -193,6 +193,43 @@ def test_unreachable_target_names_the_budget():
         _prepared(*PARAMS_MODELS["hf_style_mlp"](), target=0.01, budget="params")
 
 
+# ------------------------------------------------------------------------------ measured calibration
+def _calibrated_resnet(target: float):
+    torch.manual_seed(0)
+    dag = dagprune.build_from_unstructured_module(timm.create_model("resnet18", num_classes=10).eval())
+    config = ChannelPruning(dag, (3, 32, 32), target, 10)
+    config.prepare_for_pruning()
+    config.calibrate_to_target()
+    return config
+
+
+def test_a_prediction_that_is_off_by_a_factor_is_corrected_by_measurement():
+    from dagprune_algorithms.pruning.calibration import match_measured_share
+
+    config = _calibrated_resnet(0.5)
+    for gate in config.gates:
+        gate.freeze()
+    measure = lambda: 1.2 * config.current_hard_proportion()  # noqa: E731 (the prediction reads 20% low)
+    records = match_measured_share(config, measure)
+    assert records[0]["measured"] == pytest.approx(0.6, abs=0.01) and records[0]["aim"] < 0.45
+    assert abs(records[-1]["measured"] - 0.5) <= 0.02 * 0.5 and records[-1]["aim"] is None
+    assert measure() == pytest.approx(records[-1]["measured"])  # the gates of that round are kept
+    assert all(gate.frozen for gate in config.gates)
+    assert torch.equal(torch.cat([g.frozen_mask for g in config.gates]), config._gate_set.masks_for_logits(
+        torch.cat([g.logits.detach() for g in config.gates])))
+
+
+def test_the_round_measured_nearest_the_target_is_kept():
+    from dagprune_algorithms.pruning.calibration import match_measured_share
+
+    config = _calibrated_resnet(0.5)
+    first = [g.logits.detach().clone() for g in config.gates]
+    readings = iter([0.53, 0.30, 0.70, 0.60])  # every recalibration measures worse
+    records = match_measured_share(config, lambda: next(readings), rounds=3)
+    assert [r["measured"] for r in records] == [0.53, 0.30, 0.70, 0.60]
+    assert all(torch.equal(g.logits, logits) for g, logits in zip(config.gates, first))
+
+
 # ------------------------------------------------------------------------------ the command
 def test_prune_with_a_params_budget_reports_the_exact_parameter_share(tmp_path, capsys, monkeypatch):
     fast_latency(monkeypatch)
@@ -218,6 +255,8 @@ def test_prune_with_a_latency_budget_caches_its_table(tmp_path, capsys, monkeypa
     assert report["budget"]["name"] == "latency" and report["budget"]["latency_table"]["path"].startswith(str(cache))
     assert len(list(cache.glob("*.json"))) == 1
     assert "(predicted by the latency table); measured latency" in capsys.readouterr().out
+    calibration = report["budget"]["measured_calibration"]  # the fake timer measures 1.0 every time
+    assert calibration and all(entry["measured"] == pytest.approx(1.0) for entry in calibration)
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -110,6 +110,7 @@ class _Pruned:
     gated_accuracy: float
     removal_difference: float
     gated_proportion: float | None = None
+    latency_calibration: list | None = None  # the rounds of --budget latency's measured calibration
 
 
 def _load_data(args, ranks: Ranks):
@@ -294,11 +295,40 @@ def _prune_with_gates(job: _PruneJob, dag, input_shape) -> _Pruned:
              pruning.max_removable_proportion)
     history = _train_sharded_gates(job, pruning) if job.args.fsdp else _train_gates(job, pruning)
     gated.eval()
+    calibration = _match_measured_latency(job, pruning, dag, input_shape)
     pruned = pruning.remove_channels().to(device)
     removal_difference = dagprune.compare_module_outputs(gated, pruned, (4, *input_shape),
                                                          raise_error=False, device=device)
     gated_accuracy = evaluate_accuracy(gated, *job.val, device=device, ranks=job.ranks)
-    return _Pruned(pruned, history, gated_accuracy, removal_difference, pruning.current_hard_proportion())
+    return _Pruned(pruned, history, gated_accuracy, removal_difference, pruning.current_hard_proportion(),
+                   calibration)
+
+
+def _match_measured_latency(job: _PruneJob, pruning, dag, input_shape) -> list | None:
+    """``--budget latency``: recalibrates the trained gates until the slim model's *measured*
+    latency share (batch :data:`LATENCY_BATCH`, on the job's device) is within 2% of the target
+    (:func:`~dagprune_algorithms.pruning.calibration.match_measured_share`); returns the
+    rounds. Every process uses the mean of their measurements, so all calibrate alike."""
+    if job.args.budget != "latency":
+        return None
+    from dagprune_algorithms.app.latency import measure_latency
+    from dagprune_algorithms.pruning.calibration import match_measured_share
+
+    def measured_share() -> float:
+        slim = pruning.remove_channels()
+        times = {"original": [], "slim": []}
+        for _ in range(3):  # in alternation: a slow spell of the machine hits both
+            for name, model in (("original", dag), ("slim", slim)):
+                times[name].append(measure_latency(model, input_shape, batch_size=LATENCY_BATCH,
+                                                   device=job.device, warmup=1, repeats=5).median_ms)
+        share = torch.tensor(sorted(times["slim"])[1] / sorted(times["original"])[1], device=job.device)
+        return float(job.ranks.mean_(share))
+
+    records = match_measured_share(pruning, measured_share)
+    LOG.info("latency budget: measured share %s (predicted %s) over %d calibration round(s)",
+             " -> ".join(f"{r['measured']:.3f}" for r in records),
+             " -> ".join(f"{r['predicted']:.3f}" for r in records), len(records) - 1)
+    return records
 
 
 def _train_gates(job: _PruneJob, pruning) -> list:
@@ -545,6 +575,7 @@ def _report(job: _PruneJob, split, started: float, dag, pruned: _Pruned, missed:
     rows = _comparison_rows(job, dag, pruned.model, tuple(split.input_shape), accuracies)
     reached = final_proportion if pruned.gated_proportion is None else pruned.gated_proportion
     budget = _budget_summary(job, rows, reached)
+    budget["measured_calibration"] = pruned.latency_calibration
     rows[0]["budget_share"], rows[-1]["budget_share"] = f"{args.budget} 1.000", f"{args.budget} {budget['reached']:.3f}"
     print(format_comparison_table(rows))
     print(budget["summary"])

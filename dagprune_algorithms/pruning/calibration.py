@@ -8,6 +8,11 @@ the kept counts reached, it repeatedly opens or closes one block in the group wh
 the share nearest the target, until no single block move does better. Within a group the
 channels kept are always its highest logits, so the move changes how many channels are kept,
 never which ones rank first.
+
+:func:`match_measured_share` closes the loop on a budget that is only predicted (latency): it
+times the slim model, compares the measured share with the predicted one, and calibrates the
+gates again to the target corrected by their ratio, for a few rounds, keeping the gates of the
+round measured nearest the target.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["refine_block_counts", "logits_keeping"]
+__all__ = ["refine_block_counts", "logits_keeping", "match_measured_share"]
 
 
 def refine_block_counts(logits: Sequence[torch.Tensor], blocks: Sequence[int], minimums: Sequence[int],
@@ -49,6 +54,55 @@ def refine_block_counts(logits: Sequence[torch.Tensor], blocks: Sequence[int], m
         distance, best = min(scored, key=lambda item: item[0])
         improved = True
     return best if improved else None
+
+
+def match_measured_share(pruning, measured_share: Callable[[], float], rounds: int = 3,
+                         tolerance: float = 0.02) -> list[dict]:
+    """Calibrates ``pruning``'s gates until the *measured* share of the slim model lies within
+    ``tolerance`` (relative) of :attr:`~.ChannelPruning.pruning_proportion`.
+
+    Each round calls ``measured_share()`` (the slim model of the current gates, timed against
+    the original, as the caller measures it: the same way in every process of a distributed
+    run) and stops when it is close enough; otherwise it aims the predicted share at
+    ``target * predicted / measured`` (the prediction's error assumed to scale) with
+    :meth:`~.ChannelPruning.calibrate_to_target`, frozen gates refrozen at the new decisions.
+    The gates of the round measured nearest the target are kept.
+
+    Args:
+        pruning: a prepared :class:`~.channel_pruning.ChannelPruning`.
+        measured_share: returns the measured share of the current hard model.
+        rounds: recalibrations at most.
+        tolerance: relative distance to the target that ends the loop.
+
+    Returns:
+        One record per measurement: ``predicted`` and ``measured`` shares, and the ``aim``
+        the next calibration used (None for the last).
+    """
+    target, gates = pruning.pruning_proportion, pruning.gates
+    frozen = [gate.frozen for gate in gates]
+    floor = 1.0 - pruning.max_removable_proportion
+    records, best = [], None
+    for round_index in range(rounds + 1):
+        predicted, measured = pruning.current_hard_proportion(), float(measured_share())
+        records.append({"predicted": predicted, "measured": measured, "aim": None})
+        if best is None or abs(measured - target) < best[0]:
+            best = (abs(measured - target), [gate.logits.detach().clone() for gate in gates],
+                    [gate.frozen_mask.clone() for gate in gates])
+        if abs(measured - target) <= tolerance * target or round_index == rounds or measured <= 0:
+            break
+        aim = min(max(target * predicted / measured, floor), 1.0)
+        records[-1]["aim"] = aim
+        for gate in gates:
+            gate.freeze(False)
+        pruning.calibrate_to_target(aim)
+        for gate, was_frozen in zip(gates, frozen):
+            gate.freeze(was_frozen)
+    _, logits, masks = best
+    with torch.no_grad():
+        for gate, gate_logits, mask in zip(gates, logits, masks):
+            gate.logits.copy_(gate_logits)
+            gate.frozen_mask.copy_(mask)
+    return records
 
 
 def logits_keeping(logits: torch.Tensor, count: int, margin: float = 0.05) -> torch.Tensor:

@@ -227,7 +227,8 @@ class ChannelPruning:
             for group, gate in zip(self.prunable_groups, self.gates):
                 ranks = channel_importance(self.analysis, group, self.initial_importance).argsort().argsort()
                 spread = (torch.as_tensor(ranks, dtype=torch.float32) / max(group.size - 1, 1) - 0.5) * 2
-                gate.logits.data += self.initial_logit_spread * spread
+                with torch.no_grad():
+                    gate.logits += self.initial_logit_spread * spread
         self._check_gates_finite("prepare_for_pruning()")
         self.pruning_model = build_gated_dag(self.analysis, self.gates).to(device)
         self._expected_flops = ExpectedCost(self.cost, self.prunable_groups)
@@ -443,8 +444,9 @@ class ChannelPruning:
                 "give a meaningless model: load a good checkpoint (or re-initialise these "
                 "tensors) and prepare again")
 
-    def calibrate_to_target(self) -> float:
-        """Flips the least certain gate decisions so the hard model lands nearest the target.
+    def calibrate_to_target(self, target: float | None = None) -> float:
+        """Flips the least certain gate decisions so the hard model lands nearest the target
+        (``target``, a share of the budget's cost; default :attr:`pruning_proportion`).
 
         Channels are ordered by how close their logit is to the decision boundary; the
         shortest prefix of flips (closing open channels when above the target, opening closed
@@ -462,11 +464,12 @@ class ChannelPruning:
         """
         self._require_gated()
         self._check_gates_finite("calibrate_to_target()")
+        target = self.pruning_proportion if target is None else float(target)
         with torch.no_grad():
             logits = torch.cat([gate.logits.detach() for gate in self.gates]).cpu()
             keep = self._gate_set.hard_masks().cpu()
             current = self._expected_flops.proportion(keep).item()
-            closing = current > self.pruning_proportion
+            closing = current > target
             candidates = torch.nonzero(keep > 0.5 if closing else keep < 0.5).flatten()
             order = candidates[logits[candidates].argsort(descending=not closing)]
             if closing:  # never close the last channel of a group
@@ -485,28 +488,27 @@ class ChannelPruning:
             low, high = 0, len(order)  # share(count) is monotone in count
             while low < high:
                 middle = (low + high) // 2
-                crossed = share(middle) <= self.pruning_proportion if closing else \
-                    share(middle) >= self.pruning_proportion
+                crossed = share(middle) <= target if closing else \
+                    share(middle) >= target
                 low, high = (low, middle) if crossed else (middle + 1, high)
             count = min((c for c in (low - 1, low) if 0 <= c <= len(order)),
-                        key=lambda c: abs(share(c) - self.pruning_proportion))
+                        key=lambda c: abs(share(c) - target))
             flipped = order[:count]
             new_logits = logits.clone()
             new_logits[flipped] = -0.05 if closing else 0.05
             per_gate = list(new_logits.split([gate.logits.numel() for gate in self.gates]))
             if any(gate.block_size > 1 for gate in self.gates):
-                per_gate = self._refined_block_logits(per_gate)
+                per_gate = self._refined_block_logits(per_gate, target)
             for gate, gate_logits in zip(self.gates, per_gate):
-                gate.logits.data.copy_(gate_logits.to(gate.logits.device))
+                gate.logits.copy_(gate_logits.to(gate.logits.device))  # bumps the version: masks follow
         return self.current_hard_proportion()
 
-    def _refined_block_logits(self, per_gate: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _refined_block_logits(self, per_gate: list[torch.Tensor], target: float) -> list[torch.Tensor]:
         """``per_gate`` logits after whole-block moves that land the hard share nearer the target
         (see :mod:`.calibration`)."""
         counts = refine_block_counts(per_gate, [gate.block_size for gate in self.gates],
                                      [gate.min_channels for gate in self.gates],
-                                     lambda keep: self._expected_flops.proportion(keep).item(),
-                                     self.pruning_proportion)
+                                     lambda keep: self._expected_flops.proportion(keep).item(), target)
         if counts is None:
             return per_gate
         return [logits_keeping(logits, count) for logits, count in zip(per_gate, counts)]

@@ -143,7 +143,8 @@ class ChannelGate(nn.Module):
         """:meth:`hard_mask`, computed again only when the logits or the keep rule changed
         (an eval-mode forward then costs the gates nothing). The key is read on the host: the
         logits' storage and version counter (bumped by every in-place update, such as an
-        optimizer step)."""
+        optimizer step or ``with torch.no_grad(): gate.logits.copy_(...)``; a write through
+        ``gate.logits.data`` bypasses the counter and is not seen until the next update)."""
         key = (self.logits.data_ptr(), self.logits._version, self.block_size, self.min_channels)
         cached = _HARD_MASKS.get(self)
         if cached is None or cached[0] != key or (cached[1].is_inference() and not torch.is_inference_mode_enabled()):
