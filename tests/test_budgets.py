@@ -277,3 +277,13 @@ def test_bad_budget_options_give_one_line(tmp_path, capsys, arguments, message):
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1 and "Traceback" not in error
     assert not (tmp_path / "run" / "baseline.pt").exists()
+
+
+def test_an_eval_forward_after_calibration_uses_the_new_masks():
+    config = _calibrated_resnet(0.7)
+    gated = config.pruning_model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    gated(x)  # the eval-mode masks are cached here
+    config.calibrate_to_target(0.4)
+    slim = config.remove_channels().eval()
+    assert torch.allclose(gated(x), slim(x), rtol=1e-4, atol=1e-5)
