@@ -230,7 +230,9 @@ class ChannelPruning:
                 with torch.no_grad():
                     gate.logits += self.initial_logit_spread * spread
         self._check_gates_finite("prepare_for_pruning()")
-        self.pruning_model = build_gated_dag(self.analysis, self.gates).to(device)
+        self.pruning_model = build_gated_dag(self.analysis, self.gates)
+        if device.type != "cpu":  # the gates and masks are built on the CPU, where the model already is
+            self.pruning_model.to(device)
         self._expected_flops = ExpectedCost(self.cost, self.prunable_groups)
         self._gate_set = GateSet(self.gates, joint_sampling=True)
         self.pruning_model.register_forward_pre_hook(self._gate_set.new_draw)
