@@ -179,6 +179,26 @@ def test_calibration_lands_near_the_target_with_rounded_counts(block_size, toler
 
 
 @pytest.mark.parametrize("shape", [(4, 8), (3, 5, 8), (2, 3, 4, 8)])
+def test_masked_rms_norm_gradient_is_the_composed_ops_gradient(shape):
+    from dagprune.ops.specs.rms_norm import masked_rms_norm
+
+    torch.manual_seed(0)
+    x, weight = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in (shape, shape[-1:]))
+    mask = torch.rand(shape[-1], dtype=torch.float64, requires_grad=True)
+    norm = lambda *args: masked_rms_norm(*args, 1e-6)  # noqa: E731
+    assert torch.autograd.gradcheck(norm, (x, mask, weight))
+
+    weights = mask / mask.sum()  # the definition, composed of differentiable torch ops
+    composed = x * torch.rsqrt((x * x) @ weights + 1e-6).unsqueeze(-1) * weight
+    fused = norm(x, mask, weight)
+    grad_out = torch.randn_like(fused)
+    assert torch.allclose(fused, composed, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(fused, (x, mask, weight), grad_out),
+                    torch.autograd.grad(composed, (x, mask, weight), grad_out)):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (3, 5, 8), (2, 3, 4, 8)])
 def test_masked_layer_norm_gradient_is_the_composed_ops_gradient(shape):
     from dagprune.ops.specs.normalization import masked_layer_norm
 
