@@ -290,3 +290,20 @@ def test_eval_mode_masks_follow_every_change_of_the_logits():
     x = torch.ones(4, requires_grad=True)
     (x * gate()).sum().backward()  # the mask made in inference mode is not reused for autograd
     assert torch.equal(x.grad, torch.tensor([1.0, 1.0, 0.0, 0.0]))
+
+
+def test_a_deep_copy_of_a_pruning_run_samples_its_own_gates():
+    import copy
+
+    from dagprune_algorithms.pruning import ChannelPruning
+    import dagprune
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    config = ChannelPruning(dagprune.build_from_unstructured_module(model), (3, 6, 6), 0.5, 10)
+    config.prepare_for_pruning()
+    copied = copy.deepcopy(config)  # as the sharded (FSDP) run trains a copy
+    gated = copied.pruning_model.train()
+    gated(torch.randn(2, 3, 6, 6)).sum().backward()
+    assert all(gate.joint is copied._gate_set for gate in copied.gates)
+    assert all(gate.logits.grad is not None for gate in copied.gates)
+    assert all(gate.logits.grad is None for gate in config.gates)

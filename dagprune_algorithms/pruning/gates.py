@@ -105,6 +105,7 @@ class ChannelGate(nn.Module):
         self.register_buffer("frozen_mask", torch.ones(num_channels))
         self._frozen = False  # mirrors frozen_flag: reading it needs no device synchronisation
         self.joint: GateSet | None = None  # draws this gate's train-mode sample with its set's others
+        self.joint_index = 0  # this gate's place in ``joint``
 
     @property
     def frozen(self) -> bool:
@@ -194,14 +195,13 @@ class GateSet:
         self.sizes = [gate.logits.numel() for gate in self.gates]
         self._group_index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._limits: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._position = {id(gate): i for i, gate in enumerate(self.gates)}
         self._samples: list[torch.Tensor] = []
         self._drawn_versions: list[int] = []
         self._taken: list[bool] = [True] * len(self.gates)
         self._drawn_with_grad = False
         if joint_sampling:
-            for gate in self.gates:
-                gate.joint = self
+            for index, gate in enumerate(self.gates):
+                gate.joint, gate.joint_index = self, index
 
     def new_draw(self, *_) -> None:
         """Makes the next gate call draw every gate's sample afresh (usable as a forward pre-hook)."""
@@ -209,7 +209,7 @@ class GateSet:
 
     def sample_for(self, gate: ChannelGate) -> torch.Tensor:
         """``gate``'s relaxed train-mode sample, from the current joint draw or a new one."""
-        i = self._position[id(gate)]
+        i = gate.joint_index
         if (self._taken[i] or self._drawn_versions[i] != gate.logits._version
                 or self._drawn_with_grad != torch.is_grad_enabled()):
             self._draw()
