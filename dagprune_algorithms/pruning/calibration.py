@@ -1,4 +1,10 @@
-"""Landing the hard model near its target when kept counts come in blocks.
+"""Landing the hard model near its target: flipping the least certain gate decisions, moving
+whole blocks, and checking a predicted budget against measurements.
+
+:func:`calibrated_logits` orders the channels by how close their logit is to the decision
+boundary and applies the shortest prefix of flips (closing open channels when above the
+target, opening closed ones when below) that brings the hard share closest to the target, by
+moving those logits just across zero; every group keeps a channel.
 
 With ``round_to`` or ``block_size`` N > 1 a group's kept count moves in steps of N channels,
 so flipping channels one at a time in logit order (:meth:`.ChannelPruning.calibrate_to_target`)
@@ -21,7 +27,59 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["refine_block_counts", "logits_keeping", "match_measured_share"]
+__all__ = ["calibrated_logits", "refine_block_counts", "logits_keeping", "match_measured_share"]
+
+
+def calibrated_logits(gates: Sequence, gate_set, share_of: Callable[[torch.Tensor], float],
+                      target: float) -> list[torch.Tensor]:
+    """Each gate's logits after the flips (and block moves) that land the hard share of
+    ``share_of`` nearest ``target`` (see the module docstring); on the CPU.
+
+    Args:
+        gates: the run's :class:`~.gates.ChannelGate` s.
+        gate_set: their :class:`~.gates.GateSet` (its keep rule turns joined logits into masks).
+        share_of: the budget share of joined keep masks.
+        target: the share to land nearest.
+    """
+    with torch.no_grad():
+        logits = torch.cat([gate.logits.detach() for gate in gates]).cpu()
+        keep = gate_set.hard_masks().cpu()
+        closing = share_of(keep) > target
+        order = _flip_order(gates, logits, keep, closing)
+
+        def share(count: int) -> float:
+            trial = logits.clone()
+            trial[order[:count]] = -0.05 if closing else 0.05
+            return share_of(gate_set.masks_for_logits(trial))
+
+        low, high = 0, len(order)  # share(count) is monotone in count
+        while low < high:
+            middle = (low + high) // 2
+            crossed = share(middle) <= target if closing else share(middle) >= target
+            low, high = (low, middle) if crossed else (middle + 1, high)
+        count = min((c for c in (low - 1, low) if 0 <= c <= len(order)), key=lambda c: abs(share(c) - target))
+        flipped = logits.clone()
+        flipped[order[:count]] = -0.05 if closing else 0.05
+        per_gate = list(flipped.split([gate.logits.numel() for gate in gates]))
+        if not any(gate.block_size > 1 for gate in gates):
+            return per_gate
+        counts = refine_block_counts(per_gate, [gate.block_size for gate in gates],
+                                     [gate.min_channels for gate in gates], share_of, target)
+        return per_gate if counts is None else [logits_keeping(g, c) for g, c in zip(per_gate, counts)]
+
+
+def _flip_order(gates: Sequence, logits: torch.Tensor, keep: torch.Tensor, closing: bool) -> torch.Tensor:
+    """Joined channel positions in the order they are flipped: open ones from the lowest logit
+    when closing (never a group's best channel), closed ones from the highest when opening."""
+    candidates = torch.nonzero(keep > 0.5 if closing else keep < 0.5).flatten()
+    order = candidates[logits[candidates].argsort(descending=not closing)]
+    if not closing:
+        return order
+    offsets, protected = 0, set()
+    for gate in gates:
+        protected.add(offsets + int(gate.logits.detach().argmax()))
+        offsets += gate.logits.numel()
+    return torch.tensor([int(i) for i in order if int(i) not in protected], dtype=torch.long)
 
 
 def refine_block_counts(logits: Sequence[torch.Tensor], blocks: Sequence[int], minimums: Sequence[int],

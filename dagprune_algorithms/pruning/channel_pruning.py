@@ -16,7 +16,7 @@ from dagprune.errors import PruningError
 from dagprune.example_inputs import as_example_inputs
 from dagprune.shape_prop import module_device
 
-from dagprune_algorithms.pruning.calibration import logits_keeping, refine_block_counts
+from dagprune_algorithms.pruning.calibration import calibrated_logits
 from dagprune_algorithms.pruning.budgets import BudgetCost, ExpectedCost, check_budget, flops_cost, params_cost
 from dagprune_algorithms.pruning.channel_groups import (ChannelAnalysis, ChannelGroup, check_head_pruning,
                                                         find_channel_groups)
@@ -467,53 +467,12 @@ class ChannelPruning:
         self._require_gated()
         self._check_gates_finite("calibrate_to_target()")
         target = self.pruning_proportion if target is None else float(target)
+        share_of = lambda keep: self._expected_flops.proportion(keep).item()  # noqa: E731
+        calibrated = calibrated_logits(self.gates, self._gate_set, share_of, target)
         with torch.no_grad():
-            logits = torch.cat([gate.logits.detach() for gate in self.gates]).cpu()
-            keep = self._gate_set.hard_masks().cpu()
-            current = self._expected_flops.proportion(keep).item()
-            closing = current > target
-            candidates = torch.nonzero(keep > 0.5 if closing else keep < 0.5).flatten()
-            order = candidates[logits[candidates].argsort(descending=not closing)]
-            if closing:  # never close the last channel of a group
-                offsets, protected = 0, set()
-                for gate in self.gates:
-                    group_logits = gate.logits.detach().cpu()
-                    protected.add(offsets + int(group_logits.argmax()))
-                    offsets += group_logits.numel()
-                order = torch.tensor([int(i) for i in order if int(i) not in protected], dtype=torch.long)
-
-            def share(count: int) -> float:
-                trial = logits.clone()
-                trial[order[:count]] = -0.05 if closing else 0.05
-                return self._expected_flops.proportion(self._gate_set.masks_for_logits(trial)).item()
-
-            low, high = 0, len(order)  # share(count) is monotone in count
-            while low < high:
-                middle = (low + high) // 2
-                crossed = share(middle) <= target if closing else \
-                    share(middle) >= target
-                low, high = (low, middle) if crossed else (middle + 1, high)
-            count = min((c for c in (low - 1, low) if 0 <= c <= len(order)),
-                        key=lambda c: abs(share(c) - target))
-            flipped = order[:count]
-            new_logits = logits.clone()
-            new_logits[flipped] = -0.05 if closing else 0.05
-            per_gate = list(new_logits.split([gate.logits.numel() for gate in self.gates]))
-            if any(gate.block_size > 1 for gate in self.gates):
-                per_gate = self._refined_block_logits(per_gate, target)
-            for gate, gate_logits in zip(self.gates, per_gate):
+            for gate, gate_logits in zip(self.gates, calibrated):
                 gate.logits.copy_(gate_logits.to(gate.logits.device))  # bumps the version: masks follow
         return self.current_hard_proportion()
-
-    def _refined_block_logits(self, per_gate: list[torch.Tensor], target: float) -> list[torch.Tensor]:
-        """``per_gate`` logits after whole-block moves that land the hard share nearer the target
-        (see :mod:`.calibration`)."""
-        counts = refine_block_counts(per_gate, [gate.block_size for gate in self.gates],
-                                     [gate.min_channels for gate in self.gates],
-                                     lambda keep: self._expected_flops.proportion(keep).item(), target)
-        if counts is None:
-            return per_gate
-        return [logits_keeping(logits, count) for logits, count in zip(per_gate, counts)]
 
     # ------------------------------------------------------------------------------ state
     def kept_classes(self) -> np.ndarray:
