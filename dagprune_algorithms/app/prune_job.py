@@ -189,15 +189,24 @@ def _latency_table(args, model, input_shape, device, ranks: Ranks):
         return None
     from dagprune_algorithms.pruning.latency_table import measure_latency_table
 
-    dag, table = as_dag(model), None
-    for measuring in (ranks.is_main, not ranks.is_main):
-        if measuring:
-            table = measure_latency_table(dag, input_shape, batch_size=LATENCY_BATCH, device=device,
-                                          cache_dir=args.latency_cache, progress=not args.no_progress)
-        ranks.barrier()
+    dag = as_dag(model)
+    table = _measured_by_rank_zero(ranks, lambda: measure_latency_table(
+        dag, input_shape, batch_size=LATENCY_BATCH, device=device, cache_dir=args.latency_cache,
+        progress=not args.no_progress))
     LOG.info("latency table: %s (%s; %.1f ms at full width, fit error %.1f%%)", table.path,
              "from the cache" if table.from_cache else "measured", 1000 * table.model_seconds[-1],
              100 * table.fit_error())
+    return table
+
+
+def _measured_by_rank_zero(ranks: Ranks, measure):
+    """``measure()`` of a cached table: rank 0 measures it into the cache first, then the other
+    ranks read the file (so every rank uses the same measurement)."""
+    table = None
+    for measuring in (ranks.is_main, not ranks.is_main):
+        if measuring:
+            table = measure()
+        ranks.barrier()
     return table
 
 
@@ -213,11 +222,7 @@ def _resolve_round_to(args, device, ranks: Ranks):
     from dagprune_algorithms.pruning.width_table import measure_width_table
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp, torch.float32)
-    table = None
-    for measuring in (ranks.is_main, not ranks.is_main):
-        if measuring:
-            table = measure_width_table(device, dtype)
-        ranks.barrier()
+    table = _measured_by_rank_zero(ranks, lambda: measure_width_table(device, dtype))
     args.round_to = table.best_multiple()
     LOG.info("--round-to auto: %s (%s)", table.summary(), "from the cache" if table.from_cache else "measured")
     return table

@@ -106,11 +106,12 @@ def refine_block_counts(logits: Sequence[torch.Tensor], blocks: Sequence[int], m
     for _ in range(4 * len(counts) + 4):
         moves = [moved for i in range(len(best)) for moved in _block_moves(best, i, blocks[i], minimums[i],
                                                                             ranks[i].numel())]
-        scored = [(abs(share(moved) - target), moved) for moved in moves]
-        if not scored or min(scored, key=lambda item: item[0])[0] >= distance - 1e-12:
+        if not moves:
             break
-        distance, best = min(scored, key=lambda item: item[0])
-        improved = True
+        nearest, moved = min(((abs(share(moved) - target), moved) for moved in moves), key=lambda item: item[0])
+        if nearest >= distance - 1e-12:
+            break
+        distance, best, improved = nearest, moved, True
     return best if improved else None
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import logging
 import os
 import platform
@@ -59,7 +58,7 @@ from dagprune.training_mode import evaluation_mode
 from dagprune_algorithms.pruning.budgets import KNOTS, BudgetCost, CostTerm, vertex_work_fractions
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis, find_channel_groups
 from dagprune_algorithms.pruning.channel_removal import remove_channels_from_dag
-from dagprune_algorithms.pruning.table_files import CachedTable
+from dagprune_algorithms.pruning.table_files import CachedTable, cache_key
 
 __all__ = ["LatencyTable", "measure_latency_table", "latency_terms", "default_cache_dir"]
 
@@ -186,13 +185,11 @@ def measure_latency_table(model: DagModule, input_shape_without_batch: Sequence 
     device = torch.device(device) if device is not None else module_device(model)
     inputs = resolve_inputs(model, input_shape_without_batch, example_inputs, batch_size).to(device)
     description = _describe(model, inputs, device, head_pruning, widths)
-    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
-    path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"{_safe(model.name)}-{key}.json"
-    if path.is_file():
-        try:
-            return LatencyTable.load(path)
-        except PruningError as error:
-            LOG.warning("%s; measuring it again", error)
+    path = (Path(cache_dir if cache_dir is not None else default_cache_dir())
+            / f"{_safe(model.name)}-{cache_key(description)}.json")
+    cached = LatencyTable.read_cached(path)
+    if cached is not None:
+        return cached
     analysis = find_channel_groups(model, input_shape_without_batch, head_pruning, example_inputs)
     table = _measure(analysis, inputs, device, widths, seconds_per_timing, progress)
     table.description = {k: v for k, v in description.items() if k != "structure"}

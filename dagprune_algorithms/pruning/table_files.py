@@ -1,16 +1,26 @@
-"""Measured tables kept on disk as JSON: written atomically, read back with their format checked."""
+"""Measured tables kept on disk as JSON: filed under a hash of what decides them, written
+atomically, read back with their format checked."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import ClassVar
 
 from dagprune.errors import PruningError
 
-__all__ = ["CachedTable"]
+__all__ = ["CachedTable", "cache_key"]
+
+LOG = logging.getLogger(__name__)
+
+
+def cache_key(description: dict) -> str:
+    """A short hash of ``description`` (what decides a table), for its file name."""
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
 
 
 class CachedTable:
@@ -55,6 +65,18 @@ class CachedTable:
             raise PruningError(f"{path} is not a dagprune {cls.KIND} ({error}); delete it to measure "
                                "the table again") from error
         return table
+
+    @classmethod
+    def read_cached(cls, path: Path):
+        """The table in ``path``; None when there is none, or (with a warning) when the file is
+        not a usable table, so that the caller measures it again."""
+        if not path.is_file():
+            return None
+        try:
+            return cls.load(path)
+        except PruningError as error:
+            LOG.warning("%s; measuring it again", error)
+            return None
 
     def check_contents(self) -> None:
         """Raises ValueError where the fields read are not a usable table."""

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
 import math
 import os
@@ -38,7 +36,7 @@ import torch
 from torch import nn
 
 from dagprune.errors import PruningError
-from dagprune_algorithms.pruning.table_files import CachedTable
+from dagprune_algorithms.pruning.table_files import CachedTable, cache_key
 from dagprune_algorithms.pruning.latency_table import default_cache_dir, device_name, seconds_per_call
 
 __all__ = ["WidthTable", "measure_width_table", "CANDIDATE_MULTIPLES"]
@@ -150,15 +148,11 @@ def measure_width_table(device=None, dtype: torch.dtype = torch.float32, *, widt
                    "threads": torch.get_num_threads() if device.type == "cpu" else None,
                    "dtype": str(dtype), "batch_size": batch_size, "spatial": spatial, "probes": list(PROBES),
                    "widths": [widths[0], widths[-1]]}
-    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
-    path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"widths-{key}.json"
-    if path.is_file():
-        try:
-            table = WidthTable.load(path)
-            table.tolerance = tolerance
-            return table
-        except PruningError as error:
-            LOG.warning("%s; measuring it again", error)
+    path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"widths-{cache_key(description)}.json"
+    cached = WidthTable.read_cached(path)
+    if cached is not None:
+        cached.tolerance = tolerance
+        return cached
     seconds = _time_probes(widths, device, dtype, batch_size, spatial, rounds)
     table = WidthTable(widths, seconds, description, tolerance)
     table.save(path)
@@ -170,10 +164,11 @@ def _time_probes(widths: list[int], device: torch.device, dtype: torch.dtype, ba
                  spatial: int, rounds: int) -> dict[str, list[float]]:
     """Fastest seconds per call of every probe at every width over ``rounds`` sweeps."""
     best = {probe: [math.inf] * len(widths) for probe in PROBES}
+    calls = [_probe_calls(width, device, dtype, batch_size, spatial) for width in widths]  # built once
     with torch.inference_mode():
         for _ in range(rounds):
-            for i, width in enumerate(widths):
-                for probe, call in _probe_calls(width, device, dtype, batch_size, spatial).items():
+            for i, width_calls in enumerate(calls):
+                for probe, call in width_calls.items():
                     best[probe][i] = min(best[probe][i], seconds_per_call(call, device, 0.001, rounds=1))
     return best
 
