@@ -33,6 +33,9 @@ record failed (its new record supersedes the old one in the table).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import fcntl
 import fnmatch
 import hashlib
 import multiprocessing
@@ -67,19 +70,20 @@ sys.path.insert(1, str(REPO_ROOT / "tests"))  # make_weights_informative, shared
 sys.path.insert(2, str(Path(__file__).resolve().parent))  # removal_check, sweep_harness: shared with the other sweeps
 
 import timm  # noqa: E402
-from removal_check import removal_difference_at_random_gates  # noqa: E402
+from removal_check import (FLOAT64_REMOVAL_TOLERANCE, float64_removal_difference,  # noqa: E402
+                           prepare_at_target_or_reachable, removal_difference_at_random_gates)
 from sweep_harness import (CONVERSION_TOLERANCE, REMOVAL_TOLERANCE, append_record, done_names,  # noqa: E402
                            first_line, read_records)
 
 import dagprune as dp  # noqa: E402
 from dagprune_algorithms.app.models import create_timm_model  # noqa: E402
-from dagprune_algorithms.pruning import ChannelPruning  # noqa: E402
 from informative_weights import make_weights_informative  # noqa: E402
 
 DEFAULT_RESULTS = REPO_ROOT / "build" / "coverage" / "results.jsonl"
 SMALL_SIDE = 64
 FALLBACK_SIDES = (128,)
 PRUNING_TARGET = 0.5
+LARGE_TIME_FACTOR = 4
 FVCORE_MATMUL_OPERATORS = ("conv", "linear", "matmul", "bmm", "addmm", "einsum")
 
 
@@ -146,7 +150,8 @@ def fvcore_flops(model: nn.Module, input_size) -> int:
                    if any(key in operator for key in FVCORE_MATMUL_OPERATORS))
 
 
-def check_model(name: str, report=None, with_fvcore: bool = True, seed: int = 0) -> dict:
+def check_model(name: str, report=None, with_fvcore: bool = True, seed: int = 0,
+                share_weights: bool = False) -> dict:
     """Runs the coverage check of one timm model in this process.
 
     Args:
@@ -155,6 +160,8 @@ def check_model(name: str, report=None, with_fvcore: bool = True, seed: int = 0)
             kills a slow child still has the stages that finished); None to only return them.
         with_fvcore: also count FLOPs with fvcore (the slowest stage for large models).
         seed: seeds the weights, the gate logits and the inputs.
+        share_weights: convert with ``copy_model=False`` (the DAG shares the model's
+            parameters), which large models need to fit the memory bound.
 
     Returns:
         The recorded fields: ``input_size``, ``params``, ``convert_max_rel_diff``,
@@ -178,7 +185,7 @@ def check_model(name: str, report=None, with_fvcore: bool = True, seed: int = 0)
     note(params=sum(p.numel() for p in model.parameters()))
 
     note(stage="convert")
-    dag = dp.build_from_unstructured_module(model)
+    dag = dp.build_from_unstructured_module(model, copy_model=not share_weights)
     torch.manual_seed(seed)
     difference = dp.compare_module_outputs(model, dag, (2, *input_size), raise_error=False)
     note(convert_max_rel_diff=float(difference),
@@ -188,25 +195,21 @@ def check_model(name: str, report=None, with_fvcore: bool = True, seed: int = 0)
     note(flops=int(dp.count_flops(dag, input_size).total))
 
     note(stage="prune")
-    pruning = ChannelPruning(dag, input_size, PRUNING_TARGET, 100)
-    try:
-        gated = pruning.prepare_for_pruning()
-    except dp.errors.PruningError as error:
-        if "cannot be reached" not in str(error):
-            raise
-        # The model is prunable, just not down to 50% of its FLOPs; the check does not train.
-        pruning = ChannelPruning(dag, input_size, 0.99, 100)
-        gated = pruning.prepare_for_pruning()
-    note(prunable=True, prunable_groups=len(pruning.prunable_groups),
+    pruning, gated, target = prepare_at_target_or_reachable(dag, input_size, PRUNING_TARGET, 100)
+    note(prunable=True, pruning_target=target, prunable_groups=len(pruning.prunable_groups),
          channel_groups=len(pruning.channel_groups),
          prunable_proportion=float(pruning.prunable_proportion),
          max_removable_proportion=float(pruning.max_removable_proportion))
 
     note(stage="remove")
     removal_difference, slim, x = removal_difference_at_random_gates(pruning, gated, input_size, 2, seed + 1)
-    note(removal_max_rel_diff=removal_difference,
-         removal_exact=bool(removal_difference <= REMOVAL_TOLERANCE),
-         slim_params=sum(p.numel() for p in slim.parameters()))
+    exact = removal_difference <= REMOVAL_TOLERANCE
+    note(removal_max_rel_diff=removal_difference, slim_params=sum(p.numel() for p in slim.parameters()))
+    if not exact:  # rounding amplified by the random weights, or a wrong removal: float64 tells
+        difference64 = float64_removal_difference(gated, slim, x)
+        exact = difference64 <= FLOAT64_REMOVAL_TOLERANCE
+        note(removal_max_rel_diff_float64=difference64)
+    note(removal_exact=bool(exact))
     note(stage="slim roundtrip")
     note(slim_roundtrip_exact=round_trips_exactly(slim, x))
     del gated, slim, pruning
@@ -257,10 +260,11 @@ def _bit_equal(first, second) -> bool:
 def _is_out_of_memory(error: BaseException) -> bool:
     text = str(error)
     return isinstance(error, MemoryError) or "can't allocate memory" in text \
-        or "DefaultCPUAllocator" in text or "std::bad_alloc" in text
+        or "Cannot allocate memory" in text or "DefaultCPUAllocator" in text or "std::bad_alloc" in text
 
 
-def _child_main(name: str, connection, memory_bytes: int, cpu_seconds: int, with_fvcore: bool) -> None:
+def _child_main(name: str, connection, memory_bytes: int, cpu_seconds: int, with_fvcore: bool,
+                share_weights: bool) -> None:
     """Runs in the forked child: bounds itself, checks ``name``, streams fields to the parent."""
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 10))
@@ -274,7 +278,7 @@ def _child_main(name: str, connection, memory_bytes: int, cpu_seconds: int, with
         connection.send(fields)
 
     try:
-        check_model(name, report, with_fvcore)
+        check_model(name, report, with_fvcore, share_weights=share_weights)
         connection.send({"status": "ok"})
     except CpuTimeExceeded:
         connection.send({"status": "timeout", "error": f"CPU time over {cpu_seconds} s "
@@ -333,23 +337,76 @@ def code_version() -> dict:
     return {"git_head": head, "source_dirty": dirty, "source_sha1": digest.hexdigest()[:12]}
 
 
-def run_one(name: str, context, memory_gb: float, cpu_seconds: int, wall_seconds: int,
-            max_params: int, with_fvcore: bool, version: dict | None = None) -> dict:
-    """Checks ``name`` in a forked child under the bounds; always returns a record."""
+@dataclasses.dataclass(frozen=True)
+class Lane:
+    """The bounds a model runs under. Models over ``large_params`` parameters take the large
+    lane: a bigger address space, more time, the DAG sharing the model's weights, and an
+    exclusive lock (:func:`machine_share`) so that no other shard's model runs beside them."""
+
+    name: str
+    memory_gb: float
+    cpu_seconds: int
+    wall_seconds: int
+    share_weights: bool = False
+    exclusive: bool = False
+
+
+def choose_lane(params: int | None, options) -> Lane | None:
+    """The lane for a model of ``params`` parameters (None: counted later), or None when it is
+    over ``options.max_params`` and skipped."""
+    if params is not None and params > options.max_params:
+        return None
+    if params is not None and params > options.large_params:
+        return Lane("large", options.large_memory_gb, options.cpu_seconds * LARGE_TIME_FACTOR,
+                    options.wall_seconds * LARGE_TIME_FACTOR, share_weights=True, exclusive=True)
+    return Lane("small", options.memory_gb, options.cpu_seconds, options.wall_seconds)
+
+
+@contextlib.contextmanager
+def machine_share(lock_path: Path, exclusive: bool):
+    """Holds ``lock_path`` shared (small models: the shards run side by side) or exclusively
+    (a large model waits until no other shard is inside, and keeps them out meanwhile)."""
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_one(name: str, context, options, with_fvcore: bool, version: dict | None = None) -> dict:
+    """Checks ``name`` in a forked child under its lane's bounds; always returns a record."""
     record = {"name": name, "timm_version": timm.__version__, "torch_version": torch.__version__,
               **(version or {}),
               "converts_exactly": False, "prunable": False, "removal_exact": False}
     start = time.monotonic()
     meta_params = count_parameters_on_meta(name)
-    if meta_params is not None and meta_params > max_params:
+    lane = choose_lane(meta_params, options)
+    if lane is None:
         record.update(status="skipped", params=meta_params, time_s=round(time.monotonic() - start, 2),
                       error=f"skipped: {meta_params / 1e6:.0f}M parameters, over the "
-                            f"{max_params / 1e6:.0f}M that fit the {memory_gb:g} GB bound")
+                            f"{options.max_params / 1e6:.0f}M that fit the {options.large_memory_gb:g} GB "
+                            "bound of the large lane")
         return record
-    memory_bytes = _address_space_bytes() + int(memory_gb * 2 ** 30)
+    record.update(lane=lane.name, memory_gb=lane.memory_gb)
+    with machine_share(options.results.with_suffix(".lock"), lane.exclusive):
+        record.update(_run_in_child(name, context, lane, with_fvcore))
+    if record["status"] != "ok" and "error_stage" not in record:
+        record["error_stage"] = record.get("stage")
+    return record
+
+
+def _run_in_child(name: str, context, lane: Lane, with_fvcore: bool) -> dict:
+    """Forks the child, relays its fields until it reports a status or dies, kills it at the
+    wall-clock bound; the fields and a status, always."""
+    record: dict = {}
+    start = time.monotonic()
+    cpu_seconds, wall_seconds = lane.cpu_seconds, lane.wall_seconds
+    memory_bytes = _address_space_bytes() + int(lane.memory_gb * 2 ** 30)
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_child_main, args=(name, sender, memory_bytes, cpu_seconds, with_fvcore))
+    child = context.Process(target=_child_main, args=(name, sender, memory_bytes, cpu_seconds, with_fvcore,
+                                                      lane.share_weights))
     child.start()
     sender.close()
     deadline = start + wall_seconds
@@ -387,8 +444,6 @@ def run_one(name: str, context, memory_gb: float, cpu_seconds: int, wall_seconds
         else:  # RLIMIT_AS failures inside C++ and the kernel's OOM killer end here
             status = "oom" if code == -signal.SIGKILL else "crashed"
             record.update(status=status, error=f"child died ({killed_by}) in stage {record.get('stage')}")
-    if record["status"] != "ok" and "error_stage" not in record:
-        record["error_stage"] = record.get("stage")
     return record
 
 
@@ -431,7 +486,11 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-seconds", type=int, default=120, help="CPU-time bound per model")
     parser.add_argument("--wall-seconds", type=int, default=900, help="wall-clock bound per model")
     parser.add_argument("--memory-gb", type=float, default=6.0, help="address space per model")
-    parser.add_argument("--max-params", type=float, default=600e6, help="skip larger models")
+    parser.add_argument("--large-params", type=float, default=250e6,
+                        help="larger models run one at a time across shards, under --large-memory-gb "
+                             f"and {LARGE_TIME_FACTOR}x the time bounds")
+    parser.add_argument("--large-memory-gb", type=float, default=18.0, help="address space of a large model")
+    parser.add_argument("--max-params", type=float, default=1.4e9, help="skip larger models")
     parser.add_argument("--no-fvcore", action="store_true", help="skip the fvcore comparison")
     parser.add_argument("--redo", action="store_true", help="rerun names already in --results")
     parser.add_argument("--rerun-failures", action="store_true",
@@ -460,8 +519,7 @@ def main(argv=None) -> int:
                     mininterval=5, file=sys.stderr)
     for name in progress:
         progress.set_postfix_str(name[:30])
-        record = run_one(name, context, args.memory_gb, args.cpu_seconds, args.wall_seconds,
-                         int(args.max_params), not args.no_fvcore, version)
+        record = run_one(name, context, args, not args.no_fvcore, version)
         append_record(args.results, record, sort_keys=True)  # one write per line: shards share the file
         counts["ok"] += record["status"] == "ok"
         counts["exact"] += bool(record.get("converts_exactly"))

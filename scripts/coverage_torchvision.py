@@ -101,8 +101,8 @@ def check_model(name: str, report) -> None:
     import torchvision
 
     import dagprune as dp
-    from dagprune_algorithms.pruning import ChannelPruning, find_channel_groups
-    from removal_check import removal_difference_at_random_gates
+    from dagprune_algorithms.pruning import find_channel_groups
+    from removal_check import prepare_at_target_or_reachable, removal_difference_at_random_gates
 
     side = input_side(name)
     input_size = (3, side, side)
@@ -130,14 +130,7 @@ def check_model(name: str, report) -> None:
         report(stage="done")
         return
 
-    pruning = ChannelPruning(dag, input_size, 0.5, 10)
-    try:
-        gated = pruning.prepare_for_pruning()
-    except dp.errors.PruningError as error:
-        if "cannot be reached" not in str(error):
-            raise
-        pruning = ChannelPruning(dag, input_size, 0.99, 10)  # prunable, not down to 50% FLOPs
-        gated = pruning.prepare_for_pruning()
+    pruning, gated, _ = prepare_at_target_or_reachable(dag, input_size, 0.5, 10)
     report(prunable_proportion=float(pruning.prunable_proportion), stage="remove")
 
     removal_difference, _, _ = removal_difference_at_random_gates(pruning, gated, input_size, 1, seed=1)

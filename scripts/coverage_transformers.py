@@ -43,7 +43,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO_ROOT / "build" / "coverage_transformers" / "results.jsonl"
 DEFAULT_TABLE = REPO_ROOT / "resources" / "supported_transformers.md"
 PRUNING_TARGET = 0.5
-FALLBACK_PRUNING_TARGET = 0.99  # prunable, just not down to 50% of the FLOPs (the check does not train)
 SCRIPTS = Path(__file__).resolve().parent
 for _path in (REPO_ROOT, SCRIPTS):  # dagprune; sweep_harness, removal_check: shared with the other sweeps
     if str(_path) not in sys.path:
@@ -152,19 +151,9 @@ def _find_groups(dag, inputs: dict, note) -> bool:
 
 
 def _prepare_pruning(dag, inputs: dict, note):
-    """``ChannelPruning`` at 50% of the FLOPs, or at 99% when 50% cannot be reached; gated DAG."""
-    import dagprune as dp
-    from dagprune_algorithms.pruning import ChannelPruning
-    target = PRUNING_TARGET
-    pruning = ChannelPruning(dag, None, target, 10, example_inputs=inputs)
-    try:
-        gated = pruning.prepare_for_pruning()
-    except dp.errors.PruningError as error:
-        if "cannot be reached" not in str(error):
-            raise
-        target = FALLBACK_PRUNING_TARGET
-        pruning = ChannelPruning(dag, None, target, 10, example_inputs=inputs)
-        gated = pruning.prepare_for_pruning()
+    """``ChannelPruning`` at 50% of the FLOPs, or halfway to the reachable share; gated DAG."""
+    from removal_check import prepare_at_target_or_reachable
+    pruning, gated, target = prepare_at_target_or_reachable(dag, None, PRUNING_TARGET, 10, example_inputs=inputs)
     note(pruning_target=target, prunable_proportion=float(pruning.prunable_proportion),
          max_removable_proportion=float(pruning.max_removable_proportion))
     return pruning, gated

@@ -39,3 +39,47 @@ def removal_difference_at_random_gates(pruning, gated, input_size: Sequence[int]
     with torch.no_grad():
         difference = float(dagprune.max_relative_difference(call(gated), call(slim)))
     return difference, slim, inputs
+
+
+def prepare_at_target_or_reachable(dag: dagprune.DagModule, input_size: Sequence[int] | None, target: float,
+                                   steps: int, example_inputs: Any = None):
+    """``ChannelPruning(dag, input_size, target, steps).prepare_for_pruning()``; when ``target``
+    cannot be reached, the model is still checked: at the share halfway between what removing
+    every prunable channel leaves and 1 (the checks do not train, so any reachable target works).
+
+    Returns:
+        ``(pruning, gated model, target used)``.
+    """
+    from dagprune_algorithms.pruning import ChannelPruning
+
+    pruning = ChannelPruning(dag, input_size, target, steps, example_inputs=example_inputs)
+    try:
+        return pruning, pruning.prepare_for_pruning(), target
+    except dagprune.errors.PruningError as error:
+        if "cannot be reached" not in str(error):
+            raise
+    reachable = 1.0 - pruning.max_removable_proportion
+    target = reachable + pruning.max_removable_proportion / 2
+    pruning = ChannelPruning(dag, input_size, target, steps, example_inputs=example_inputs)
+    return pruning, pruning.prepare_for_pruning(), target
+
+
+FLOAT64_REMOVAL_TOLERANCE = 1e-9
+"""Max relative difference of slim against gated model when both are recomputed in float64."""
+
+
+def float64_removal_difference(gated: dagprune.DagModule, slim: dagprune.DagModule, inputs: torch.Tensor) -> float:
+    """The slim model against the gated one again, on float64 copies of both and the input.
+
+    Removal changes only the order of sums (a reduction over fewer channels instead of zeroed
+    ones), so the two agree to about one float32 unit; random-init models can amplify that past
+    any fixed tolerance (squeeze-excitation logits in the thousands make the sigmoid multiply a
+    relative error by hundreds). In float64 a correct removal lands near 1e-12 while a channel
+    removed on one side of a coupling but not the other stays at 1e-2 or more, so this tells
+    rounding from a wrong removal.
+    """
+    import copy
+
+    gated64, slim64 = copy.deepcopy(gated).double().eval(), copy.deepcopy(slim).double().eval()
+    with torch.no_grad():
+        return float(dagprune.max_relative_difference(gated64(inputs.double()), slim64(inputs.double())))

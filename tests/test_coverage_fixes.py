@@ -36,3 +36,46 @@ def test_fixed_family_converts_and_removes_exactly(name):
     record = coverage_script.check_model(name, with_fvcore=False)
     assert record["converts_exactly"], record
     assert record["prunable"] and record["removal_exact"], record
+
+
+def _pruned_resnet10t(target: float):
+    import timm
+    import torch
+
+    import dagprune as dp
+    removal_check = coverage_script.sys.modules["removal_check"]
+    torch.manual_seed(0)
+    dag = dp.build_from_unstructured_module(timm.create_model("resnet10t", pretrained=False).eval())
+    pruning, gated, used = removal_check.prepare_at_target_or_reachable(dag, (3, 32, 32), target, 10)
+    return removal_check, pruning, gated, used
+
+
+def test_float64_recheck_tells_rounding_from_a_wrong_removal():
+    import torch
+
+    removal_check, pruning, gated, _ = _pruned_resnet10t(0.5)
+    _, slim, x = removal_check.removal_difference_at_random_gates(pruning, gated, (3, 32, 32), 2, seed=1)
+    assert removal_check.float64_removal_difference(gated, slim, x) <= removal_check.FLOAT64_REMOVAL_TOLERANCE
+    with torch.no_grad():  # one kept weight off by 1e-3: a removal that is wrong, however slightly
+        next(slim.parameters()).view(-1)[0] *= 1.001
+    assert removal_check.float64_removal_difference(gated, slim, x) > 1e3 * removal_check.FLOAT64_REMOVAL_TOLERANCE
+
+
+def test_unreachable_target_is_checked_at_a_reachable_one():
+    removal_check, pruning, gated, used = _pruned_resnet10t(1e-4)
+    reachable = 1.0 - pruning.max_removable_proportion
+    assert 1e-4 < reachable < used < 1.0 and pruning.pruning_proportion == used
+    assert gated is pruning.prepare_for_pruning()
+
+
+def test_large_models_take_the_exclusive_lane_and_the_largest_are_skipped():
+    from types import SimpleNamespace
+
+    options = SimpleNamespace(max_params=1.4e9, large_params=250e6, memory_gb=6.0, large_memory_gb=18.0,
+                              cpu_seconds=120, wall_seconds=900)
+    small, large = coverage_script.choose_lane(100e6, options), coverage_script.choose_lane(600e6, options)
+    assert (small.name, small.memory_gb, small.exclusive, small.share_weights) == ("small", 6.0, False, False)
+    assert (large.name, large.memory_gb, large.exclusive, large.share_weights) == ("large", 18.0, True, True)
+    assert large.cpu_seconds > small.cpu_seconds and large.wall_seconds > small.wall_seconds
+    assert coverage_script.choose_lane(2e9, options) is None
+    assert coverage_script.choose_lane(None, options).name == "small"  # not countable on meta: counted later
