@@ -121,6 +121,32 @@ def test_round_to_auto_rounds_the_removed_model_to_the_tables_multiple():
         assert 1 <= widths["neck"] <= 12  # smaller than the multiple: not rounded
 
 
+class Narrow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Conv2d(16, 24, 3, padding=1)
+        self.head = nn.Conv2d(24, 5, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(torch.relu(self.stem(x)))))
+
+
+def test_under_auto_a_group_narrower_than_two_multiples_rounds_finer_and_keeps_its_gate():
+    torch.manual_seed(0)
+    dag = dp.build_from_unstructured_module(Narrow().eval())
+    auto = ChannelPruning(dag, (3, 6, 6), 0.999, 10, round_to="auto", width_table=_table(blocked_16))
+    gated = auto.prepare_for_pruning()
+    assert auto.round_to == 16 and [gate.block_size for gate in auto.gates] == [8, 8]
+    for _ in random_gate_states(auto, seed=1, count=4):
+        slim = assert_removal_matches_gates(auto, gated, (torch.randn(2, 3, 6, 6),))
+        widths = [v.module.out_channels for v in slim.inner_vertices if isinstance(v.module, nn.Conv2d)]
+        assert widths[0] in (8, 16) and widths[1] in (8, 16, 24), widths
+    explicit = ChannelPruning(dag, (3, 6, 6), 0.999, 10, round_to=16)
+    explicit.prepare_for_pruning()  # asked for 16 exactly: the 16-channel group has one block, no choice
+    assert [group.size for group in explicit.prunable_groups] == [24]
+
+
 @pytest.mark.parametrize("options, message", [
     ({"round_to": "Auto"}, 'round_to must be a positive int, got \'Auto\' \\(or "auto"\\)'),
     ({"round_to": "auto", "block_size": 4}, "both round the kept counts"),

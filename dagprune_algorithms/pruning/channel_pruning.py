@@ -3,8 +3,6 @@ channel pruning."""
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,6 +14,8 @@ from dagprune.errors import PruningError
 from dagprune.example_inputs import as_example_inputs
 from dagprune.shape_prop import module_device
 
+from dagprune_algorithms.pruning.argument_checks import (check_channel_limits, check_finite_numbers, check_global_step,
+                                                         check_latency_table)
 from dagprune_algorithms.pruning.calibration import calibrated_logits
 from dagprune_algorithms.pruning.budgets import BudgetCost, ExpectedCost, check_budget, flops_cost, params_cost
 from dagprune_algorithms.pruning.channel_groups import (ChannelAnalysis, ChannelGroup, check_head_pruning,
@@ -84,7 +84,8 @@ class ChannelPruning:
             ``round_to`` channels (smaller groups are not rounded); not with ``block_size``.
             ``"auto"``: the multiple the device runs fast, chosen at :meth:`prepare_for_pruning`
             from ``width_table`` or one measured on the model's device and dtype (cached; see
-            :mod:`.width_table`); :attr:`round_to` then holds the chosen int.
+            :mod:`.width_table`); :attr:`round_to` then holds the chosen int, and a group
+            narrower than twice it rounds to a finer power of two, so that it keeps a choice.
         width_table: the :class:`~.width_table.WidthTable` of ``round_to="auto"``.
         budget: what ``pruning_proportion``, the FLOPs loss and the proportions count (see
             :mod:`.budgets`): ``"flops"``; ``"params"``, the slim model's parameter count
@@ -147,13 +148,13 @@ class ChannelPruning:
             raise PruningError(f"block_size must be a positive int, got {block_size!r}")
         if not isinstance(finite_check_interval, int) or finite_check_interval < 1:
             raise PruningError(f"finite_check_interval must be a positive int, got {finite_check_interval!r}")
-        _check_channel_limits(block_size, min_channels, round_to, width_table)
-        _check_finite_numbers(initial_logit=initial_logit, temperature=temperature,
+        check_channel_limits(block_size, min_channels, round_to, width_table)
+        check_finite_numbers(initial_logit=initial_logit, temperature=temperature,
                               initial_logit_spread=initial_logit_spread)
         if temperature <= 0:
             raise PruningError(f"temperature must be > 0, got {temperature!r}")
         check_head_pruning(head_pruning)
-        _check_latency_table(check_budget(budget), latency_table)
+        check_latency_table(check_budget(budget), latency_table)
         self.model = model
         self.input_shape_without_batch, self.example_inputs = _analysed_inputs(
             model, input_shape_without_batch, example_inputs)
@@ -262,16 +263,30 @@ class ChannelPruning:
             self.width_table = measure_width_table(device, dtype)
         self.round_to = self.width_table.best_multiple()
 
+    def _rounding_multiple(self, size: int) -> int:
+        """The multiple a group of ``size`` channels rounds its kept count to: ``round_to`` in
+        groups at least that wide, 1 in narrower ones. Under ``round_to="auto"`` a group keeps
+        at least two blocks to choose from: a group narrower than twice the measured multiple
+        rounds to a finer power of two (16 channels under 16 round to 8) instead of losing its
+        gate to a single block."""
+        if self.round_to <= 1 or size < self.round_to:
+            return 1
+        multiple = self.round_to
+        if self.width_table is not None:  # round_to="auto"
+            while multiple > 1 and size < 2 * multiple:
+                multiple //= 2
+        return multiple
+
     def _group_block_size(self, size: int) -> int:
         """Kept counts of a group of ``size`` channels are multiples of this."""
         if self.round_to > 1:
-            return self.round_to if size >= self.round_to else 1
+            return self._rounding_multiple(size)
         return self.block_size
 
     def _minimum_kept(self, size: int) -> int:
         """Fewest channels a group of ``size`` keeps under ``min_channels`` and ``round_to``
         (``block_size`` is left out, as before it existed: its groups keep one block)."""
-        block = self.round_to if 1 < self.round_to <= size else 1
+        block = self._rounding_multiple(size)
         return min(-(-min(self.min_channels, size) // block) * block, size)
 
     def _leave_groups_without_choice(self) -> None:
@@ -367,7 +382,7 @@ class ChannelPruning:
                 previous check, a gate logit, a weight or a statistic is NaN or Inf (the
                 message names the step, the group or the vertex).
         """
-        _check_global_step(global_step)
+        check_global_step(global_step)
         device_type = module_device(self._require_gated()).type
         with torch.autocast(device_type=device_type, enabled=False):  # losses in float32
             return self._losses_at(global_step)
@@ -547,7 +562,7 @@ def check_flops_target(proportion: float, target: float, tolerance: float = TARG
     ...
     dagprune.errors.PruningError: FLOPs target missed: ... target 0.5000, 0.5000 above it (tolerance 0.0200); ...
     """
-    _check_finite_numbers(proportion=proportion, target=target, tolerance=tolerance)
+    check_finite_numbers(proportion=proportion, target=target, tolerance=tolerance)
     miss = proportion - target
     if miss > tolerance:
         raise PruningError(
@@ -555,38 +570,3 @@ def check_flops_target(proportion: float, target: float, tolerance: float = TARG
             f"target {target:.4f}, {miss:.4f} above it (tolerance {tolerance:.4f}); train for more "
             "steps, raise the FLOPs loss weight or the gate learning rate")
     return miss
-
-
-def _check_finite_numbers(**values) -> None:
-    for name, value in values.items():
-        if not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise PruningError(f"{name} must be a finite number, got {value!r}")
-
-
-def _check_latency_table(budget: str, latency_table) -> None:
-    if latency_table is not None and not isinstance(latency_table, LatencyTable):
-        raise PruningError(f"latency_table must be a LatencyTable (from measure_latency_table(...)), got "
-                           f"{type(latency_table).__name__}")
-    if latency_table is not None and budget != "latency":
-        raise PruningError(f"a latency_table is used by budget='latency' only, got budget={budget!r}; "
-                           "pass budget='latency' or drop the table")
-
-
-def _check_channel_limits(block_size, min_channels, round_to, width_table) -> None:
-    for name, value in (("min_channels", min_channels), ("round_to", 1 if round_to == "auto" else round_to)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PruningError(f"{name} must be a positive int, got {value!r}" +
-                               ("" if name == "min_channels" else ' (or "auto")'))
-    if width_table is not None and (round_to != "auto" or not isinstance(width_table, WidthTable)):
-        raise PruningError(f"width_table is used by round_to='auto' only and must be a WidthTable, got "
-                           f"round_to={round_to!r}, {type(width_table).__name__}")
-    if (round_to == "auto" or round_to > 1) and block_size > 1:
-        raise PruningError(f"block_size={block_size} and round_to={round_to} both round the kept counts; "
-                           "give one (round_to leaves groups smaller than it unrounded)")
-
-
-def _check_global_step(global_step) -> None:
-    if isinstance(global_step, bool) or not isinstance(global_step, numbers.Integral) or global_step < 0:
-        raise PruningError(
-            f"global_step must be an int >= 0 (the index of the training step), got {global_step!r}; "
-            "pass the loop's step counter (a Python int, not a tensor or a float)")
