@@ -4,8 +4,10 @@ The target (issue 19): at 0.5 of the FLOPs, dagprune differentiable with distill
 :data:`WITHIN_BASELINE` points of the converged baseline, and at every target more accurate
 than every other method by more than the seed spread. Both are computed here from the numbers
 of ``accuracy.json``; where a part is not met the report says which method, target and margin.
-The spread of a comparison is the larger of the two methods' sample standard deviations over
-seeds.
+Comparisons are paired by seed: every method of a seed starts from that seed's baseline, so
+the margin of a seed is our accuracy minus the other method's on it. The spread of a comparison
+is the sample standard deviation of those per-seed margins; ours is ahead by more than the
+spread when it is ahead on every seed and the mean margin exceeds that deviation.
 """
 
 from __future__ import annotations
@@ -236,12 +238,25 @@ def _accuracy_plots(groups: dict, section: dict, plots: Path, lines: list) -> No
     lines += [f"![accuracy vs latency]({plots.name}/{path.name})", ""]
 
 
+def _paired_margins(ours: MethodAtTarget, other: MethodAtTarget) -> list[float]:
+    """Per seed that both ran: our accuracy minus the other method's (points). Both start from
+    the same baseline of that seed, so the seed's luck cancels out of the difference."""
+    theirs = {r["seed"]: r["accuracy"] for r in other.runs if r.get("accuracy") is not None}
+    return [r["accuracy"] - theirs[r["seed"]] for r in ours.runs
+            if r.get("accuracy") is not None and r["seed"] in theirs]
+
+
 def _comparison(ours: MethodAtTarget, other: MethodAtTarget) -> tuple[str, bool]:
-    """One line comparing ``ours`` with ``other`` at their target, and whether ours is ahead by
-    more than the spread."""
-    margin = ours.accuracy - other.accuracy
-    spread = max(ours.spread, other.spread)
-    if margin > spread:
+    """One line comparing ``ours`` with ``other`` at their target, paired by seed, and whether
+    ours is ahead by more than the spread: ahead on every seed, and the mean of the per-seed
+    margins above their standard deviation (with one seed, any positive margin)."""
+    margins = _paired_margins(ours, other)
+    if not margins:
+        return f"{other.label}: no seed run by both", False
+    margin, spread = statistics.mean(margins), _spread(margins)
+    ahead = margin > spread and min(margins) > 0
+    per_seed = ", ".join(f"{m:+.2f}" for m in margins)
+    if ahead:
         verdict = f"ahead by {margin:.2f} points, more than the spread {spread:.2f}"
     elif margin >= 0:
         verdict = f"ahead by {margin:.2f} points, within the spread {spread:.2f}: not separable with these seeds"
@@ -253,7 +268,7 @@ def _comparison(ours: MethodAtTarget, other: MethodAtTarget) -> tuple[str, bool]
     if other.flops is not None and ours.flops is not None and abs(other.flops - ours.flops) > 0.01:
         flops_note = (f" (FLOPs share {ours.flops:.3f} against {other.flops:.3f}: "
                       + ("ours keeps more FLOPs" if ours.flops > other.flops else "ours keeps fewer FLOPs") + ")")
-    return f"{other.label}: {verdict}{flops_note}", margin > spread
+    return f"{other.label}: {verdict} (per seed {per_seed}){flops_note}", ahead
 
 
 def _target_check(groups: dict, section: dict, baseline: dict[int, float], lines: list, verdicts: list) -> None:
