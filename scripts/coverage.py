@@ -15,8 +15,10 @@ names already there (resumable) and ``--shard i/n`` splits the names for paralle
 
 Models run at 64x64 where they can: fixed-size models (ViTs...) are rebuilt with
 ``img_size=64`` when timm allows; a model whose forward pass fails at 64 px is retried at its
-``min_input_size``, 128 px and its default size. Models with more than ``--max-params``
-parameters (counted on the meta device, no memory used) are skipped with the reason.
+``min_input_size``, 128 px and its default size. Parameters are counted on the meta device
+first (no memory used): models over ``--large-params`` run in the large lane (one at a time
+across shards, under ``--large-memory-gb``, longer time bounds, the DAG sharing the model's
+weights); models over ``--max-params`` are skipped with the reason.
 
 Usage::
 
