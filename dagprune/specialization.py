@@ -24,7 +24,8 @@ from torch import nn
 from dagprune.errors import ConversionError
 from dagprune.example_inputs import ExampleInputs
 
-__all__ = ["argument_values", "fixed_arguments", "remove_fixed_placeholders", "traced_signature", "required_extras", "OutputType", "FIXED_META"]
+__all__ = ["argument_values", "fixed_arguments", "default_arguments", "remove_fixed_placeholders",
+           "traced_signature", "required_extras", "OutputType", "FIXED_META"]
 
 _NAMED_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
                 inspect.Parameter.KEYWORD_ONLY)
@@ -68,6 +69,21 @@ def fixed_arguments(model: nn.Module, inputs: ExampleInputs) -> dict[str, Any]:
             raise ConversionError(f"example_inputs give no value for {parameter.name!r} of {where}, "
                                   "which has no default; pass it in example_inputs")
     return fixed
+
+
+def default_arguments(model: nn.Module) -> dict[str, Any]:
+    """The forward arguments that have defaults, fixed to them: how the model is traced without
+    example inputs, as called with its required arguments only (``model(x)``). A proxy standing
+    for such an argument would take the branches for a given value (``if mask is not None:``
+    reads a mask the DAG then requires; ``if pre_logits:`` cannot be traced at all).
+
+    >>> class Masked(nn.Module):
+    ...     def forward(self, x, mask=None, scale=1.0):
+    ...         return x if mask is None else x * mask
+    >>> default_arguments(Masked())
+    {'mask': None, 'scale': 1.0}
+    """
+    return {p.name: p.default for p in _forward_parameters(model) if p.default is not inspect.Parameter.empty}
 
 
 def argument_values(model: nn.Module, inputs: ExampleInputs) -> dict[str, Any]:

@@ -28,8 +28,9 @@ from dagprune.ops.functions import function_name, method_name, register_function
 from dagprune.ops.parameter import ModuleCallOp, ParameterOp
 from dagprune.ops.templates import InputRef, map_template
 from dagprune.outputs import OutputRecord
-from dagprune.specialization import (FIXED_META, OutputType, argument_values, fixed_arguments,
-                                     remove_fixed_placeholders, required_extras, traced_signature)
+from dagprune.specialization import (FIXED_META, OutputType, argument_values, default_arguments,
+                                     fixed_arguments, remove_fixed_placeholders, required_extras,
+                                     traced_signature)
 from dagprune.training_mode import evaluation_mode
 from dagprune.value_tracing import ValueProxy, ValueRecorder, torch_functions_for_proxies
 
@@ -140,7 +141,9 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
             arguments given as other values, and those left out that have defaults, are fixed
             to that value (branches on them follow the example; see
             :mod:`dagprune.specialization`). The DAG is then called like the model with the
-            same tensors: ``dag(*args)`` / ``dag(**kwargs)``.
+            same tensors: ``dag(*args)`` / ``dag(**kwargs)``. Without them, the model is
+            traced as called with its arguments that have no default (``model(x)``): those
+            are the DAG's inputs, the others are fixed to their defaults.
 
     Returns:
         The DAG, checked with :meth:`DagModule.lint`.
@@ -183,11 +186,15 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
 
 
 def _trace(tracer: _DagTracer, source: nn.Module, inputs: ExampleInputs | None, output_type: OutputType) -> fx.Graph:
-    """The graph of ``source``: traced symbolically, or, with example inputs, with its forward
+    """The graph of ``source``: traced symbolically (arguments with defaults fixed to them, see
+    :func:`~dagprune.specialization.default_arguments`), or, with example inputs, with its forward
     specialised on them (see :mod:`dagprune.specialization`) and run on their values (see
     :mod:`dagprune.value_tracing`)."""
     if inputs is None:
-        return tracer.trace(source)
+        fixed = default_arguments(source)
+        graph = tracer.trace(source, concrete_args=fixed or None)
+        remove_fixed_placeholders(graph, source, fixed)
+        return graph
     with traced_signature(source, inputs, output_type):
         fixed = fixed_arguments(source, inputs)
         tracer.record_values(source, {**argument_values(source, inputs), **fixed})

@@ -122,6 +122,35 @@ def test_conversion_follows_the_model_mode_and_copies_parameters():
     assert not torch.equal(next(dag.parameters()), next(model.parameters()))
 
 
+class _OptionalArguments(nn.Module):
+    """``forward(x, mask=None, is_causal=False)`` as timm's Hiera and ViTs: the mask branches
+    read the mask, the head runs only without it, and a flag is branched on."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 1), nn.Linear(4, 2)
+
+    def forward(self, x, mask=None, is_causal: bool = False):
+        x = self.conv(x)
+        if mask is not None or is_causal:
+            x = x * mask.view(x.shape[0], 1, *x.shape[2:])
+        x = x.mean((2, 3))
+        return self.head(x) if mask is None else x
+
+
+def test_arguments_with_defaults_are_fixed_to_them_without_example_inputs():
+    # traced as proxies, `mask is not None` took the branch for a given mask: the DAG read
+    # mask.view and failed on dag(x) (timm's hiera_* models, coverage sweep)
+    model = _OptionalArguments().eval()
+    dag = dagprune.build_from_unstructured_module(model)
+    assert [(v.name, v.fixed) for v in dag.inputs] == [("x", False), ("mask", True), ("is_causal", True)]
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(model(x), dag(x))
+    with pytest.raises(TypeError, match="mask"):
+        dag(x, torch.ones(2, 16))
+
+
 # --------------------------------------------------------------------------------- untraceable
 class DataDependentGate(nn.Module):
     """Branches on the data: torch.fx cannot trace this."""
