@@ -20,9 +20,11 @@ value:
 Buffers are traced as graph attributes (torch.fx ``proxy_buffer_attributes``), so a causal mask
 sliced by the traced sequence length (``self.bias[:, :, :T, :T]``) stays symbolic too.
 
-Two kinds of torch functions do not see proxies through ``__torch_function__``, and are patched
-while tracing (:func:`torch_functions_for_proxies`): ``torch.tensor`` / ``torch.as_tensor`` of a
-traced value (``torch.tensor(q.size(-1))``) are recorded as calls, and ``torch.finfo`` /
+Some torch functions do not see proxies through ``__torch_function__``, and are patched while
+tracing (:func:`torch_functions_for_proxies`): ``torch.tensor`` / ``torch.as_tensor`` of a traced
+value (``torch.tensor(q.size(-1))``) and factories given traced sizes as separate arguments
+(``torch.ones(batch, n)``: torch's argument parser takes proxies only as one size sequence) are
+recorded as calls, and ``torch.finfo`` /
 ``torch.iinfo`` of a traced dtype (``torch.finfo(x.dtype).min``) take the example's dtype: the
 DAG keeps that constant (convert the model in the dtype it will run in).
 """
@@ -48,6 +50,8 @@ _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "l
                                "is_sparse", "is_quantized", "is_meta"})
 _SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "is_floating_point",
                             "is_complex", "is_contiguous", "get_device", "element_size"})
+# factories taking their sizes as separate arguments (see the module's docstring)
+_SIZED_FACTORIES = ("zeros", "ones", "empty", "rand", "randn")
 _SHAPE_FUNCTIONS = frozenset({torch.is_floating_point, torch.is_complex, torch.is_tensor, torch.numel})
 
 
@@ -236,7 +240,8 @@ def _specialised(tracer, original):
 @contextlib.contextmanager
 def torch_functions_for_proxies(tracer):
     """While active, the torch functions named in the module's docstring accept proxies."""
-    patches = {"tensor": _recorded, "as_tensor": _recorded, "finfo": _specialised, "iinfo": _specialised}
+    patches = {"tensor": _recorded, "as_tensor": _recorded, "finfo": _specialised, "iinfo": _specialised,
+               **{name: _recorded for name in _SIZED_FACTORIES}}
     originals = {name: getattr(torch, name) for name in patches}
     try:
         for name, wrap in patches.items():

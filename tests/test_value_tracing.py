@@ -111,6 +111,33 @@ def test_branches_on_shapes_follow_the_example_and_the_graph_keeps_reading_sizes
         assert torch.equal(model(x), dag(x))
 
 
+class _GridTokens(nn.Module):
+    """timm's Gemma4 ViT form: ``if x.ndim == 4`` picks the image path, and a factory takes the
+    traced sizes as separate arguments (``torch.ones(batch, pH * pW, ...)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+
+    def forward(self, x):
+        if x.ndim == 4:
+            batch, channels, height, width = x.shape
+            x = x.reshape(batch, channels, height * width).transpose(1, 2)
+        valid = torch.ones(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+        return self.embed(x) * valid.unsqueeze(-1) + torch.zeros(x.shape[0], 1, 8)
+
+
+def test_factories_given_traced_sizes_as_separate_arguments_are_recorded(tmp_path):
+    # torch's argument parser refused the proxies: "ones() takes 1 positional argument but 2
+    # were given" (timm's gemma4_vit_* models, with example inputs)
+    model = _GridTokens().eval()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=(torch.randn(2, 3, 4, 4),))
+    loaded = dagprune.load_dag(dag.save(tmp_path / "grid"))
+    for shape in [(2, 3, 4, 4), (3, 3, 5, 2)]:
+        x = torch.randn(*shape)
+        assert torch.equal(model(x), dag(x)) and torch.equal(model(x), loaded(x))
+
+
 class _KeywordsOnly(nn.Module):
     """A forward taking **kwargs, as Hugging Face's decorated forwards do."""
 
