@@ -13,6 +13,7 @@ from typing import Callable
 
 from torch import nn
 
+from dagprune.ops.evo_norm import EvoNorm2d
 from dagprune.ops.functions import register_function
 from dagprune.ops.multihead_attention import PrunedMultiheadAttention
 from dagprune.ops.padding import SamePad2d
@@ -179,4 +180,5 @@ def autowrap_functions() -> tuple[Callable, ...]:
 register_leaf_module(SamePad2d)
 register_leaf_module(StandardizedConv2d)
 register_leaf_module(StochasticDepth)
+register_leaf_module(EvoNorm2d)
 register_leaf_module(PrunedMultiheadAttention)

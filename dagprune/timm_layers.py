@@ -13,6 +13,9 @@ a saved graph names timm types. It depends only on the registries of
   ``Same`` variants) into :class:`~dagprune.ops.StandardizedConv2d`;
 * a rewrite of ``DropPath`` (stochastic depth, from ``drop_path_rate``) into
   :class:`~dagprune.ops.StochasticDepth`, which keeps dropping paths in train mode;
+* rewrites of the EvoNorm layers (``EvoNorm2dB0`` ... ``EvoNorm2dS2a``) into
+  :class:`~dagprune.ops.EvoNorm2d`, whose channels are followed (kept whole where an activation
+  holds parameters);
 * timm's own lists of modules and helper functions that must not be traced into (NFNets'
   ``NormFreeBlock`` only where it uses its in-place ``skipinit_gain``);
 * timm's activation functions as storable functions (leaf modules hold them as attributes).
@@ -26,6 +29,7 @@ import inspect
 from torch import nn
 
 from dagprune.leaf_modules import register_autowrap_function, register_leaf_module, register_module_rewrite
+from dagprune.ops.evo_norm import EvoNorm2d
 from dagprune.ops.functions import register_function
 from dagprune.ops.padding import SamePad2d
 from dagprune.ops.standardized_conv import StandardizedConv2d
@@ -137,6 +141,33 @@ def _rewrite_standardized_conv(module):
 def _rewrite_drop_path(module):
     return StochasticDepth(module.drop_prob, module.scale_by_keep)
 
+
+def _evo_norm_kind(module) -> str:
+    """The :class:`EvoNorm2d` kind computing what timm's ``EvoNorm2d<variant>`` computes."""
+    variant = type(module).__name__.removeprefix("EvoNorm2d")
+    if variant.startswith("B"):
+        return variant if (module.v is not None if variant == "B0" else module.apply_act) else "affine"
+    always = variant.endswith("a")  # the "a" variants divide by their statistics even without activation
+    base = variant.removesuffix("a")
+    if base == "S0" and module.v is None:
+        return "S1" if always else "affine"  # S0a without v: x / group_std(x), S1 with the identity
+    return base if always or base == "S0" or module.apply_act else "affine"
+
+
+def _rewrite_evo_norm(module):
+    act = getattr(module, "act", None)
+    if act is not None and (list(act.parameters()) or list(act.buffers())):
+        return module  # a registered leaf: removal would not slice its activation's state
+    kind = _evo_norm_kind(module)
+    norm = EvoNorm2d(module.weight.shape[0], kind, getattr(module, "groups", 1), module.eps,
+                     getattr(module, "momentum", 0.1), act if kind in ("S1", "S2") else None)
+    return _share_state(norm, module)
+
+
+_evo_norm = importlib.import_module("timm.layers.evo_norm")
+for _name in ("B0", "B1", "B2", "S0", "S0a", "S1", "S1a", "S2", "S2a"):
+    register_module_rewrite(getattr(_evo_norm, "EvoNorm2d" + _name))(_rewrite_evo_norm)
+    register_leaf_module(getattr(_evo_norm, "EvoNorm2d" + _name))
 
 for _name in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"):
     register_module_rewrite(getattr(_std_conv, _name))(_rewrite_standardized_conv)

@@ -24,7 +24,7 @@ from dagprune.ops.templates import InputRef
 
 __all__ = ["SPECS", "norm_over_last_axes", "norm_scale", "scaled_affine", "pass_through_coupling",
            "couple_normalized_shape", "shrink_normalized_shape", "layer_norm_coupling",
-           "remove_from_layer_norm"]
+           "remove_from_layer_norm", "group_norm_over_channels"]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -102,7 +102,10 @@ def functional_layer_norm_coupling(ctx, vertex, module, layouts, values, output)
     return norm_over_last_axes(ctx, vertex, x_index, len(shape), layouts, values, params)
 
 
-def _group_norm(ctx, vertex, x_index, num_groups, layouts, params):
+def group_norm_over_channels(ctx, vertex, x_index, num_groups, layouts, params):
+    """Couples a norm with statistics over ``num_groups`` groups of the channels (axis 1): every
+    group keeps the same positions, the statistics consume the channels and the parameters
+    (input indices ``params``) follow them."""
     atoms = channel_atoms(ctx, tensor_layout(layouts[x_index]), "group norm over a tracked spatial axis")
     param_layouts = [tensor_layout(layouts[i]) for i in params if i is not None]
     if atoms is None:
@@ -119,7 +122,7 @@ def _group_norm(ctx, vertex, x_index, num_groups, layouts, params):
 
 
 def group_norm_coupling(ctx, vertex, module, layouts, values, output):
-    return _group_norm(ctx, vertex, 0, module.num_groups, layouts, [])
+    return group_norm_over_channels(ctx, vertex, 0, module.num_groups, layouts, [])
 
 
 def functional_group_norm_coupling(ctx, vertex, module, layouts, values, output):
@@ -128,7 +131,7 @@ def functional_group_norm_coupling(ctx, vertex, module, layouts, values, output)
     if x_index is None or not isinstance(groups, int):
         return opaque_coupling(ctx, vertex, module, layouts, values, output)
     params = [argument_input(module, 2, "weight"), argument_input(module, 3, "bias")]
-    return _group_norm(ctx, vertex, x_index, groups, layouts, params)
+    return group_norm_over_channels(ctx, vertex, x_index, groups, layouts, params)
 
 
 def functional_batch_norm_coupling(ctx, vertex, module, layouts, values, output):
