@@ -7,7 +7,6 @@ that says NaN or Inf and where it is.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Sequence
 
 import torch
@@ -65,28 +64,36 @@ def describe_non_finite(value: Any, what: str = "output") -> str | None:
 
 
 def non_finite_tensors(module: nn.Module) -> list[str]:
-    """The parameters and buffers of ``module`` that hold NaN or Inf, described one per entry.
+    """The parameters and running statistics that hold NaN or Inf, and the other buffers that
+    hold NaN, one entry each.
 
-    A :class:`~dagprune.DagModule`'s tensors are named by vertex (``vertex 'conv1' (layer1.0.conv1)
-    running_var: 2 NaN of 8 values``); other modules' by their qualified names. Reads every
-    tensor once and synchronises with the device once when all are finite.
+    A buffer other than a running statistic (``running_mean``, ``running_var``...) may hold an
+    infinity by design (a clamp bound meaning "no bound", an additive attention mask of -inf);
+    a NaN is never meant. A :class:`~dagprune.DagModule`'s tensors are
+    named by vertex (``vertex 'conv1' (layer1.0.conv1) running_var: 2 NaN of 8 values``); other
+    modules' by their qualified names. Reads every tensor once and synchronises with the device
+    once when all are fine.
 
     >>> layer = nn.BatchNorm1d(2)
     >>> layer.running_var[0] = float("nan")
     >>> non_finite_tensors(layer)
     ['running_var: 1 NaN of 2 values']
+    >>> layer.running_var[0], layer.weight.data[1] = 1.0, float("inf")
+    >>> layer.register_buffer("upper_bound", torch.tensor(float("inf")))
+    >>> non_finite_tensors(layer)
+    ['weight: 1 Inf of 2 values']
     >>> non_finite_tensors(nn.Linear(2, 2))
     []
     """
-    named = list(_named_tensors(module))
-    floating = [(name, tensor) for name, tensor in named if tensor.is_floating_point()]
+    floating = [(name, tensor, may_hold_inf) for name, tensor, may_hold_inf in _named_tensors(module)
+                if tensor.is_floating_point()]
     if not floating:
         return []
     with torch.no_grad():
-        finite = torch.stack([_all_finite(tensor).to(floating[0][1].device)
-                              for _, tensor in floating]).tolist()
+        fine = torch.stack([(~torch.isnan(tensor).any() if may_hold_inf else _all_finite(tensor))
+                            .to(floating[0][1].device) for _, tensor, may_hold_inf in floating]).tolist()
     return [f"{name}: {_count_non_finite(tensor)}"
-            for (name, tensor), ok in zip(floating, finite) if not ok]
+            for (name, tensor, _), ok in zip(floating, fine) if not ok]
 
 
 _MIN_MAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -104,19 +111,28 @@ def _all_finite(tensor: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(tensor).all()
 
 
+def may_hold_infinity(buffer_name: str) -> bool:
+    """Whether a buffer of this (qualified) name may hold ±Inf by design: every buffer but a
+    running statistic."""
+    return not buffer_name.rsplit(".", 1)[-1].startswith("running_")
+
+
 def _named_tensors(module: nn.Module):
-    """(description, tensor) for every parameter and buffer; by vertex for a DAG."""
+    """(description, tensor, may hold Inf) for every parameter and buffer; by vertex for a DAG."""
     vertices = getattr(module, "inner_vertices", None)
     if vertices is None:
-        yield from itertools.chain(module.named_parameters(), module.named_buffers())
+        yield from ((name, tensor, False) for name, tensor in module.named_parameters())
+        yield from ((name, tensor, may_hold_infinity(name)) for name, tensor in module.named_buffers())
         return
     seen: set[int] = set()
     for vertex in vertices:
         where = f"vertex {vertex.name!r}" + (f" ({vertex.qualified_name})" if vertex.qualified_name else "")
-        for name, tensor in itertools.chain(vertex.module.named_parameters(), vertex.module.named_buffers()):
+        named = [*((n, t, False) for n, t in vertex.module.named_parameters()),
+                 *((n, t, may_hold_infinity(n)) for n, t in vertex.module.named_buffers())]
+        for name, tensor, may_hold_inf in named:
             if id(tensor) not in seen:
                 seen.add(id(tensor))
-                yield f"{where} {name}", tensor
+                yield f"{where} {name}", tensor, may_hold_inf
 
 
 def max_relative_difference(first: Any, second: Any) -> float:

@@ -82,6 +82,28 @@ def test_prepare_refuses_non_finite_statistics_and_parameters(tensor):
         pruning.prepare_for_pruning()
 
 
+class _ClampedLinear(nn.Linear):
+    """A linear layer whose output clamp bounds are buffers, ±Inf meaning "no bound"."""
+
+    def __init__(self, features: int):
+        super().__init__(features, features)
+        self.register_buffer("clamp_min", torch.tensor(float("-inf")))
+        self.register_buffer("clamp_max", torch.tensor(float("inf")))
+
+    def forward(self, x):
+        return super().forward(x).clamp(self.clamp_min, self.clamp_max)
+
+
+def test_infinite_bounds_in_buffers_are_allowed_but_nan_is_not():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), _ClampedLinear(8), nn.ReLU(), nn.Linear(8, 2))
+    pruning = ChannelPruning(dagprune.build_from_unstructured_module(model), (4,), 0.5, 10)
+    pruning.prepare_for_pruning()  # the ±Inf bounds are the model's design, not corruption
+    model[2].clamp_max.fill_(float("nan"))
+    again = ChannelPruning(dagprune.build_from_unstructured_module(model), (4,), 0.5, 10)
+    with pytest.raises(PruningError, match=r"clamp_max.*: 1 NaN of 1 values"):
+        again.prepare_for_pruning()
+
+
 @pytest.mark.parametrize("argument, value", [("initial_logit", float("nan")), ("temperature", float("inf")),
                                              ("initial_logit_spread", float("nan")), ("temperature", 0.0)])
 def test_non_finite_gate_settings_are_refused(argument, value):

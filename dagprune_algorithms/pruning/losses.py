@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dagprune.compare import non_finite_tensors
+from dagprune.compare import may_hold_infinity, non_finite_tensors
 from dagprune.errors import PruningError
 
 from dagprune_algorithms.pruning.budgets import ExpectedCost, flops_cost
@@ -227,11 +227,14 @@ def non_finite_local_tensors(module: nn.Module) -> list[str]:
     named = [*module.named_parameters(), *module.named_buffers()]
     if all(_local_values(tensor) is tensor for _, tensor in named):
         return non_finite_tensors(module)
-    floating = [(name, _local_values(tensor)) for name, tensor in named if tensor.is_floating_point()]
+    infinity_allowed = {id(tensor) for name, tensor in module.named_buffers() if may_hold_infinity(name)}
+    floating = [(name, _local_values(tensor), id(tensor) in infinity_allowed) for name, tensor in named
+                if tensor.is_floating_point()]
     with torch.no_grad():  # one read from the device for all tensors
-        finite = torch.stack([torch.isfinite(values).all().to(floating[0][1].device) for _, values in floating])
-    return [f"{name}: NaN or Inf in this process's shard" for (name, _), ok in zip(floating, finite.tolist())
-            if not ok]
+        fine = torch.stack([(~torch.isnan(values).any() if may_hold_inf else torch.isfinite(values).all())
+                            .to(floating[0][1].device) for _, values, may_hold_inf in floating])
+    return [f"{name}: {'NaN' if may_hold_inf else 'NaN or Inf'} in this process's shard"
+            for (name, _, may_hold_inf), ok in zip(floating, fine.tolist()) if not ok]
 
 
 @contextlib.contextmanager
