@@ -50,6 +50,9 @@ CONVERSION_TOLERANCE = 1e-5
 LATENCY_BATCH = 32
 """Batch size at which the report times the models (and ``--budget latency`` its table)."""
 
+CALIBRATION_ALTERNATIONS = 5
+"""Timings of the original and the slim model, in alternation, per measured calibration round."""
+
 _COST_NOUNS = {"flops": "FLOPs", "params": "parameters", "latency": "latency"}
 
 
@@ -322,11 +325,12 @@ def _match_measured_latency(job: _PruneJob, pruning, dag, input_shape) -> list |
     def measured_share() -> float:
         slim = pruning.remove_channels()
         times = {"original": [], "slim": []}
-        for _ in range(3):  # in alternation: a slow spell of the machine hits both
+        for _ in range(CALIBRATION_ALTERNATIONS):  # in alternation: a slow spell hits both
             for name, model in (("original", dag), ("slim", slim)):
                 times[name].append(measure_latency(model, input_shape, batch_size=LATENCY_BATCH,
-                                                   device=job.device, warmup=1, repeats=5).median_ms)
-        share = torch.tensor(sorted(times["slim"])[1] / sorted(times["original"])[1], device=job.device)
+                                                   device=job.device, warmup=1, repeats=5).p25_ms)
+        # the fastest quartile of each: other work on the machine only ever adds time
+        share = torch.tensor(min(times["slim"]) / min(times["original"]), device=job.device)
         return float(job.ranks.mean_(share))
 
     records = match_measured_share(pruning, measured_share)
