@@ -141,7 +141,7 @@ def _load_data(args, ranks: Ranks):
     return split, train, val
 
 
-def _check_pruning_setup(args, model, input_shape, device, latency_table=None) -> None:
+def _check_pruning_setup(args, model, input_shape, device, latency_table=None, width_table=None) -> None:
     """Runs what the job will do to ``model`` once, on a copy, before any training: a forward pass
     at the input size, the conversion, and the pruning setup (groups, target, units, schedule).
 
@@ -165,7 +165,7 @@ def _check_pruning_setup(args, model, input_shape, device, latency_table=None) -
 
             plan_from_arguments(dag, input_shape, args)
         else:
-            pruning = _channel_pruning(args, dag, input_shape, latency_table)
+            pruning = _channel_pruning(args, dag, input_shape, latency_table, width_table=width_table)
             pruning.prepare_for_pruning()
             largest = max(group.size for group in pruning.prunable_groups)
             if largest <= args.block_size:
@@ -174,14 +174,17 @@ def _check_pruning_setup(args, model, input_shape, device, latency_table=None) -
                                       f"nothing can be removed; choose a --block-size below {largest}")
 
 
-def _channel_pruning(args, dag, input_shape, latency_table=None, ranks: Ranks = SINGLE_PROCESS):
-    """The :class:`ChannelPruning` of ``--method dag`` for ``dag``; a NaN that one of ``ranks``
-    finds in its checks stops them all."""
+def _channel_pruning(args, dag, input_shape, latency_table=None, ranks: Ranks = SINGLE_PROCESS,
+                     width_table=None):
+    """The :class:`ChannelPruning` of ``--method dag`` for ``dag`` (``round_to="auto"`` with
+    ``width_table``, the table ``--round-to auto`` read); a NaN that one of ``ranks`` finds in its
+    checks stops them all."""
     from dagprune_algorithms.pruning import ChannelPruning
 
     return ChannelPruning(dag, input_shape, args.target, args.steps, block_size=args.block_size,
                           head_pruning=args.head_pruning, exclude=args.exclude, budget=args.budget,
-                          latency_table=latency_table, min_channels=args.min_channels, round_to=args.round_to,
+                          latency_table=latency_table, min_channels=args.min_channels,
+                          round_to=args.round_to if width_table is None else "auto", width_table=width_table,
                           distributed_checks=ranks.distributed)
 
 
@@ -295,7 +298,7 @@ def _prune_with_gates(job: _PruneJob, dag, input_shape) -> _Pruned:
     """``--method dag``: trains the channel gates for ``--steps`` steps (with ``--fsdp`` on a
     sharded copy of the gated model), then removes the closed channels from the whole model."""
     device = job.device
-    pruning = _channel_pruning(job.args, dag, input_shape, job.latency_table, job.ranks)
+    pruning = _channel_pruning(job.args, dag, input_shape, job.latency_table, job.ranks, job.width_table)
     gated = pruning.prepare_for_pruning().to(device)
     LOG.info("channel groups: %d (%d prunable); prunable_proportion %.4f, "
              "max_removable_proportion %.4f", len(pruning.channel_groups),
@@ -488,7 +491,7 @@ def _start(args, ranks: Ranks) -> tuple:
         model = dagprune.load_weights(model, args.checkpoint).to(device)
     latency_table = _latency_table(args, model, input_shape, device, ranks)
     width_table = _resolve_round_to(args, device, ranks)
-    _check_pruning_setup(args, model, input_shape, device, latency_table)
+    _check_pruning_setup(args, model, input_shape, device, latency_table, width_table)
     if ranks.is_main:
         record_run(out, identity)
     ranks.barrier()
