@@ -76,7 +76,15 @@ class InputVertex(Vertex):
                                          and value == self.default)
         if self.fixed and not same:
             raise TypeError(f"{dag_name} was converted with {self.name}={self.default!r} fixed, got "
-                            f"{value!r}; convert the model again with that value in example_inputs")
+                            f"{_short_repr(value)}; convert the model again with that value in example_inputs")
+
+
+def _short_repr(value: Any) -> str:
+    """``value``'s repr, a tensor described by its shape and dtype (its values could fill pages)."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} ({value.dtype})"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class InnerVertex(Vertex):
