@@ -47,6 +47,18 @@ def main() -> None:
     dist.destroy_process_group()
 
 
+def _train_step(model, pruning, optimizer, step: int):
+    """One step on a random batch of this rank (task loss plus the pruning losses); the
+    pruning losses ``(proportion, flops, entropy, bkd)``."""
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    task = F.cross_entropy(model(x), y)
+    losses = pruning.compute_current_proportion_and_pruning_losses(step)
+    (task + losses[1] + losses[2] + losses[3]).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return losses
+
+
 def _train_and_compare(args, rank: int, world: int) -> None:
     dag = dagprune.build_from_unstructured_module(_model())
     pruning = ChannelPruning(dag, (3, 8, 8), 0.5, args.steps)
@@ -56,12 +68,7 @@ def _train_and_compare(args, rank: int, world: int) -> None:
     torch.manual_seed(100 + rank)  # different data and gate noise on every rank
     losses = None
     for step in range(args.steps):
-        x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
-        task = F.cross_entropy(model(x), y)
-        proportion, flops, entropy, bkd = pruning.compute_current_proportion_and_pruning_losses(step)
-        (task + flops + entropy + bkd).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        proportion, flops, entropy, _ = _train_step(model, pruning, optimizer, step)
         losses = torch.stack([proportion.detach(), flops.detach(), entropy.detach()])
     logits = torch.cat([p.detach() for p in pruning.gate_parameters()])
     gathered_logits = [torch.zeros_like(logits) for _ in range(world)]
@@ -95,12 +102,7 @@ def _stop_where_one_rank_fails(args, rank: int) -> None:
     error = None
     try:
         for step in range(args.steps):
-            x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
-            task = F.cross_entropy(model(x), y)
-            _, flops, entropy, bkd = pruning.compute_current_proportion_and_pruning_losses(step)
-            (task + flops + entropy + bkd).backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            _train_step(model, pruning, optimizer, step)
     except (PruningError, RuntimeError) as caught:  # the library's check, or a collective left waiting
         error = f"{type(caught).__name__}: {caught}"
     with open(f"{args.out}.rank{rank}.json", "w") as handle:
