@@ -32,6 +32,7 @@ from dagprune_algorithms.app.distillation import (distillation_logs, distillatio
                                                   supervised_step)
 from dagprune_algorithms.app.distributed import (SINGLE_PROCESS, Ranks, gathered_state, is_sharded, process_group,
                                                   shard_gated_model)
+from dagprune_algorithms.app.latency_calibration import match_measured_latency
 from dagprune_algorithms.app.models import as_dag
 from dagprune_algorithms.app.prune_arguments import (PruneUsageError, add_prune_arguments,
                                                      check_images_fit_in_memory, validate_prune_arguments)
@@ -49,9 +50,6 @@ CONVERSION_TOLERANCE = 1e-5
 
 LATENCY_BATCH = 32
 """Batch size at which the report times the models (and ``--budget latency`` its table)."""
-
-CALIBRATION_ALTERNATIONS = 5
-"""Timings of the original and the slim model, in alternation, per measured calibration round."""
 
 _COST_NOUNS = {"flops": "FLOPs", "params": "parameters", "latency": "latency"}
 
@@ -176,9 +174,8 @@ def _check_pruning_setup(args, model, input_shape, device, latency_table=None, w
 
 def _channel_pruning(args, dag, input_shape, latency_table=None, ranks: Ranks = SINGLE_PROCESS,
                      width_table=None):
-    """The :class:`ChannelPruning` of ``--method dag`` for ``dag`` (``round_to="auto"`` with
-    ``width_table``, the table ``--round-to auto`` read); a NaN that one of ``ranks`` finds in its
-    checks stops them all."""
+    """The :class:`ChannelPruning` of ``--method dag`` for ``dag`` (with ``--round-to auto``'s
+    table); a NaN that one of ``ranks`` finds in its checks stops them all."""
     from dagprune_algorithms.pruning import ChannelPruning
 
     return ChannelPruning(dag, input_shape, args.target, args.steps, block_size=args.block_size,
@@ -306,41 +303,14 @@ def _prune_with_gates(job: _PruneJob, dag, input_shape) -> _Pruned:
              pruning.max_removable_proportion)
     history = _train_sharded_gates(job, pruning) if job.args.fsdp else _train_gates(job, pruning)
     gated.eval()
-    calibration = _match_measured_latency(job, pruning, dag, input_shape)
+    calibration = None if job.args.budget != "latency" else match_measured_latency(
+        pruning, dag, input_shape, job.device, job.ranks, LATENCY_BATCH)
     pruned = pruning.remove_channels().to(device)
     removal_difference = dagprune.compare_module_outputs(gated, pruned, (4, *input_shape),
                                                          raise_error=False, device=device)
     gated_accuracy = evaluate_accuracy(gated, *job.val, device=device, ranks=job.ranks)
     return _Pruned(pruned, history, gated_accuracy, removal_difference, pruning.current_hard_proportion(),
                    calibration)
-
-
-def _match_measured_latency(job: _PruneJob, pruning, dag, input_shape) -> list | None:
-    """``--budget latency``: recalibrates the trained gates until the slim model's *measured*
-    latency share (batch :data:`LATENCY_BATCH`, on the job's device) is within 2% of the target
-    (:func:`~dagprune_algorithms.pruning.calibration.match_measured_share`); returns the
-    rounds. Every process uses the mean of their measurements, so all calibrate alike."""
-    if job.args.budget != "latency":
-        return None
-    from dagprune_algorithms.app.latency import measure_latency
-    from dagprune_algorithms.pruning.calibration import match_measured_share
-
-    def measured_share() -> float:
-        slim = pruning.remove_channels()
-        times = {"original": [], "slim": []}
-        for _ in range(CALIBRATION_ALTERNATIONS):  # in alternation: a slow spell hits both
-            for name, model in (("original", dag), ("slim", slim)):
-                times[name].append(measure_latency(model, input_shape, batch_size=LATENCY_BATCH,
-                                                   device=job.device, warmup=1, repeats=5).p25_ms)
-        # the fastest quartile of each: other work on the machine only ever adds time
-        share = torch.tensor(min(times["slim"]) / min(times["original"]), device=job.device)
-        return float(job.ranks.mean_(share))
-
-    records = match_measured_share(pruning, measured_share)
-    LOG.info("latency budget: measured share %s (predicted %s) over %d calibration round(s)",
-             " -> ".join(f"{r['measured']:.3f}" for r in records),
-             " -> ".join(f"{r['predicted']:.3f}" for r in records), len(records) - 1)
-    return records
 
 
 def _train_gates(job: _PruneJob, pruning) -> list:

@@ -1,0 +1,41 @@
+"""``--budget latency``'s measured calibration: the slim model timed against the original, and
+the gates recalibrated until the measured latency share meets the target."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from dagprune_algorithms.app.distributed import Ranks
+from dagprune_algorithms.app.latency import measure_latency
+from dagprune_algorithms.pruning.calibration import match_measured_share
+
+LOG = logging.getLogger("dagprune.prune")
+
+CALIBRATION_ALTERNATIONS = 5
+"""Timings of the original and the slim model, in alternation, per measured calibration round."""
+
+
+def match_measured_latency(pruning, dag, input_shape, device, ranks: Ranks, batch_size: int) -> list:
+    """Recalibrates the trained gates of ``pruning`` until the slim model's *measured* latency
+    share (at ``batch_size`` on ``device``) is within 2% of the target
+    (:func:`~dagprune_algorithms.pruning.calibration.match_measured_share`); returns the rounds.
+    Every process uses the mean of their measurements, so all calibrate alike."""
+
+    def measured_share() -> float:
+        slim = pruning.remove_channels()
+        times = {"original": [], "slim": []}
+        for _ in range(CALIBRATION_ALTERNATIONS):  # in alternation: a slow spell hits both
+            for name, model in (("original", dag), ("slim", slim)):
+                times[name].append(measure_latency(model, input_shape, batch_size=batch_size,
+                                                   device=device, warmup=1, repeats=5).p25_ms)
+        # the fastest quartile of each: other work on the machine only ever adds time
+        share = torch.tensor(min(times["slim"]) / min(times["original"]), device=device)
+        return float(ranks.mean_(share))
+
+    records = match_measured_share(pruning, measured_share)
+    LOG.info("latency budget: measured share %s (predicted %s) over %d calibration round(s)",
+             " -> ".join(f"{r['measured']:.3f}" for r in records),
+             " -> ".join(f"{r['predicted']:.3f}" for r in records), len(records) - 1)
+    return records
