@@ -8,7 +8,7 @@ import logging
 import torch
 
 from dagprune_algorithms.app.distributed import Ranks
-from dagprune_algorithms.app.latency import measure_latency
+from dagprune_algorithms.app import latency
 from dagprune_algorithms.pruning.calibration import match_measured_share
 
 LOG = logging.getLogger("dagprune.prune")
@@ -28,8 +28,8 @@ def match_measured_latency(pruning, dag, input_shape, device, ranks: Ranks, batc
         times = {"original": [], "slim": []}
         for _ in range(CALIBRATION_ALTERNATIONS):  # in alternation: a slow spell hits both
             for name, model in (("original", dag), ("slim", slim)):
-                times[name].append(measure_latency(model, input_shape, batch_size=batch_size,
-                                                   device=device, warmup=1, repeats=5).p25_ms)
+                times[name].append(latency.measure_latency(model, input_shape, batch_size=batch_size,
+                                                           device=device, warmup=1, repeats=5).p25_ms)
         # the fastest quartile of each: other work on the machine only ever adds time
         share = torch.tensor(min(times["slim"]) / min(times["original"]), device=device)
         return float(ranks.mean_(share))
