@@ -442,6 +442,25 @@ def test_keep_mask_from_logits_rounds_up_to_the_block(logits, block):
         assert logits[keep].min() >= logits[~keep].max(), "kept channels are not the best ones"
 
 
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.sampled_from([-2.0, -0.5, -0.0, 0.0, 0.5, 2.0, 1e-30, -1e-30, 3.4e38, -3.4e38]) |
+                       st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=1, max_size=60),
+       cuts=st.lists(st.integers(1, 59), max_size=6))
+def test_ranks_within_groups_equal_two_stable_sorts(values, cuts):
+    """The one-sort ranking (int64 keys) ranks as sorting by value, then stably by group."""
+    from dagprune_algorithms.pruning.gates import _ranks_within_groups
+    logits = torch.tensor(values, dtype=torch.float32)
+    bounds = sorted({c for c in cuts if c < len(values)} | {0, len(values)})
+    sizes = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])])
+    group_index = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    by_value = torch.sort(logits, descending=True, stable=True).indices
+    order = by_value[torch.sort(group_index[by_value], stable=True).indices]
+    expected = torch.empty_like(order)
+    expected[order] = torch.arange(order.numel()) - (torch.cumsum(sizes, 0) - sizes)[group_index[order]]
+    assert torch.equal(_ranks_within_groups(logits, group_index, sizes), expected)
+    assert torch.equal(_ranks_within_groups(logits.double(), group_index, sizes), expected)
+
+
 def test_block_size_on_a_residual_model_keeps_multiples_in_every_group():
     prepared = prepare_zoo("resnet_basic_blocks", block_size=4)
     set_gate_logits(prepared.cfg, fixed_states(prepared.group_sizes)["mixed"])

@@ -244,8 +244,9 @@ def _interpolate(curves: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class ExpectedCost:
     """Differentiable expected cost share of a gated model, a function of keep probabilities.
 
-    Every term's kept share is ``prod_f mean(keep[f])``, each factor's mean a sparse weighted
-    sum over the probabilities of the prunable classes (one matrix product for all). Linear
+    Every term's kept share is ``prod_f mean(keep[f])``, each factor's mean a weighted sum over
+    the probabilities of its prunable classes (one gather and one segmented sum for all
+    factors, deterministic on every device). Linear
     budgets sum ``base x share``; latency sums each vertex's curve at its work fraction.
     Tables are float32, built once per device; nothing is read back to the host.
     """
@@ -258,7 +259,7 @@ class ExpectedCost:
             slot_of_class[group.classes] = offset + np.arange(group.size)
             offset += group.size
         gated = [t for t in cost.terms if any((slot_of_class[f] >= 0).any() for f in t.factors if len(f))]
-        matrix, constants, term_of_factor = _factor_matrix(gated, slot_of_class, max(offset, 1))
+        factors = _factor_table(gated, slot_of_class)
         scale = max(self.total, 1e-30)
         if cost.curves is None:
             fixed = sum(t.base for t in cost.terms) - sum(t.base for t in gated)
@@ -267,7 +268,7 @@ class ExpectedCost:
             fixed, extra = _latency_tables(cost, gated, scale)
         self.constant_share = (fixed + cost.constant) / scale if self.total else 0.0
         extra = tuple(t.float() if t.is_floating_point() else t for t in extra)
-        self._tables = {torch.device("cpu"): (matrix, constants, term_of_factor, *extra)}
+        self._tables = {torch.device("cpu"): (*factors, *extra)}
 
     def tables(self, device: torch.device) -> tuple:
         """The float32 tables on ``device``, moved there once and kept."""
@@ -278,8 +279,9 @@ class ExpectedCost:
     def proportion(self, keep_probabilities: torch.Tensor) -> torch.Tensor:
         """Expected cost / original cost for the concatenated keep probabilities of all groups
         (float32, on their device)."""
-        matrix, constants, term_of_factor, *extra = self.tables(keep_probabilities.device)
-        fractions = torch.sparse.mm(matrix, keep_probabilities.float().unsqueeze(1)).squeeze(1) + constants
+        slots, weights, offsets, constants, term_of_factor, *extra = self.tables(keep_probabilities.device)
+        products = weights * keep_probabilities.float()[slots]
+        fractions = torch.segment_reduce(products, "sum", offsets=offsets) + constants
         log_fraction = torch.log(fractions.clamp_min(1e-12))
         per_term = torch.exp(torch.zeros_like(extra[0]).index_add(0, term_of_factor, log_fraction))
         if len(extra) == 1:
@@ -289,26 +291,26 @@ class ExpectedCost:
         return _interpolate(curves, work).sum() + self.constant_share
 
 
-def _factor_matrix(terms: list[CostTerm], slot_of_class: np.ndarray, slots: int) -> tuple:
-    """(sparse factors x slots matrix of weights, each factor's constant kept share, the term
-    of each factor) for the gated factors of ``terms``."""
-    rows, cols, weights, constants, term_of_factor = [], [], [], [], []
+def _factor_table(terms: list[CostTerm], slot_of_class: np.ndarray) -> tuple:
+    """The gated factors of ``terms`` as segments: (the slot and the weight of each entry,
+    factor by factor; each factor's offsets into them, with the end; each factor's constant
+    kept share; the term of each factor)."""
+    slots, weights, counts, constants, term_of_factor = [], [], [], [], []
     for term_index, term in enumerate(terms):
         for factor in (f for f in term.factors if len(f) and (slot_of_class[f] >= 0).any()):
             slots_of_factor = slot_of_class[factor]
             gated = slots_of_factor >= 0
-            unique, counts = np.unique(slots_of_factor[gated], return_counts=True)
-            rows.append(np.full(len(unique), len(constants), dtype=np.int64))
-            cols.append(unique.astype(np.int64))
-            weights.append(counts / len(factor))
+            unique, repeats = np.unique(slots_of_factor[gated], return_counts=True)
+            slots.append(unique)
+            weights.append(repeats / len(factor))
+            counts.append(len(unique))
             constants.append((~gated).sum() / len(factor))
             term_of_factor.append(term_index)
     # whole arrays, not Python lists, into torch: same values, without a float per element
-    indices = torch.from_numpy(np.stack([_joined(rows, np.int64), _joined(cols, np.int64)]))
-    values = torch.from_numpy(_joined(weights, np.float64)).float()
-    matrix = torch.sparse_coo_tensor(indices, values, (len(constants), slots),
-                                     check_invariants=True).coalesce()
-    return matrix, torch.tensor(constants, dtype=torch.float32), torch.tensor(term_of_factor, dtype=torch.long)
+    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+    return (torch.from_numpy(_joined(slots, np.int64)), torch.from_numpy(_joined(weights, np.float64)).float(),
+            torch.from_numpy(offsets), torch.tensor(constants, dtype=torch.float32),
+            torch.tensor(term_of_factor, dtype=torch.long))
 
 
 def _joined(arrays: list[np.ndarray], dtype) -> np.ndarray:

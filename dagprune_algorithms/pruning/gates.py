@@ -67,12 +67,30 @@ def grouped_keep_masks(logits: torch.Tensor, group_index: torch.Tensor, sizes: t
 
 def _ranks_within_groups(logits: torch.Tensor, group_index: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Each logit's rank in its group, highest first (ties: lower position first)."""
-    by_value = torch.sort(logits, descending=True, stable=True).indices
-    order = by_value[torch.sort(group_index[by_value], stable=True).indices]
+    if logits.dtype == torch.float32:  # one sort of (group, descending logit) keys
+        order = torch.sort(_group_then_descending_keys(logits, group_index), stable=True).indices
+    else:
+        by_value = torch.sort(logits, descending=True, stable=True).indices
+        order = by_value[torch.sort(group_index[by_value], stable=True).indices]
     starts = torch.cumsum(sizes, 0) - sizes
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(order.numel(), device=order.device) - starts[group_index[order]]
     return ranks
+
+
+def _group_then_descending_keys(logits: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordering float32 ``logits`` by group, then by value from the highest (equal
+    values get equal keys; -0.0 counts as 0.0, NaN as the highest): the float's bits read as a
+    sign-magnitude integer, made monotone in the value, reversed, below the group index.
+
+    >>> keys = _group_then_descending_keys(torch.tensor([0.5, -1.0, 2.0, -0.0, 0.0]),
+    ...                                    torch.tensor([0, 0, 0, 1, 1]))
+    >>> torch.sort(keys, stable=True).indices.tolist(), bool(keys[3] == keys[4])
+    ([2, 0, 1, 3, 4], True)
+    """
+    bits = (logits + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into 0.0
+    monotone = torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)  # in [-2^31, 2^31)
+    return group_index * (1 << 33) + ((1 << 31) - 1 - monotone)
 
 
 _HARD_MASKS: "weakref.WeakKeyDictionary[ChannelGate, tuple]" = weakref.WeakKeyDictionary()
