@@ -100,3 +100,10 @@ def test_evo_norm_with_a_stateful_activation_stays_a_timm_leaf():
     x = torch.randn(2, 3, 4, 4)
     with torch.no_grad():
         assert torch.equal(model(x), dag(x))
+
+
+def test_an_unknown_kind_is_a_dagprune_error_naming_the_kinds():
+    from dagprune.errors import DagpruneError
+    from dagprune.ops.evo_norm import EvoNorm2d
+    with pytest.raises(DagpruneError, match=r"kind='S9'.*'S0'"):
+        EvoNorm2d(8, kind="S9")

@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dagprune.errors import DagpruneError
 from dagprune.ops.base import register_op_type
+from dagprune.ops.group_moments import masked_group_mean
 
 __all__ = ["EvoNorm2d", "group_statistic"]
 
@@ -36,16 +38,16 @@ def group_statistic(x: torch.Tensor, groups: int, eps: float, rms: bool = False,
     True
     """
     batch, channels, height, width = x.shape
-    grouped = x.float().reshape(batch, groups, channels // groups, height, width)
-    if mask is None:
+    if mask is None:  # as timm computes it
+        grouped = x.float().reshape(batch, groups, channels // groups, height, width)
         square = grouped.square().mean(dim=(2, 3, 4), keepdim=True) if rms else \
             grouped.var(dim=(2, 3, 4), unbiased=False, keepdim=True)
     else:
-        weights = mask.float().view(1, groups, channels // groups, 1, 1)
-        count = weights.sum(dim=2, keepdim=True) * (height * width)
+        grouped = x.float().reshape(batch, groups, channels // groups, height * width)
+        weights = mask.float().view(1, groups, channels // groups, 1)
         if not rms:
-            grouped = grouped - (grouped * weights).sum(dim=(2, 3, 4), keepdim=True) / count
-        square = (grouped.square() * weights).sum(dim=(2, 3, 4), keepdim=True) / count
+            grouped = grouped - masked_group_mean(grouped, weights)
+        square = masked_group_mean(grouped.square(), weights)
     statistic = square.add(eps).sqrt().to(x.dtype)
     return statistic.expand(grouped.shape).reshape(x.shape)
 
@@ -89,7 +91,7 @@ class EvoNorm2d(nn.Module):
                  momentum: float = 0.1, act: nn.Module | None = None):
         super().__init__()
         if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+            raise DagpruneError(f"EvoNorm2d(kind={kind!r}): kind must be one of {KINDS}")
         self.num_features, self.kind, self.groups = int(num_features), kind, int(groups)
         self.eps, self.momentum = float(eps), float(momentum)
         self.weight = nn.Parameter(torch.ones(num_features))

@@ -17,6 +17,7 @@ from torch import nn
 from dagprune.ops.channel_map import (ShapeTag, argument_input, argument_value, channel_atoms,
                                       tensor_layout)
 from dagprune.ops.flop_counting import no_flops
+from dagprune.ops.group_moments import masked_group_mean
 from dagprune.ops.layers import NormOp
 from dagprune.ops.slicing import kept_count, slice_per_channel_state, unchanged_removal
 from dagprune.ops.spec import ChannelWeight, OpSpec, opaque_coupling
@@ -296,10 +297,9 @@ def masked_group_norm(x, mask, groups, weight, bias, eps) -> torch.Tensor:
     """Group norm (channels on axis 1) with statistics over the kept channels of each group."""
     batch, channels = x.shape[0], x.shape[1]
     grouped = x.reshape(batch, groups, channels // groups, -1)
-    m = mask.view(1, groups, channels // groups, 1)
-    total = m.sum(dim=(2,), keepdim=True) * grouped.shape[-1]
-    mean = (grouped * m).sum(dim=(2, 3), keepdim=True) / total
-    var = (((grouped - mean) ** 2) * m).sum(dim=(2, 3), keepdim=True) / total
+    weights = mask.view(1, groups, channels // groups, 1)
+    mean = masked_group_mean(grouped, weights)
+    var = masked_group_mean((grouped - mean) ** 2, weights)
     y = ((grouped - mean) / torch.sqrt(var + eps)).reshape(x.shape)
     return _affine(y, weight, bias, [1, channels] + [1] * (x.ndim - 2))
 
