@@ -16,8 +16,7 @@ a saved graph names timm types. It depends only on the registries of
 * rewrites of the EvoNorm layers (``EvoNorm2dB0`` ... ``EvoNorm2dS2a``) into
   :class:`~dagprune.ops.EvoNorm2d`, whose channels are followed (kept whole where an activation
   holds parameters);
-* timm's own lists of modules and helper functions that must not be traced into (NFNets'
-  ``NormFreeBlock`` only where it uses its in-place ``skipinit_gain``);
+* timm's own lists of modules and helper functions that must not be traced into;
 * timm's activation functions as storable functions (leaf modules hold them as attributes).
 """
 
@@ -174,14 +173,13 @@ for _name in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dS
 
 for _module_type in _timm_fx.get_notrace_modules():
     register_leaf_module(_module_type)
-# timm keeps NormFreeBlock whole because torch.fx loses its in-place `out.mul_(skipinit_gain)`;
-# without that gain (every NFNet/NF-ResNet/NF-RegNet configuration but skipinit ones) it traces
-_nfnet = importlib.import_module("timm.models.nfnet")
-register_leaf_module(_nfnet.NormFreeBlock, when=lambda block: block.skipinit_gain is not None)
+# timm lists NormFreeBlock as not traceable for its in-place `out.mul_(skipinit_gain)`; traced
+# here, the multiply is a vertex run in trace order, before the residual sum reads `out`
+register_leaf_module(importlib.import_module("timm.models.nfnet").NormFreeBlock, when=lambda block: False)
 for _function in _timm_fx.get_notrace_functions():
     register_autowrap_function(_function)
-# timm's activation functions, held as attributes by leaf modules (NFNets' GammaAct.act_fn), may
-# be saved by name
+# timm's activation functions, called by traced blocks (NFNets' GammaAct.act_fn) or held as
+# attributes by leaf modules, may be saved by name
 _activations = importlib.import_module("timm.layers.activations")
 for _function in vars(_activations).values():
     if inspect.isfunction(_function) and _function.__module__ == _activations.__name__:

@@ -34,7 +34,6 @@ TIMM_LEAF_MODELS = {
     "tiny_vit_5m_224": ({}, 64),  # TinyVitBlock; no img_size argument, pads to its windows
     "efficientnet_cc_b0_4e": ({}, 64),  # CondConv2d (mixture-of-experts convolution)
     "convit_tiny": ({"img_size": 64}, 64),  # GPSA
-    "dm_nfnet_f0": ({}, 64),  # GammaAct holds timm's gelu function as an attribute
     # LocalWindowAttention: an eval-mode cache of attention biases (saved empty, refilled)
     "efficientvit_m0": ({"img_size": 64}, 64),
 }
@@ -138,6 +137,16 @@ def test_timm_leaf_blocks_round_trip_bit_exactly(name, tmp_path):
     inputs = (torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)),)
     dag, loaded, inputs = _round_trip(model, inputs, tmp_path / name)
     assert any(type(v.module).__module__.startswith("timm.") for v in dag.inner_vertices)
+    _assert_same(dag, loaded, inputs)
+
+
+def test_dm_nfnet_traced_with_in_place_ops_round_trips_bit_exactly(tmp_path):
+    """NormFreeBlock's in-place ``skipinit_gain`` multiply and GammaAct's ``act_fn(x).mul_(gamma)``
+    (timm's gelu, saved by name) are traced vertices; saved and loaded, they still run in order."""
+    model = make_weights_informative(timm.create_model("dm_nfnet_f0", pretrained=False))
+    inputs = (torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)),)
+    dag, loaded, inputs = _round_trip(model, inputs, tmp_path / "dm_nfnet_f0")
+    assert sum(getattr(v.module, "function_name", "") == "Tensor.mul_" for v in loaded.inner_vertices) > 12
     _assert_same(dag, loaded, inputs)
 
 
