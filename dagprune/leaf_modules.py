@@ -21,17 +21,19 @@ from dagprune.ops.standardized_conv import StandardizedConv2d
 from dagprune.ops.stochastic_depth import StochasticDepth
 
 __all__ = ["LEAF_MODULE_TYPES", "register_leaf_module", "register_module_rewrite",
-           "register_autowrap_function", "is_registered_leaf", "apply_module_rewrites",
-           "autowrap_functions"]
+           "register_autowrap_function", "is_registered_leaf", "is_traced_with_values",
+           "apply_module_rewrites", "autowrap_functions"]
 
 LEAF_MODULE_TYPES: set[type] = set()
 _LEAF_CONDITIONS: dict[type, Callable[[nn.Module], bool]] = {}
+_TRACED_WITH_VALUES: set[type] = set()
 _MODULE_REWRITES: dict[type, Callable[[nn.Module], nn.Module]] = {}
 _PREDICATE_REWRITES: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]]] = []
 _AUTOWRAP_FUNCTIONS: list[Callable] = []
 
 
-def register_leaf_module(cls: type, when: Callable[[nn.Module], bool] | None = None) -> type:
+def register_leaf_module(cls: type, when: Callable[[nn.Module], bool] | None = None,
+                         traced_with_values: bool = False) -> type:
     """Makes tracing keep modules of type ``cls`` whole (one vertex) instead of tracing inside.
 
     Use it for layers torch.fx cannot trace (data-dependent control flow) and that pruning or
@@ -42,6 +44,9 @@ def register_leaf_module(cls: type, when: Callable[[nn.Module], bool] | None = N
         cls: the module type.
         when: if given, only the instances for which ``when(module)`` returns True are kept
             whole (a block that is untraceable only in some configurations).
+        traced_with_values: trace through the module anyway when the model is converted with
+            ``example_inputs`` (a block whose forward branches on sizes: the branches then
+            follow the example, see :mod:`dagprune.value_tracing`); kept whole otherwise.
 
     Returns:
         ``cls``, so that this can be used as a class decorator.
@@ -54,11 +59,26 @@ def register_leaf_module(cls: type, when: Callable[[nn.Module], bool] | None = N
     True
     """
     LEAF_MODULE_TYPES.add(cls)
+    (_TRACED_WITH_VALUES.add if traced_with_values else _TRACED_WITH_VALUES.discard)(cls)
     if when is None:
         _LEAF_CONDITIONS.pop(cls, None)
     else:
         _LEAF_CONDITIONS[cls] = when
     return cls
+
+
+def is_traced_with_values(module: nn.Module) -> bool:
+    """Whether ``module``'s exact type was registered with ``traced_with_values=True``: traced
+    through when example inputs are at hand, kept whole otherwise.
+
+    >>> class Windowed(nn.Module):
+    ...     def forward(self, x):
+    ...         return x if x.shape[-1] % 2 == 0 else x[..., :-1]
+    >>> _ = register_leaf_module(Windowed, traced_with_values=True)
+    >>> is_traced_with_values(Windowed()), is_traced_with_values(nn.ReLU())
+    (True, False)
+    """
+    return type(module) in _TRACED_WITH_VALUES
 
 
 def register_module_rewrite(cls: type | Callable[[nn.Module], bool]) -> Callable[

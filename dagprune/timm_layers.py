@@ -13,10 +13,13 @@ a saved graph names timm types. It depends only on the registries of
   ``Same`` variants) into :class:`~dagprune.ops.StandardizedConv2d`;
 * a rewrite of ``DropPath`` (stochastic depth, from ``drop_path_rate``) into
   :class:`~dagprune.ops.StochasticDepth`, which keeps dropping paths in train mode;
+* attention layers holding an eval-mode cache of their attention biases get an empty one, so
+  that the traced graph computes the biases from their parameter;
 * rewrites of the EvoNorm layers (``EvoNorm2dB0`` ... ``EvoNorm2dS2a``) into
   :class:`~dagprune.ops.EvoNorm2d`, whose channels are followed (kept whole where an activation
   holds parameters);
-* timm's own lists of modules and helper functions that must not be traced into;
+* timm's own lists of modules and helper functions that must not be traced into (blocks that
+  branch on sizes are traced through when the model is converted with example inputs);
 * timm's activation functions as storable functions (leaf modules hold them as attributes).
 """
 
@@ -27,7 +30,8 @@ import inspect
 
 from torch import nn
 
-from dagprune.leaf_modules import register_autowrap_function, register_leaf_module, register_module_rewrite
+from dagprune.leaf_modules import (apply_module_rewrites, register_autowrap_function, register_leaf_module,
+                                   register_module_rewrite)
 from dagprune.ops.evo_norm import EvoNorm2d
 from dagprune.ops.functions import register_function
 from dagprune.ops.padding import SamePad2d
@@ -141,6 +145,25 @@ def _rewrite_drop_path(module):
     return StochasticDepth(module.drop_prob, module.scale_by_keep)
 
 
+def _holds_attention_bias_cache(module) -> bool:
+    return type(module).__module__.startswith("timm.") and isinstance(
+        module.__dict__.get("attention_bias_cache"), dict)
+
+
+@register_module_rewrite(_holds_attention_bias_cache)
+def _without_attention_bias_cache(module):
+    """The attention layer (LeViT, TinyViT, EfficientFormer...) with an empty eval-mode cache of
+    its attention biases, its children rewritten too: traced, it reads the biases from their
+    parameter (a cache filled by an earlier forward would be traced as a constant, which
+    training and pruning would then leave stale)."""
+    copied = object.__new__(type(module))
+    copied.__dict__.update(module.__dict__)
+    copied.__dict__["attention_bias_cache"] = {}
+    copied.__dict__["_modules"] = type(module._modules)(
+        (name, None if child is None else apply_module_rewrites(child)) for name, child in module._modules.items())
+    return copied
+
+
 def _evo_norm_kind(module) -> str:
     """The :class:`EvoNorm2d` kind computing what timm's ``EvoNorm2d<variant>`` computes."""
     variant = type(module).__name__.removeprefix("EvoNorm2d")
@@ -171,8 +194,17 @@ for _name in ("B0", "B1", "B2", "S0", "S0a", "S1", "S1a", "S2", "S2a"):
 for _name in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"):
     register_module_rewrite(getattr(_std_conv, _name))(_rewrite_standardized_conv)
 
+# timm's blocks that branch on their input's sizes (window padding, patch unfolding, cached
+# attention biases): kept whole when traced symbolically, traced through when the model is
+# converted with example inputs (their branches then follow the example's sizes); each was
+# checked to convert and remove channels exactly that way, for other batch sizes too
+_TRACED_WITH_VALUES = {("timm.models.tiny_vit", "TinyVitBlock"), ("timm.models.mobilevit", "MobileVitBlock"),
+                       ("timm.models.mobilevit", "MobileVitV2Block"), ("timm.models.twins", "LocallyGroupedAttn"),
+                       ("timm.models.efficientvit_msra", "LocalWindowAttention"), ("timm.models.vgg", "ConvMlp"),
+                       ("timm.models.cpubone", "ConvAttention"), ("timm.models.lowformer", "ConvAttention")}
 for _module_type in _timm_fx.get_notrace_modules():
-    register_leaf_module(_module_type)
+    register_leaf_module(_module_type, traced_with_values=(_module_type.__module__, _module_type.__name__)
+                         in _TRACED_WITH_VALUES)
 # timm lists NormFreeBlock as not traceable for its in-place `out.mul_(skipinit_gain)`; traced
 # here, the multiply is a vertex run in trace order, before the residual sum reads `out`
 register_leaf_module(importlib.import_module("timm.models.nfnet").NormFreeBlock, when=lambda block: False)

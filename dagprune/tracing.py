@@ -20,7 +20,7 @@ from dagprune.errors import ConversionError
 from dagprune.example_inputs import ExampleInputs, as_example_inputs
 from dagprune.integrations import load_support_for_imported_libraries
 from dagprune.leaf_modules import (LEAF_MODULE_TYPES, apply_module_rewrites, autowrap_functions,
-                                   is_registered_leaf, register_autowrap_function,
+                                   is_registered_leaf, is_traced_with_values, register_autowrap_function,
                                    register_leaf_module, register_module_rewrite)
 from dagprune.module_copy import copy_module
 from dagprune.ops.base import op_class_for_function
@@ -34,8 +34,8 @@ from dagprune.specialization import (FIXED_META, OutputType, argument_values, de
 from dagprune.training_mode import evaluation_mode
 from dagprune.value_tracing import ValueProxy, ValueRecorder, torch_functions_for_proxies
 
-__all__ = ["build_from_unstructured_module", "register_leaf_module", "register_module_rewrite",
-           "register_autowrap_function", "LEAF_MODULE_TYPES"]
+__all__ = ["build_from_unstructured_module", "needs_example_inputs", "register_leaf_module",
+           "register_module_rewrite", "register_autowrap_function", "LEAF_MODULE_TYPES"]
 
 register_function(torch._assert, "torch._assert")
 
@@ -109,7 +109,7 @@ class _DagTracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         if qualified_name in self._leaf_names or isinstance(module, self._leaf_types):
             return True
-        if self.values is not None and type(module) in _TRACED_WITH_VALUES:
+        if self.values is not None and (type(module) in _TRACED_WITH_VALUES or is_traced_with_values(module)):
             return False
         if isinstance(module, DagModule):
             return True
@@ -183,6 +183,18 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
     dag.train(was_training)
     dag.lint()
     return dag
+
+
+def needs_example_inputs(model: nn.Module) -> bool:
+    """Whether ``model`` holds blocks that tracing follows only with example inputs (registered
+    with ``traced_with_values=True``, e.g. timm's MobileViT and TinyViT blocks): converted
+    without them, each such block stays one vertex whose channels are not followed.
+
+    >>> needs_example_inputs(nn.Sequential(nn.Conv2d(3, 4, 1)))
+    False
+    """
+    load_support_for_imported_libraries()
+    return any(is_traced_with_values(module) for module in model.modules())
 
 
 def _trace(tracer: _DagTracer, source: nn.Module, inputs: ExampleInputs | None, output_type: OutputType) -> fx.Graph:

@@ -203,3 +203,88 @@ def test_tensor_attributes_carry_their_channels(seed):
     pruning.prepare_for_pruning()
     assert sorted(group.name for group in pruning.prunable_groups) == ["a", "c"]
     assert _removal_difference(model, (6, 4), seed) < 1e-5
+
+
+class _ReshapedLikeItsSource(nn.Module):
+    """LeViT's LinearNorm: ``bn(x.flatten(0, 1)).reshape_as(x)``; with ``other_template`` the
+    reshape takes the shape of a tensor whose last axis carries other channels."""
+
+    def __init__(self, other_template: bool = False):
+        super().__init__()
+        self.linear = nn.Linear(6, 8)
+        self.other = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+        self.other_template = other_template
+
+    def forward(self, x):
+        y = self.linear(x)
+        template = self.other(x) if self.other_template else y
+        return self.head(self.bn(y.flatten(0, 1)).reshape_as(template))
+
+
+def test_reshape_as_its_own_source_keeps_channels_prunable():
+    from dagprune_algorithms.pruning.channel_groups import find_channel_groups
+
+    model = make_weights_informative(_ReshapedLikeItsSource()).eval()
+    groups = find_channel_groups(dagprune.build_from_unstructured_module(model), (5, 6)).groups
+    assert [(g.size, g.prunable) for g in groups if g.size == 8] == [(8, True)]
+    assert _removal_difference(model, (5, 6), target=0.5) <= 1e-5
+
+
+def test_reshape_as_another_tensor_couples_the_two_channel_axes():
+    from dagprune_algorithms.pruning.channel_groups import find_channel_groups
+
+    model = make_weights_informative(_ReshapedLikeItsSource(other_template=True)).eval()
+    groups = find_channel_groups(dagprune.build_from_unstructured_module(model), (5, 6)).groups
+    assert [(g.size, g.prunable) for g in groups if g.size == 8] == [(8, True)]  # one group, both sides
+    for seed in range(3):
+        assert _removal_difference(model, (5, 6), seed=seed, target=0.5) <= 1e-5
+
+
+def test_levit_attention_biases_stay_parameters_and_levit_is_prunable():
+    """LeViT's attention layers cache their biases in eval mode; a cache filled before conversion
+    must not become a constant of the DAG (training and pruning would leave it stale)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = make_weights_informative(timm.create_model("levit_128s", pretrained=False, img_size=64)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    model(x)  # fills the caches
+    dag = dagprune.build_from_unstructured_module(model, copy_model=False)
+    with torch.no_grad():
+        assert dagprune.max_relative_difference(model(x), dag(x)) == 0
+        for name, parameter in model.named_parameters():
+            if name.endswith("attention_biases"):
+                parameter.add_(torch.randn_like(parameter))
+        for module in model.modules():
+            if hasattr(module, "attention_bias_cache"):
+                module.attention_bias_cache = {}
+        assert dagprune.max_relative_difference(model(x), dag(x)) <= 1e-6
+    pruning = ChannelPruning(dagprune.build_from_unstructured_module(model), (3, 64, 64), 0.5, 10)
+    pruning.prepare_for_pruning()
+    assert pruning.max_removable_proportion > 0.9
+    assert _removal_difference(model, (3, 64, 64), target=0.5) <= 1e-4
+
+
+def test_app_converts_timm_blocks_branching_on_sizes_with_example_inputs():
+    """MobileViT's blocks unfold patches with sizes read from their input: the app converts such
+    models with an example batch, so their channels are followed (kept whole, 20% of the FLOPs
+    of mobilevit_xxs are removable; followed, over 90%)."""
+    timm = pytest.importorskip("timm")
+    from dagprune_algorithms.app.models import as_dag
+
+    torch.manual_seed(0)
+    model = make_weights_informative(timm.create_model("mobilevit_xxs", pretrained=False)).eval()
+    dag = as_dag(model, (3, 64, 64))
+    assert not any(type(v.module).__name__ == "MobileVitBlock" for v in dag.inner_vertices)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert dagprune.max_relative_difference(model(x), dag(x)) <= 1e-6
+    pruning = ChannelPruning(dag, (3, 64, 64), 0.5, 10)
+    gated = pruning.prepare_for_pruning().eval()
+    assert pruning.max_removable_proportion > 0.9
+    for gate in pruning.gates:
+        gate.logits.data = torch.randn_like(gate.logits)
+    slim = pruning.remove_channels().eval()
+    with torch.no_grad():
+        assert dagprune.max_relative_difference(gated(x), slim(x)) <= 1e-4

@@ -291,3 +291,49 @@ class _VariadicModel(nn.Module):
 def test_inputs_a_variadic_forward_cannot_name_are_clear_errors(example_inputs, message):
     with pytest.raises(ConversionError, match=message):
         dagprune.build_from_unstructured_module(_VariadicModel(), example_inputs=example_inputs)
+
+
+class _CroppedToEven(nn.Module):
+    """Crops its input to an even width (a branch on a size symbolic tracing cannot take), then
+    projects it."""
+
+    def __init__(self):
+        super().__init__()
+        self.project = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = x[..., :-1]
+        return self.project(x)
+
+
+dagprune.register_leaf_module(_CroppedToEven, traced_with_values=True)
+
+
+class _WithCroppedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.block = _CroppedToEven()
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))
+
+
+def test_block_traced_with_values_is_whole_without_examples_and_followed_with_them():
+    from dagprune.tracing import needs_example_inputs
+    from dagprune_algorithms.pruning.channel_groups import find_channel_groups
+
+    model = _WithCroppedBlock().eval()
+    x = torch.randn(2, 3, 5, 7)
+    assert needs_example_inputs(model) and not needs_example_inputs(model.stem)
+    symbolic = dagprune.build_from_unstructured_module(model)
+    assert any(isinstance(v.module, _CroppedToEven) for v in symbolic.inner_vertices)
+    traced = dagprune.build_from_unstructured_module(model, example_inputs=(x,))
+    assert not any(isinstance(v.module, _CroppedToEven) for v in traced.inner_vertices)
+    other_batch = torch.randn(3, 3, 5, 7)
+    for dag in (symbolic, traced):
+        assert torch.equal(dag(other_batch), model(other_batch))
+    prunable = lambda dag: sorted(g.size for g in find_channel_groups(dag, (3, 5, 7)).groups if g.prunable)  # noqa: E731
+    assert prunable(symbolic) == [] and prunable(traced) == [8, 8]

@@ -120,6 +120,7 @@ def run_convert(args: argparse.Namespace) -> int:
     input_size = tuple(args.input_size)
     if any(dim <= 0 for dim in input_size):
         raise UsageError(f"--input-size must be positive, got {' '.join(map(str, input_size))}")
+    from dagprune_algorithms.app.models import as_dag
     from dagprune_algorithms.app.prune_arguments import _check_device
 
     _check_device(args.device)
@@ -132,7 +133,7 @@ def run_convert(args: argparse.Namespace) -> int:
         dag, conversion_seconds = original, None
     else:
         started = time.perf_counter()
-        dag = dagprune.build_from_unstructured_module(original, name=args.model)
+        dag = as_dag(original, input_size, name=args.model)
         conversion_seconds = time.perf_counter() - started
     dag.eval()
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import difflib
 
+import torch
 from torch import nn
 
 import dagprune
 from dagprune.errors import DagpruneError
+from dagprune.shape_prop import module_device, module_dtype
+from dagprune.tracing import needs_example_inputs
 
 __all__ = ["UnknownModelError", "check_timm_model_name", "create_timm_model", "timm_size_kwargs", "as_dag"]
 
@@ -59,8 +62,19 @@ def create_timm_model(name: str, input_size: tuple[int, ...] | None = None, **kw
         raise UnknownModelError(f"timm model {name} cannot be built with {options}: {error}") from error
 
 
-def as_dag(model: nn.Module) -> dagprune.DagModule:
-    """``model`` converted to a DAG; a DAG (e.g. loaded from a saved directory) as it is."""
+def as_dag(model: nn.Module, input_shape: tuple[int, ...] | None = None,
+           name: str | None = None) -> dagprune.DagModule:
+    """``model`` converted to a DAG; a DAG (e.g. loaded from a saved directory) as it is.
+
+    A model holding blocks that tracing follows only with example inputs
+    (:func:`dagprune.tracing.needs_example_inputs`) is converted with a random batch of two
+    ``input_shape`` inputs (drawn from a private generator: the global one is left alone), so
+    that pruning reaches their channels.
+    """
     if isinstance(model, dagprune.DagModule):
         return model
-    return dagprune.build_from_unstructured_module(model)
+    if input_shape is not None and needs_example_inputs(model):
+        example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+        example = example.to(device=module_device(model), dtype=module_dtype(model))
+        return dagprune.build_from_unstructured_module(model, name=name, example_inputs=(example,))
+    return dagprune.build_from_unstructured_module(model, name=name)

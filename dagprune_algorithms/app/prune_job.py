@@ -156,7 +156,7 @@ def _check_pruning_setup(args, model, input_shape, device, latency_table=None, w
             first_line = (str(error).strip().splitlines() or [""])[0]
             raise PruneUsageError(f"{args.model} cannot run on {'x'.join(map(str, input_shape))} images "
                                   f"({type(error).__name__}: {first_line}); choose another --image-size") from error
-        dag = as_dag(model)
+        dag = as_dag(model, input_shape)
         _check_conversion(args, model, dag, input_shape, device)
         if args.method == "l1":
             from dagprune_algorithms.app.iterative_job import plan_from_arguments
@@ -192,7 +192,7 @@ def _latency_table(args, model, input_shape, device, ranks: Ranks):
         return None
     from dagprune_algorithms.pruning.latency_table import measure_latency_table
 
-    dag = as_dag(model)
+    dag = as_dag(model, input_shape)
     table = _measured_by_rank_zero(ranks, lambda: measure_latency_table(
         dag, input_shape, batch_size=LATENCY_BATCH, device=device, cache_dir=args.latency_cache,
         progress=not args.no_progress))
@@ -499,7 +499,7 @@ def _run_job(args, ranks: Ranks) -> None:
     job, split, model = _start(args, ranks)
     input_shape = tuple(split.input_shape)
     baseline_accuracy = _prepare_baseline(job, model, split.num_classes)
-    dag = as_dag(model)
+    dag = as_dag(model, input_shape)
     _check_conversion(args, model, dag, input_shape, job.device)
     job.distiller = make_distiller(args, dag, job.device)
     original_flops = dagprune.count_flops(dag, input_shape).total

@@ -134,7 +134,7 @@ def _check_output_path(path: Path) -> None:
 
 def _load_dag(model: str, input_size: tuple[int, ...]):
     import dagprune
-    from dagprune_algorithms.app.models import UnknownModelError, create_timm_model
+    from dagprune_algorithms.app.models import UnknownModelError, as_dag, create_timm_model
 
     if os.path.exists(model):
         return dagprune.load_dag(model).eval()
@@ -143,4 +143,4 @@ def _load_dag(model: str, input_size: tuple[int, ...]):
     except UnknownModelError as error:
         hint = f"; closest timm names: {', '.join(error.close_matches)}" if error.close_matches else ""
         raise UnitsUsageError(f"{model!r} is neither a saved DAG directory nor a timm model name{hint}") from error
-    return dagprune.build_from_unstructured_module(created.eval(), name=model)
+    return as_dag(created.eval(), input_size, name=model)

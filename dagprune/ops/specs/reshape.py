@@ -195,16 +195,39 @@ def reshape_coupling(ctx, vertex, module, layouts, values, output):
     if x_index is None or not isinstance(output, torch.Tensor):
         return barrier_all(ctx, layouts, "reshape of a constant")
     other_tensors = [i for i, v in enumerate(values) if i != x_index and isinstance(v, torch.Tensor)]
-    for index in other_tensors:  # view_as / reshape_as: the template's axes match the output's
-        ctx.barrier_layout(layouts[index], "reshape template tensor")
+    template = other_tensors[0] if len(other_tensors) == 1 and values[other_tensors[0]].shape == output.shape \
+        else None
+    for index in other_tensors:
+        if index != template:
+            ctx.barrier_layout(layouts[index], "reshape template tensor")
     layout = tensor_layout(layouts[x_index])
     splits_heads = ctx.head_pruning == "heads" and _feeds_attention(ctx, vertex)
     result = (_reshape_layout(ctx, layout, tuple(values[x_index].shape), tuple(output.shape), splits_heads)
               if layout else None)
-    if other_tensors and result:
+    if template is not None:
+        result = _follow_template(ctx, result, tensor_layout(layouts[template]))
+    elif other_tensors and result:
         ctx.barrier_layout(result, "reshaped like another tensor")
         result = None
     return _couple_sizes(ctx, module, layouts, values, result, output.ndim, unify_tracked=False) or None
+
+
+def _follow_template(ctx, result: Layout, template: dict) -> Layout:
+    """``x.view_as(t)`` / ``x.reshape_as(t)``: the output takes ``t``'s shape, so each output axis
+    keeps channels only where ``t``'s same axis holds as many, and both are removed together
+    (``bn(x.flatten(0, 1)).reshape_as(x)``); a channel axis on one side only is barred."""
+    result = dict(result or {})
+    for axis in sorted(set(result) | set(template)):
+        atoms, template_atoms = result.get(axis), template.get(axis)
+        if atoms is not None and template_atoms is not None and len(atoms) == len(template_atoms):
+            ctx.unify(atoms, template_atoms)
+            continue
+        if template_atoms is not None:
+            ctx.barrier(template_atoms, "reshape template axis without the same channels in the input")
+        if atoms is not None:
+            ctx.barrier(atoms, "reshaped to a template axis without the same channels")
+            result.pop(axis)
+    return result
 
 
 def expand_coupling(ctx, vertex, module, layouts, values, output):
