@@ -5,7 +5,8 @@ converts exactly (:func:`dagprune.compare_module_outputs`), whether the DAG save
 bit-exactly, whether it has prunable channel groups, ``prunable_proportion`` and
 ``max_removable_proportion``, whether removing channels under random gate logits reproduces the
 gated model (and the slim model saves and loads bit-exactly), our FLOPs against fvcore's, the
-parameter count and the time taken.
+parameter count and the time taken. Models holding blocks that tracing follows only with example
+inputs are converted with an example batch, as the CLI converts them.
 
 Each model runs in its own forked child process (torch, timm, dagprune and fvcore are imported
 once in the parent) under a CPU-time bound (``RLIMIT_CPU``), a wall-clock bound (the parent
@@ -187,7 +188,7 @@ def check_model(name: str, report=None, with_fvcore: bool = True, seed: int = 0,
     note(params=sum(p.numel() for p in model.parameters()))
 
     note(stage="convert")
-    dag = dp.build_from_unstructured_module(model, copy_model=not share_weights)
+    dag = convert_as_the_cli_does(model, input_size, share_weights, note)
     torch.manual_seed(seed)
     difference = dp.compare_module_outputs(model, dag, (2, *input_size), raise_error=False)
     note(convert_max_rel_diff=float(difference),
@@ -229,6 +230,18 @@ def check_model(name: str, report=None, with_fvcore: bool = True, seed: int = 0,
     note(roundtrip_exact=round_trips_exactly(dag, torch.randn(2, *input_size)))
     note(stage="done")
     return record
+
+
+def convert_as_the_cli_does(model: nn.Module, input_size, share_weights: bool, note) -> dp.DagModule:
+    """``build_from_unstructured_module``, with an example batch of two ``input_size`` inputs when
+    the model holds blocks that tracing follows only with example inputs (as ``dagprune
+    convert`` / ``prune`` convert them; recorded as ``converted_with_example_inputs``)."""
+    import dagprune.tracing
+
+    needs = getattr(dagprune.tracing, "needs_example_inputs", lambda model: False)(model)
+    note(converted_with_example_inputs=bool(needs))
+    example = (torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0)),) if needs else None
+    return dp.build_from_unstructured_module(model, copy_model=not share_weights, example_inputs=example)
 
 
 def round_trips_exactly(dag: dp.DagModule, x: torch.Tensor) -> bool:

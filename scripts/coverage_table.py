@@ -128,6 +128,7 @@ def summarize(records: dict[str, dict], all_names: list[str], timm_version: str)
         "convertible_percent_of_run": _percent(convertible, len(covered)),
         "prunable_percent_of_run": _percent(prunable, len(covered)),
         "statuses": dict(sorted(statuses.items())),
+        "converted_with_example_inputs": sum(bool(r.get("converted_with_example_inputs")) for r in covered),
         "code_versions": dict(collections.Counter(
             f"{r.get('git_head')}{' (dirty tree)' if r.get('source_dirty') else ''}" for r in covered)),
         "torch_dag": {**theirs, "convertible_percent": _percent(theirs["convertible"], theirs["all"]),
@@ -176,7 +177,10 @@ def render_table(summary: dict, records: dict[str, dict], all_names: list[str]) 
         "time and 6 GB of address space beyond the parent's; models over 250M parameters run one "
         "at a time (no other shard's model beside them) under 18 GB, 4x those time bounds and with "
         "the DAG sharing the model's weights (`copy_model=False`); models over 1.4B parameters, "
-        "which do not fit this 24 GB machine, are skipped.",
+        "which do not fit this 24 GB machine, are skipped. A model holding blocks that tracing "
+        "follows only with example inputs (`dagprune.tracing.needs_example_inputs`) is converted "
+        f"with an example batch, as the CLI converts it ({s.get('converted_with_example_inputs', 0)} "
+        "models of the run).",
         "",
         "* **convertible**: the DAG's output equals the model's within 1e-5 (max relative difference), "
         "and the DAG saved and loaded back gives bit-identical outputs and tensors.",
