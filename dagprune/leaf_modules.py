@@ -13,6 +13,7 @@ from typing import Callable
 
 from torch import nn
 
+from dagprune.ops.cond_conv import CondConv2d
 from dagprune.ops.evo_norm import EvoNorm2d
 from dagprune.ops.functions import register_function
 from dagprune.ops.multihead_attention import PrunedMultiheadAttention
@@ -201,4 +202,5 @@ register_leaf_module(SamePad2d)
 register_leaf_module(StandardizedConv2d)
 register_leaf_module(StochasticDepth)
 register_leaf_module(EvoNorm2d)
+register_leaf_module(CondConv2d)
 register_leaf_module(PrunedMultiheadAttention)

@@ -15,6 +15,8 @@ a saved graph names timm types. It depends only on the registries of
   :class:`~dagprune.ops.StochasticDepth`, which keeps dropping paths in train mode;
 * attention layers holding an eval-mode cache of their attention biases get an empty one, so
   that the traced graph computes the biases from their parameter;
+* a rewrite of ``CondConv2d`` (EfficientNet-CondConv's mixture of expert kernels) into
+  :class:`~dagprune.ops.CondConv2d`, whose channels are followed;
 * rewrites of the EvoNorm layers (``EvoNorm2dB0`` ... ``EvoNorm2dS2a``) into
   :class:`~dagprune.ops.EvoNorm2d`, whose channels are followed (kept whole where an activation
   holds parameters);
@@ -32,6 +34,7 @@ from torch import nn
 
 from dagprune.leaf_modules import (apply_module_rewrites, register_autowrap_function, register_leaf_module,
                                    register_module_rewrite)
+from dagprune.ops.cond_conv import CondConv2d
 from dagprune.ops.evo_norm import EvoNorm2d
 from dagprune.ops.functions import register_function
 from dagprune.ops.padding import SamePad2d
@@ -143,6 +146,14 @@ def _rewrite_standardized_conv(module):
 @register_module_rewrite(importlib.import_module("timm.layers.drop").DropPath)
 def _rewrite_drop_path(module):
     return StochasticDepth(module.drop_prob, module.scale_by_keep)
+
+
+@register_module_rewrite(importlib.import_module("timm.layers.cond_conv2d").CondConv2d)
+def _rewrite_cond_conv(module):
+    layer = CondConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                       (0, 0) if module.dynamic_padding else module.padding, module.dilation, module.groups,
+                       module.num_experts, module.bias is not None, same_padding=module.dynamic_padding)
+    return _share_state(layer, module)
 
 
 def _holds_attention_bias_cache(module) -> bool:

@@ -32,7 +32,6 @@ TIMM_LEAF_MODELS = {
     "mobilevit_xxs": ({}, 64),  # MobileVitBlock; any size divisible by 32
     "efficientvit_b0": ({}, 64),  # LiteMLA
     "tiny_vit_5m_224": ({}, 64),  # TinyVitBlock; no img_size argument, pads to its windows
-    "efficientnet_cc_b0_4e": ({}, 64),  # CondConv2d (mixture-of-experts convolution)
     "convit_tiny": ({"img_size": 64}, 64),  # GPSA
     # LocalWindowAttention: an eval-mode cache of attention biases (saved empty, refilled)
     "efficientvit_m0": ({"img_size": 64}, 64),

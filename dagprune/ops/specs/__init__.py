@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dagprune.ops.spec import OpSpec
-from dagprune.ops.specs import (attention, calls, channelwise, convolution, elementwise,
+from dagprune.ops.specs import (attention, calls, channelwise, cond_conv, convolution, elementwise,
                                 embedding, evo_norm, indexing, leaves, linear, normalization,
                                 products, recurrent, reduction, reshape, rms_norm)
 
 __all__ = ["builtin_specs"]
 
-_FAMILIES = (convolution, linear, embedding, normalization, rms_norm, evo_norm, channelwise,
+_FAMILIES = (convolution, cond_conv, linear, embedding, normalization, rms_norm, evo_norm, channelwise,
              elementwise, reduction, products, reshape, indexing, recurrent, attention, calls, leaves)
 
 
