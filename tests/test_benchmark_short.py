@@ -157,3 +157,19 @@ def test_stage_names_the_innermost_failing_stage():
     with pytest.raises(common.StageError, match=r"^removal: ValueError: bad shape$"):
         with common.stage("model"), common.stage("removal"):
             raise ValueError("bad shape\nsecond line")
+
+
+def test_prepare_section_counts_where_we_are_at_or_under_torch_pruning(tmp_path):
+    report = _benchmarks_module("report")
+    ours = [{"model": "a", "total_s": 0.10, "groups": 3, "prunable_proportion": 1.0},
+            {"model": "b", "total_s": 0.30, "groups": 3, "prunable_proportion": 1.0}]
+    theirs = [{"model": "a", "total_s": 0.20, "pruner_flops_s": 0.40, "error": None},
+              {"model": "b", "total_s": 0.20, "pruner_flops_s": 0.35, "error": None}]
+    section = {"dagprune": {"tool": "dagprune", "results": ours},
+               "torch-pruning": {"tool": "Torch-Pruning", "version": "1.6.1", "timm": "1.0", "results": theirs}}
+    lines, verdicts = [], []
+    report.prepare_section(section, tmp_path, lines, verdicts)
+    assert "| a | 0.100 | - | 0.200 | - | 2.0x | 3 | 1.0000 | 0.400 | 4.0x |" in lines
+    assert "| b | 0.300 | - | 0.200 | - | 0.7x | 3 | 1.0000 | 0.350 | 1.2x |" in lines
+    assert verdicts == ["Time to pruning-ready at or under Torch-Pruning's (graph and groups): on 1 of 2; "
+                        "under its pruner + FLOPs count: on 2 of 2"]

@@ -46,21 +46,35 @@ def prepare_section(section: dict, plots: Path, lines: list, verdicts: list) -> 
     ours, dag, tp = (_by_model(section, tool) for tool in PEER_ORDER)
     lines += ["## 1. Time to a pruning-ready model", "",
               "One torch thread, median of the runs, timm's default input size. dagprune and torch-dag: "
-              "conversion + group search + gates; Torch-Pruning: its DependencyGraph and pruning groups.",
+              "conversion + group search + gates (dagprune's include the FLOPs tables and L1-ranked gates); "
+              "Torch-Pruning: its DependencyGraph and pruning groups, and (last columns) what a user "
+              "runs before a FLOPs-targeted prune: a MagnitudePruner and a FLOPs count.",
               f"Peers: {_versions(section) or 'not run'}.", "",
               "| model | dagprune s | torch-dag s | Torch-Pruning s | torch-dag / dagprune | "
-              "Torch-Pruning / dagprune | prunable groups | prunable_proportion |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    speedups = []
+              "Torch-Pruning / dagprune | prunable groups | prunable_proportion | "
+              "Torch-Pruning pruner + FLOPs s | that / dagprune |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    speedups, at_or_under = [], {"total_s": [], "pruner_flops_s": []}
     for name, row in ours.items():
-        ratio = lambda peer: (f"{peer[name]['total_s'] / row['total_s']:.1f}x"
-                              if name in peer and not peer[name].get("error") and not row.get("error") else "-")
+        ratio = lambda peer, key="total_s": (
+            f"{peer[name][key] / row['total_s']:.1f}x" if name in peer and not peer[name].get("error")
+            and not row.get("error") and peer[name].get(key) else "-")
         if name in dag and not dag[name].get("error") and not row.get("error"):
             speedups.append((name, dag[name]["total_s"] / row["total_s"]))
+        for key, names in at_or_under.items():
+            peer = tp.get(name) or {}
+            if not peer.get("error") and not row.get("error") and peer.get(key) and row["total_s"] <= peer[key]:
+                names.append(name)
+        pruner = tp.get(name, {}).get("pruner_flops_s")
         lines.append(f"| {name} | {_seconds(row)} | {_seconds(dag.get(name))} | {_seconds(tp.get(name))} | "
                      f"{ratio(dag)} | {ratio(tp)} | {row.get('groups', '-')} | "
-                     f"{row.get('prunable_proportion', float('nan')):.4f} |")
+                     f"{row.get('prunable_proportion', float('nan')):.4f} | "
+                     f"{f'{pruner:.3f}' if pruner else '-'} | {ratio(tp, 'pruner_flops_s')} |")
     lines.append("")
+    if any(tp.values()):
+        verdicts.append(f"Time to pruning-ready at or under Torch-Pruning's (graph and groups): on "
+                        f"{len(at_or_under['total_s'])} of {len(ours)}; under its pruner + FLOPs count: on "
+                        f"{len(at_or_under['pruner_flops_s'])} of {len(ours)}")
     if speedups:
         slowest = min(speedups, key=lambda item: item[1])
         failed_peer = [n for n in ours if n in dag and dag[n].get("error")]

@@ -15,7 +15,9 @@ Sections:
 ``prepare``
     One thread; per model the median seconds of ``DependencyGraph().build_dependency`` (build)
     and of listing its pruning groups with ``get_all_groups`` (groups), classifier ignored, with
-    Conv2d and Linear layers as group roots.
+    Conv2d and Linear layers as group roots; and, as a user readies a FLOPs-targeted prune, of
+    constructing a ``MagnitudePruner`` (L1 importance, ratio 0.5, same ignored layers) plus the
+    FLOPs count of ``tp.utils.count_ops_and_params`` (pruner_flops).
 ``exactness``
     In every group 10% of the channels (rounded down, at least one, seeded) are removed with the
     group's own ``prune()``; the output is compared with the masked model (see
@@ -37,8 +39,8 @@ Every model (or target) is measured on its own: a failure is recorded as
 distribution's (``torch_pruning.__version__``, kept as ``module_version``, can lag behind it).
 Rows hold:
 
-- prepare: ``model, input_size, build_s, groups_s, total_s`` (medians), ``first_total_s``,
-  ``groups``, ``error``;
+- prepare: ``model, input_size, build_s, groups_s, total_s, pruner_flops_s`` (medians),
+  ``first_total_s``, ``groups``, ``error``;
 - exactness: ``model, weights, dtype, input_size, groups, skipped_groups, closed_channels,
   max_rel_diff, exact, masks_took_effect, mask_effect_rel_diff, flops_proportion,
   error``;
@@ -83,13 +85,13 @@ MODELS = ["resnet18", "resnet50", "mobilenetv2_100", "mobilenetv3_large_100", "e
 def measure_prepare(name: str, repeats: int) -> dict:
     """Dependency-graph and group-listing times of one model; see the module docstring."""
     row = {"model": name, "input_size": None, "build_s": None, "groups_s": None, "total_s": None,
-           "first_total_s": None, "groups": None, "error": None}
+           "pruner_flops_s": None, "first_total_s": None, "groups": None, "error": None}
     try:
         model, input_shape = create_model(name)
         row["input_size"] = list(input_shape)
         ignored = classifier_layers(model)
         example_inputs = torch.randn(1, *input_shape)
-        builds, listings = [], []
+        builds, listings, pruners = [], [], []
         for _ in range(repeats):
             with stage("dependency graph"):
                 started = time.perf_counter()
@@ -100,12 +102,19 @@ def measure_prepare(name: str, repeats: int) -> dict:
                 groups = list(graph.get_all_groups(ignored_layers=ignored,
                                                    root_module_types=ROOT_MODULE_TYPES))
                 listings.append(time.perf_counter() - started)
+            with stage("pruner and FLOPs"):
+                started = time.perf_counter()
+                tp.pruner.MagnitudePruner(model, example_inputs, importance=tp.importance.MagnitudeImportance(p=1),
+                                          pruning_ratio=0.5, ignored_layers=ignored)
+                tp.utils.count_ops_and_params(model, example_inputs)
+                pruners.append(time.perf_counter() - started)
     except StageError as error:
         row["error"] = str(error)
         return row
     totals = [build + listing for build, listing in zip(builds, listings)]
     row.update(build_s=statistics.median(builds), groups_s=statistics.median(listings),
-               total_s=statistics.median(totals), first_total_s=totals[0], groups=len(groups))
+               total_s=statistics.median(totals), pruner_flops_s=statistics.median(pruners),
+               first_total_s=totals[0], groups=len(groups))
     return row
 
 
