@@ -16,6 +16,7 @@ from dagprune.checkpoints import load_weights, read_state_dict
 from dagprune.compare import compare_module_outputs, max_relative_difference
 from dagprune.dag_module import DagModule, InnerVertex, InputVertex, Vertex
 from dagprune.flops import FlopsReport, count_flops
+from dagprune.folding import fold_batch_norms
 from dagprune.io import load_dag, load_dag_from_path, save_dag
 from dagprune.leaf_modules import register_leaf_module, register_module_rewrite
 from dagprune.module_serialization import register_module_serializer
@@ -29,6 +30,6 @@ __all__ = [
     "DagModule", "Vertex", "InputVertex", "InnerVertex", "build_from_unstructured_module",
     "register_leaf_module", "register_module_rewrite", "register_module_serializer",
     "compare_module_outputs", "max_relative_difference", "save_dag", "load_dag",
-    "load_dag_from_path", "errors", "ops", "count_flops", "FlopsReport",
+    "load_dag_from_path", "errors", "ops", "count_flops", "FlopsReport", "fold_batch_norms",
     "propagate_shapes", "evaluation_mode", "load_weights", "read_state_dict",
 ]
