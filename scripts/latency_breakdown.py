@@ -5,7 +5,7 @@ shrinks less than the model's FLOPs (memory-bound depthwise convs, norms, activa
 cost of each op call at batch 1) pulls it below 1. The model is pruned without training to
 ``--target`` of its FLOPs as the latency benchmark prunes it (L1-ranked gates, calibrated,
 ``--round-to``); every vertex of the original and the slim DAG is then timed on its own
-(the DAG's own loop with a clock around each call, the two models alternating, median per
+(the DAG's own loop with a clock around each call, all models alternating, median per
 vertex), and the vertices are summed by kind::
 
     OMP_NUM_THREADS=1 python scripts/latency_breakdown.py --models mobilenetv2_100 resnet18 \\
@@ -72,37 +72,45 @@ def kind_table(dag: dagprune.DagModule, input_shape, per_vertex: list[float]) ->
     return table
 
 
-def breakdown(name: str, target: float, batch: int, repeats: int, round_to, fold: bool) -> tuple[float, list[str]]:
-    """The model's FLOPs share after pruning and the markdown rows of its breakdown; with
-    ``fold``, both models with their batch norms folded into the convs
-    (:func:`dagprune.fold_batch_norms`)."""
+def breakdown(name: str, target: float, batch: int, repeats: int, round_to, folds) -> list[str]:
+    """The markdown rows of ``name``'s breakdown, one table per entry of ``folds`` (False: as
+    pruned; True: both models with their batch norms folded into the convs, see
+    :func:`dagprune.fold_batch_norms`). Every model is timed in alternation with the others."""
     input_shape, original, slims = slim_models(name, None, [target], (round_to,))
-    _, _, _, share, slim = slims[0]
-    if fold:
-        original, slim = dagprune.fold_batch_norms(original), dagprune.fold_batch_norms(slim)
+    slim = slims[0][-1]
+    pairs = {fold: (dagprune.fold_batch_norms(original), dagprune.fold_batch_norms(slim)) if fold
+             else (original, slim) for fold in folds}
+    models = [model for pair in pairs.values() for model in pair]
     x = torch.randn(batch, *input_shape)
-    timings = {"original": [], "slim": []}
     for _ in range(2):  # warm-up
-        vertex_seconds(original, x), vertex_seconds(slim, x)
+        for model in models:
+            vertex_seconds(model, x)
+    runs = [[] for _ in models]
     for _ in range(repeats):
-        timings["original"].append(vertex_seconds(original, x))
-        timings["slim"].append(vertex_seconds(slim, x))
-    medians = {label: [statistics.median(column) for column in zip(*runs)] for label, runs in timings.items()}
-    before = kind_table(original, input_shape, medians["original"])
-    after = kind_table(slim, input_shape, medians["slim"])
+        for model, timings in zip(models, runs):
+            timings.append(vertex_seconds(model, x))
+    medians = [[statistics.median(column) for column in zip(*timings)] for timings in runs]
+    rows = []
+    for index, (fold, (before_model, after_model)) in enumerate(pairs.items()):
+        before = kind_table(before_model, input_shape, medians[2 * index])
+        after = kind_table(after_model, input_shape, medians[2 * index + 1])
+        rows += _kind_rows(f"{name}{' (folded)' if fold else ''}", batch, before, after)
+    return rows
+
+
+def _kind_rows(label: str, batch: int, before: dict, after: dict) -> list[str]:
     total = [sum(row[i] for row in table.values()) for table in (before, after) for i in (0, 1)]
-    label = " (folded)" if fold else ""
     rows = []
     for kind in KINDS:
         if kind not in before:
             continue
         (t0, f0), (t1, f1) = before[kind], after.get(kind, [0.0, 0.0])
-        rows.append(f"| {name}{label} | {batch} | {kind} | {1000 * t0:.2f} | {100 * t0 / total[0]:.0f}% | "
+        rows.append(f"| {label} | {batch} | {kind} | {1000 * t0:.2f} | {100 * t0 / total[0]:.0f}% | "
                     f"{1000 * t1:.2f} | {t1 / t0:.2f} | {f1 / f0 if f0 else float('nan'):.2f} |")
     speedup, reduction = total[0] / total[2], total[1] / total[3]
-    rows.append(f"| {name}{label} | {batch} | **all** | {1000 * total[0]:.2f} | 100% | {1000 * total[2]:.2f} | "
+    rows.append(f"| {label} | {batch} | **all** | {1000 * total[0]:.2f} | 100% | {1000 * total[2]:.2f} | "
                 f"{total[2] / total[0]:.2f} | {total[3] / total[1]:.2f} (efficiency {speedup / reduction:.2f}) |")
-    return share, rows
+    return rows
 
 
 def main() -> None:
@@ -126,9 +134,8 @@ def main() -> None:
     folds = {"no": [False], "yes": [True], "both": [False, True]}[options.fold]
     for name in options.models:
         for batch in options.batch:
-            for fold in folds:
-                share, rows = breakdown(name, options.target, batch, options.repeats, round_to, fold)
-                lines += rows
+            rows = breakdown(name, options.target, batch, options.repeats, round_to, folds)
+            lines += rows
             print("\n".join(rows), flush=True)
     text = "\n".join(lines) + "\n"
     if options.out:
