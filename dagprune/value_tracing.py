@@ -10,6 +10,8 @@ value:
   tensor's *data* (``x.sum() > 0``, ``x.item()``) is refused, since a branch on data would be
   silently wrong for other inputs.
 - ``len()`` and iteration unpack tuples, sizes and lists by their example length.
+- Item assignment (``table[:, :, 0] = index``) is recorded as an ``operator.setitem`` call that
+  writes into the tensor in trace order, as the model writes into it.
 - ``int()``, ``float()`` and ``operator.index()`` of such a value (``int(math.ceil(h / p))``,
   ``range(n)``, ``len(x)`` of a tensor) take the example's number, and the graph checks at run
   time that the value is still that number: other sizes get a clear error, never a silently
@@ -153,6 +155,11 @@ class _ValueBehaviour:
         if unpacked is not None:
             return iter([self[i] for i in range(unpacked)])
         return self.tracer.iter(self)
+
+    def __setitem__(self, key, value) -> None:
+        # recorded as a call: it writes into the example value now and into the tensor at run
+        # time, in trace order, before anything traced after it reads the tensor
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
     def __int__(self) -> int:
         return self._specialised(int)

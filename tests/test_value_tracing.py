@@ -337,3 +337,36 @@ def test_block_traced_with_values_is_whole_without_examples_and_followed_with_th
         assert torch.equal(dag(other_batch), model(other_batch))
     prunable = lambda dag: sorted(g.size for g in find_channel_groups(dag, (3, 5, 7)).groups if g.prunable)  # noqa: E731
     assert prunable(symbolic) == [] and prunable(traced) == [8, 8]
+
+
+class _WritesIntoTensors(nn.Module):
+    """Builds a table by item assignment from sizes (BEiT's relative position index), and writes
+    into a channel of an activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        table = torch.zeros(y.shape[0], y.shape[1], 1, 1, dtype=y.dtype)
+        table[:, 1] = y.mean((1, 2, 3)).reshape(-1, 1, 1)
+        y[:, 0] = 0.0
+        return self.head(y + table)
+
+
+def test_item_assignment_is_recorded_and_runs_in_order(tmp_path):
+    from dagprune_algorithms.pruning.channel_groups import find_channel_groups
+
+    model = _WritesIntoTensors().eval()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=(torch.randn(2, 3, 4, 4),))
+    assert sum(getattr(v.module, "function_name", "") == "operator.setitem" for v in dag.inner_vertices) == 2
+    x = torch.randn(3, 3, 5, 5)  # another batch and size
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(dag(x), expected)
+        loaded = dagprune.load_dag(dagprune.save_dag(dag, tmp_path / "dag"))
+        assert torch.equal(loaded(x), expected)
+    conv_group = next(g for g in find_channel_groups(dag, (3, 4, 4)).groups if g.name == "conv")
+    assert not conv_group.prunable  # written into by index: its channels are not followed

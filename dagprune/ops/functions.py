@@ -12,7 +12,8 @@ The allowlist holds:
   list of tensor factories (``torch.zeros``, ``torch.arange``, ``Tensor.new_zeros``, ...);
   functions that change global state or touch files, processes or memory are not among them,
   and the few tensor methods that do (hooks, storage, conversion to Python) are refused by name;
-* the pure functions of ``operator`` and ``math`` named below, and a few builtins;
+* the pure functions of ``operator`` and ``math`` named below (and ``operator.setitem``,
+  which writes into its first argument, like the in-place tensor methods), and a few builtins;
 * every function name an op family or an op spec declares (see :mod:`dagprune.ops.spec`);
 * whatever is registered with :func:`register_function` (timm's helper functions that torch.fx
   must not trace into are registered that way).
@@ -48,7 +49,7 @@ _FACTORIES = ("zeros", "ones", "full", "empty", "arange", "range", "linspace", "
 _TENSOR_FACTORIES = ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor")
 _OPERATORS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "neg", "pos",
               "abs", "invert", "inv", "and_", "or_", "xor", "lshift", "rshift", "lt", "le", "eq",
-              "ne", "ge", "gt", "not_", "truth", "getitem", "index", "iadd", "isub", "imul",
+              "ne", "ge", "gt", "not_", "truth", "getitem", "setitem", "index", "iadd", "isub", "imul",
               "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior", "ixor", "contains")
 _MATH = ("sqrt", "isqrt", "ceil", "floor", "trunc", "prod", "log", "log2", "log10", "exp",
          "sin", "cos", "tan", "atan", "atan2", "tanh", "erf", "fabs", "gcd", "lcm", "pow",
