@@ -8,11 +8,10 @@ import math
 import torch
 from torch import nn
 
-from dagprune.ops.channel_map import channel_atoms, tensor_layout
 from dagprune.ops.cond_conv import CondConv2d
 from dagprune.ops.slicing import kept_count, replace_tensor, slice_tensor
 from dagprune.ops.spec import ChannelWeight, OpSpec
-from dagprune.ops.specs.convolution import _tie_conv_groups
+from dagprune.ops.specs.convolution import conv_channels
 
 __all__ = ["SPECS"]
 
@@ -24,20 +23,10 @@ def cond_conv_flops(module: CondConv2d, inputs, output) -> int:
 
 
 def cond_conv_coupling(ctx, vertex, module, layouts, values, output):
-    """Like a convolution: input channels are consumed (tied per conv group), output channels
-    are new. The routing weights hold one value per expert: their producer keeps them all."""
+    """Like a convolution (:func:`~.convolution.conv_channels`). The routing weights hold one
+    value per expert: their producer keeps them all."""
     ctx.barrier_layout(layouts[1], "routing weights of a CondConv2d (one per expert)")
-    in_atoms = channel_atoms(ctx, tensor_layout(layouts[0]), "convolution over a channel-tracked spatial axis")
-    out_atoms = ctx.produce(module.out_channels, axis=1)
-    factors = [out_atoms]
-    if in_atoms is None:
-        if module.groups > 1:
-            ctx.barrier(out_atoms, "grouped convolution of an untracked input")
-    elif module.groups == 1:
-        ctx.consume(vertex, 0, 1, in_atoms)
-        factors.append(in_atoms)
-    else:
-        _tie_conv_groups(ctx, in_atoms, out_atoms, module)
+    out_atoms, factors = conv_channels(ctx, vertex, module, layouts)
     ctx.count_flops(vertex, cond_conv_flops(module, values, output), factors)
     return {1: out_atoms}
 

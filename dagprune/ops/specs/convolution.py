@@ -55,21 +55,27 @@ def _tie_conv_groups(ctx, in_atoms, out_atoms, module) -> None:
         ctx.unify(members[:, 1:], np.repeat(members[:, :1], members.shape[1] - 1, axis=1))
 
 
-def conv_coupling(ctx, vertex, module, layouts, values, output):
-    """Output channels are new; input channels are consumed (or tied per conv group)."""
+def conv_channels(ctx, vertex, module, layouts) -> tuple[np.ndarray, list]:
+    """A convolution's channels (``module`` has ``in_channels``, ``out_channels`` and
+    ``groups``; input 0 holds them on axis 1): output channels are new; input channels are
+    consumed, or tied per conv group. Returns the output atoms and the FLOPs factors."""
     in_atoms = channel_atoms(ctx, tensor_layout(layouts[0]),
                              "convolution over a channel-tracked spatial axis")
     out_atoms = ctx.produce(module.out_channels, axis=1)
     if module.groups == 1:
         if in_atoms is not None:
             ctx.consume(vertex, 0, 1, in_atoms)
-        factors = [out_atoms] + ([in_atoms] if in_atoms is not None else [])
-    elif in_atoms is None:
+        return out_atoms, [out_atoms] + ([in_atoms] if in_atoms is not None else [])
+    if in_atoms is None:
         ctx.barrier(out_atoms, "grouped convolution of an untracked input")
-        factors = [out_atoms]
     else:
         _tie_conv_groups(ctx, in_atoms, out_atoms, module)
-        factors = [out_atoms]
+    return out_atoms, [out_atoms]
+
+
+def conv_coupling(ctx, vertex, module, layouts, values, output):
+    """Output channels are new; input channels are consumed (or tied per conv group)."""
+    out_atoms, factors = conv_channels(ctx, vertex, module, layouts)
     flops = (conv_transpose_flops if isinstance(module, _TRANSPOSED) else conv_flops)(
         module, values, output)
     ctx.count_flops(vertex, flops, factors)
