@@ -171,14 +171,14 @@ def _rewritten(module: nn.Module, in_place: bool, memo: dict) -> nn.Module:
                     if child is not None}
         changed = {name: child for name, child in children.items() if child is not module._modules[name]}
         if changed:
-            replacement = module if in_place else _shallow_copy(module)
+            replacement = module if in_place else shallow_copy(module)
             for name, child in changed.items():
                 setattr(replacement, name, child)
     memo[id(module)] = replacement
     return replacement
 
 
-def _shallow_copy(module: nn.Module) -> nn.Module:
+def shallow_copy(module: nn.Module) -> nn.Module:
     """A module of the same type sharing every attribute of ``module`` but its children table."""
     copied = object.__new__(type(module))
     copied.__dict__.update(module.__dict__)

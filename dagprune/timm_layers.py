@@ -33,7 +33,7 @@ import inspect
 from torch import nn
 
 from dagprune.leaf_modules import (apply_module_rewrites, register_autowrap_function, register_leaf_module,
-                                   register_module_rewrite)
+                                   register_module_rewrite, shallow_copy)
 from dagprune.ops.cond_conv import CondConv2d
 from dagprune.ops.evo_norm import EvoNorm2d
 from dagprune.ops.functions import register_function
@@ -167,11 +167,11 @@ def _without_attention_bias_cache(module):
     its attention biases, its children rewritten too: traced, it reads the biases from their
     parameter (a cache filled by an earlier forward would be traced as a constant, which
     training and pruning would then leave stale)."""
-    copied = object.__new__(type(module))
-    copied.__dict__.update(module.__dict__)
+    copied = shallow_copy(module)
     copied.__dict__["attention_bias_cache"] = {}
-    copied.__dict__["_modules"] = type(module._modules)(
-        (name, None if child is None else apply_module_rewrites(child)) for name, child in module._modules.items())
+    for name, child in module._modules.items():
+        if child is not None:
+            copied._modules[name] = apply_module_rewrites(child)
     return copied
 
 
