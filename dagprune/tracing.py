@@ -6,6 +6,7 @@ What tracing keeps whole, rewrites first or records as one call is registered in
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 import traceback
@@ -173,7 +174,7 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
     tracer = _DagTracer(leaf_types, leaf_names)
     output_type = OutputType()
     try:
-        with evaluation_mode(source):
+        with evaluation_mode(source), _cached_values_restored(source):
             graph = _trace(tracer, source, inputs, output_type)
     except ConversionError:
         raise
@@ -215,6 +216,25 @@ def _trace(tracer: _DagTracer, source: nn.Module, inputs: ExampleInputs | None, 
         remove_fixed_placeholders(graph, source, fixed)
     required_extras(graph, source, inputs)
     return graph
+
+
+@contextlib.contextmanager
+def _cached_values_restored(model: nn.Module):
+    """While active, the model may cache traced values on itself (``self.rel_indices =
+    f(x)`` in a forward); on exit each module attribute or buffer left holding a proxy gets back
+    the value it had before (or is removed), so the user's model keeps its tensors and the
+    graph's reads of the attribute before the assignment resolve to that value."""
+    saved = [(module, dict(module.__dict__), dict(module._buffers)) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes, buffers in saved:
+            for table, before in ((module.__dict__, attributes), (module._buffers, buffers)):
+                for name in [name for name, value in table.items() if isinstance(value, fx.Proxy)]:
+                    if name in before:
+                        table[name] = before[name]
+                    else:
+                        del table[name]
 
 
 def _check_eager_module(model) -> None:

@@ -10,14 +10,19 @@ from dagprune_algorithms.pruning import ChannelPruning
 from informative_weights import make_weights_informative
 
 
-def _removal_difference(model: nn.Module, input_shape, seed: int = 0, target: float = 0.9) -> float:
-    torch.manual_seed(seed)
-    dag = dagprune.build_from_unstructured_module(model.eval())
+def _pruned_at_random_gates(dag, input_shape, target: float = 0.5):
+    """The pruning, its gated DAG and the DAG with the channels of random gate logits removed."""
     pruning = ChannelPruning(dag, input_shape, target, 10)
     gated = pruning.prepare_for_pruning().eval()
     for gate in pruning.gates:
         gate.logits.data = torch.randn_like(gate.logits)
-    slim = pruning.remove_channels().eval()
+    return pruning, gated, pruning.remove_channels().eval()
+
+
+def _removal_difference(model: nn.Module, input_shape, seed: int = 0, target: float = 0.9) -> float:
+    torch.manual_seed(seed)
+    dag = dagprune.build_from_unstructured_module(model.eval())
+    _, gated, slim = _pruned_at_random_gates(dag, input_shape, target)
     x = torch.randn(2, *input_shape)
     with torch.no_grad():
         return dagprune.max_relative_difference(gated(x), slim(x))
@@ -280,11 +285,32 @@ def test_app_converts_timm_blocks_branching_on_sizes_with_example_inputs():
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         assert dagprune.max_relative_difference(model(x), dag(x)) <= 1e-6
-    pruning = ChannelPruning(dag, (3, 64, 64), 0.5, 10)
-    gated = pruning.prepare_for_pruning().eval()
+    pruning, gated, slim = _pruned_at_random_gates(dag, (3, 64, 64))
     assert pruning.max_removable_proportion > 0.9
-    for gate in pruning.gates:
-        gate.logits.data = torch.randn_like(gate.logits)
-    slim = pruning.remove_channels().eval()
     with torch.no_grad():
         assert dagprune.max_relative_difference(gated(x), slim(x)) <= 1e-4
+
+
+def test_convit_gated_positional_attention_is_traced_with_example_inputs(tmp_path):
+    """ConViT's GPSA builds its relative position table from the input's size by item assignment
+    and caches it on itself: converted with an example batch it is traced through (kept whole,
+    its channels barred), and the model keeps its own table."""
+    timm = pytest.importorskip("timm")
+    from timm.models.convit import GPSA
+
+    torch.manual_seed(0)
+    model = make_weights_informative(timm.create_model("convit_tiny", pretrained=False, img_size=32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=(x,), copy_model=False)
+    assert not any(isinstance(v.module, GPSA) for v in dag.inner_vertices)
+    assert all(type(m.rel_indices) is torch.Tensor for m in model.modules() if isinstance(m, GPSA))
+    other_batch = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert dagprune.max_relative_difference(model(other_batch), dag(other_batch)) <= 1e-6
+    pruning, gated, slim = _pruned_at_random_gates(dag, (3, 32, 32))
+    assert pruning.max_removable_proportion > 0.9
+    dagprune.save_dag(slim, tmp_path / "slim")
+    loaded = dagprune.load_dag(tmp_path / "slim")
+    with torch.no_grad():
+        assert dagprune.max_relative_difference(gated(other_batch), slim(other_batch)) <= 1e-4
+        assert torch.equal(loaded(other_batch), slim(other_batch))

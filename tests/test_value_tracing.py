@@ -339,6 +339,32 @@ def test_block_traced_with_values_is_whole_without_examples_and_followed_with_th
     assert prunable(symbolic) == [] and prunable(traced) == [8, 8]
 
 
+class _CachesPositions(nn.Module):
+    """Caches a table computed from its input's width on itself, as timm's ConViT does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.register_buffer("positions", torch.zeros(1, 1, 1, 1), persistent=False)
+
+    def forward(self, x):
+        if self.positions.shape[-1] != x.shape[-1]:
+            self.positions = torch.arange(x.shape[-1], dtype=x.dtype).reshape(1, 1, 1, -1)
+            self.cached_width = torch.ones(1) * x.shape[-1]
+        return self.conv(x) * self.positions
+
+
+def test_values_cached_on_the_model_while_tracing_are_restored():
+    model = _CachesPositions().eval()
+    x = torch.randn(2, 3, 5, 7)
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=(x,), copy_model=False)
+    assert type(model.positions) is torch.Tensor and torch.equal(model.positions, torch.zeros(1, 1, 1, 1))
+    assert "cached_width" not in model.__dict__
+    other_batch = torch.randn(3, 3, 5, 7)
+    assert torch.equal(dag(other_batch), model(other_batch))
+    assert model.positions.shape == (1, 1, 1, 7)  # the model's own forward still caches
+
+
 class _WritesIntoTensors(nn.Module):
     """Builds a table by item assignment from sizes (BEiT's relative position index), and writes
     into a channel of an activation."""
