@@ -274,6 +274,10 @@ def _conversion_error(error: Exception, tracer: _DagTracer) -> ConversionError:
         remedy = (f"Keep that module whole by passing {leaf_hint} to build_from_unstructured_module "
                   "(or dagprune.register_leaf_module), or make its forward free of data-dependent "
                   "Python control flow.")
+    if tracer.values is None and "control flow" in str(error):
+        remedy = ("If it branches on sizes (x.ndim, x.shape), convert with example inputs, "
+                  "build_from_unstructured_module(model, example_inputs=(x,)): the branches then follow the "
+                  "example. " + remedy)
     return ConversionError(
         f"torch.fx cannot trace module '{module_path}' ({type_name}) at {where}: "
         f"{type(error).__name__}: {error}. {remedy}")

@@ -234,14 +234,25 @@ def check_model(name: str, report=None, with_fvcore: bool = True, seed: int = 0,
 
 def convert_as_the_cli_does(model: nn.Module, input_size, share_weights: bool, note) -> dp.DagModule:
     """``build_from_unstructured_module``, with an example batch of two ``input_size`` inputs when
-    the model holds blocks that tracing follows only with example inputs (as ``dagprune
-    convert`` / ``prune`` convert them; recorded as ``converted_with_example_inputs``)."""
+    the model holds blocks that tracing follows only with example inputs, or when its symbolic
+    trace fails (as ``dagprune convert`` / ``prune`` convert them; recorded as
+    ``converted_with_example_inputs``)."""
     import dagprune.tracing
 
     needs = getattr(dagprune.tracing, "needs_example_inputs", lambda model: False)(model)
+    example = (torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0)),)
     note(converted_with_example_inputs=bool(needs))
-    example = (torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0)),) if needs else None
-    return dp.build_from_unstructured_module(model, copy_model=not share_weights, example_inputs=example)
+    if needs:
+        return dp.build_from_unstructured_module(model, copy_model=not share_weights, example_inputs=example)
+    try:
+        return dp.build_from_unstructured_module(model, copy_model=not share_weights)
+    except dp.errors.ConversionError as symbolic_error:
+        try:
+            dag = dp.build_from_unstructured_module(model, copy_model=not share_weights, example_inputs=example)
+        except dp.errors.ConversionError:
+            raise symbolic_error from None
+        note(converted_with_example_inputs=True)
+        return dag
 
 
 def round_trips_exactly(dag: dp.DagModule, x: torch.Tensor) -> bool:

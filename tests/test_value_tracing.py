@@ -339,6 +339,34 @@ def test_block_traced_with_values_is_whole_without_examples_and_followed_with_th
     assert prunable(symbolic) == [] and prunable(traced) == [8, 8]
 
 
+class _BranchesOnRank(nn.Module):
+    """Branches on its input's rank in its own forward, where no leaf can hold it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        return self.head(self.conv(x).relu())
+
+
+def test_size_branch_error_suggests_example_inputs_and_the_app_converts_with_them():
+    from dagprune_algorithms.app.models import as_dag
+
+    model = _BranchesOnRank().eval()
+    with pytest.raises(ConversionError, match=r"example_inputs=\(x,\)"):
+        dagprune.build_from_unstructured_module(model)
+    dag = as_dag(model, (3, 5, 7))
+    x = torch.randn(3, 3, 5, 7)
+    assert torch.equal(dag(x), model(x))
+    pruning = ChannelPruning(dag, (3, 5, 7), 0.5, 10)
+    pruning.prepare_for_pruning()
+    assert pruning.max_removable_proportion > 0.5
+
+
 class _CachesPositions(nn.Module):
     """Caches a table computed from its input's width on itself, as timm's ConViT does."""
 

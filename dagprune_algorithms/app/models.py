@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import dagprune
-from dagprune.errors import DagpruneError
+from dagprune.errors import ConversionError, DagpruneError
 from dagprune.shape_prop import module_device, module_dtype
 from dagprune.tracing import needs_example_inputs
 
@@ -69,12 +69,25 @@ def as_dag(model: nn.Module, input_shape: tuple[int, ...] | None = None,
     A model holding blocks that tracing follows only with example inputs
     (:func:`dagprune.tracing.needs_example_inputs`) is converted with a random batch of two
     ``input_shape`` inputs (drawn from a private generator: the global one is left alone), so
-    that pruning reaches their channels.
+    that pruning reaches their channels; so is a model whose symbolic trace fails (a forward
+    branching on its input's sizes). If that fails too, the symbolic trace's error is raised.
     """
     if isinstance(model, dagprune.DagModule):
         return model
-    if input_shape is not None and needs_example_inputs(model):
-        example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
-        example = example.to(device=module_device(model), dtype=module_dtype(model))
-        return dagprune.build_from_unstructured_module(model, name=name, example_inputs=(example,))
-    return dagprune.build_from_unstructured_module(model, name=name)
+    if input_shape is None:
+        return dagprune.build_from_unstructured_module(model, name=name)
+    if needs_example_inputs(model):
+        return _converted_with_example_batch(model, input_shape, name)
+    try:
+        return dagprune.build_from_unstructured_module(model, name=name)
+    except ConversionError as symbolic_error:
+        try:  # a forward branching on its input's sizes follows the example's
+            return _converted_with_example_batch(model, input_shape, name)
+        except ConversionError:
+            raise symbolic_error from None
+
+
+def _converted_with_example_batch(model: nn.Module, input_shape: tuple[int, ...], name: str | None):
+    example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    example = example.to(device=module_device(model), dtype=module_dtype(model))
+    return dagprune.build_from_unstructured_module(model, name=name, example_inputs=(example,))
