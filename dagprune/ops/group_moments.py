@@ -28,4 +28,5 @@ def masked_group_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     [0.5, 5.5]
     """
     count = weights.sum(dim=2, keepdim=True) * values.shape[-1]
-    return (values * weights).sum(dim=(2, 3), keepdim=True) / count
+    # a group with every channel masked out (removed whole) has mean 0, not 0 / 0
+    return (values * weights).sum(dim=(2, 3), keepdim=True) / count.clamp_min(torch.finfo(count.dtype).tiny)

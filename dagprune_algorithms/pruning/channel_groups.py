@@ -23,7 +23,7 @@ position of a tracked axis, never per element of a tensor.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -97,6 +97,7 @@ class CouplingContext:
         self._barrier = np.zeros(0, dtype=bool)
         self._producer_axes: list[tuple[InnerVertex, int, np.ndarray]] = []
         self._pending_unions: list[tuple[np.ndarray, np.ndarray]] = []
+        self._deferred: list[Callable[[Callable[[np.ndarray], np.ndarray]], None]] = []
         self.consumer_sites: list[ConsumerSite] = []
         self.flops_terms: list[FlopsTerm] = []
         self.barrier_reasons: dict[int, str] = {}
@@ -159,15 +160,29 @@ class CouplingContext:
         if base_flops:
             self.flops_terms.append(FlopsTerm(vertex, int(base_flops), [np.asarray(f) for f in factors]))
 
+    def defer(self, rule: Callable[[Callable[[np.ndarray], np.ndarray]], None]) -> None:
+        """Runs ``rule(class_of)`` once every vertex has recorded its unions: ``class_of(atoms)``
+        gives their classes as they stand then, so a rule may choose its unions by what the rest
+        of the model ties (a group norm keeps whole groups where the convolutions tie them)."""
+        self._deferred.append(rule)
+
     # -- resolution --------------------------------------------------------------------------
     def resolve(self) -> np.ndarray:
-        """Applies all unions; returns the class (root atom) of every atom."""
-        parent = np.arange(len(self._parent))
-        if self._pending_unions:
-            first = np.concatenate([pair[0] for pair in self._pending_unions])
-            second = np.concatenate([pair[1] for pair in self._pending_unions])
-            parent = _connected_components(len(parent), first, second)
-        return parent
+        """Runs the deferred rules, applies all unions; returns the class (root atom) of every
+        atom."""
+        if self._deferred:
+            classes = self._components()
+            for rule in self._deferred:
+                rule(lambda atoms: classes[np.asarray(atoms)])
+            self._deferred = []
+        return self._components()
+
+    def _components(self) -> np.ndarray:
+        if not self._pending_unions:
+            return np.arange(len(self._parent))
+        first = np.concatenate([pair[0] for pair in self._pending_unions])
+        second = np.concatenate([pair[1] for pair in self._pending_unions])
+        return _connected_components(len(self._parent), first, second)
 
 
 def _connected_components(count: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:

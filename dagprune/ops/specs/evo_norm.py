@@ -3,8 +3,9 @@
 The B kinds (and a layer without activation) act on each channel alone: channels pass through
 and removal slices the per-channel parameters and statistics. The S kinds divide by statistics
 over groups of channels: like ``GroupNorm`` they consume the channels, every group keeping the
-same positions (so that the number of groups stays), and in the gated model the statistics
-count the kept channels only.
+same positions (so that the number of groups stays) unless the model keeps or removes whole
+groups (then the number of groups shrinks), and in the gated model the statistics count the
+kept channels only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dagprune.ops.evo_norm import GROUP_KINDS, EvoNorm2d
 from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.slicing import kept_count, slice_per_channel_state
 from dagprune.ops.spec import OpSpec
-from dagprune.ops.specs.normalization import group_norm_over_channels, norm_scale
+from dagprune.ops.specs.normalization import group_norm_over_channels, kept_groups, norm_scale
 
 __all__ = ["SPECS"]
 
@@ -31,9 +32,11 @@ def evo_norm_coupling(ctx, vertex, module, layouts, values, output):
 
 def remove_from_evo_norm(module, input_masks, output_mask, shapes):
     """Weight, bias, ``v`` and ``running_var`` lose the removed channels; the groups stay (each
-    keeps the same number of channels)."""
+    keeps the same number of channels), or whole groups go (see ``group_norm_over_channels``)."""
     mask = output_mask.get(1)
+    groups = kept_groups(mask, module.groups) if module.kind in GROUP_KINDS else module.groups
     module = slice_per_channel_state(module, mask)
+    module.groups = groups
     module.num_features = kept_count(mask, module.num_features)
     return module
 

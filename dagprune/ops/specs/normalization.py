@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,22 +105,45 @@ def functional_layer_norm_coupling(ctx, vertex, module, layouts, values, output)
 
 
 def group_norm_over_channels(ctx, vertex, x_index, num_groups, layouts, params):
-    """Couples a norm with statistics over ``num_groups`` groups of the channels (axis 1): every
-    group keeps the same positions, the statistics consume the channels and the parameters
-    (input indices ``params``) follow them."""
+    """Couples a norm with statistics over ``num_groups`` groups of the channels (axis 1): the
+    statistics consume the channels and the parameters (input indices ``params``) follow them.
+    Where the rest of the model keeps or removes each group whole (a grouped convolution with
+    the same groups), whole groups go and the number of groups shrinks; otherwise every group
+    keeps the same positions and the number of groups stays."""
     atoms = channel_atoms(ctx, tensor_layout(layouts[x_index]), "group norm over a tracked spatial axis")
     param_layouts = [tensor_layout(layouts[i]) for i in params if i is not None]
     if atoms is None:
         ctx.barrier_layout(param_layouts, "group norm of untracked channels")
         return None
-    per_group = len(atoms) // num_groups
-    for position in range(per_group):  # every group keeps the same channel positions
-        ctx.tie(atoms[position::per_group])
+    ctx.defer(lambda class_of: _tie_group_positions_unless_whole(ctx, atoms, num_groups, class_of))
     for layout in param_layouts:
         if layout.get(0) is not None:
             ctx.unify(atoms, layout[0])
     ctx.consume(vertex, x_index, 1, atoms, kind="norm")
     return {1: atoms}
+
+
+def _tie_group_positions_unless_whole(ctx, atoms, num_groups: int, class_of) -> None:
+    grouped = np.asarray(atoms).reshape(num_groups, -1)
+    classes = class_of(grouped)
+    if (classes == classes[:, :1]).all():
+        return  # each group is kept or removed whole
+    if num_groups > 1:  # every group keeps the same channel positions
+        ctx.unify(grouped[1:], np.broadcast_to(grouped[:1], grouped[1:].shape))
+
+
+def kept_groups(mask, num_groups: int) -> int:
+    """The number of groups a group norm keeps under a channel ``mask``: all of them when each
+    keeps as many channels, else those kept whole (the coupling allows nothing else)."""
+    if mask is None:
+        return num_groups
+    kept = np.asarray(mask).reshape(num_groups, -1).sum(axis=1)
+    if (kept == kept[0]).all():
+        return num_groups
+    per_group = np.asarray(mask).size // num_groups
+    if not np.isin(kept, (0, per_group)).all():
+        raise ValueError(f"group norm channel mask keeps {kept.tolist()} channels of its {num_groups} groups")
+    return int((kept > 0).sum())
 
 
 def group_norm_coupling(ctx, vertex, module, layouts, values, output):
@@ -190,7 +214,22 @@ def remove_from_layer_norm(module, input_masks, output_mask, shapes):
 
 
 def remove_from_group_norm(module, input_masks, output_mask, shapes):
-    return _slice_channels_on_axis_1(module, output_mask, "num_channels")
+    groups = kept_groups(output_mask.get(1), module.num_groups)
+    module = _slice_channels_on_axis_1(module, output_mask, "num_channels")
+    module.num_groups = groups
+    return module
+
+
+def remove_from_functional_group_norm(module, input_masks, output_mask, shapes):
+    """``F.group_norm(x, num_groups, ...)``: the number of groups shrinks where whole groups go
+    (its weight and bias are ParameterOp inputs, sliced by their own spec)."""
+    groups = module.argument(1, "num_groups")
+    kept = kept_groups(output_mask.get(1), groups)
+    if kept == groups:
+        return module
+    module = copy.deepcopy(module)
+    module.set_argument(1, "num_groups", kept)
+    return module
 
 
 def shrink_normalized_shape(module, input_masks, output_mask, shapes):
@@ -403,7 +442,7 @@ SPECS = (
            masking=mask_functional_layer_norm, scales_output=True, reads_sizes=True,
            example=_functional_example),
     OpSpec("functional_group_norm", (_F + "group_norm", "torch.group_norm"), flops=no_flops,
-           coupling=functional_group_norm_coupling, removal=unchanged_removal,
+           coupling=functional_group_norm_coupling, removal=remove_from_functional_group_norm,
            masking=mask_functional_group_norm, example=_functional_example),
     OpSpec("functional_batch_norm", (_F + "batch_norm", "torch.batch_norm"), flops=no_flops,
            coupling=functional_batch_norm_coupling, removal=unchanged_removal,

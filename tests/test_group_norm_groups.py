@@ -1,0 +1,106 @@
+"""Group norms whose groups the model keeps or removes whole lose whole groups.
+
+A grouped convolution removes whole conv groups; a group norm with the same groups after (or
+before) it used to tie each channel position across its groups as well, which with the conv's
+ties left a single class (nothing prunable: timm's efficientnet_b0_g8_gn). Now the norm keeps
+the same positions per group only where the rest of the model does not already keep its
+groups whole; otherwise removal drops whole groups and the norm's number of groups shrinks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import dagprune
+from dagprune.ops import EvoNorm2d
+from dagprune.ops.specs.normalization import kept_groups
+from dagprune_algorithms.pruning import ChannelPruning, find_channel_groups
+from gate_states import assert_removal_matches_gates, random_gate_states
+from informative_weights import make_weights_informative
+
+SHAPE = (3, 6, 6)
+
+
+class _GroupedBlock(nn.Module):
+    """1x1 conv, a group norm of 4 groups, a grouped 3x3 conv of the same 4 groups, a norm
+    (``norm``), then a 1x1 conv; the norms' groups match the conv's."""
+
+    def __init__(self, norm: str = "module"):
+        super().__init__()
+        self.expand = nn.Conv2d(3, 16, 1)
+        self.norm1 = nn.GroupNorm(4, 16)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.norm2 = {"module": nn.GroupNorm(4, 16), "evo": EvoNorm2d(16, "S0", groups=4),
+                      "functional": None}[norm]
+        self.norm2_weight = nn.Parameter(torch.rand(16) + 0.5) if norm == "functional" else None
+        self.project = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        x = F.silu(self.norm1(self.expand(x)))
+        x = self.grouped(x)
+        x = F.group_norm(x, 4, self.norm2_weight) if self.norm2 is None else self.norm2(x)
+        return self.project(F.silu(x))
+
+
+class _PerChannelGroups(nn.Module):
+    """GroupNorm with one channel per group (instance norm with an affine): each channel is its
+    own group."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(8, 8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x)).relu())
+
+
+def _prepared(model: nn.Module):
+    torch.manual_seed(0)
+    dag = dagprune.build_from_unstructured_module(make_weights_informative(model).eval())
+    pruning = ChannelPruning(dag, SHAPE, 0.5, 10)
+    return pruning, pruning.prepare_for_pruning()
+
+
+@pytest.mark.parametrize("norm", ["module", "evo", "functional"])
+def test_norm_groups_matching_conv_groups_are_removed_whole(norm):
+    model = _GroupedBlock(norm)
+    analysis = find_channel_groups(dagprune.build_from_unstructured_module(model.eval()), SHAPE)
+    prunable = [g for g in analysis.groups if g.prunable]
+    assert [len(g.classes) for g in prunable] == [4]  # the conv's four groups, each whole
+    pruning, gated = _prepared(model)
+    x = torch.randn(2, *SHAPE)
+    group_counts = set()
+    for _ in random_gate_states(pruning, seed=1, count=4):
+        slim = assert_removal_matches_gates(pruning, gated, (x,))
+        norms = [m for m in slim.modules() if isinstance(m, (nn.GroupNorm, EvoNorm2d))]
+        group_counts.update(getattr(m, "num_groups", getattr(m, "groups", None)) for m in norms)
+    assert group_counts - {4}, "some state removed whole groups"
+
+
+def test_one_channel_per_group_is_prunable_channel_by_channel():
+    pruning, gated = _prepared(_PerChannelGroups())
+    assert len(pruning.analysis.groups[0].classes) == 8
+    x = torch.randn(2, *SHAPE)
+    for _ in random_gate_states(pruning, seed=2):
+        slim = assert_removal_matches_gates(pruning, gated, (x,))
+        norm = next(m for m in slim.modules() if isinstance(m, nn.GroupNorm))
+        assert norm.num_groups == norm.num_channels
+
+
+def test_unaligned_group_norm_keeps_the_same_positions_in_every_group():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    analysis = find_channel_groups(dagprune.build_from_unstructured_module(model.eval()), SHAPE)
+    assert sorted(len(g.classes) for g in analysis.groups if g.prunable) == [4]  # 4 positions per group
+
+
+def test_kept_groups():
+    assert kept_groups(None, 4) == 4
+    assert kept_groups([1, 0, 1, 0, 1, 0], 3) == 3  # the same positions in every group
+    assert kept_groups([1, 1, 0, 0, 1, 1], 3) == 2  # whole groups
+    with pytest.raises(ValueError, match="keeps"):
+        kept_groups([1, 1, 0, 1, 0, 0], 2)
