@@ -15,6 +15,7 @@ from torch import nn
 
 from dagprune.ops.cond_conv import CondConv2d
 from dagprune.ops.evo_norm import EvoNorm2d
+from dagprune.ops.fourier_features import FourierPositionFeatures
 from dagprune.ops.functions import register_function
 from dagprune.ops.multihead_attention import PrunedMultiheadAttention
 from dagprune.ops.padding import SamePad2d
@@ -203,4 +204,5 @@ register_leaf_module(StandardizedConv2d)
 register_leaf_module(StochasticDepth)
 register_leaf_module(EvoNorm2d)
 register_leaf_module(CondConv2d)
+register_leaf_module(FourierPositionFeatures)
 register_leaf_module(PrunedMultiheadAttention)

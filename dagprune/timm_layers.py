@@ -15,6 +15,8 @@ a saved graph names timm types. It depends only on the registries of
   :class:`~dagprune.ops.StochasticDepth`, which keeps dropping paths in train mode;
 * attention layers holding an eval-mode cache of their attention biases get an empty one, so
   that the traced graph computes the biases from their parameter;
+* a rewrite of XCiT's ``PositionalEncodingFourier`` into
+  :class:`~dagprune.ops.FourierPositionFeatures` and its projection, whose channels are followed;
 * a rewrite of ``CondConv2d`` (EfficientNet-CondConv's mixture of expert kernels) into
   :class:`~dagprune.ops.CondConv2d`, whose channels are followed;
 * rewrites of the EvoNorm layers (``EvoNorm2dB0`` ... ``EvoNorm2dS2a``) into
@@ -30,12 +32,14 @@ from __future__ import annotations
 import importlib
 import inspect
 
+import torch
 from torch import nn
 
 from dagprune.leaf_modules import (apply_module_rewrites, register_autowrap_function, register_leaf_module,
                                    register_module_rewrite, shallow_copy)
 from dagprune.ops.cond_conv import CondConv2d
 from dagprune.ops.evo_norm import EvoNorm2d
+from dagprune.ops.fourier_features import FourierPositionFeatures
 from dagprune.ops.functions import register_function
 from dagprune.ops.padding import SamePad2d
 from dagprune.ops.standardized_conv import StandardizedConv2d
@@ -146,6 +150,27 @@ def _rewrite_standardized_conv(module):
 @register_module_rewrite(importlib.import_module("timm.layers.drop").DropPath)
 def _rewrite_drop_path(module):
     return StochasticDepth(module.drop_prob, module.scale_by_keep)
+
+
+class FourierPositionEncoding(nn.Module):
+    """timm's XCiT ``PositionalEncodingFourier`` as its fixed features, then their projection
+    repeated over the batch: traced, the projection's channels join the token stream."""
+
+    def __init__(self, features: FourierPositionFeatures, token_projection: nn.Conv2d):
+        super().__init__()
+        self.features = features
+        self.token_projection = token_projection
+
+    def forward(self, B: int, H: int, W: int):  # noqa: N803 - timm's argument names
+        return self.token_projection(self.features(H, W)).repeat(B, 1, 1, 1)
+
+
+@register_module_rewrite(importlib.import_module("timm.models.xcit").PositionalEncodingFourier)
+def _rewrite_fourier_position_encoding(module):
+    features = FourierPositionFeatures(module.hidden_dim, module.temperature, module.eps)
+    features.reference = torch.empty(0, dtype=module.token_projection.weight.dtype,
+                                     device=module.token_projection.weight.device)
+    return FourierPositionEncoding(features, module.token_projection)
 
 
 @register_module_rewrite(importlib.import_module("timm.layers.cond_conv2d").CondConv2d)

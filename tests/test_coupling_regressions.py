@@ -55,6 +55,76 @@ def test_edgenext_reshape_with_run_time_channel_count():
     assert _removal_difference(model, (3, 64, 64), target=0.5) <= 1e-4
 
 
+class _HeadsFromTheStreamWidth(nn.Module):
+    """Class attention as XCiT writes it: the query's heads are split with ``C // heads``, ``C``
+    read from the token stream; with ``sliced`` the divided width also slices the stream."""
+
+    def __init__(self, sliced: bool = False):
+        super().__init__()
+        self.embed, self.q, self.v, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.sliced = sliced
+
+    def forward(self, x):
+        tokens = self.embed(x)
+        batch, count, width = tokens.shape
+        q = self.q(tokens).reshape(batch, count, 2, width // 2).transpose(1, 2)
+        v = self.v(tokens).reshape(batch, count, 2, width // 2).transpose(1, 2)
+        mixed = (q.sigmoid() * v).transpose(1, 2).reshape(batch, count, width)
+        if self.sliced:
+            tokens = torch.cat([tokens[..., :width // 2], tokens[..., width // 2:]], -1)
+        return self.head(mixed + tokens)
+
+
+def test_channel_count_divided_into_heads_keeps_the_stream_prunable():
+    from dagprune_algorithms.pruning.channel_groups import find_channel_groups
+
+    model = make_weights_informative(_HeadsFromTheStreamWidth()).eval()
+    groups = find_channel_groups(dagprune.build_from_unstructured_module(model), (5, 4)).groups
+    # one group: the attention's dims join the stream they are added to, tied across heads
+    assert [(g.name, len(g.classes)) for g in groups if g.prunable] == [("embed", 4)]
+    for seed in range(3):
+        assert _removal_difference(model, (5, 4), seed, target=0.5) <= 1e-5
+
+
+class _ScaledByHalfTheWidth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        tokens = self.embed(x)
+        return self.head(tokens * (tokens.shape[-1] // 2))  # removal would change the scale
+
+
+@pytest.mark.parametrize("model", [_HeadsFromTheStreamWidth(sliced=True), _ScaledByHalfTheWidth()],
+                         ids=["slice", "scale"])
+def test_divided_channel_count_used_elsewhere_bars_every_channel_it_came_from(model):
+    from dagprune_algorithms.pruning.channel_groups import find_channel_groups
+
+    groups = find_channel_groups(dagprune.build_from_unstructured_module(model.eval()), (5, 4)).groups
+    assert [g.name for g in groups if g.prunable] == []
+
+
+def test_xcit_position_encoding_and_class_attention_keep_the_stream_prunable(tmp_path):
+    """XCiT adds projected Fourier position features to its tokens (a leaf module, whose channels
+    were barred: 0.67 of the FLOPs removable) and splits class-attention heads with ``C //
+    heads``."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = make_weights_informative(timm.create_model("xcit_nano_12_p16_224", pretrained=False,
+                                                       img_size=32)).eval()
+    dag = dagprune.build_from_unstructured_module(model)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(dag(x), model(x))
+    pruning, gated, slim = _pruned_at_random_gates(dag, (3, 32, 32))
+    assert pruning.max_removable_proportion > 0.9
+    dagprune.save_dag(slim, tmp_path / "slim")
+    with torch.no_grad():
+        assert dagprune.max_relative_difference(gated(x), slim(x)) <= 1e-4
+        assert torch.equal(dagprune.load_dag(tmp_path / "slim")(x), slim(x))
+
+
 def _standardised_conv_model():
     layers = pytest.importorskip("timm.layers")
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ channel removal, masking and importance is declared once, in its :class:`OpSpec`
 from dagprune.ops.base import OP_TYPES, FunctionalOp, op_class_for_function, register_op_type
 from dagprune.ops.elementwise import DropoutOp, ElementwiseOp, PointwiseOp
 from dagprune.ops.cond_conv import CondConv2d
+from dagprune.ops.fourier_features import FourierPositionFeatures
 from dagprune.ops.evo_norm import EvoNorm2d
 from dagprune.ops.functions import function_name, register_function, resolve_function
 from dagprune.ops.layers import FunctionalLayerOp, InterpolateOp, NormOp, PadOp, PoolOp
@@ -34,5 +35,6 @@ __all__ = [
     "SplitOp", "GetItemOp", "ShapeQueryOp", "ReductionOp", "SoftmaxOp", "MatmulOp", "EinsumOp",
     "AttentionOp", "FunctionalLayerOp", "NormOp", "PoolOp", "InterpolateOp", "PadOp",
     "ParameterOp", "ModuleCallOp", "SamePad2d", "StandardizedConv2d", "StochasticDepth", "EvoNorm2d", "CondConv2d",
+    "FourierPositionFeatures",
     "PrunedMultiheadAttention",
 ]

@@ -29,9 +29,24 @@ class ShapeTag:
 
     A size read at run time (``C = x.shape[2]``) and used to shape another tensor couples the
     two axes: after removal both must have the same number of kept channels.
+
+    A size computed from one (``C // heads``) has ``sources``, the atoms of the axis it was
+    computed from: it only says how long the axis it shapes is (a reshape rewrites such a size
+    to the kept count at removal), so it is never unified with another axis, and where it is
+    used in a way not followed, all of its sources are barred.
     """
 
     atoms: np.ndarray
+    sources: np.ndarray | None = None
+
+    @property
+    def is_derived(self) -> bool:
+        return self.sources is not None
+
+    @property
+    def all_atoms(self) -> np.ndarray:
+        """The atoms a barrier on this size must bar."""
+        return self.atoms if self.sources is None else self.sources
 
 
 def iter_layout_atoms(layout: Any):
@@ -43,7 +58,7 @@ def iter_layout_atoms(layout: Any):
     if isinstance(layout, dict):
         yield from layout.values()
     elif isinstance(layout, ShapeTag):
-        yield layout.atoms
+        yield layout.all_atoms
     elif isinstance(layout, (tuple, list)):
         for item in layout:
             yield from iter_layout_atoms(item)

@@ -336,7 +336,7 @@ def _fit_layout(ctx: CouplingContext, layout: Any, output: Any) -> Any:
     if isinstance(layout, ShapeTag):
         if isinstance(output, int) and output == len(layout.atoms):
             return layout
-        ctx.barrier(layout.atoms, "size tag does not match the value")
+        ctx.barrier(layout.all_atoms, "size tag does not match the value")
         return None
     if isinstance(layout, dict):
         if not isinstance(output, torch.Tensor):

@@ -33,6 +33,10 @@ def elementwise_coupling(ctx, vertex, module, layouts, values, output):
         repeated = _repeated_size(module, layouts)
         if repeated is not None:
             return repeated
+    if isinstance(output, int) and module.short_name == "floordiv":
+        divided = _divided_size(module, layouts)
+        if divided is not None:
+            return divided
     for layout in layouts:  # a channel count in arithmetic: not followed
         if is_size_layout(layout):
             ctx.barrier_layout(layout, f"channel count used by {describe_op(module)}")
@@ -81,7 +85,23 @@ def _repeated_size(module, layouts):
     if not (isinstance(first, InputRef) and isinstance(second, int) and second > 0):
         return None
     tag = layouts[first.index]
-    return ShapeTag(np.repeat(tag.atoms, second)) if isinstance(tag, ShapeTag) else None
+    if not isinstance(tag, ShapeTag) or tag.is_derived:
+        return None
+    return ShapeTag(np.repeat(tag.atoms, second))
+
+
+def _divided_size(module, layouts):
+    """``C // heads``: a channel count divided by a constant that divides it sizes an axis of
+    ``C / heads`` positions (the head dim of ``x.reshape(B, N, heads, C // heads)``); the
+    reshape reading it rewrites it to its axis's kept count at removal. Used any other way, it
+    bars all ``C`` channels."""
+    first, second = module.argument(0, None), module.argument(1, None)
+    if not (isinstance(first, InputRef) and isinstance(second, int) and second > 0):
+        return None
+    tag = layouts[first.index]
+    if not isinstance(tag, ShapeTag) or tag.is_derived or len(tag.atoms) % second:
+        return None
+    return ShapeTag(tag.atoms[:len(tag.atoms) // second], sources=tag.atoms)
 
 
 class _Residual(nn.Module):

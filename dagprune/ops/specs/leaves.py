@@ -13,6 +13,7 @@ from torch import nn
 
 from dagprune.ops.base import FunctionalOp
 from dagprune.ops.flop_counting import measured_if_black_box, no_flops
+from dagprune.ops.fourier_features import FourierPositionFeatures
 from dagprune.ops.parameter import ParameterOp
 from dagprune.ops.slicing import slice_tensor
 from dagprune.ops.spec import OpSpec, opaque_coupling
@@ -54,7 +55,25 @@ class _ClassToken(nn.Module):
         return self.head(torch.cat([self.token.expand(x.shape[0], -1, -1), tokens], dim=1))
 
 
+class _XcitPositions(nn.Module):
+    """Tokens plus projected Fourier position features, as XCiT adds them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 6, 1)
+        self.features = FourierPositionFeatures(4)
+        self.projection = nn.Conv2d(8, 6, 1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        positions = self.projection(self.features(x.shape[2], x.shape[3])).repeat(x.shape[0], 1, 1, 1)
+        return self.head(self.embed(x) + positions)
+
+
 SPECS = (
+    # fixed features of the grid's positions: no channel of the model flows through them
+    OpSpec("fourier_position_features", (FourierPositionFeatures,), flops=no_flops, coupling=opaque_coupling,
+           example=lambda: (_XcitPositions(), (torch.randn(2, 3, 4, 5),))),
     OpSpec("parameter", (ParameterOp,), flops=no_flops, coupling=parameter_coupling,
            removal=remove_from_parameter, example=lambda: (_ClassToken(), (torch.randn(2, 3, 4),))),
     # torch.nn layers kept whole: transformer blocks, layers whose channel maps

@@ -83,10 +83,10 @@ def couple_normalized_shape(ctx, module, layouts, x_layout: dict, ndim: int) -> 
         if not isinstance(tag, ShapeTag):
             continue
         atoms = x_layout.get(ndim - 1 - offset)
-        if atoms is not None and len(atoms) == len(tag.atoms):
+        if atoms is not None and len(atoms) == len(tag.atoms) and not tag.is_derived:
             ctx.unify(atoms, tag.atoms)
         else:
-            ctx.barrier(tag.atoms, "normalized_shape read from another axis")
+            ctx.barrier(tag.all_atoms, "normalized_shape read from another axis")
 
 
 def layer_norm_coupling(ctx, vertex, module, layouts, values, output):

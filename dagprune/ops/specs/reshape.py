@@ -164,11 +164,11 @@ def _couple_sizes(ctx, module, layouts, values, result: Layout, ndim: int, unify
         if not isinstance(tag, ShapeTag):
             continue
         atoms = result.get(axis)
-        if atoms is not None and len(atoms) == len(tag.atoms):
+        if atoms is not None and len(atoms) == len(tag.atoms) and not (unify_tracked and tag.is_derived):
             if unify_tracked:
                 ctx.unify(atoms, tag.atoms)
         else:
-            ctx.barrier(tag.atoms, "size read from a channel axis shapes an untracked axis")
+            ctx.barrier(tag.all_atoms, "size read from a channel axis shapes an untracked axis")
             if atoms is not None:
                 ctx.barrier(atoms, "shaped by a size read from another axis")
                 result.pop(axis)
