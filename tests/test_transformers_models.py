@@ -217,3 +217,25 @@ def test_rms_norms_become_nn_rms_norm_and_other_norm_forms_stay_traced():
     assert torch.nn.RMSNorm in types and difference <= 1e-6
     types, difference = _norm_types(_CenteredNorm(8))
     assert torch.nn.RMSNorm not in types and difference == 0.0
+
+
+def test_mixture_of_experts_converts_exactly_and_its_attention_prunes(tmp_path):
+    """Mixtral's experts run with torch._grouped_mm (a private torch function, allowed by name);
+    their channels are barred, the attention and residual widths are pruned."""
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=VOCABULARY, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)).eval()
+    example = _inputs(2, 7, 0, seed=0, fixed={"use_cache": False})
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=example)
+    inputs = _inputs(3, 9, 3, seed=4, fixed={"use_cache": False})
+    with torch.no_grad():
+        assert torch.equal(dag(**inputs).logits, model(**inputs).logits)
+    dag.save(tmp_path / "dag")
+    with torch.no_grad():
+        assert torch.equal(dagprune.load_dag(tmp_path / "dag")(**inputs).logits, dag(**inputs).logits)
+    pruning = ChannelPruning(dag, None, 0.9, 20, example_inputs=example)
+    gated = pruning.prepare_for_pruning()
+    assert 0.0 < pruning.max_removable_proportion < 1.0
+    for _ in random_gate_states(pruning, seed=1, count=2):
+        assert_removal_matches_gates(pruning, gated, inputs)

@@ -12,6 +12,7 @@ The allowlist holds:
   list of tensor factories (``torch.zeros``, ``torch.arange``, ``Tensor.new_zeros``, ...);
   functions that change global state or touch files, processes or memory are not among them,
   and the few tensor methods that do (hooks, storage, conversion to Python) are refused by name;
+* ``torch._grouped_mm``, a private computation that libraries call directly;
 * the pure functions of ``operator`` and ``math`` named below (and ``operator.setitem``,
   which writes into its first argument, like the in-place tensor methods), and a few builtins;
 * every function name an op family or an op spec declares (see :mod:`dagprune.ops.spec`);
@@ -54,13 +55,16 @@ _OPERATORS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul"
 _MATH = ("sqrt", "isqrt", "ceil", "floor", "trunc", "prod", "log", "log2", "log10", "exp",
          "sin", "cos", "tan", "atan", "atan2", "tanh", "erf", "fabs", "gcd", "lcm", "pow",
          "hypot", "copysign", "isfinite", "isinf", "isnan", "radians", "degrees", "fsum")
+# Private torch computations that libraries call directly (transformers' mixture-of-experts
+# layers run their experts with torch._grouped_mm); pure functions of their tensor arguments.
+_PRIVATE_COMPUTATIONS = ("_grouped_mm",)
 _NAMESPACES = (("torch", torch), ("torch.nn.functional", F), ("torch.special", torch.special),
                ("torch.linalg", torch.linalg), ("torch.fft", torch.fft))
 _BUILTINS = {"getattr": builtins.getattr, "len": builtins.len, "int": builtins.int,
              "float": builtins.float, "tuple": builtins.tuple, "list": builtins.list,
              "slice": builtins.slice, "max": builtins.max, "min": builtins.min}
 # Attributes a DAG may read with getattr(value, name): shape metadata only.
-_READABLE_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "T", "mT", "is_cuda", "data", "real", "layout",
+_READABLE_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "T", "mT", "is_cuda", "data", "real", "layout", "type",
                         "requires_grad", "is_nested", "is_mkldnn", "is_sparse", "is_sparse_csr", "is_cpu",
                         "is_quantized", "is_meta"}
 
@@ -100,6 +104,9 @@ def _allow_namespaces() -> None:
         for attribute in dir(namespace):
             if _allowed_in_namespace(namespace, attribute):
                 _allow(f"{prefix}.{attribute}", getattr(namespace, attribute))
+    for attribute in _PRIVATE_COMPUTATIONS:
+        if hasattr(torch, attribute):
+            _allow(f"torch.{attribute}", getattr(torch, attribute))
     for names, prefix, namespace in ((_OPERATORS, "operator", operator), (_MATH, "math", math)):
         for attribute in names:
             if hasattr(namespace, attribute):
