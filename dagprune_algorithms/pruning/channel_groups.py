@@ -97,7 +97,7 @@ class CouplingContext:
         self._barrier = np.zeros(0, dtype=bool)
         self._producer_axes: list[tuple[InnerVertex, int, np.ndarray]] = []
         self._pending_unions: list[tuple[np.ndarray, np.ndarray]] = []
-        self._deferred: list[Callable[[Callable[[np.ndarray], np.ndarray]], None]] = []
+        self._deferred: list[tuple[int, Callable[[Callable[[np.ndarray], np.ndarray]], None]]] = []
         self.consumer_sites: list[ConsumerSite] = []
         self.flops_terms: list[FlopsTerm] = []
         self.barrier_reasons: dict[int, str] = {}
@@ -160,21 +160,23 @@ class CouplingContext:
         if base_flops:
             self.flops_terms.append(FlopsTerm(vertex, int(base_flops), [np.asarray(f) for f in factors]))
 
-    def defer(self, rule: Callable[[Callable[[np.ndarray], np.ndarray]], None]) -> None:
+    def defer(self, rule: Callable[[Callable[[np.ndarray], np.ndarray]], None], stage: int = 1) -> None:
         """Runs ``rule(class_of)`` once every vertex has recorded its unions: ``class_of(atoms)``
         gives their classes as they stand then, so a rule may choose its unions by what the rest
-        of the model ties (a group norm keeps whole groups where the convolutions tie them)."""
-        self._deferred.append(rule)
+        of the model ties (a group norm keeps whole groups where the convolutions tie them).
+        Rules run by ``stage``; each stage sees the unions of the stages before it (a grouped
+        convolution's choice, stage 0, before the norms', stage 1)."""
+        self._deferred.append((stage, rule))
 
     # -- resolution --------------------------------------------------------------------------
     def resolve(self) -> np.ndarray:
         """Runs the deferred rules, applies all unions; returns the class (root atom) of every
         atom."""
-        if self._deferred:
+        for stage in sorted({stage for stage, _ in self._deferred}):
             classes = self._components()
-            for rule in self._deferred:
+            for rule in [rule for rule_stage, rule in self._deferred if rule_stage == stage]:
                 rule(lambda atoms: classes[np.asarray(atoms)])
-            self._deferred = []
+        self._deferred = []
         return self._components()
 
     def _components(self) -> np.ndarray:

@@ -26,9 +26,7 @@ def cond_conv_coupling(ctx, vertex, module, layouts, values, output):
     """Like a convolution (:func:`~.convolution.conv_channels`). The routing weights hold one
     value per expert: their producer keeps them all."""
     ctx.barrier_layout(layouts[1], "routing weights of a CondConv2d (one per expert)")
-    out_atoms, factors = conv_channels(ctx, vertex, module, layouts)
-    ctx.count_flops(vertex, cond_conv_flops(module, values, output), factors)
-    return {1: out_atoms}
+    return {1: conv_channels(ctx, vertex, module, layouts, cond_conv_flops(module, values, output))}
 
 
 def remove_from_cond_conv(module, input_masks, output_mask, shapes):

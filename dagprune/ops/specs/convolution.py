@@ -55,31 +55,63 @@ def _tie_conv_groups(ctx, in_atoms, out_atoms, module) -> None:
         ctx.unify(members[:, 1:], np.repeat(members[:, :1], members.shape[1] - 1, axis=1))
 
 
-def conv_channels(ctx, vertex, module, layouts) -> tuple[np.ndarray, list]:
+def _positions_tied_across_groups(rows: np.ndarray, class_of) -> bool:
+    classes = class_of(rows)
+    return bool((classes == classes[:1]).all())
+
+
+def _grouped_conv_rule(ctx, vertex, module, in_atoms, out_atoms, flops: int):
+    """The choice for a grouped convolution with several channels per group on both sides, once
+    the rest of the model has recorded its unions: where the model ties each channel position
+    across the conv's groups on either side (ResNeSt's split attention reshapes the output to
+    ``(radix, C)``), every group keeps the same input and output positions (the groups stay);
+    otherwise whole groups go (input and output channels of a group together)."""
+    in_rows = np.asarray(in_atoms).reshape(module.groups, -1)
+    out_rows = np.asarray(out_atoms).reshape(module.groups, -1)
+
+    def rule(class_of) -> None:
+        if _positions_tied_across_groups(out_rows, class_of) or _positions_tied_across_groups(in_rows, class_of):
+            for rows in (in_rows, out_rows):
+                ctx.unify(rows[1:], np.broadcast_to(rows[:1], rows[1:].shape))
+            ctx.consume(vertex, 0, 1, in_atoms)
+            ctx.count_flops(vertex, flops, [out_atoms, in_atoms])
+        else:
+            _tie_conv_groups(ctx, in_atoms, out_atoms, module)
+            ctx.count_flops(vertex, flops, [out_atoms])
+    return rule
+
+
+def conv_channels(ctx, vertex, module, layouts, flops: int, positions_allowed: bool = False) -> np.ndarray:
     """A convolution's channels (``module`` has ``in_channels``, ``out_channels`` and
-    ``groups``; input 0 holds them on axis 1): output channels are new; input channels are
-    consumed, or tied per conv group. Returns the output atoms and the FLOPs factors."""
+    ``groups``; input 0 holds them on axis 1), and its ``flops``, scaled by the kept fractions:
+    output channels are new; input channels are consumed, or tied per conv group (with
+    ``positions_allowed``, a layer with several channels per group keeps the same positions in
+    every group where the model ties them so, see :func:`_grouped_conv_rule`). Returns the
+    output atoms."""
     in_atoms = channel_atoms(ctx, tensor_layout(layouts[0]),
                              "convolution over a channel-tracked spatial axis")
     out_atoms = ctx.produce(module.out_channels, axis=1)
     if module.groups == 1:
         if in_atoms is not None:
             ctx.consume(vertex, 0, 1, in_atoms)
-        return out_atoms, [out_atoms] + ([in_atoms] if in_atoms is not None else [])
+        ctx.count_flops(vertex, flops, [out_atoms] + ([in_atoms] if in_atoms is not None else []))
+        return out_atoms
+    several_per_group = min(module.in_channels, module.out_channels) > module.groups
     if in_atoms is None:
         ctx.barrier(out_atoms, "grouped convolution of an untracked input")
+    elif positions_allowed and several_per_group and len(in_atoms) == module.in_channels:
+        ctx.defer(_grouped_conv_rule(ctx, vertex, module, in_atoms, out_atoms, flops), stage=0)
+        return out_atoms
     else:
         _tie_conv_groups(ctx, in_atoms, out_atoms, module)
-    return out_atoms, [out_atoms]
+    ctx.count_flops(vertex, flops, [out_atoms])
+    return out_atoms
 
 
 def conv_coupling(ctx, vertex, module, layouts, values, output):
     """Output channels are new; input channels are consumed (or tied per conv group)."""
-    out_atoms, factors = conv_channels(ctx, vertex, module, layouts)
-    flops = (conv_transpose_flops if isinstance(module, _TRANSPOSED) else conv_flops)(
-        module, values, output)
-    ctx.count_flops(vertex, flops, factors)
-    return {1: out_atoms}
+    flops = (conv_transpose_flops if isinstance(module, _TRANSPOSED) else conv_flops)(module, values, output)
+    return {1: conv_channels(ctx, vertex, module, layouts, flops, positions_allowed=type(module) in _CONVS)}
 
 
 # ------------------------------------------------------------------------------- removal
@@ -98,13 +130,16 @@ def _slice_extra_output_state(module: nn.Module, out_channels: int, out_mask) ->
 def _remove_from_conv(module, in_mask, out_mask, transposed: bool):
     """Slices weight, bias and per-channel state. The weight's axis 0 holds every output
     channel (every input channel when ``transposed``); its axis 1 the channels of one conv
-    group on the other side, sliced only when there is a single group (otherwise whole groups
-    go, tied by the coupling)."""
+    group on the other side, sliced when there is a single group or when every group keeps the
+    same positions (otherwise whole groups go, tied by the coupling)."""
     module = copy.deepcopy(module)
     full_mask, grouped_mask = (in_mask, out_mask) if transposed else (out_mask, in_mask)
     weight = slice_tensor(module.weight, 0, full_mask)
     if module.groups == 1:
         weight = slice_tensor(weight, 1, grouped_mask)
+    elif _same_positions_in_every_group(full_mask, module.groups) and \
+            _same_positions_in_every_group(grouped_mask, module.groups):  # the groups stay
+        weight = slice_tensor(weight, 1, None if grouped_mask is None else grouped_mask.reshape(module.groups, -1)[0])
     else:
         full_size = module.in_channels if transposed else module.out_channels
         module.groups = kept_count(full_mask, full_size) // (full_size // module.groups)
@@ -115,6 +150,13 @@ def _remove_from_conv(module, in_mask, out_mask, transposed: bool):
     module.out_channels = kept_count(out_mask, module.out_channels)
     module.in_channels = kept_count(in_mask, module.in_channels)
     return module
+
+
+def _same_positions_in_every_group(mask, groups: int) -> bool:
+    if mask is None:
+        return True
+    rows = np.asarray(mask).reshape(groups, -1)
+    return bool((rows == rows[:1]).all())
 
 
 def remove_from_conv(module, input_masks, output_mask, shapes):

@@ -1,10 +1,15 @@
-"""Group norms whose groups the model keeps or removes whole lose whole groups.
+"""Grouped layers (group norms, grouped convolutions) choose how their groups shrink by what
+the rest of the model ties.
 
 A grouped convolution removes whole conv groups; a group norm with the same groups after (or
 before) it used to tie each channel position across its groups as well, which with the conv's
 ties left a single class (nothing prunable: timm's efficientnet_b0_g8_gn). Now the norm keeps
 the same positions per group only where the rest of the model does not already keep its
 groups whole; otherwise removal drops whole groups and the norm's number of groups shrinks.
+
+Conversely, a grouped convolution whose groups the model splits apart and sums (ResNeSt's split
+attention reshapes its output to ``(radix, C)``) keeps the same positions in every group, and
+its groups stay.
 """
 
 from __future__ import annotations
@@ -104,3 +109,44 @@ def test_kept_groups():
     assert kept_groups([1, 1, 0, 0, 1, 1], 3) == 2  # whole groups
     with pytest.raises(ValueError, match="keeps"):
         kept_groups([1, 1, 0, 1, 0, 0], 2)
+
+
+class _SplitAttention(nn.Module):
+    """ResNeSt's split attention, reduced: a conv of ``radix`` groups whose output is reshaped to
+    ``(radix, C)`` (``C`` read from its shape) and summed over the radix axis."""
+
+    def __init__(self, radix: int = 2):
+        super().__init__()
+        self.radix = radix
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.split = nn.Conv2d(8, 12, 3, padding=1, groups=radix)
+        self.head = nn.Conv2d(12 // radix, 4, 1)
+
+    def forward(self, x):
+        x = self.split(F.relu(self.stem(x)))
+        batch, channels, height, width = x.shape
+        x = x.reshape(batch, self.radix, channels // self.radix, height, width).sum(1)
+        return self.head(F.relu(x))
+
+
+def test_grouped_conv_split_apart_keeps_the_same_positions_in_every_group():
+    pruning, gated = _prepared(_SplitAttention())
+    assert sorted(len(g.classes) for g in pruning.analysis.groups if g.prunable) == [4, 6]  # stem, split
+    x = torch.randn(2, *SHAPE)
+    for _ in random_gate_states(pruning, seed=3, count=4):
+        slim = assert_removal_matches_gates(pruning, gated, (x,))
+        split = next(m for m in slim.modules() if isinstance(m, nn.Conv2d) and m.groups > 1)
+        assert split.groups == 2
+
+
+def test_resnest_split_attention_is_prunable():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = make_weights_informative(timm.create_model("resnest14d", pretrained=False)).eval()
+    dag = dagprune.build_from_unstructured_module(model)
+    pruning = ChannelPruning(dag, (3, 32, 32), 0.5, 10)
+    gated = pruning.prepare_for_pruning()
+    assert pruning.max_removable_proportion > 0.9  # 0.46 with whole conv groups (resnest26d)
+    x = torch.randn(2, 3, 32, 32)
+    for _ in random_gate_states(pruning, seed=4, count=2):
+        assert_removal_matches_gates(pruning, gated, (x,))
