@@ -33,7 +33,7 @@ from dagprune.specialization import (FIXED_META, OutputType, argument_values, de
                                      fixed_arguments, remove_fixed_placeholders, required_extras,
                                      traced_signature)
 from dagprune.training_mode import evaluation_mode
-from dagprune.value_tracing import ValueProxy, ValueRecorder, torch_functions_for_proxies
+from dagprune.value_tracing import ValueProxy, ValueRecorder, holds_proxy, torch_functions_for_proxies
 
 __all__ = ["build_from_unstructured_module", "needs_example_inputs", "register_leaf_module",
            "register_module_rewrite", "register_autowrap_function", "LEAF_MODULE_TYPES"]
@@ -221,16 +221,17 @@ def _trace(tracer: _DagTracer, source: nn.Module, inputs: ExampleInputs | None, 
 @contextlib.contextmanager
 def _cached_values_restored(model: nn.Module):
     """While active, the model may cache traced values on itself (``self.rel_indices =
-    f(x)`` in a forward); on exit each module attribute or buffer left holding a proxy gets back
-    the value it had before (or is removed), so the user's model keeps its tensors and the
-    graph's reads of the attribute before the assignment resolve to that value."""
+    f(x)`` in a forward); on exit each module attribute or buffer left holding a proxy (or a
+    list, tuple or dict of them) gets back the value it had before (or is removed), so the
+    user's model keeps its tensors and the graph's reads of the attribute before the assignment
+    resolve to that value."""
     saved = [(module, dict(module.__dict__), dict(module._buffers)) for module in model.modules()]
     try:
         yield
     finally:
         for module, attributes, buffers in saved:
             for table, before in ((module.__dict__, attributes), (module._buffers, buffers)):
-                for name in [name for name, value in table.items() if isinstance(value, fx.Proxy)]:
+                for name in [name for name, value in table.items() if holds_proxy(value)]:
                     if name in before:
                         table[name] = before[name]
                     else:

@@ -44,7 +44,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
 
-__all__ = ["ValueRecorder", "ValueProxy", "torch_functions_for_proxies"]
+__all__ = ["ValueRecorder", "ValueProxy", "torch_functions_for_proxies", "holds_proxy"]
 
 _UNKNOWN = object()
 _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad", "is_nested",
@@ -217,15 +217,16 @@ class ValueAttribute(_ValueBehaviour, fx.proxy.Attribute):
     """An attribute read (``x.shape``, ``x.ndim``) of a :class:`ValueProxy`."""
 
 
-def _has_proxy(args, kwargs) -> bool:
+def holds_proxy(value) -> bool:
+    """Whether ``value`` is a proxy or a (nested) tuple, list or dict holding one."""
     found = []
-    map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
+    map_aggregate(value, lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
     return bool(found)
 
 
 def _recorded(tracer, original):
     def call(*args, **kwargs):
-        if _has_proxy(args, kwargs):
+        if holds_proxy((args, kwargs)):
             return tracer.create_proxy("call_function", original, args, kwargs)
         return original(*args, **kwargs)
     return call

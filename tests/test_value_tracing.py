@@ -379,6 +379,7 @@ class _CachesPositions(nn.Module):
         if self.positions.shape[-1] != x.shape[-1]:
             self.positions = torch.arange(x.shape[-1], dtype=x.dtype).reshape(1, 1, 1, -1)
             self.cached_width = torch.ones(1) * x.shape[-1]
+            self.cached_sizes = [self.positions.sum(), x.shape[-1]]
         return self.conv(x) * self.positions
 
 
@@ -387,7 +388,7 @@ def test_values_cached_on_the_model_while_tracing_are_restored():
     x = torch.randn(2, 3, 5, 7)
     dag = dagprune.build_from_unstructured_module(model, example_inputs=(x,), copy_model=False)
     assert type(model.positions) is torch.Tensor and torch.equal(model.positions, torch.zeros(1, 1, 1, 1))
-    assert "cached_width" not in model.__dict__
+    assert "cached_width" not in model.__dict__ and "cached_sizes" not in model.__dict__
     other_batch = torch.randn(3, 3, 5, 7)
     assert torch.equal(dag(other_batch), model(other_batch))
     assert model.positions.shape == (1, 1, 1, 7)  # the model's own forward still caches
