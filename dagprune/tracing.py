@@ -174,7 +174,7 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
     tracer = _DagTracer(leaf_types, leaf_names)
     output_type = OutputType()
     try:
-        with evaluation_mode(source), _cached_values_restored(source):
+        with evaluation_mode(source), _cached_values_restored():
             graph = _trace(tracer, source, inputs, output_type)
     except ConversionError:
         raise
@@ -218,24 +218,39 @@ def _trace(tracer: _DagTracer, source: nn.Module, inputs: ExampleInputs | None, 
     return graph
 
 
+_UNSET = object()
+
+
 @contextlib.contextmanager
-def _cached_values_restored(model: nn.Module):
-    """While active, the model may cache traced values on itself (``self.rel_indices =
-    f(x)`` in a forward); on exit each module attribute or buffer left holding a proxy (or a
-    list, tuple or dict of them) gets back the value it had before (or is removed), so the
-    user's model keeps its tensors and the graph's reads of the attribute before the assignment
-    resolve to that value."""
-    saved = [(module, dict(module.__dict__), dict(module._buffers)) for module in model.modules()]
+def _cached_values_restored():
+    """While active, a forward may cache traced values on its module (``self.rel_indices =
+    f(x)``); on exit each attribute or buffer so assigned a proxy (or a list, tuple or dict
+    holding one) gets back the value it had before (or is removed), so the user's model keeps
+    its tensors and the graph's reads of the attribute before the assignment resolve to that
+    value. Assignments are recorded as they happen (``nn.Module.__setattr__``)."""
+    assigned: list[tuple[nn.Module, str, bool, Any]] = []
+    original = nn.Module.__setattr__
+
+    def recording_setattr(module, name, value):
+        if holds_proxy(value):
+            was_buffer = name in module.__dict__.get("_buffers", {})
+            before = module._buffers[name] if was_buffer else module.__dict__.get(name, _UNSET)
+            assigned.append((module, name, was_buffer, before))
+        original(module, name, value)
+
+    nn.Module.__setattr__ = recording_setattr
     try:
         yield
     finally:
-        for module, attributes, buffers in saved:
-            for table, before in ((module.__dict__, attributes), (module._buffers, buffers)):
-                for name in [name for name, value in table.items() if holds_proxy(value)]:
-                    if name in before:
-                        table[name] = before[name]
-                    else:
-                        del table[name]
+        nn.Module.__setattr__ = original
+        for module, name, was_buffer, before in reversed(assigned):
+            module.__dict__.pop(name, None)
+            if was_buffer:
+                module._buffers[name] = before
+            else:
+                module._buffers.pop(name, None)
+                if before is not _UNSET:
+                    module.__dict__[name] = before
 
 
 def _check_eager_module(model) -> None:
