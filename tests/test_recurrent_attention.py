@@ -188,6 +188,21 @@ def test_recurrent_units_are_one_group_and_removal_is_exact(layer_type, num_laye
     _check_gradients(config, gated, inputs)
 
 
+def test_the_dag_saves_after_its_gated_model_ran(tmp_path):
+    """The gated model runs a shared recurrent layer with masked weights (functional_call),
+    which leaves them in the layer's list of flat weights unless refreshed: saving the DAG right
+    after failed (the list held tensors that are not the layer's own)."""
+    model = _Tagger(nn.LSTM, 2, True, True, False)
+    inputs = (_sequence(True, 2, 4, 3),)
+    config, gated = _prepare(model, inputs)
+    dag = config.model
+    with torch.no_grad():
+        gated.eval()(*inputs)
+    layer = next(v.module for v in dag.inner_vertices if v.name == "rnn")
+    assert all(weight is getattr(layer, name) for weight, name in zip(layer._flat_weights, layer._flat_weights_names))
+    _check_round_trip(dag, inputs, tmp_path)
+
+
 def test_unbatched_sequences_are_followed(tmp_path):
     inputs = (torch.randn(4, 3),)
     config, gated = _prepare(_Unbatched(), inputs)

@@ -155,7 +155,10 @@ def mask_recurrent(module, inputs, mask, axis):
     call = layer_call(module, len(inputs))
     rnn = call.layer
     input_mask, unit_mask = mask[:rnn.input_size], mask[rnn.input_size:]
-    return call.run(list(inputs), masked_recurrent_weights(rnn, input_mask, unit_mask))
+    try:
+        return call.run(list(inputs), masked_recurrent_weights(rnn, input_mask, unit_mask))
+    finally:  # functional_call leaves the masked weights in the layer's list of flat weights,
+        rnn._init_flat_weights()  # which the DAG sharing the layer would then fail to save
 
 
 # ------------------------------------------------------------------------------- removal
