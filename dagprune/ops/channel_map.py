@@ -18,7 +18,8 @@ from dagprune.ops.templates import InputRef
 
 __all__ = ["Layout", "ShapeTag", "iter_layout_atoms", "is_size_layout", "tensor_layout",
            "argument_value", "argument_input", "normalize_dims", "channel_atoms",
-           "broadcast_axes", "first_tensor_index", "barrier_all"]
+           "broadcast_axes", "first_tensor_index", "barrier_all", "same_in_every_row",
+           "tie_positions_across_groups"]
 
 Layout = dict  # axis (non-negative int) -> np.ndarray of atom ids, for a tensor value
 
@@ -147,3 +148,22 @@ def barrier_all(ctx, layouts: Any, reason: str) -> None:
     """Makes every channel reaching an op a barrier (the op is opaque for these inputs)."""
     ctx.barrier_layout(layouts, reason)
     return None
+
+
+def same_in_every_row(rows) -> bool:
+    """Whether every row of ``rows`` (one per group: its atoms, classes or kept flags) equals
+    the first.
+
+    >>> same_in_every_row(np.array([[1, 0], [1, 0]])), same_in_every_row(np.array([[1, 0], [0, 1]]))
+    (True, False)
+    """
+    rows = np.asarray(rows)
+    return bool((rows == rows[:1]).all())
+
+
+def tie_positions_across_groups(ctx, rows: np.ndarray) -> None:
+    """Unifies each position of every group's atoms (one row per group) with the same position
+    of the first group: every group keeps the same positions, so the number of groups stays."""
+    rows = np.asarray(rows)
+    if len(rows) > 1:
+        ctx.unify(rows[1:], np.broadcast_to(rows[:1], rows[1:].shape))

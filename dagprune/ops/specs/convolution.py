@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dagprune.ops.channel_map import argument_value, channel_atoms, tensor_layout
+from dagprune.ops.channel_map import (argument_value, channel_atoms, same_in_every_row, tensor_layout,
+                                      tie_positions_across_groups)
 from dagprune.ops.flop_counting import measured_flops
 from dagprune.ops.layers import FunctionalLayerOp
 from dagprune.ops.slicing import kept_count, replace_tensor, slice_tensor
@@ -55,11 +56,6 @@ def _tie_conv_groups(ctx, in_atoms, out_atoms, module) -> None:
         ctx.unify(members[:, 1:], np.repeat(members[:, :1], members.shape[1] - 1, axis=1))
 
 
-def _positions_tied_across_groups(rows: np.ndarray, class_of) -> bool:
-    classes = class_of(rows)
-    return bool((classes == classes[:1]).all())
-
-
 def _grouped_conv_rule(ctx, vertex, module, in_atoms, out_atoms, flops: int):
     """The choice for a grouped convolution with several channels per group on both sides, once
     the rest of the model has recorded its unions: where the model ties each channel position
@@ -70,9 +66,9 @@ def _grouped_conv_rule(ctx, vertex, module, in_atoms, out_atoms, flops: int):
     out_rows = np.asarray(out_atoms).reshape(module.groups, -1)
 
     def rule(class_of) -> None:
-        if _positions_tied_across_groups(out_rows, class_of) or _positions_tied_across_groups(in_rows, class_of):
-            for rows in (in_rows, out_rows):
-                ctx.unify(rows[1:], np.broadcast_to(rows[:1], rows[1:].shape))
+        if same_in_every_row(class_of(out_rows)) or same_in_every_row(class_of(in_rows)):
+            tie_positions_across_groups(ctx, in_rows)
+            tie_positions_across_groups(ctx, out_rows)
             ctx.consume(vertex, 0, 1, in_atoms)
             ctx.count_flops(vertex, flops, [out_atoms, in_atoms])
         else:
@@ -153,10 +149,7 @@ def _remove_from_conv(module, in_mask, out_mask, transposed: bool):
 
 
 def _same_positions_in_every_group(mask, groups: int) -> bool:
-    if mask is None:
-        return True
-    rows = np.asarray(mask).reshape(groups, -1)
-    return bool((rows == rows[:1]).all())
+    return mask is None or same_in_every_row(np.asarray(mask).reshape(groups, -1))
 
 
 def remove_from_conv(module, input_masks, output_mask, shapes):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dagprune.ops.channel_map import (ShapeTag, argument_input, argument_value, channel_atoms,
-                                      tensor_layout)
+                                      same_in_every_row, tensor_layout, tie_positions_across_groups)
 from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.group_moments import masked_group_mean
 from dagprune.ops.layers import NormOp
@@ -128,8 +128,7 @@ def _tie_group_positions_unless_whole(ctx, atoms, num_groups: int, class_of) -> 
     classes = class_of(grouped)
     if (classes == classes[:, :1]).all():
         return  # each group is kept or removed whole
-    if num_groups > 1:  # every group keeps the same channel positions
-        ctx.unify(grouped[1:], np.broadcast_to(grouped[:1], grouped[1:].shape))
+    tie_positions_across_groups(ctx, grouped)
 
 
 def kept_groups(mask, num_groups: int) -> int:
@@ -137,11 +136,11 @@ def kept_groups(mask, num_groups: int) -> int:
     keeps as many channels, else those kept whole (the coupling allows nothing else)."""
     if mask is None:
         return num_groups
-    kept = np.asarray(mask).reshape(num_groups, -1).sum(axis=1)
-    if (kept == kept[0]).all():
+    rows = np.asarray(mask).reshape(num_groups, -1)
+    kept = rows.sum(axis=1)
+    if same_in_every_row(kept):
         return num_groups
-    per_group = np.asarray(mask).size // num_groups
-    if not np.isin(kept, (0, per_group)).all():
+    if not np.isin(kept, (0, rows.shape[1])).all():
         raise ValueError(f"group norm channel mask keeps {kept.tolist()} channels of its {num_groups} groups")
     return int((kept > 0).sum())
 
