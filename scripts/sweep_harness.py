@@ -219,10 +219,12 @@ def sweep(names: Iterable[str], results: Path, run_one: Callable[[str], dict]) -
 
 
 # ------------------------------------------------------------------ the fresh-interpreter load check
-# argv: the checkout, scripts/, the folder with dag/ and expected.pt, the library, block|watch
+# argv: the checkout, scripts/, the folder with dag/ and expected.pt, the library, block|watch,
+# the saving process's torch thread count (results can differ in the last bit between thread
+# counts, e.g. in attention's reductions, so the child computes with the same number)
 _LOAD_CHECK = """
 import importlib.abc, sys
-library, blocked = sys.argv[4], sys.argv[5] == "block"
+library, blocked, threads = sys.argv[4], sys.argv[5] == "block", int(sys.argv[6])
 class BlockLibrary(importlib.abc.MetaPathFinder):  # as if the library were not installed
     def find_spec(self, name, path=None, target=None):
         if name == library or name.startswith(library + "."):
@@ -232,6 +234,7 @@ if blocked:
 sys.path[:0] = sys.argv[1:3]
 import torch, dagprune
 from sweep_harness import compare_bit_for_bit
+torch.set_num_threads(threads)
 dag = dagprune.load_dag(sys.argv[3] + "/dag").eval()
 expected = torch.load(sys.argv[3] + "/expected.pt")
 with torch.no_grad():
@@ -277,7 +280,7 @@ def load_in_fresh_process(dag, args: tuple = (), kwargs: dict | None = None, *, 
         torch.save({"args": tuple(args), "kwargs": kwargs, "output": named_tensors(output),
                     "state": dag.state_dict()}, Path(folder) / "expected.pt")
         result = subprocess.run([sys.executable, "-c", _LOAD_CHECK, str(REPO_ROOT), str(SCRIPTS), folder,
-                                 library, "block" if block else "watch"],
+                                 library, "block" if block else "watch", str(torch.get_num_threads())],
                                 capture_output=True, text=True, timeout=LOAD_TIMEOUT, check=False)
     lines = result.stdout.splitlines()
     verdict = next((line for line in lines if line.startswith("ROUNDTRIP ")), "")
