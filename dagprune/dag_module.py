@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -213,25 +213,50 @@ class DagModule(nn.Module):
 
     def forward_with_all_values(self, *args, **kwargs) -> dict[Vertex, Any]:
         """Runs the DAG like ``forward`` and returns the value of every vertex (for analysis
-        passes).
+        passes that need them together; :meth:`iter_vertex_values` holds fewer at a time).
 
         Raises:
             ExecutionError: a vertex failed on the values it received (the message names the
                 vertex, its module path and the shapes it got).
         """
+        values = self._bind_inputs_or_raise(args, kwargs)
+        for vertex in self.inner_vertices:
+            values[vertex] = self._run_vertex(vertex, [values[p] for p in vertex.predecessors])
+        return values
+
+    def iter_vertex_values(self, *args, **kwargs) -> Iterator[tuple[Vertex, list, Any]]:
+        """Runs the DAG like ``forward``, yielding ``(vertex, input values, value)`` for every
+        vertex in :attr:`vertices` order (an input with no input values first). Like ``forward``,
+        a value is dropped once the last vertex reading it has been yielded, so a pass over the
+        values holds about the memory of one forward, not every activation at once.
+
+        Raises:
+            ExecutionError: as :meth:`forward_with_all_values`.
+        """
+        values = self._bind_inputs_or_raise(args, kwargs)
+        for vertex in self.inputs:
+            yield vertex, [], values[vertex]
+        for vertex, released in zip(self.inner_vertices, self._release_after):
+            inputs = [values[p] for p in vertex.predecessors]
+            values[vertex] = self._run_vertex(vertex, inputs)
+            yield vertex, inputs, values[vertex]
+            del inputs
+            for dead in released:
+                del values[dead]
+
+    def _bind_inputs_or_raise(self, args: tuple, kwargs: dict) -> dict[Vertex, Any]:
         try:
-            values = self._bind_inputs(args, dict(kwargs))
+            return self._bind_inputs(args, dict(kwargs))
         except TypeError as error:
             raise ExecutionError(f"{self.name}: {error}") from error
-        for vertex in self.inner_vertices:
-            inputs = [values[p] for p in vertex.predecessors]
-            try:
-                values[vertex] = vertex.module(*inputs)
-            except DagpruneError:
-                raise
-            except Exception as error:  # noqa: BLE001 - whatever the op raised, named by vertex
-                raise ExecutionError(_failed_vertex_message(self, vertex, inputs, error)) from error
-        return values
+
+    def _run_vertex(self, vertex: InnerVertex, inputs: list) -> Any:
+        try:
+            return vertex.module(*inputs)
+        except DagpruneError:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever the op raised, named by vertex
+            raise ExecutionError(_failed_vertex_message(self, vertex, inputs, error)) from error
 
     # ----------------------------------------------------------------------------- checking
     def lint(self) -> None:

@@ -39,7 +39,7 @@ from dagprune.dag_module import DagModule, InnerVertex
 from dagprune.errors import UnsupportedOpError
 from dagprune.ops.registry import op_flops
 from dagprune.ops.spec import describe_op
-from dagprune.shape_prop import propagate_values, resolve_inputs
+from dagprune.shape_prop import analysis_mode, resolve_inputs, stream_values
 
 __all__ = ["count_flops", "FlopsReport", "vertex_flops"]
 
@@ -123,9 +123,10 @@ def count_flops(dag: DagModule, input_shape_without_batch: Sequence | None = Non
     """
     if inputs is None:
         inputs = resolve_inputs(dag, input_shape_without_batch, example_inputs)
-    values = propagate_values(dag, inputs)
     per_vertex = {}
-    for vertex in dag.inner_vertices:
-        inputs_of_vertex = [values[p] for p in vertex.predecessors]
-        per_vertex[vertex.name] = vertex_flops(vertex, inputs_of_vertex, values[vertex])
+    inner = set(dag.inner_vertices)
+    with analysis_mode(dag):
+        for vertex, inputs_of_vertex, value in stream_values(dag, inputs):
+            if vertex in inner:
+                per_vertex[vertex.name] = vertex_flops(vertex, inputs_of_vertex, value)
     return FlopsReport(sum(per_vertex.values()), per_vertex)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from dagprune.example_inputs import ExampleInputs, as_example_inputs
 from dagprune.training_mode import evaluation_mode
 
 __all__ = ["example_inputs_for_shape", "resolve_inputs", "module_device", "module_dtype", "propagate_values", "propagate_shapes",
+           "analysis_mode", "stream_values",
            "random_inputs", "value_shape"]
 
 
@@ -99,11 +101,40 @@ def _input_shapes(input_shape_without_batch) -> list[tuple[int, ...]]:
 
 def propagate_values(dag: DagModule, inputs: Sequence[torch.Tensor] | ExampleInputs) -> dict[Vertex, Any]:
     """The value of every vertex for ``inputs`` (positional tensors, or
-    :class:`~dagprune.example_inputs.ExampleInputs`), computed in eval mode without gradients."""
-    if not isinstance(inputs, ExampleInputs):
-        inputs = ExampleInputs(tuple(inputs))
-    with evaluation_mode(dag), torch.no_grad():
+    :class:`~dagprune.example_inputs.ExampleInputs`), computed in eval mode without gradients.
+
+    Every activation is held at once; a pass that looks at one vertex at a time uses
+    :func:`stream_values` instead."""
+    inputs = _as_inputs(inputs)
+    with analysis_mode(dag):
         return dag.forward_with_all_values(*inputs.args, **inputs.kwargs)
+
+
+@contextlib.contextmanager
+def analysis_mode(dag: DagModule):
+    """Eval mode and no gradients for the ``with`` block: how analysis passes run a DAG."""
+    with evaluation_mode(dag), torch.no_grad():
+        yield
+
+
+def stream_values(dag: DagModule, inputs: Sequence[torch.Tensor] | ExampleInputs) -> Iterator[tuple[Vertex, list, Any]]:
+    """``(vertex, input values, value)`` for every vertex of ``dag`` run on ``inputs``, in
+    order, each value dropped once its last reader has been yielded
+    (:meth:`~dagprune.DagModule.iter_vertex_values`). Iterate it inside
+    ``with analysis_mode(dag):`` for the values :func:`propagate_values` gives.
+
+    >>> import dagprune
+    >>> dag = dagprune.build_from_unstructured_module(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    >>> with analysis_mode(dag):
+    ...     [(vertex.name, tuple(value.shape)) for vertex, _, value in stream_values(dag, (torch.zeros(1, 3, 5, 5),))]
+    [('input_1', (1, 3, 5, 5)), ('_0', (1, 8, 3, 3)), ('_1', (1, 8, 3, 3))]
+    """
+    inputs = _as_inputs(inputs)
+    return dag.iter_vertex_values(*inputs.args, **inputs.kwargs)
+
+
+def _as_inputs(inputs: Sequence[torch.Tensor] | ExampleInputs) -> ExampleInputs:
+    return inputs if isinstance(inputs, ExampleInputs) else ExampleInputs(tuple(inputs))
 
 
 def resolve_inputs(dag: DagModule, input_shape_without_batch: Sequence | None = None,
@@ -150,4 +181,5 @@ def propagate_shapes(dag: DagModule, input_shape_without_batch: Sequence | None 
     torch.Size([1, 8, 8, 8])
     """
     inputs = resolve_inputs(dag, input_shape_without_batch, example_inputs, batch_size)
-    return {vertex: value_shape(value) for vertex, value in propagate_values(dag, inputs).items()}
+    with analysis_mode(dag):
+        return {vertex: value_shape(value) for vertex, _, value in stream_values(dag, inputs)}

@@ -35,7 +35,7 @@ from dagprune.ops import spec_for
 from dagprune.ops.channel_map import Layout, ShapeTag, is_size_layout, iter_layout_atoms
 from dagprune.ops.spec import describe_op
 from dagprune.example_inputs import ExampleInputs
-from dagprune.shape_prop import propagate_values, resolve_inputs, value_shape
+from dagprune.shape_prop import analysis_mode, resolve_inputs, stream_values, value_shape
 
 __all__ = ["ChannelGroup", "ChannelAnalysis", "CouplingContext", "find_channel_groups", "Layout",
            "ShapeTag", "HEAD_PRUNING_MODES"]
@@ -376,16 +376,8 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence | No
     """
     check_head_pruning(head_pruning)
     inputs = resolve_inputs(dag, input_shape_without_batch, example_inputs)
-    values = propagate_values(dag, inputs)
     context = CouplingContext(dag.users(), head_pruning)
-    layouts: dict[Vertex, Any] = {vertex: None for vertex in dag.inputs}
-    for vertex in dag.inner_vertices:
-        context.current_vertex = vertex
-        input_layouts = [layouts[p] for p in vertex.predecessors]
-        input_values = [values[p] for p in vertex.predecessors]
-        layouts[vertex] = apply_coupling(context, vertex, input_layouts, input_values,
-                                         values[vertex])
-    context.current_vertex = None
+    layouts, shapes, unscaled_flops = _couple_vertices(dag, inputs, context)
     for vertex in dag.output_vertices:
         context.barrier_layout(layouts[vertex], "reaches the model output")
     atom_class = context.resolve()
@@ -407,16 +399,38 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence | No
     for term in context.flops_terms:
         term.factors = [atom_class[f] for f in term.factors]
     counted = {term.vertex for term in context.flops_terms}
-    for vertex in dag.inner_vertices:  # FLOPs no rule scaled (opaque ops) stay constant
-        if vertex not in counted:
-            flops = vertex_flops(vertex, [values[p] for p in vertex.predecessors], values[vertex])
-            if flops:
-                context.flops_terms.append(FlopsTerm(vertex, flops, []))
+    for vertex, flops in unscaled_flops.items():  # FLOPs no rule scaled (opaque ops) stay constant
+        if vertex not in counted and flops:
+            context.flops_terms.append(FlopsTerm(vertex, flops, []))
     total = sum(term.base_flops for term in context.flops_terms)
-    shapes = {vertex: value_shape(value) for vertex, value in values.items()}
     shape = None if example_inputs is not None else tuple(input_shape_without_batch)
     return ChannelAnalysis(dag, shape, head_pruning, groups, resolved_layouts, atom_class,
                            context.consumer_sites, context.flops_terms, total, shapes, inputs)
+
+
+def _couple_vertices(dag: DagModule, inputs: ExampleInputs, context: CouplingContext) -> tuple[dict, dict, dict]:
+    """Runs ``dag`` on ``inputs`` once, applying each vertex's coupling rule as its value is
+    computed (values are dropped as the forward drops them, so the pass holds about one
+    forward's activations). Returns every vertex's layout and shape, and the FLOPs of the
+    inner vertices whose rule recorded no FLOPs term by the time it ran (a deferred rule may
+    still record one)."""
+    layouts: dict[Vertex, Any] = {}
+    shapes: dict[Vertex, Any] = {}
+    unscaled_flops: dict[Vertex, int] = {}
+    with analysis_mode(dag):
+        for vertex, input_values, value in stream_values(dag, inputs):
+            shapes[vertex] = value_shape(value)
+            if not isinstance(vertex, InnerVertex):
+                layouts[vertex] = None
+                continue
+            context.current_vertex = vertex
+            terms_before = len(context.flops_terms)
+            layouts[vertex] = apply_coupling(context, vertex, [layouts[p] for p in vertex.predecessors],
+                                             input_values, value)
+            if not any(term.vertex is vertex for term in context.flops_terms[terms_before:]):
+                unscaled_flops[vertex] = vertex_flops(vertex, input_values, value)
+    context.current_vertex = None
+    return layouts, shapes, unscaled_flops
 
 
 def _class_signatures(layouts: dict, producer_axes: list, atom_class: np.ndarray) -> np.ndarray:
