@@ -25,11 +25,40 @@ from dagprune.errors import ConversionError
 from dagprune.example_inputs import ExampleInputs
 
 __all__ = ["argument_values", "fixed_arguments", "default_arguments", "remove_fixed_placeholders",
-           "traced_signature", "required_extras", "OutputType", "FIXED_META"]
+           "traced_signature", "required_extras", "OutputType", "FIXED_META", "register_traced_default"]
 
 _NAMED_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
                 inspect.Parameter.KEYWORD_ONLY)
 _GUARDS = {torch._assert, getattr(fx._symbolic_trace, "_assert_is_none", None)} - {None}
+
+
+_TRACED_DEFAULTS: list[tuple[type, str, Any]] = []
+
+
+def register_traced_default(cls: type, argument: str, value: Any) -> None:
+    """Traces a ``cls`` model (or subclass) whose example leaves ``argument`` out as called
+    with ``argument=value``, instead of with the forward's own default.
+
+    For arguments whose default makes a model build what a DAG cannot hold: a Hugging Face
+    model's ``use_cache`` defaults to its config, which makes a key/value cache object, so
+    :mod:`dagprune.transformers_layers` registers ``use_cache=False``. An example that gives the
+    argument wins.
+
+    >>> class Cached(nn.Module):
+    ...     def forward(self, x, cache=True):
+    ...         return x
+    >>> register_traced_default(Cached, "cache", False)
+    >>> fixed_arguments(Cached(), ExampleInputs((torch.ones(1),), {})), default_arguments(Cached())
+    ({'cache': False}, {'cache': False})
+    """
+    _TRACED_DEFAULTS.append((cls, argument, value))
+
+
+def _traced_default(model: nn.Module, parameter: inspect.Parameter) -> Any:
+    for cls, argument, value in reversed(_TRACED_DEFAULTS):
+        if argument == parameter.name and isinstance(model, cls):
+            return value
+    return parameter.default
 
 
 def _forward_parameters(model: nn.Module) -> list[inspect.Parameter]:
@@ -64,7 +93,7 @@ def fixed_arguments(model: nn.Module, inputs: ExampleInputs) -> dict[str, Any]:
             if not isinstance(given[parameter.name], torch.Tensor):
                 fixed[parameter.name] = given[parameter.name]
         elif parameter.default is not inspect.Parameter.empty:
-            fixed[parameter.name] = parameter.default
+            fixed[parameter.name] = _traced_default(model, parameter)
         else:
             raise ConversionError(f"example_inputs give no value for {parameter.name!r} of {where}, "
                                   "which has no default; pass it in example_inputs")
@@ -83,7 +112,8 @@ def default_arguments(model: nn.Module) -> dict[str, Any]:
     >>> default_arguments(Masked())
     {'mask': None, 'scale': 1.0}
     """
-    return {p.name: p.default for p in _forward_parameters(model) if p.default is not inspect.Parameter.empty}
+    return {p.name: _traced_default(model, p) for p in _forward_parameters(model)
+            if p.default is not inspect.Parameter.empty}
 
 
 def argument_values(model: nn.Module, inputs: ExampleInputs) -> dict[str, Any]:

@@ -21,6 +21,11 @@ and saves without naming transformers:
   neither form is traced as it is. Traced, an RMS norm's mean over channels stops the residual stream's
   channels from being pruned; as ``nn.RMSNorm`` they are (its mean counts only kept channels).
 
+A DAG holds no key/value cache: a model whose example leaves ``use_cache`` out is traced as called
+with ``use_cache=False`` (its config's default would build a cache object), so the converted
+decoder returns ``past_key_values=None``; see
+:func:`dagprune.specialization.register_traced_default`.
+
 Everything else in the supported models (attention, rotary embeddings, masks, activations,
 ``ModelOutput`` results) is traced into torch functions; see :mod:`dagprune.value_tracing`.
 """
@@ -33,10 +38,13 @@ import torch
 from torch import nn
 
 from dagprune.leaf_modules import register_module_rewrite
+from dagprune.specialization import register_traced_default
 
 __all__ = ["ScaledEmbedding"]
 
 _pytorch_utils = importlib.import_module("transformers.pytorch_utils")
+
+register_traced_default(importlib.import_module("transformers.modeling_utils").PreTrainedModel, "use_cache", False)
 
 
 _EPSILON_NAMES = ("variance_epsilon", "eps", "epsilon")

@@ -78,6 +78,23 @@ def test_converts_exactly_for_other_batches_lengths_and_padding(name):
         assert dagprune.max_relative_difference(expected, actual) <= (1e-6 if name == "gpt2" else 0.0)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_decoder_example_without_use_cache_is_traced_without_a_cache(name):
+    build, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    assert model.config.use_cache  # left to the config, the model would build a DynamicCache
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=_inputs(2, 7, 0, seed=0, fixed={}))
+    inputs = _inputs(3, 9, 2, seed=1, fixed={})
+    with torch.no_grad():
+        expected, actual = model(**inputs, use_cache=False), dag(**inputs)
+    assert type(actual) is type(expected) and actual.get("past_key_values") is None
+    assert dagprune.max_relative_difference(expected.logits, actual.logits) <= (1e-6 if name == "gpt2" else 0.0)
+    assert torch.equal(dag(**inputs, use_cache=False).logits, actual.logits)  # may be passed, as fixed
+    with pytest.raises(TypeError, match="use_cache=False fixed"):
+        dag(**inputs, use_cache=True)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_gates_train_and_removal_is_exact(name):
     _, dag, example, fixed = _converted(name)
