@@ -40,7 +40,12 @@ from dagprune.leaf_modules import (apply_module_rewrites, register_autowrap_func
 from dagprune.ops.cond_conv import CondConv2d
 from dagprune.ops.evo_norm import EvoNorm2d
 from dagprune.ops.fourier_features import FourierPositionFeatures
+from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.functions import register_function
+from dagprune.ops.registry import register_op
+from dagprune.ops.slicing import unchanged_removal
+from dagprune.ops.spec import OpSpec
+from dagprune.ops.specs.channelwise import last_axis_pass_through_coupling
 from dagprune.ops.padding import SamePad2d
 from dagprune.ops.standardized_conv import StandardizedConv2d
 from dagprune.ops.stochastic_depth import StochasticDepth
@@ -53,6 +58,7 @@ _conv2d_same = importlib.import_module("timm.layers.conv2d_same")
 _pool2d_same = importlib.import_module("timm.layers.pool2d_same")
 _std_conv = importlib.import_module("timm.layers.std_conv")
 _timm_fx = importlib.import_module("timm.models._features_fx")
+_pos_embed = importlib.import_module("timm.layers.pos_embed")
 
 
 class NormAct(nn.Module):
@@ -253,3 +259,31 @@ _activations = importlib.import_module("timm.layers.activations")
 for _function in vars(_activations).values():
     if inspect.isfunction(_function) and _function.__module__ == _activations.__name__:
         register_function(_function)
+
+# timm's functions that rearrange or resample the positions of a channels-last tensor, channel
+# by channel (each reads C from its input): channels pass through on the last axis
+CHANNELS_LAST_FUNCTIONS = (
+    "timm.layers.pos_embed.resample_abs_pos_embed", "timm.layers.pos_embed.resample_abs_pos_embed_nhwc",
+    "timm.models.swin_transformer.window_reverse", "timm.models.swin_transformer_v2.window_reverse",
+    "timm.models.swin_transformer_v2_cr.window_reverse", "timm.models.gcvit.window_reverse",
+    "timm.models.davit.window_reverse", "timm.models.maxxvit.window_reverse",
+    "timm.models.maxxvit.grid_reverse", "timm.models.nest.deblockify")
+
+
+class _ResampledPositionEmbedding(nn.Module):
+    """The example of the channels-last functions' spec: SAM ViT's resampled NHWC embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Conv2d(3, 8, 1), nn.Linear(8, 4)
+        self.pos_embed = nn.Parameter(torch.randn(1, 2, 2, 8))
+
+    def forward(self, x):
+        x = self.proj(x).permute(0, 2, 3, 1)
+        x = x + _pos_embed.resample_abs_pos_embed_nhwc(self.pos_embed, (x.shape[1], x.shape[2]))
+        return self.head(x)
+
+
+register_op(OpSpec("timm_channels_last_rearrangement", CHANNELS_LAST_FUNCTIONS, flops=no_flops,
+                   coupling=last_axis_pass_through_coupling, removal=unchanged_removal,
+                   example=lambda: (_ResampledPositionEmbedding(), (torch.randn(1, 3, 4, 4),))))

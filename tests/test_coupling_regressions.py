@@ -125,6 +125,30 @@ def test_xcit_position_encoding_and_class_attention_keep_the_stream_prunable(tmp
         assert torch.equal(dagprune.load_dag(tmp_path / "slim")(x), slim(x))
 
 
+@pytest.mark.parametrize("name, size, removable", [
+    ("samvit_base_patch16", 64, 0.85),  # NHWC position embedding resampled to the input's grid
+    ("swin_tiny_patch4_window7_224", 224, 0.9),  # channels-last window merging
+])
+def test_channels_last_timm_functions_keep_the_token_stream_prunable(tmp_path, name, size, removable):
+    """timm's channels-last rearrangements (``resample_abs_pos_embed_nhwc``, ``window_reverse``)
+    are called as whole functions; their last axis carries the channels (SAM ViT: 0.43 of the
+    FLOPs removable when they were barriers)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    kwargs = {"img_size": size, "depth": 2} if name.startswith("samvit") else {"depths": (1, 1, 1, 1)}
+    model = make_weights_informative(timm.create_model(name, pretrained=False, **kwargs)).eval()
+    dag = dagprune.build_from_unstructured_module(model)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(dag(x), model(x))
+    pruning, gated, slim = _pruned_at_random_gates(dag, (3, size, size))
+    assert pruning.max_removable_proportion > removable
+    dagprune.save_dag(slim, tmp_path / "slim")
+    with torch.no_grad():
+        assert dagprune.max_relative_difference(gated(x), slim(x)) <= 1e-4
+        assert torch.equal(dagprune.load_dag(tmp_path / "slim")(x), slim(x))
+
+
 def _standardised_conv_model():
     layers = pytest.importorskip("timm.layers")
     torch.manual_seed(0)

@@ -4,7 +4,8 @@ The facets are checked by using them: each spec's example model is converted, it
 counted, its channel groups found, its gates set to a random state and its channels removed;
 the slim model must compute what the gated model computes, with the FLOPs the gates predict.
 A producer with weights must rank its channels (importance), a normalisation that consumes
-channels must apply the mask itself (masking).
+channels must apply the mask itself (masking). The specs of the optional libraries' support
+(timm's channels-last functions) are loaded first, so that they are checked too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from dagprune.ops.spec import ChannelWeight
 
 from dagprune_algorithms.pruning import ChannelPruning, find_channel_groups
 from gate_states import assert_removal_matches_gates, random_gate_states
+
+try:
+    import timm  # noqa: F401
+except ImportError:  # the core specs are checked all the same
+    pass
+dagprune.integrations.load_support_for_imported_libraries()  # registers their specs in OPS
 
 # torch.nn classes that never become an op of a traced model, one reason each.
 NOT_OPS = {

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dagprune.ops.flop_counting import no_flops
+from dagprune.ops.channel_map import barrier_all, first_tensor_index, tensor_layout
 from dagprune.ops.layers import InterpolateOp, PadOp, PoolOp
 from dagprune.ops.padding import SamePad2d
 from dagprune.ops.slicing import kept_count, slice_per_channel_state, unchanged_removal
@@ -19,7 +20,7 @@ from dagprune.ops.spec import OpSpec
 from dagprune.ops.specs.normalization import pass_through_coupling
 from dagprune.ops.stochastic_depth import StochasticDepth
 
-__all__ = ["SPECS"]
+__all__ = ["SPECS", "last_axis_pass_through_coupling"]
 
 ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
@@ -37,6 +38,29 @@ PADDINGS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.Const
             nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
             nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d,
             nn.CircularPad2d, nn.CircularPad3d, SamePad2d)
+
+
+def last_axis_pass_through_coupling(ctx, vertex, module, layouts, values, output):
+    """Functions that move or resample the positions of every axis but the last of their first
+    tensor argument, each channel on its own, and return a tensor with the same last axis
+    (channels-last window merging, position-embedding resampling): the output's last axis
+    carries the input's last-axis channels. Channels on any other axis, or in any other
+    argument, are barriers."""
+    first = first_tensor_index(values)
+    if first is None or not isinstance(output, torch.Tensor) or output.ndim == 0:
+        return barrier_all(ctx, layouts, f"{vertex.name}: no tensor in and out")
+    for index, other in enumerate(layouts):
+        if index != first:
+            ctx.barrier_layout(other, f"extra operand of vertex {vertex.name}")
+    source, last = tensor_layout(layouts[first]), values[first].ndim - 1
+    for axis, atoms in source.items():
+        if axis != last:
+            ctx.barrier(atoms, f"{vertex.name}: moves the positions of axis {axis}")
+    if last not in source:
+        return None
+    if output.shape[-1] != values[first].shape[-1]:
+        return barrier_all(ctx, {last: source[last]}, f"{vertex.name}: changes the last axis's size")
+    return {output.ndim - 1: source[last]}
 
 
 def remove_from_prelu(module, input_masks, output_mask, shapes):
