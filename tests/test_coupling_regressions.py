@@ -149,6 +149,20 @@ def test_channels_last_timm_functions_keep_the_token_stream_prunable(tmp_path, n
         assert torch.equal(dagprune.load_dag(tmp_path / "slim")(x), slim(x))
 
 
+def test_asserted_equal_channel_counts_are_one_group():
+    """GCViT asserts ``x.shape[-1] == q_global.shape[-1]`` (``torch._assert``): the two channel
+    counts are tied, not barred (gcvit_xxtiny: 0.73 of the FLOPs removable when barred)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = make_weights_informative(timm.create_model("gcvit_xxtiny", pretrained=False, img_size=64)).eval()
+    dag = dagprune.build_from_unstructured_module(model)
+    x = torch.randn(2, 3, 64, 64)
+    pruning, gated, slim = _pruned_at_random_gates(dag, (3, 64, 64))
+    assert pruning.max_removable_proportion > 0.95
+    with torch.no_grad():
+        assert dagprune.max_relative_difference(gated(x), slim(x)) <= 1e-4
+
+
 def _standardised_conv_model():
     layers = pytest.importorskip("timm.layers")
     torch.manual_seed(0)

@@ -104,6 +104,38 @@ def _divided_size(module, layouts):
     return ShapeTag(tag.atoms[:len(tag.atoms) // second], sources=tag.atoms)
 
 
+def size_comparison_coupling(ctx, vertex, module, layouts, values, output):
+    """``operator.eq`` / ``operator.ne``: on tensors, elementwise; on two channel counts
+    (``torch._assert(x.shape[-1] == y.shape[-1])``), the two axes are the same channels, so
+    that the comparison gives the same answer after removal. A channel count compared with
+    anything else (a constant, a derived size) is barred."""
+    if isinstance(output, torch.Tensor):
+        return broadcast_axes(ctx, _tensor_operands(layouts, values), output.shape,
+                              "compared with an untracked operand") or None
+    tags = [layout for layout in layouts if layout is not None]
+    if (len(tags) == 2 and len(layouts) == 2 and all(isinstance(t, ShapeTag) and not t.is_derived for t in tags)
+            and len(tags[0].atoms) == len(tags[1].atoms)):
+        ctx.unify(tags[0].atoms, tags[1].atoms)
+        return None
+    for layout in layouts:
+        ctx.barrier_layout(layout, f"channel count used by {describe_op(module)}")
+    return None
+
+
+class _CheckedWidths(nn.Module):
+    """Two branches whose widths the forward asserts equal."""
+
+    def __init__(self):
+        super().__init__()
+        self.left, self.right = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 3, padding=1)
+        self.left_head, self.right_head = nn.Conv2d(8, 2, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        left, right = self.left(x), self.right(x)
+        torch._assert(left.shape[1] == right.shape[1], "the branches' widths differ")
+        return self.left_head(left) + self.right_head(right)
+
+
 class _Residual(nn.Module):
     def __init__(self):
         super().__init__()
@@ -120,4 +152,7 @@ SPECS = (
            removal=unchanged_removal, reads_sizes=True, example=lambda: (_Residual(), (torch.randn(1, 3, 5, 5),))),
     OpSpec("pointwise", (PointwiseOp,), flops=no_flops, coupling=pointwise_coupling,
            removal=unchanged_removal, example=lambda: (_Residual(), (torch.randn(1, 3, 5, 5),))),
+    OpSpec("size_comparison", ("operator.eq", "operator.ne"), flops=no_flops,
+           coupling=size_comparison_coupling, removal=unchanged_removal, reads_sizes=True,
+           example=lambda: (_CheckedWidths(), (torch.randn(1, 3, 5, 5),))),
 )
