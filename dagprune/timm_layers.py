@@ -261,13 +261,15 @@ for _function in vars(_activations).values():
         register_function(_function)
 
 # timm's functions that rearrange or resample the positions of a channels-last tensor, channel
-# by channel (each reads C from its input): channels pass through on the last axis
+# by channel (each reads C from its input; SAM ViT's get_rel_pos resamples and gathers the rows
+# of its (positions, C) table): channels pass through on the last axis
 CHANNELS_LAST_FUNCTIONS = (
     "timm.layers.pos_embed.resample_abs_pos_embed", "timm.layers.pos_embed.resample_abs_pos_embed_nhwc",
     "timm.models.swin_transformer.window_reverse", "timm.models.swin_transformer_v2.window_reverse",
     "timm.models.swin_transformer_v2_cr.window_reverse", "timm.models.gcvit.window_reverse",
     "timm.models.davit.window_reverse", "timm.models.maxxvit.window_reverse",
-    "timm.models.maxxvit.grid_reverse", "timm.models.nest.deblockify")
+    "timm.models.maxxvit.grid_reverse", "timm.models.nest.deblockify",
+    "timm.models.vision_transformer_sam.get_rel_pos")
 
 
 class _ResampledPositionEmbedding(nn.Module):

@@ -126,7 +126,9 @@ def test_xcit_position_encoding_and_class_attention_keep_the_stream_prunable(tmp
 
 
 @pytest.mark.parametrize("name, size, removable", [
-    ("samvit_base_patch16", 64, 0.85),  # NHWC position embedding resampled to the input's grid
+    # NHWC position embedding resampled to the input's grid; the decomposed relative positions
+    # (get_rel_pos tables contracted with the queries by torch.einsum) keep the head dims prunable
+    ("samvit_base_patch16", 64, 0.99),
     ("swin_tiny_patch4_window7_224", 224, 0.9),  # channels-last window merging
 ])
 def test_channels_last_timm_functions_keep_the_token_stream_prunable(tmp_path, name, size, removable):

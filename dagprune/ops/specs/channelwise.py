@@ -48,18 +48,18 @@ def last_axis_pass_through_coupling(ctx, vertex, module, layouts, values, output
     argument, are barriers."""
     first = first_tensor_index(values)
     if first is None or not isinstance(output, torch.Tensor) or output.ndim == 0:
-        return barrier_all(ctx, layouts, f"{vertex.name}: no tensor in and out")
+        return barrier_all(ctx, layouts, "no tensor in and out")
     for index, other in enumerate(layouts):
         if index != first:
             ctx.barrier_layout(other, f"extra operand of vertex {vertex.name}")
     source, last = tensor_layout(layouts[first]), values[first].ndim - 1
     for axis, atoms in source.items():
         if axis != last:
-            ctx.barrier(atoms, f"{vertex.name}: moves the positions of axis {axis}")
+            ctx.barrier(atoms, f"moves the positions of axis {axis}")
     if last not in source:
         return None
     if output.shape[-1] != values[first].shape[-1]:
-        return barrier_all(ctx, {last: source[last]}, f"{vertex.name}: changes the last axis's size")
+        return barrier_all(ctx, {last: source[last]}, "changes the last axis's size")
     return {output.ndim - 1: source[last]}
 
 

@@ -1,4 +1,4 @@
-"""Products of tensors: matmul / bmm / ``@``, scaled dot-product attention, einsum."""
+"""Products of tensors: matmul / bmm / ``@``, scaled dot-product attention (einsum: :mod:`.einsum`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from torch import nn
 
 from dagprune.ops.channel_map import (argument_input, argument_value, broadcast_axes,
                                       tensor_layout)
-from dagprune.ops.flop_counting import measured_flops
-from dagprune.ops.linear_algebra import AddMatmulOp, AttentionOp, EinsumOp, MatmulOp
+from dagprune.ops.linear_algebra import AddMatmulOp, AttentionOp, MatmulOp
 from dagprune.ops.slicing import unchanged_removal
 from dagprune.ops.spec import OpSpec, opaque_coupling
 
@@ -204,6 +203,4 @@ SPECS = (
            removal=unchanged_removal, example=lambda: (_Attention(False), (torch.randn(1, 5, 8),))),
     OpSpec("attention", (AttentionOp,), flops=attention_flops, coupling=attention_coupling,
            removal=remove_from_attention, example=lambda: (_Attention(True), (torch.randn(1, 5, 8),))),
-    # the equation decides what is contracted; measured, not followed
-    OpSpec("einsum", (EinsumOp,), flops=measured_flops, coupling=opaque_coupling),
 )
