@@ -95,11 +95,27 @@ def _drop_and_act(module: nn.Module) -> tuple[nn.Module, nn.Module]:
     return getattr(module, "drop", nn.Identity()), getattr(module, "act", nn.Identity())
 
 
+_BATCH_NORM_ATTRIBUTES = tuple(sorted(set(nn.BatchNorm2d(1).__dict__) - set(nn.Module().__dict__)))
+
+
+def _batch_norm_sharing_state(module: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """An ``nn.BatchNorm2d`` with ``module``'s settings, parameters and buffers (shared), built
+    without the constructor, which would allocate and initialise tensors only to replace them
+    (most of the cost of converting a network of BatchNormAct2d layers)."""
+    norm = object.__new__(nn.BatchNorm2d)
+    nn.Module.__init__(norm)
+    for name in _BATCH_NORM_ATTRIBUTES:
+        norm.__dict__[name] = module.__dict__[name]
+    norm._parameters.update(module._parameters)
+    norm._buffers.update(module._buffers)
+    norm._non_persistent_buffers_set.update(module._non_persistent_buffers_set)
+    norm.training = module.training
+    return norm
+
+
 @register_module_rewrite(_norm_act.BatchNormAct2d)
 def _rewrite_batch_norm_act(module):
-    norm = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                          module.track_running_stats)
-    return NormAct(_share_state(norm, module), *_drop_and_act(module))
+    return NormAct(_batch_norm_sharing_state(module), *_drop_and_act(module))
 
 
 def _rewrite_group_norm_act(module):
