@@ -124,9 +124,8 @@ def count_flops(dag: DagModule, input_shape_without_batch: Sequence | None = Non
     if inputs is None:
         inputs = resolve_inputs(dag, input_shape_without_batch, example_inputs)
     per_vertex = {}
-    inner = set(dag.inner_vertices)
     with analysis_mode(dag):
         for vertex, inputs_of_vertex, value in stream_values(dag, inputs):
-            if vertex in inner:
+            if isinstance(vertex, InnerVertex):
                 per_vertex[vertex.name] = vertex_flops(vertex, inputs_of_vertex, value)
     return FlopsReport(sum(per_vertex.values()), per_vertex)

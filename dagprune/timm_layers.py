@@ -95,38 +95,46 @@ def _drop_and_act(module: nn.Module) -> tuple[nn.Module, nn.Module]:
     return getattr(module, "drop", nn.Identity()), getattr(module, "act", nn.Identity())
 
 
-_BATCH_NORM_ATTRIBUTES = tuple(sorted(set(nn.BatchNorm2d(1).__dict__) - set(nn.Module().__dict__)))
+def _layout_of(template: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The settings (plain attributes), parameter names and buffer names a layer type holds."""
+    settings = tuple(sorted(set(template.__dict__) - set(nn.Module().__dict__)))
+    return settings, tuple(template._parameters), tuple(template._buffers)
 
 
-def _batch_norm_sharing_state(module: nn.BatchNorm2d) -> nn.BatchNorm2d:
-    """An ``nn.BatchNorm2d`` with ``module``'s settings, parameters and buffers (shared), built
-    without the constructor, which would allocate and initialise tensors only to replace them
-    (most of the cost of converting a network of BatchNormAct2d layers)."""
-    norm = object.__new__(nn.BatchNorm2d)
+_NORM_LAYOUTS = {cls: _layout_of(template) for cls, template in (
+    (nn.BatchNorm2d, nn.BatchNorm2d(1)), (nn.GroupNorm, nn.GroupNorm(1, 1)), (nn.LayerNorm, nn.LayerNorm(1)))}
+
+
+def _norm_sharing_state(module: nn.Module, cls: type) -> nn.Module:
+    """A ``cls`` (the torch norm timm's fused layer subclasses) with ``module``'s settings,
+    parameters and buffers (shared), built without the constructor, which would allocate and
+    initialise tensors only to replace them (most of the cost of converting a network of
+    BatchNormAct2d layers)."""
+    settings, parameters, buffers = _NORM_LAYOUTS[cls]
+    norm = object.__new__(cls)
     nn.Module.__init__(norm)
-    for name in _BATCH_NORM_ATTRIBUTES:
+    for name in settings:
         norm.__dict__[name] = module.__dict__[name]
-    norm._parameters.update(module._parameters)
-    norm._buffers.update(module._buffers)
-    norm._non_persistent_buffers_set.update(module._non_persistent_buffers_set)
+    for name in parameters:
+        norm._parameters[name] = module._parameters[name]
+    for name in buffers:
+        norm._buffers[name] = module._buffers[name]
+    norm._non_persistent_buffers_set.update(set(buffers) & module._non_persistent_buffers_set)
     norm.training = module.training
     return norm
 
 
 @register_module_rewrite(_norm_act.BatchNormAct2d)
 def _rewrite_batch_norm_act(module):
-    return NormAct(_batch_norm_sharing_state(module), *_drop_and_act(module))
+    return NormAct(_norm_sharing_state(module, nn.BatchNorm2d), *_drop_and_act(module))
 
 
 def _rewrite_group_norm_act(module):
-    norm = nn.GroupNorm(module.num_groups, module.num_channels, module.eps, module.affine)
-    return NormAct(_share_state(norm, module), *_drop_and_act(module))
+    return NormAct(_norm_sharing_state(module, nn.GroupNorm), *_drop_and_act(module))
 
 
 def _rewrite_layer_norm_act(module):
-    norm = nn.LayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
-                        bias=module.bias is not None)
-    return NormAct(_share_state(norm, module), *_drop_and_act(module))
+    return NormAct(_norm_sharing_state(module, nn.LayerNorm), *_drop_and_act(module))
 
 
 register_module_rewrite(_norm_act.GroupNormAct)(_rewrite_group_norm_act)
