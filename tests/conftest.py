@@ -27,3 +27,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (setup.cfg) starts one test worker per core, at most four.
+
+    Each worker imports torch, timm and transformers and builds its own models; more than four
+    buy little for this suite and cost a gigabyte or more of memory each.
+    """
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def pytest_configure(config):
+    """Parallel workers share the cores: each gets its share of torch's intra-op threads.
+
+    Several workers each running torch's default thread count (one per core) oversubscribe the
+    cores, and OpenMP threads then wait for each other. Processes a test starts inherit the same
+    count through ``OMP_NUM_THREADS``, so a child recomputing a parent's output bit for bit (the
+    saved-DAG tests) reduces in the same order.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
