@@ -245,16 +245,31 @@ def _specialised(tracer, original):
     return call
 
 
+def _dtype_of_proxy(tracer, original):
+    def call(input):
+        return input.dtype if isinstance(input, fx.Proxy) else original(input)
+    return call
+
+
+_TRANSFORMER = torch.nn.modules.transformer
+# (namespace, name, wrapper): torch's own transformer blocks, traced through with values, check
+# ``isinstance(mask, Tensor)`` to read a mask's dtype, and compare a given mask with the causal
+# one (``_detect_is_causal_mask`` reads its values: recorded as a call, run on the DAG's mask)
+_PATCHES = ((torch, "tensor", _recorded), (torch, "as_tensor", _recorded), (torch, "finfo", _specialised),
+            (torch, "iinfo", _specialised), *((torch, name, _recorded) for name in _SIZED_FACTORIES),
+            (torch.nn.functional, "_none_or_dtype", _dtype_of_proxy),
+            (_TRANSFORMER, "_detect_is_causal_mask", _recorded))
+
+
 @contextlib.contextmanager
 def torch_functions_for_proxies(tracer):
     """While active, the torch functions named in the module's docstring accept proxies."""
-    patches = {"tensor": _recorded, "as_tensor": _recorded, "finfo": _specialised, "iinfo": _specialised,
-               **{name: _recorded for name in _SIZED_FACTORIES}}
-    originals = {name: getattr(torch, name) for name in patches}
+    originals = [(namespace, name, wrap, getattr(namespace, name)) for namespace, name, wrap in _PATCHES
+                 if hasattr(namespace, name)]  # private torch names may move between versions
     try:
-        for name, wrap in patches.items():
-            setattr(torch, name, wrap(tracer, originals[name]))
+        for namespace, name, wrap, original in originals:
+            setattr(namespace, name, wrap(tracer, original))
         yield
     finally:
-        for name, original in originals.items():
-            setattr(torch, name, original)
+        for namespace, name, _, original in originals:
+            setattr(namespace, name, original)

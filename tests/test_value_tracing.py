@@ -275,6 +275,45 @@ def test_torch_transformer_blocks_are_traced_through_with_example_inputs_and_pru
         assert_removal_matches_gates(pruning, gated, other)
 
 
+class _MaskedSequenceModel(nn.Module):
+    """``nn.Transformer`` called with attention masks, as torch's tutorials call it: a source
+    mask (the encoder reads its dtype with an ``isinstance`` check) and a target mask (the
+    decoder compares it with the causal mask, reading its values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.transformer = nn.Transformer(16, 4, 1, 1, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, source, target, source_mask, target_mask):
+        return self.head(self.transformer(source, target, src_mask=source_mask, tgt_mask=target_mask))
+
+
+def _masked_sequence_inputs(batch: int, source: int, target: int, causal: bool = True):
+    target_mask = nn.Transformer.generate_square_subsequent_mask(target)
+    if not causal:
+        target_mask = torch.zeros(target, target).masked_fill(torch.rand(target, target) < 0.3, float("-inf"))
+        target_mask.fill_diagonal_(0.0)
+    return (torch.randn(batch, source, 16), torch.randn(batch, target, 16),
+            nn.Transformer.generate_square_subsequent_mask(source), target_mask)
+
+
+def test_torch_transformer_called_with_masks_follows_each_mask_it_is_given():
+    torch.manual_seed(0)
+    model = _MaskedSequenceModel().eval()
+    example = _masked_sequence_inputs(2, 6, 5)
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=example)
+    # the causal check is an op of the DAG: a mask that is not causal takes the other path
+    for other in (_masked_sequence_inputs(3, 8, 4), _masked_sequence_inputs(2, 6, 5, causal=False)):
+        with torch.no_grad():
+            assert dagprune.max_relative_difference(model(*other), dag(*other)) <= 1e-6
+    pruning = ChannelPruning(dag, None, 0.5, 10, example_inputs=example)
+    gated = pruning.prepare_for_pruning()
+    assert pruning.prunable_proportion > 0.9
+    for _ in random_gate_states(pruning, seed=1, count=2):
+        assert_removal_matches_gates(pruning, gated, _masked_sequence_inputs(2, 6, 5, causal=False))
+
+
 class _VariadicModel(nn.Module):
     def __init__(self):
         super().__init__()
