@@ -37,6 +37,7 @@ from dagprune.leaf_modules import LEAF_MODULE_TYPES
 from dagprune.ops.functions import function_name, resolve_function
 from dagprune.ops.registry import OPS
 from dagprune.ops.templates import decode_template, encode_template
+from dagprune.parametrized import TORCH_PARAMETRIZATIONS, build_parametrized, describe_parametrized, is_parametrized
 
 __all__ = ["register_module_serializer", "describe_module", "build_module", "module_type_name",
            "tensors_with_recorded_dtype", "check_config_reads_back"]
@@ -103,6 +104,9 @@ def describe_module(module: nn.Module, where: str = "") -> dict:
     >>> build_module(description)
     LSTM(2, 3, batch_first=True)
     """
+    _refuse_hooks(module, where or "<leaf>")
+    if is_parametrized(module):
+        return {"type": "parametrized", **describe_parametrized(module, where or "<leaf>", describe_module)}
     type_name = module_type_name(type(module))
     try:
         return _describe_by_constructor(module, type_name)
@@ -137,9 +141,19 @@ def build_module(description: dict, where: str = "") -> nn.Module:
     if not isinstance(description, dict):
         raise SerializationError(f"module {where or '<leaf>'!r} has a malformed description "
                                  f"{_short_repr(description)}")
+    if description.get("type") == "parametrized":
+        return build_parametrized(description, where or "<leaf>", build_module)
     if "structure" in description:
         return _build_structure(description, where or "<leaf>")
     return _build_by_constructor(description)
+
+
+def _refuse_hooks(module: nn.Module, where: str) -> None:
+    hooked = [hook for hook in _BEHAVIOUR_HOOKS if getattr(module, hook, None)]
+    if hooked:
+        raise SerializationError(f"module {where!r} ({module_type_name(type(module))}) has "
+                                 f"{', '.join(hooked)} registered, which a saved DAG cannot hold; "
+                                 "remove the hooks before saving")
 
 
 # --------------------------------------------------------------------------------- constructors
@@ -313,7 +327,8 @@ def _declared_by_a_spec(cls: type) -> bool:
 def _registered_class(type_name: str) -> type | None:
     if type_name in _SERIALIZERS:
         return _SERIALIZERS[type_name][0]
-    return next((cls for cls in LEAF_MODULE_TYPES if module_type_name(cls) == type_name), None)
+    return next((cls for cls in (*LEAF_MODULE_TYPES, *TORCH_PARAMETRIZATIONS)
+                 if module_type_name(cls) == type_name), None)
 
 
 def _class_by_path(type_name: str) -> type | None:
@@ -432,11 +447,6 @@ def _short_repr(value: Any) -> str:
 
 # --------------------------------------------------------------------------------- structure
 def _describe_structure(module: nn.Module, where: str) -> dict:
-    hooked = [hook for hook in _BEHAVIOUR_HOOKS if getattr(module, hook, None)]
-    if hooked:
-        raise SerializationError(f"module {where!r} ({module_type_name(type(module))}) has "
-                                 f"{', '.join(hooked)} registered, which a saved DAG cannot hold; "
-                                 "remove the hooks before saving")
     own_tensors = {id(t): name for name, t in [*module._parameters.items(),
                                                *module._buffers.items()] if t is not None}
     attributes = {name: _encode_attribute(_TRANSIENT_ATTRIBUTES.get(name, value), own_tensors,

@@ -238,6 +238,9 @@ def _check_module(checker: _Checker, spec: dict, path: JsonPath) -> None:
     elif kind == "op":
         checker.field(spec, path, "type", (str,), "an op type name")
         checker.field(spec, path, "config", (dict,), "a JSON object")
+    elif spec.get("type") == "parametrized":  # see dagprune.parametrized
+        checker.field(spec, path, "base", (dict,), "a module description")
+        checker.field(spec, path, "parametrizations", (list,), "a list of [tensor name, parametrizations]")
     else:
         checker.field(spec, path, "type", (str,), "a module type name")
         if ("config" in spec) == ("structure" in spec):

@@ -270,6 +270,28 @@ def _check_eager_module(model) -> None:
     if not isinstance(model, nn.Module):
         raise ConversionError(f"build_from_unstructured_module needs an nn.Module, got {kind}; wrap a function "
                               "in an nn.Module whose forward calls it")
+    _check_no_hook_reparametrization(model)
+
+
+# the deprecated reparametrizations that recompute a weight in a forward pre-hook
+_HOOK_REPARAMETRIZATIONS = {torch.nn.utils.weight_norm.__module__: ("WeightNorm", "weight_norm"),
+                            torch.nn.utils.spectral_norm.__module__: ("SpectralNorm", "spectral_norm")}
+
+
+def _check_no_hook_reparametrization(model: nn.Module) -> None:
+    """Raises :class:`ConversionError` for a layer under the deprecated ``torch.nn.utils.weight_norm``
+    or ``spectral_norm``: its weight is a non-leaf tensor recomputed by a hook, which can be
+    neither copied nor traced; their ``torch.nn.utils.parametrizations`` versions convert."""
+    for path, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            names = _HOOK_REPARAMETRIZATIONS.get(type(hook).__module__)
+            if names is not None and type(hook).__name__ == names[0]:
+                raise ConversionError(
+                    f"module {path or '<root>'!r} ({type(module).__name__}) uses the deprecated "
+                    f"torch.nn.utils.{names[1]}, whose weight is recomputed by a hook that cannot be copied or "
+                    f"traced; use torch.nn.utils.parametrizations.{names[1]} instead (call "
+                    f"torch.nn.utils.remove_{names[1]}(module), then torch.nn.utils.parametrizations."
+                    f"{names[1]}(module)), which dagprune converts, saves and prunes")
 
 
 def _conversion_error(error: Exception, tracer: _DagTracer) -> ConversionError:

@@ -20,6 +20,7 @@ from dagprune import DagModule, InnerVertex, InputVertex
 from dagprune.errors import PruningError
 from dagprune.ops import spec_for
 from dagprune.ops.spec import describe_op
+from dagprune.parametrized import is_parametrized, materialized, reparametrized
 
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis
 
@@ -116,6 +117,9 @@ def remove_vertex_channels(analysis: ChannelAnalysis, vertex: InnerVertex, keep_
             f"{spec.name!r} has no removal facet; give it one with "
             "dagprune.ops.register_op(OpSpec(..., removal=...), replace=True)")
     shapes = [analysis.values_shapes[p] for p in vertex.predecessors] + [analysis.values_shapes[vertex]]
+    module = materialized(vertex.module) if is_parametrized(vertex.module) else vertex.module
     if spec.inner_masks:
-        return spec.removal(vertex.module, input_masks, output_mask, shapes, inner_mask=inner_mask)
-    return spec.removal(vertex.module, input_masks, output_mask, shapes)
+        slim = spec.removal(module, input_masks, output_mask, shapes, inner_mask=inner_mask)
+    else:
+        slim = spec.removal(module, input_masks, output_mask, shapes)
+    return reparametrized(slim, vertex.module) if module is not vertex.module else slim
