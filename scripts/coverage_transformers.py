@@ -1,8 +1,10 @@
 """Sweep Hugging Face transformers models: conversion, save/load, channel groups, exact removal.
 
 Every class in :data:`transformers_tiny_models.MODELS` is built from a tiny config (random
-weights, no download, eval mode) and called with keyword example inputs: ``input_ids`` with an ``attention_mask`` that pads
-one row (``use_cache=False`` for decoders) for text models, ``pixel_values`` for vision models.
+weights, no download, eval mode) and called with keyword example inputs
+(:func:`transformers_tiny_models.example_inputs`): ``input_ids`` with an ``attention_mask`` that
+pads one row (``use_cache=False`` for decoders, ``decoder_input_ids`` for encoder-decoders) for
+text models, waveforms or log-mel features for speech, ``pixel_values`` for vision models.
 One JSON line per model records:
 
 * ``converts_exactly``: :func:`dagprune.compare_module_outputs` <= 1e-5 (relative) on the example
@@ -253,9 +255,12 @@ def _problems(record: dict) -> list[str]:
 _DESCRIPTION = (
     "Written by `scripts/coverage_transformers.py`: each class built from a tiny config (random "
     "weights, eval mode; `scripts/transformers_tiny_models.py`), called with keyword inputs "
-    "(`input_ids` and an `attention_mask` padding one row, `use_cache=False` for decoders; "
+    "(`input_ids` and an `attention_mask` padding one row, `use_cache=False` for decoders, "
+    "`decoder_input_ids` for encoder-decoders; `input_values` waveforms for audio encoders; "
+    "`input_features` and `decoder_input_ids` for Whisper; token IDs and `pixel_values` for CLIP; "
     "`pixel_values` for vision). Convert: output within 1e-5 (relative) of the original on the "
-    "example and on a second input of another batch size (text: another length and padding). "
+    "example and on a second input of another batch size (text: another length and padding; "
+    "waveforms: another length). "
     "Save/load: the saved DAG loads in a fresh process where `import transformers` fails, "
     "bit-exact. Prunable: a prunable channel group. Removal: slim model within 1e-4 of the gated "
     "model under random gates (both inputs). FLOPs per sample on the example, before and after "

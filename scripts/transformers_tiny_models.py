@@ -1,11 +1,14 @@
 """The Hugging Face models of ``scripts/coverage_transformers.py``: tiny configs and inputs.
 
-:data:`MODELS` names each transformers class with its kind (encoder, decoder or vision) and the
-keyword arguments of a tiny config: hidden sizes 8-64, 2 layers or 1 block per stage, 4 heads,
-a vocabulary of 256, 32 px images (64 for MobileViT and Segformer). :func:`build_model` builds one
-with random weights (no download); :func:`example_inputs` gives its keyword inputs: token IDs and
-an attention mask padding one row (``use_cache=False`` for decoders), or ``pixel_values``; the
-second inputs have another batch size (and, for text, another length and padding).
+:data:`MODELS` names each transformers class with its kind (encoder, decoder, seq2seq, audio,
+speech2text, multimodal or vision) and the keyword arguments of a tiny config: hidden sizes 8-64,
+2 layers or 1 block per stage, 4 heads, a vocabulary of 256, 32 px images (64 for MobileViT and
+Segformer). :func:`build_model` builds one with random weights (no download); :func:`example_inputs`
+gives its keyword inputs: token IDs and an attention mask padding one row (``use_cache=False`` for
+decoders; encoder-decoders add ``decoder_input_ids``), raw waveforms (``input_values``), log-mel
+features with ``decoder_input_ids`` (Whisper), token IDs with images (CLIP), or ``pixel_values``;
+the second inputs have another batch size (and, for text, another length and padding; for
+waveforms another length).
 
 transformers is imported only inside the functions, so that a process where it cannot be imported
 can import this module.
@@ -20,6 +23,9 @@ EXAMPLE_TEXT = (2, 12, {1: ("right", 3)})   # batch, length, row -> (side, padde
 SECOND_TEXT = (3, 7, {1: ("left", 2), 2: ("right", 4)})
 EXAMPLE_IMAGES, SECOND_IMAGES = 2, 3       # batch sizes
 DEFAULT_SIDE = 32
+EXAMPLE_SAMPLES, SECOND_SAMPLES = 400, 320  # waveform lengths
+MEL_BINS, MEL_FRAMES = 16, 40                # Whisper's encoder takes exactly 2 x max_source_positions frames
+DECODER_LENGTHS = (6, 4)                     # decoder_input_ids of the example and of the second input
 
 _BERT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
              intermediate_size=64, max_position_embeddings=64)
@@ -29,6 +35,14 @@ _LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden
 _GPT = dict(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
 _VIT = dict(image_size=DEFAULT_SIDE, patch_size=8, hidden_size=32, num_hidden_layers=2,
             num_attention_heads=4, intermediate_size=64)
+_SEQ2SEQ = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+_T5 = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+           relative_attention_num_buckets=8, relative_attention_max_distance=16)
+_WAV2VEC2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                 num_conv_pos_embedding_groups=4)
 _STAGES4 = dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1])
 _SWIN = dict(image_size=DEFAULT_SIDE, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
              window_size=4)
@@ -82,6 +96,25 @@ MODELS: dict[str, tuple[str, dict]] = {
                                       "query_pre_attn_scalar": 8}),
     "StableLmForCausalLM": ("decoder", _LLAMA),
     "OlmoForCausalLM": ("decoder", _LLAMA),
+    # encoder-decoders: text in, decoder_input_ids
+    "BartForConditionalGeneration": ("seq2seq", _SEQ2SEQ),
+    "MarianMTModel": ("seq2seq", _SEQ2SEQ),
+    "T5ForConditionalGeneration": ("seq2seq", {**_T5, "decoder_start_token_id": 0}),
+    # speech: raw waveforms (a weight-normed position conv), or log-mel features to text
+    "Wav2Vec2Model": ("audio", _WAV2VEC2),
+    "HubertModel": ("audio", _WAV2VEC2),
+    "WhisperForConditionalGeneration": ("speech2text", dict(
+        vocab_size=VOCAB, num_mel_bins=MEL_BINS, d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_source_positions=MEL_FRAMES // 2, max_target_positions=32, pad_token_id=1,
+        decoder_start_token_id=2)),
+    # text and images together
+    "CLIPModel": ("multimodal", dict(
+        text_config=dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=32),
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, image_size=DEFAULT_SIDE, patch_size=8),
+        projection_dim=16)),
     # vision
     "ViTModel": ("vision", _VIT),
     "ViTForImageClassification": ("vision", {**_VIT, "num_labels": 10}),
@@ -100,7 +133,8 @@ MODELS: dict[str, tuple[str, dict]] = {
     "SegformerModel": ("vision", dict(image_size=64, depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64],
                                       num_attention_heads=[1, 2, 2, 4], decoder_hidden_size=32)),
 }
-"""Model class name -> (kind: encoder, decoder or vision; keyword arguments of its config)."""
+"""Model class name -> (kind: encoder, decoder, seq2seq, audio, speech2text, multimodal or vision;
+keyword arguments of its config)."""
 
 
 def _text_inputs(shape, config, decoder: bool, seed: int) -> dict:
@@ -124,14 +158,35 @@ def example_inputs(name: str, config, second: bool = False, seed: int = 0) -> di
     for text, another length and padding."""
     import torch
     kind, _ = MODELS[name]
-    if kind != "vision":
-        return _text_inputs(SECOND_TEXT if second else EXAMPLE_TEXT, config, kind == "decoder",
-                            seed + second)
+    text_shape = SECOND_TEXT if second else EXAMPLE_TEXT
+    generator = torch.Generator().manual_seed(seed + second)
+    if kind in ("encoder", "decoder"):
+        return _text_inputs(text_shape, config, kind == "decoder", seed + second)
+    if kind == "seq2seq":
+        return {**_text_inputs(text_shape, config, True, seed + second),
+                "decoder_input_ids": _decoder_ids(text_shape[0], second, generator)}
+    if kind == "audio":
+        samples = SECOND_SAMPLES if second else EXAMPLE_SAMPLES
+        return {"input_values": torch.randn(text_shape[0], samples, generator=generator)}
+    if kind == "speech2text":
+        return {"input_features": torch.randn(text_shape[0], MEL_BINS, MEL_FRAMES, generator=generator),
+                "decoder_input_ids": _decoder_ids(text_shape[0], second, generator), "use_cache": False}
+    if kind == "multimodal":
+        return {**_text_inputs(text_shape, config, False, seed + second),
+                "pixel_values": _images(config.vision_config, text_shape[0], generator)}
+    return {"pixel_values": _images(config, SECOND_IMAGES if second else EXAMPLE_IMAGES, generator)}
+
+
+def _decoder_ids(batch: int, second: bool, generator):
+    import torch
+    return torch.randint(4, VOCAB, (batch, DECODER_LENGTHS[second]), generator=generator)
+
+
+def _images(config, batch: int, generator):
+    import torch
     side = getattr(config, "image_size", DEFAULT_SIDE)
     side = side[0] if isinstance(side, (tuple, list)) else side
-    batch = SECOND_IMAGES if second else EXAMPLE_IMAGES
-    generator = torch.Generator().manual_seed(seed + second)
-    return {"pixel_values": torch.randn(batch, 3, side, side, generator=generator)}
+    return torch.randn(batch, 3, side, side, generator=generator)
 
 
 def build_model(name: str, seed: int = 0):
