@@ -19,7 +19,11 @@ class ElementwiseOp(FunctionalOp):
     function_names = _names("add", "sub", "mul", "truediv", "div", "floordiv", "pow", "maximum",
                             "minimum", "iadd", "imul", "isub", "itruediv", "add_", "mul_", "sub_",
                             "div_", "true_divide", "subtract", "multiply", "rsub", "where",
-                            "floor_divide", "addcmul", "lerp", "mod", "fmod", "remainder")
+                            "floor_divide", "addcmul", "lerp", "mod", "fmod", "remainder",
+                            "logical_and", "logical_or", "logical_xor", "and_", "or_", "xor",
+                            "bitwise_and", "bitwise_or", "bitwise_xor", "masked_fill", "masked_fill_") + \
+        _names("eq", "ne", "gt", "lt", "ge", "le", "greater", "less", "greater_equal", "less_equal",
+               "not_equal", namespaces=("torch", "Tensor"))
 
 
 @register_op_type
@@ -34,7 +38,8 @@ class PointwiseOp(FunctionalOp):
                "nan_to_num", "log1p", "expm1", "hardtanh", "silu", "gelu", "softplus", "mish",
                "hardswish", "hardsigmoid", "relu6", "leaky_relu", "elu", "selu", "celu",
                "logsigmoid", "tanhshrink", "softsign", "prelu", "erfc", "neg_", "abs_",
-               "sigmoid", "exp_", "pow_", "invert", "not_", "inv",
+               "sigmoid", "exp_", "pow_", "invert", "not_", "inv", "logical_not", "bitwise_not",
+               "isnan", "isinf", "isfinite", "isneginf", "isposinf", "signbit",
                namespaces=("torch", "Tensor", "torch.nn.functional", "operator"))
         + ("operator.neg", "operator.pos", "torch.special.expit", "torch.special.erf"))
 

@@ -63,10 +63,11 @@ _NAMESPACES = (("torch", torch), ("torch.nn.functional", F), ("torch.special", t
 _BUILTINS = {"getattr": builtins.getattr, "len": builtins.len, "int": builtins.int,
              "float": builtins.float, "tuple": builtins.tuple, "list": builtins.list,
              "slice": builtins.slice, "max": builtins.max, "min": builtins.min}
-# Attributes a DAG may read with getattr(value, name): shape metadata only.
-_READABLE_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "T", "mT", "is_cuda", "data", "real", "layout", "type",
-                        "requires_grad", "is_nested", "is_mkldnn", "is_sparse", "is_sparse_csr", "is_cpu",
-                        "is_quantized", "is_meta"}
+# Attributes a DAG may read with getattr(value, name): shape metadata, views of a tensor, and the
+# fields of the named tuples torch's reductions return (``x.max(1).values``, ``topk(...).indices``)
+_READABLE_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "T", "mT", "is_cuda", "data", "real", "imag", "layout",
+                        "type", "requires_grad", "is_nested", "is_mkldnn", "is_sparse", "is_sparse_csr", "is_cpu",
+                        "is_quantized", "is_meta", "values", "indices"}
 
 _NAME_BY_ID: dict[int, str] = {}
 _FUNCTION_BY_NAME: dict[str, Callable] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dagprune.ops.base import FunctionalOp, register_op_type
 
-__all__ = ["ReductionOp", "SoftmaxOp"]
+__all__ = ["ReductionOp", "SoftmaxOp", "AxisScanOp"]
 
 
 def _all(*short_names: str) -> tuple[str, ...]:
@@ -26,3 +26,12 @@ class SoftmaxOp(FunctionalOp):
 
     function_names = _all("softmax", "log_softmax") + (
         "torch.nn.functional.softmax", "torch.nn.functional.log_softmax", "torch.special.softmax")
+
+
+@register_op_type
+class AxisScanOp(FunctionalOp):
+    """Sorts, selects or accumulates along one axis (``dim``), keeping every axis: ``topk``,
+    ``sort``, ``cumsum``, ``cummax``, ..."""
+
+    function_names = _all("topk", "sort", "argsort", "msort", "cumsum", "cumprod", "cummax", "cummin",
+                          "logcumsumexp")

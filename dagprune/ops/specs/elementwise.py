@@ -105,9 +105,9 @@ def _divided_size(module, layouts):
 
 
 def size_comparison_coupling(ctx, vertex, module, layouts, values, output):
-    """``operator.eq`` / ``operator.ne``: on tensors, elementwise; on two channel counts
-    (``torch._assert(x.shape[-1] == y.shape[-1])``), the two axes are the same channels, so
-    that the comparison gives the same answer after removal. A channel count compared with
+    """``==``, ``!=``, ``<``, ... (``operator``): on tensors, elementwise; on two equal channel
+    counts (``torch._assert(x.shape[-1] == y.shape[-1])``), the two axes are the same channels,
+    so that the comparison gives the same answer after removal. A channel count compared with
     anything else (a constant, a derived size) is barred."""
     if isinstance(output, torch.Tensor):
         return broadcast_axes(ctx, _tensor_operands(layouts, values), output.shape,
@@ -152,7 +152,8 @@ SPECS = (
            removal=unchanged_removal, reads_sizes=True, example=lambda: (_Residual(), (torch.randn(1, 3, 5, 5),))),
     OpSpec("pointwise", (PointwiseOp,), flops=no_flops, coupling=pointwise_coupling,
            removal=unchanged_removal, example=lambda: (_Residual(), (torch.randn(1, 3, 5, 5),))),
-    OpSpec("size_comparison", ("operator.eq", "operator.ne"), flops=no_flops,
+    OpSpec("size_comparison", tuple(f"operator.{name}" for name in ("eq", "ne", "gt", "lt", "ge", "le")),
+           flops=no_flops,
            coupling=size_comparison_coupling, removal=unchanged_removal, reads_sizes=True,
            example=lambda: (_CheckedWidths(), (torch.randn(1, 3, 5, 5),))),
 )

@@ -25,6 +25,14 @@ TENSOR_ATTRIBUTES = ("data", "real", "T", "mT")
 (``T``) or the last two swapped (``mT``)."""
 
 
+_RESULT_FIELDS = ("values", "indices")
+"""The fields of the named tuples torch's ``max(dim)``, ``topk``, ``sort``, ... return."""
+
+
+def _is_values_and_indices(value) -> bool:
+    return isinstance(value, tuple) and type(value).__module__ == "torch.return_types" and len(value) == 2
+
+
 def _attribute_layout(attribute: str, layout: dict, ndim: int) -> dict | None:
     """The layout of ``x.<attribute>`` for a tensor attribute (see :data:`TENSOR_ATTRIBUTES`)."""
     if attribute == "T":
@@ -37,10 +45,13 @@ def _attribute_layout(attribute: str, layout: dict, ndim: int) -> dict | None:
 
 def shape_query_coupling(ctx, vertex, module, layouts, values, output):
     """Sizes read from channel axes carry those axes' atoms (see :class:`ShapeTag`)."""
+    name = module.short_name
+    if name == "getattr" and module.argument(1, None) in _RESULT_FIELDS and \
+            _is_values_and_indices(values[0]) and isinstance(layouts[0], tuple):
+        return layouts[0][_RESULT_FIELDS.index(module.argument(1, None))]
     layout = tensor_layout(layouts[0]) if layouts else {}
     if not layout or not isinstance(values[0], torch.Tensor):
         return None
-    name = module.short_name
 
     def tag(axis):
         return ShapeTag(layout[axis]) if axis in layout else None

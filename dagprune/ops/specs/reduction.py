@@ -1,4 +1,4 @@
-"""Reductions (mean, sum, amax, ...) and softmax.
+"""Reductions (mean, sum, amax, ...), softmax, and sorts and scans along an axis (topk, cumsum, ...).
 
 A mean, sum or 2-norm over a channel axis (a hand-written layer norm's ``x.mean(-1)``, a
 global response norm's ``x.mean(-1)``) *consumes* that axis' channels like a normalisation:
@@ -16,7 +16,7 @@ from torch import nn
 
 from dagprune.ops.channel_map import argument_value, normalize_dims, tensor_layout
 from dagprune.ops.flop_counting import no_flops
-from dagprune.ops.reduction import ReductionOp, SoftmaxOp
+from dagprune.ops.reduction import AxisScanOp, ReductionOp, SoftmaxOp
 from dagprune.ops.slicing import unchanged_removal
 from dagprune.ops.spec import OpSpec, opaque_coupling
 
@@ -49,8 +49,23 @@ def _maskable(module, values) -> bool:
     return name not in _NORMS or argument_value(module, values, 1, _NORMS[name], 2) in (2, 2.0, "fro", None)
 
 
+def _per_output(layout, output):
+    """``layout`` for a tensor result, or for each tensor of a ``(values, indices)`` result."""
+    if isinstance(output, tuple) and all(isinstance(item, torch.Tensor) for item in output):
+        return tuple(layout for _ in output)
+    return layout
+
+
+def _has_tensor_result(values, output) -> bool:
+    return isinstance(values[0], torch.Tensor) and (isinstance(output, torch.Tensor) or (
+        isinstance(output, tuple) and all(isinstance(item, torch.Tensor) for item in output)))
+
+
 def reduction_coupling(ctx, vertex, module, layouts, values, output):
-    if not isinstance(values[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+    """Channels on the kept axes pass (to both tensors of a ``max(dim)``-style ``(values,
+    indices)`` result); a mean, sum or 2-norm over one channel axis consumes it; any other
+    reduction over channels bars them."""
+    if not _has_tensor_result(values, output):
         return opaque_coupling(ctx, vertex, module, layouts, values, output)
     x_layout = tensor_layout(layouts[0])
     dims, keepdim = _reduction_arguments(module, values)
@@ -64,7 +79,27 @@ def reduction_coupling(ctx, vertex, module, layouts, values, output):
             ctx.barrier(atoms, f"{module.short_name} over a channel axis")
         else:
             result[axis if keepdim else axis - sum(d < axis for d in dims)] = atoms
-    return result or None
+    return _per_output(result or None, output)
+
+
+_SCAN_DIM_POSITION = {"topk": 2}  # topk(input, k, dim=-1); the others take dim first
+
+
+def scan_coupling(ctx, vertex, module, layouts, values, output):
+    """Rows along other axes are sorted, selected or accumulated independently: their channels
+    pass; channels on the scanned axis itself are barriers (which ones a sort or top-k keeps
+    depends on the data)."""
+    if not _has_tensor_result(values, output):
+        return opaque_coupling(ctx, vertex, module, layouts, values, output)
+    layout = tensor_layout(layouts[0])
+    if module.short_name == "msort":
+        dim = 0
+    else:
+        dim = argument_value(module, values, _SCAN_DIM_POSITION.get(module.short_name, 1), "dim", -1)
+    dim %= max(values[0].ndim, 1)
+    if dim in layout:
+        ctx.barrier(layout[dim], f"{module.short_name} along a channel axis")
+    return _per_output({axis: atoms for axis, atoms in layout.items() if axis != dim} or None, output)
 
 
 def mask_reduction(op, inputs, mask, axis):
@@ -117,10 +152,27 @@ class _Pooled(nn.Module):
         return self.head(self.conv(x).mean((2, 3))).softmax(-1)
 
 
+class _PooledByRanking(nn.Module):
+    """Top-k pooling over positions, a running maximum over tokens, and a max over positions
+    read by name from its ``(values, indices)`` result."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 1), nn.Linear(8 * 3, 2)
+
+    def forward(self, x):
+        y = self.conv(x).flatten(2)
+        top = torch.topk(y, 2, dim=-1).values.sort(dim=-1).values
+        peak = torch.cummax(y, dim=2).values.max(dim=2).values
+        return self.head(torch.cat([top, peak[..., None]], -1).flatten(1))
+
+
 SPECS = (
     OpSpec("reduction", (ReductionOp,), flops=no_flops, coupling=reduction_coupling,
            removal=unchanged_removal, masking=mask_reduction,
            example=lambda: (_HandWrittenNorms(), (torch.randn(2, 4, 5),))),
     OpSpec("softmax", (SoftmaxOp, *_SOFTMAX_LAYERS), flops=no_flops, coupling=softmax_coupling,
            removal=unchanged_removal, example=lambda: (_Pooled(), (torch.randn(1, 3, 4, 4),))),
+    OpSpec("axis_scan", (AxisScanOp,), flops=no_flops, coupling=scan_coupling, removal=unchanged_removal,
+           example=lambda: (_PooledByRanking(), (torch.randn(2, 3, 4, 4),))),
 )
