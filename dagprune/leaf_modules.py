@@ -206,3 +206,24 @@ register_leaf_module(EvoNorm2d)
 register_leaf_module(CondConv2d)
 register_leaf_module(FourierPositionFeatures)
 register_leaf_module(PrunedMultiheadAttention)
+
+
+class ChannelShuffle(nn.Module):
+    """``nn.ChannelShuffle`` written out, so that tracing sees how it moves channels: the
+    channel axis split into ``groups`` rows, transposed and flattened back (the same
+    permutation as torch's kernel)."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = groups
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}"
+
+    def forward(self, x):
+        return x.unflatten(1, (self.groups, -1)).transpose(1, 2).flatten(1, 2)
+
+
+@register_module_rewrite(nn.ChannelShuffle)
+def _written_out_channel_shuffle(module: nn.ChannelShuffle) -> nn.Module:
+    return ChannelShuffle(module.groups)

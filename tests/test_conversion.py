@@ -364,3 +364,36 @@ def test_a_module_used_twice_is_rewritten_once(copy_model):
     norms = {id(v.module) for v in dag.inner_vertices if isinstance(v.module, nn.BatchNorm2d)}
     assert len(norms) == 1  # one norm, called twice
     assert type(model[1]) is BatchNormAct2d and model[1] is model[3]
+
+
+class _Sampler(nn.Module):
+    """A VAE's reparametrised sample, drawn in every forward (``torch.randn_like``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encode, self.mean, self.log_var = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(16, 4)
+        self.decode = nn.Linear(4, 8)
+
+    def forward(self, x):
+        hidden = torch.relu(self.encode(x))
+        mean, log_var = self.mean(hidden), self.log_var(hidden)
+        return self.decode(mean + torch.randn_like(mean) * torch.exp(0.5 * log_var)), mean, log_var
+
+
+def test_random_draws_in_forward_convert_and_draw_the_same_numbers_under_the_same_seed(tmp_path):
+    model, x = _Sampler().eval(), torch.randn(3, 8)
+    dag = dagprune.build_from_unstructured_module(model)
+    dag.save(tmp_path / "dag")
+    loaded = dagprune.load_dag(tmp_path / "dag")
+    outputs = []
+    for module in (model, dag, loaded):
+        torch.manual_seed(1)
+        outputs.append(module(x))
+    assert all(torch.equal(a, b) for other in outputs[1:] for a, b in zip(outputs[0], other))
+
+
+def test_an_unknown_torch_function_is_named_as_the_user_calls_it():
+    from dagprune.ops.functions import function_name
+    # torch's own functions report an internal class as their module (_VariableFunctionsClass)
+    with pytest.raises(ConversionError, match=r"the function torch\.result_type is not one"):
+        function_name(torch.result_type)

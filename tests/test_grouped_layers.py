@@ -150,3 +150,29 @@ def test_resnest_split_attention_is_prunable():
     x = torch.randn(2, 3, 32, 32)
     for _ in random_gate_states(pruning, seed=4, count=2):
         assert_removal_matches_gates(pruning, gated, (x,))
+
+
+class _ShuffledGroups(nn.Module):
+    """ShuffleNet's unit with torch's ``nn.ChannelShuffle`` layer between grouped convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand, self.shuffle = nn.Conv2d(3, 12, 1), nn.ChannelShuffle(2)
+        self.grouped, self.head = nn.Conv2d(12, 8, 3, padding=1, groups=2), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.shuffle(self.grouped(self.shuffle(self.expand(x)))))
+
+
+def test_torch_channel_shuffle_layer_is_followed_and_removes_exactly(tmp_path):
+    torch.manual_seed(0)
+    model, x = _ShuffledGroups().eval(), torch.randn(2, 3, 6, 6)
+    dag = dagprune.build_from_unstructured_module(model)
+    assert torch.equal(model(x), dag(x))
+    dag.save(tmp_path / "dag")
+    assert torch.equal(dagprune.load_dag(tmp_path / "dag")(x), dag(x))
+    pruning = ChannelPruning(dag, (3, 6, 6), 0.5, 10)
+    gated = pruning.prepare_for_pruning()
+    assert pruning.prunable_proportion == pytest.approx(1.0)
+    for _ in random_gate_states(pruning, seed=5, count=2):
+        assert_removal_matches_gates(pruning, gated, (x,))

@@ -46,7 +46,8 @@ _FORBIDDEN_METHODS = {
 # Tensor factories: they read no tensor, so torch.overrides does not list them.
 _FACTORIES = ("zeros", "ones", "full", "empty", "arange", "range", "linspace", "logspace", "eye",
               "tensor", "as_tensor", "scalar_tensor", "rand", "randn", "randint", "randperm",
-              "tril_indices", "triu_indices")
+              "tril_indices", "triu_indices", "rand_like", "randn_like", "randint_like", "normal",
+              "bernoulli", "poisson", "multinomial")
 _TENSOR_FACTORIES = ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor")
 _OPERATORS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "neg", "pos",
               "abs", "invert", "inv", "and_", "or_", "xor", "lshift", "rshift", "lt", "le", "eq",
@@ -159,14 +160,21 @@ def function_name(function: Callable) -> str:
         return method_name(function)
     name = _NAME_BY_ID.get(id(function))
     if name is None:
-        module = getattr(function, "__module__", "?")
-        qualname = getattr(function, "__qualname__", repr(function))
         raise ConversionError(
-            f"the function {module}.{qualname} is not one dagprune can store in a DAG. If it comes "
+            f"the function {_public_name(function)} is not one dagprune can store in a DAG. If it comes "
             "from an installed package, call dagprune.ops.register_function(fn) before converting; "
             "if it is your own code, make the module that calls it a leaf "
             "(build_from_unstructured_module(model, leaf_modules=[...])).")
     return name
+
+
+def _public_name(function: Callable) -> str:
+    """How the user calls ``function``: ``torch.<name>`` for torch's own functions (whose
+    ``__module__`` names an internal class), else ``module.qualname``."""
+    short = getattr(function, "__name__", None)
+    if short and getattr(torch, short, None) is function:
+        return f"torch.{short}"
+    return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', repr(function))}"
 
 
 def method_name(method: str) -> str:
