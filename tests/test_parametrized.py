@@ -115,6 +115,7 @@ def test_a_leaf_with_a_forward_hook_is_not_saved_without_it(tmp_path):
         dag.save(tmp_path / "dag")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 @pytest.mark.parametrize("deprecated", ["weight_norm", "spectral_norm"])
 def test_the_deprecated_hook_reparametrizations_are_refused_with_their_replacement(deprecated):
     model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.ReLU(), nn.Conv1d(8, 2, 3))
