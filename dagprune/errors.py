@@ -13,6 +13,7 @@ __all__ = [
     "UnsupportedOpError",
     "PruningError",
     "ExecutionError",
+    "TrainingBranchWarning",
 ]
 
 
@@ -46,3 +47,8 @@ class PruningError(DagpruneError):
 
 class ExecutionError(DagpruneError):
     """A DAG failed while running on example inputs (a wrong input shape, dtype or count)."""
+
+
+class TrainingBranchWarning(UserWarning):
+    """A converted module runs other ops in train mode than in eval mode, and the DAG follows
+    its eval branch in both (see :func:`dagprune.build_from_unstructured_module`)."""

@@ -7,6 +7,7 @@ What tracing keeps whole, rewrites first or records as one call is registered in
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import os
 import traceback
@@ -32,6 +33,7 @@ from dagprune.outputs import OutputRecord
 from dagprune.specialization import (FIXED_META, OutputType, argument_values, default_arguments,
                                      fixed_arguments, remove_fixed_placeholders, required_extras,
                                      traced_signature)
+from dagprune.training_branches import warn_on_training_branches
 from dagprune.training_mode import evaluation_mode
 from dagprune.value_tracing import ValueProxy, ValueRecorder, holds_proxy, torch_functions_for_proxies
 
@@ -133,7 +135,10 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
     Args:
         model: the model to convert. It is traced in eval mode; the DAG is returned in the
             model's mode. Python branches on ``self.training`` are fixed to their eval value,
-            while dropout and batch-norm layers follow the DAG's mode.
+            while dropout and batch-norm layers follow the DAG's mode; a module whose train
+            branch runs other ops (not just other constants) gets a
+            :class:`~dagprune.errors.TrainingBranchWarning` naming it (see
+            :mod:`dagprune.training_branches`).
         leaf_modules: module types or qualified module names to keep whole.
         name: the DAG's name (defaults to the model's class name).
         copy_model: convert a deep copy (default) so the DAG never shares parameters with
@@ -181,10 +186,28 @@ def build_from_unstructured_module(model: nn.Module, leaf_modules: Iterable = ()
         raise
     except Exception as error:  # torch.fx raises many types; all mean "cannot trace"
         raise _conversion_error(error, tracer) from error
+    warn_on_training_branches(graph, source, functools.partial(
+        _trace_in_train_mode, leaf_types=leaf_types, leaf_names=leaf_names, inputs=inputs))
     dag = _graph_to_dag(graph, source, name or type(model).__name__, output_type.value)
     dag.train(was_training)
     dag.lint()
     return dag
+
+
+def _trace_in_train_mode(source: nn.Module, leaf_types, leaf_names, inputs) -> fx.Graph | None:
+    """``source``'s graph traced as it is (in train mode, for :mod:`dagprune.training_branches`),
+    or None when it cannot be traced so. With example values the trace runs the modules, whose
+    train-mode forwards may update buffers (batch-norm statistics): their values are put back."""
+    buffers = {} if inputs is None else {id(b): (b, b.clone()) for b in source.buffers()}
+    try:
+        with _cached_values_restored():
+            return _trace(_DagTracer(leaf_types, leaf_names), source, inputs, OutputType())
+    except Exception:  # noqa: BLE001 - the eval-mode graph stands; only the comparison is skipped
+        return None
+    finally:
+        with torch.no_grad():
+            for buffer, value in buffers.values():
+                buffer.copy_(value)
 
 
 def needs_example_inputs(model: nn.Module) -> bool:

@@ -9,6 +9,7 @@ helpful ``ConversionError`` and convert once the culprit is a leaf; ``lint`` cat
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -397,3 +398,75 @@ def test_an_unknown_torch_function_is_named_as_the_user_calls_it():
     # torch's own functions report an internal class as their module (_VariableFunctionsClass)
     with pytest.raises(ConversionError, match=r"the function torch\.result_type is not one"):
         function_name(torch.result_type)
+
+
+class _RunningAverage(nn.Module):
+    """Subtracts a running average of its inputs, updated in train mode only."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.register_buffer("average", torch.zeros(width))
+
+    def forward(self, x):
+        if self.training:
+            self.average.mul_(0.9).add_(0.1 * x.mean(0).detach())
+        return x - self.average
+
+
+class _WithTrainOnlyOps(nn.Module):
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.encode, self.center, self.head = nn.Linear(4, 8), _RunningAverage(8), nn.Linear(8, 2)
+        self.dropout = dropout
+
+    def forward(self, x):
+        hidden = self.center(self.encode(x))
+        if self.training and self.dropout > 0:  # a branch the model as built never takes
+            hidden = nn.functional.dropout(hidden, self.dropout)
+        return self.head(hidden)
+
+
+def test_a_module_running_other_ops_in_train_mode_is_named_with_the_fix():
+    with pytest.warns(dagprune.errors.TrainingBranchWarning,
+                      match=r"'center' \(_RunningAverage\).*leaf_modules=\[_RunningAverage\]"):
+        dagprune.build_from_unstructured_module(_WithTrainOnlyOps())
+    model = _WithTrainOnlyOps().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # kept whole: nothing is left out, nothing to warn about
+        dag = dagprune.build_from_unstructured_module(model, leaf_modules=[_RunningAverage]).train()
+    x = torch.randn(5, 4)
+    for _ in range(3):  # the running average moves alike in both
+        assert torch.equal(model(x), dag(x))
+
+
+def test_a_train_mode_branch_that_changes_nothing_is_not_reported():
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encode, self.head, self.dropout = nn.Linear(4, 8), nn.Linear(8, 2), 0.0
+
+        def forward(self, x):
+            hidden = self.encode(x)
+            if self.training and self.dropout > 0:
+                hidden = nn.functional.dropout(hidden, self.dropout)
+            return self.head(hidden)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dagprune.build_from_unstructured_module(Plain())
+
+
+def test_the_models_own_forward_is_checked_too():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encode, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            hidden = self.encode(x)
+            if self.training:
+                hidden = hidden + 0.1 * torch.randn_like(hidden)
+            return self.head(hidden)
+
+    with pytest.warns(dagprune.errors.TrainingBranchWarning, match=r"module '<root>' \(Noisy\)"):
+        dagprune.build_from_unstructured_module(Noisy())
