@@ -386,3 +386,50 @@ def test_channel_units_export_exactly_and_rebuild_from_their_template(model, inp
     assert rebuilt.current_choices == traced.current_choices
     with torch.no_grad():
         assert dagprune.max_relative_difference(masked, rebuilt.masked_model.eval()(*inputs)) == 0
+
+
+class _Decoder(nn.Module):
+    """A cell stepped in the model's own loop, its state started by an encoder (or given as
+    zeros of a literal width), one output per step."""
+
+    def __init__(self, cell_type: type, zero_state: bool = False):
+        super().__init__()
+        self.start, self.embed = nn.Linear(4, 16), nn.Linear(4, 8)
+        self.cell, self.head = cell_type(8, 16), nn.Linear(16, 3)
+        self.zero_state, self.has_cell_state = zero_state, cell_type is nn.LSTMCell
+
+    def forward(self, sequence):
+        start = torch.zeros(sequence.shape[0], 16) if self.zero_state else torch.tanh(self.start(sequence.mean(1)))
+        state = (start, start) if self.has_cell_state else start
+        outputs = []
+        for step in range(sequence.shape[1]):
+            state = self.cell(torch.relu(self.embed(sequence[:, step])), state)
+            outputs.append(self.head(state[0] if self.has_cell_state else state))
+        return torch.stack(outputs, 1)
+
+
+@pytest.mark.parametrize("cell_type", [nn.LSTMCell, nn.GRUCell, nn.RNNCell])
+def test_a_cell_stepped_in_a_loop_prunes_its_units_across_steps(cell_type, tmp_path):
+    torch.manual_seed(0)
+    model, x = _Decoder(cell_type).eval(), torch.randn(3, 5, 4)
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=(x,))
+    assert torch.equal(model(x), dag(x))
+    pruning = ChannelPruning(dag, None, 0.5, 10, example_inputs=(x,))
+    gated = pruning.prepare_for_pruning()
+    assert pruning.prunable_proportion == pytest.approx(1.0)
+    for _ in random_gate_states(pruning, seed=6, count=2):
+        slim = assert_removal_matches_gates(pruning, gated, (x,))
+    cells = [v.module.module if isinstance(v.module, ModuleCallOp) else v.module
+             for v in slim.inner_vertices if "cell" in v.name]
+    assert len(cells) == 5 and len({id(cell.weight_hh) for cell in cells}) == 1  # five steps, one weight
+    slim.save(tmp_path / "slim")
+    assert torch.equal(dagprune.load_dag(tmp_path / "slim")(x), slim(x))
+
+
+def test_a_cell_state_of_literal_width_bars_the_units():
+    x = torch.randn(2, 3, 4)
+    dag = dagprune.build_from_unstructured_module(_Decoder(nn.GRUCell, zero_state=True), example_inputs=(x,))
+    analysis = find_channel_groups(dag, example_inputs=(x,))
+    reasons = [group.reason for group in analysis.groups if not group.prunable]
+    assert any("initial state of a recurrent layer with untracked units" in reason for reason in reasons), reasons
+    assert any(group.name == "embed" for group in analysis.prunable_groups)  # its input features still prune

@@ -14,8 +14,8 @@ mask): a closed unit still computes a value, but no kept unit reads it, and ever
 of the output masks it like any produced channel. With hard masks the gated layer therefore
 equals the layer with the closed units and inputs cut out.
 
-LSTMs with projections (``proj_size``), packed sequences and the cells (``nn.LSTMCell``, ...)
-are not followed: their FLOPs are counted, their channels are barriers.
+LSTMs with projections (``proj_size``) and packed sequences are not followed: their FLOPs are
+counted, their channels are barriers. The cells (``nn.LSTMCell``, ...): :mod:`.recurrent_cells`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from dagprune.ops.spec import ChannelWeight, OpSpec, opaque_coupling
 from dagprune.ops.specs.calls import layer_call, with_layer
 from dagprune.ops.templates import fill_template
 
-__all__ = ["SPECS", "recurrent_flops"]
+__all__ = ["SPECS", "recurrent_flops", "couple_units"]
 
 _WEIGHT_NAME = re.compile(r"weight_(ih|hh)_l(\d+)(_reverse)?$")
 
@@ -75,7 +75,7 @@ def _tensors_and_layouts(value, layout) -> list[tuple[torch.Tensor, dict]]:
     return [(value, tensor_layout(layout))] if isinstance(value, torch.Tensor) else []
 
 
-def _couple_initial_state(ctx, call, layouts, values, units) -> None:
+def couple_initial_state(ctx, call, layouts, values, units) -> None:
     """``h_0`` (and ``c_0``) hold the units on their last axis: the same channels as the
     output's. Untracked there, the units cannot be removed (the state would keep them)."""
     template = call.arguments.get("hx")
@@ -88,6 +88,22 @@ def _couple_initial_state(ctx, call, layouts, values, units) -> None:
             ctx.barrier(units, "initial state of a recurrent layer with untracked units")
         else:
             ctx.unify(atoms, units)
+
+
+def couple_units(ctx, vertex, call, layouts, values, x_index: int, other_axes: str):
+    """The layer's (or cell's) units produced on the input's last axis and read back (an
+    ``"inner"`` site after the input features), its initial state's units unified with them,
+    the input's other axes barred (``other_axes`` says why). Returns ``(input atoms or None,
+    units)``."""
+    layer, feature_axis = call.layer, values[x_index].ndim - 1
+    x_layout = dict(tensor_layout(layouts[x_index]))
+    in_atoms = x_layout.pop(feature_axis, None)
+    ctx.barrier_layout(x_layout, other_axes)
+    units = ctx.produce(layer.hidden_size, axis=feature_axis)
+    couple_initial_state(ctx, call, layouts, values, units)
+    read_atoms = in_atoms if in_atoms is not None else ctx.fresh(layer.input_size)
+    ctx.consume(vertex, x_index, feature_axis, np.concatenate([read_atoms, units]), kind="inner")
+    return in_atoms, units
 
 
 def _count_flops(ctx, vertex, rnn, sequence, in_atoms, units) -> None:
@@ -123,13 +139,8 @@ def recurrent_coupling(ctx, vertex, module, layouts, values, output):
     if not isinstance(sequence, torch.Tensor) or getattr(call.layer, "proj_size", 0):
         return opaque_coupling(ctx, vertex, module, layouts, values, output)
     rnn, feature_axis = call.layer, sequence.ndim - 1
-    x_layout = dict(tensor_layout(layouts[x_index]))
-    in_atoms = x_layout.pop(feature_axis, None)
-    ctx.barrier_layout(x_layout, "time or batch axis read by a recurrent layer")
-    units = ctx.produce(rnn.hidden_size, axis=feature_axis)
-    _couple_initial_state(ctx, call, layouts, values, units)
-    read_atoms = in_atoms if in_atoms is not None else ctx.fresh(rnn.input_size)
-    ctx.consume(vertex, x_index, feature_axis, np.concatenate([read_atoms, units]), kind="inner")
+    in_atoms, units = couple_units(ctx, vertex, call, layouts, values, x_index,
+                                   "time or batch axis read by a recurrent layer")
     _count_flops(ctx, vertex, rnn, sequence, in_atoms, units)
     return _output_layout(rnn, output, units, feature_axis)
 
@@ -235,6 +246,6 @@ SPECS = (
     OpSpec("rnn", (nn.RNN,), flops=recurrent_flops, coupling=recurrent_coupling,
            removal=remove_from_recurrent, masking=mask_recurrent, importance=unit_filters,
            accepts_calls=True, example=_example(nn.RNN)),
-    OpSpec("recurrent_cell", (nn.RNNBase, nn.RNNCellBase), flops=recurrent_flops,
+    OpSpec("recurrent_other", (nn.RNNBase, nn.RNNCellBase), flops=recurrent_flops,
            coupling=opaque_coupling),
 )
