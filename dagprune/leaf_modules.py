@@ -9,6 +9,8 @@ their layers without depending on tracing.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Callable
 
 from torch import nn
@@ -227,3 +229,52 @@ class ChannelShuffle(nn.Module):
 @register_module_rewrite(nn.ChannelShuffle)
 def _written_out_channel_shuffle(module: nn.ChannelShuffle) -> nn.Module:
     return ChannelShuffle(module.groups)
+
+
+# what a subclass may define without changing what its torch.nn base computes
+_HARMLESS_OVERRIDES = frozenset({"__init__", "__module__", "__qualname__", "__doc__", "__annotations__",
+                                 "__dict__", "__weakref__", "__firstlineno__", "__static_attributes__",
+                                 "extra_repr", "reset_parameters", "__constants__"})
+
+
+def plain_layer_base(module: nn.Module) -> type | None:
+    """The ``torch.nn`` layer class ``module``'s class extends without changing what it computes
+    (torchvision's ``Conv3DSimple(nn.Conv3d)``, only a constructor of its own), or None.
+
+    Its class, and every class between it and that base, may add methods and constants but may
+    not redefine anything the base defines (``forward``, ``_conv_forward``, ...) but the
+    constructor, ``extra_repr`` and ``reset_parameters``.
+
+    >>> class Conv3x3(nn.Conv2d):
+    ...     def __init__(self, channels):
+    ...         super().__init__(channels, channels, 3, padding=1)
+    >>> Conv3x3.__module__ = "my_project.layers"  # dagprune's and torch's own classes are left alone
+    >>> plain_layer_base(Conv3x3(4)) is nn.Conv2d, plain_layer_base(nn.Conv2d(4, 4, 3))
+    (True, None)
+    """
+    return _plain_layer_base_of(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_layer_base_of(cls: type) -> type | None:
+    if cls.__module__.startswith(("torch.", "dagprune.")):
+        return None
+    chain = cls.__mro__
+    base = next((klass for klass in chain[1:] if klass.__module__.startswith("torch.nn.modules.")), None)
+    if base is None or base is nn.Module or base.__module__ == "torch.nn.modules.container":
+        return None
+    inherited = set(dir(base))
+    for klass in chain[:chain.index(base)]:
+        if any(name in inherited and name not in _HARMLESS_OVERRIDES for name in vars(klass)):
+            return None
+    return base
+
+
+@register_module_rewrite(lambda module: plain_layer_base(module) is not None)
+def _as_plain_layer(module: nn.Module) -> nn.Module:
+    """The module as an instance of its ``torch.nn`` base class, sharing all its state: it then
+    converts, prunes and saves as that layer."""
+    base = plain_layer_base(module)
+    plain = base.__new__(base)
+    plain.__dict__.update(module.__dict__)
+    return plain

@@ -15,7 +15,9 @@ registers:
   sizes in Python, which torch.fx cannot trace (torchvision ``fx.wrap``-s the function they call);
   kept whole, they still apply their dropouts in train mode;
 * torchvision's other ``fx.wrap``-ped functions used by classifiers (Swin's patch-merging pad)
-  and its ``stochastic_depth`` as storable functions. A DAG calling them names torchvision, and
+  and its ``stochastic_depth`` as storable functions; likewise for the video models (Swin3D's
+  shifted-window attention kept whole, its and MViT's helpers storable; their channels are not
+  followed through those helpers). A DAG calling them names torchvision, and
   loading it imports torchvision (see :func:`dagprune.integrations.load_support_for_graph`).
 """
 
@@ -54,3 +56,14 @@ register_leaf_module(_swin.ShiftedWindowAttentionV2)
 register_autowrap_function(_swin._patch_merging_pad)
 register_function(_swin._get_relative_position_bias)
 register_function(_swin.shifted_window_attention)
+
+# video models: Swin3D's shifted-window attention whole, as in 2-d; its and MViT's fx.wrap-ped
+# helpers (window and padding sizes, masks, pooled-attention reshapes) as storable functions
+_swin3d = importlib.import_module("torchvision.models.video.swin_transformer")
+_mvit = importlib.import_module("torchvision.models.video.mvit")
+register_leaf_module(_swin3d.ShiftedWindowAttention3d)
+for _function in (_swin3d._get_window_and_shift_size, _swin3d._get_relative_position_bias,
+                  _swin3d._compute_pad_size_3d, _swin3d._compute_attention_mask_3d,
+                  _swin3d.shifted_window_attention_3d, _mvit._unsqueeze, _mvit._squeeze,
+                  _mvit._add_rel_pos, _mvit._add_shortcut):
+    register_function(_function)

@@ -470,3 +470,37 @@ def test_the_models_own_forward_is_checked_too():
 
     with pytest.warns(dagprune.errors.TrainingBranchWarning, match=r"module '<root>' \(Noisy\)"):
         dagprune.build_from_unstructured_module(Noisy())
+
+
+class _Conv3x3(nn.Conv2d):
+    """A user's convolution class: only a constructor of its own."""
+
+    def __init__(self, channels_in: int, channels_out: int):
+        super().__init__(channels_in, channels_out, 3, padding=1, bias=False)
+
+    def describe(self) -> str:  # a method of its own, which the layer's forward never calls
+        return f"3x3 {self.in_channels}->{self.out_channels}"
+
+
+class _ScaledConv(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def test_a_layer_subclass_with_only_a_constructor_converts_saves_and_prunes_as_its_base(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(_Conv3x3(3, 8), nn.ReLU(), _Conv3x3(8, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    dag = dagprune.build_from_unstructured_module(model)
+    assert [type(v.module) for v in dag.inner_vertices] == [nn.Conv2d, nn.ReLU, nn.Conv2d]
+    assert type(model[0]) is _Conv3x3 and torch.equal(model(x), dag(x))  # the user's model untouched
+    dag.save(tmp_path / "dag")  # as torch.nn.Conv2d: no serializer to register
+    assert torch.equal(dagprune.load_dag(tmp_path / "dag")(x), dag(x))
+
+
+def test_a_layer_subclass_that_redefines_forward_keeps_its_forward():
+    model = nn.Sequential(_ScaledConv(3, 4, 1)).eval()
+    x = torch.randn(1, 3, 4, 4)
+    dag = dagprune.build_from_unstructured_module(model)
+    assert not any(type(v.module) is nn.Conv2d for v in dag.inner_vertices)
+    assert torch.equal(model(x), dag(x))

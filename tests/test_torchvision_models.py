@@ -122,3 +122,35 @@ def test_stochastic_depth_keeps_dropping_in_train_mode(mode):
         expected = model(x)
         torch.manual_seed(0)
         assert torch.equal(dag(x), expected)  # same draws as torchvision, in either mode
+
+
+def _tiny_video_models():
+    """r3d_18 (its convolutions are torchvision's Conv3DSimple, an nn.Conv3d with a constructor
+    of its own) and Swin3D's layers at a small size (fx.wrap-ped window helpers, the attention
+    kept whole)."""
+    video = torchvision.models.video
+    swin3d = video.swin_transformer.SwinTransformer3d(
+        patch_size=[2, 4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2, 2],
+        stochastic_depth_prob=0.0, num_classes=5)
+    return {"r3d_18": (video.r3d_18(weights=None), (1, 3, 4, 32, 32)),
+            "swin3d": (swin3d, (1, 3, 4, 32, 32))}
+
+
+@pytest.mark.parametrize("name", ["r3d_18", "swin3d"])
+def test_video_models_convert_save_and_remove_exactly(name, tmp_path):
+    torch.manual_seed(0)
+    model, shape = _tiny_video_models()[name]
+    model, x = model.eval(), torch.randn(*shape)
+    dag = dagprune.build_from_unstructured_module(model)
+    with torch.no_grad():
+        assert dagprune.max_relative_difference(model(x), dag(x)) <= 1e-6
+    dag.save(tmp_path / "dag")
+    with torch.no_grad():
+        assert torch.equal(dagprune.load_dag(tmp_path / "dag")(x), dag(x))
+    pruning = ChannelPruning(dag, shape[1:], 0.8, 10)
+    gated = pruning.prepare_for_pruning().eval()
+    assert pruning.prunable_groups
+    for _ in random_gate_states(pruning, seed=0, count=1):
+        slim = pruning.remove_channels().eval()
+        with torch.no_grad():
+            assert dagprune.max_relative_difference(gated(x), slim(x)) <= 1e-4

@@ -15,7 +15,7 @@ class FunctionalLayerOp(FunctionalOp):
 
     function_names = tuple(_F + name for name in ("conv1d", "conv2d", "conv3d", "linear",
                                                    "conv_transpose1d", "conv_transpose2d")) + (
-        "torch.conv2d", "torch.conv1d", "torch.addmm")
+        "torch.conv2d", "torch.conv1d", "torch.conv3d", "torch.addmm")
 
 
 @register_op_type

@@ -228,7 +228,7 @@ SPECS = (
            example=_standardized_conv_example),
     # weights arrive as inputs; their channels are not followed through the call
     OpSpec("functional_conv", ("torch.nn.functional.conv1d", "torch.nn.functional.conv2d",
-                               "torch.nn.functional.conv3d", "torch.conv1d", "torch.conv2d"),
+                               "torch.nn.functional.conv3d", "torch.conv1d", "torch.conv2d", "torch.conv3d"),
            flops=functional_conv_flops, coupling=opaque_coupling),
     OpSpec("functional_layer", (FunctionalLayerOp,), flops=measured_flops, coupling=opaque_coupling),
     OpSpec("functional_conv_transpose", ("torch.nn.functional.conv_transpose1d",
