@@ -229,7 +229,8 @@ def _trace(tracer: _DagTracer, source: nn.Module, inputs: ExampleInputs | None, 
     :mod:`dagprune.value_tracing`)."""
     if inputs is None:
         fixed = default_arguments(source)
-        graph = tracer.trace(source, concrete_args=fixed or None)
+        with torch_functions_for_proxies(tracer):  # torch.zeros(x.shape[0], n) records a call
+            graph = tracer.trace(source, concrete_args=fixed or None)
         remove_fixed_placeholders(graph, source, fixed)
         return graph
     with traced_signature(source, inputs, output_type):

@@ -75,6 +75,15 @@ def test_index_add_into_zeros_keeps_the_channels(literal_width):
         assert_removal_matches_gates(pruning, gated, inputs)
 
 
+def test_sizes_given_separately_trace_without_example_inputs():
+    model, x = _Shifted(_MAKERS["zeros_from_sizes"]).eval(), torch.randn(3, 8)
+    dag = dagprune.build_from_unstructured_module(model)  # symbolic: torch.zeros(proxy, proxy)
+    assert torch.equal(model(x), dag(x)) and dag(torch.randn(5, 8)).shape == (5, 4)
+    pruning = ChannelPruning(dag, (8,), 0.5, 10)
+    pruning.prepare_for_pruning()
+    assert [group.name for group in pruning.prunable_groups] == ["encode"]
+
+
 def test_index_add_along_a_channel_axis_bars_it():
     class Scattered(nn.Module):
         def __init__(self):
