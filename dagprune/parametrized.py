@@ -126,11 +126,15 @@ def _base_layer(module: nn.Module) -> nn.Module:
     state = dict(vars(module))
     state["_modules"] = {key: child for key, child in module._modules.items() if key != "parametrizations"}
     state["_parameters"] = {**module._parameters,
-                            **{name: nn.Parameter(getattr(module, name).detach(), chain.original.requires_grad
-                                                  if hasattr(chain, "original") else True)
+                            **{name: nn.Parameter(getattr(module, name).detach(), _trained(chain))
                                for name, chain in module.parametrizations.items()}}
     base.__dict__.update(state)
     return base
+
+
+def _trained(chain: nn.Module) -> bool:
+    """Whether the originals of a tensor's parametrization chain require gradients."""
+    return any(original.requires_grad for original in chain.parameters(recurse=False))
 
 
 def _parametrization_entry(entry: Any, where: str) -> tuple[str, dict]:
