@@ -98,3 +98,4 @@ def test_index_add_along_a_channel_axis_bars_it():
     analysis = find_channel_groups(dag, (4,))
     assert any("index_add along a channel axis" in group.reason for group in analysis.groups)
     assert not analysis.prunable_groups
+

@@ -94,3 +94,12 @@ def test_a_top_k_over_channels_bars_them():
     reasons = [group.reason for group in analysis.groups]
     assert any("topk along a channel axis" in reason for reason in reasons), reasons
     assert not any(group.name == "conv" for group in analysis.prunable_groups)
+
+
+def test_an_embedding_with_max_norm_is_a_group_kept_whole_with_its_reason():
+    model = nn.Sequential(nn.Embedding(30, 8, max_norm=1.0), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    ids = torch.randint(0, 30, (2, 5))
+    dag = dagprune.build_from_unstructured_module(model)
+    analysis = find_channel_groups(dag, example_inputs=(ids,))
+    reasons = {group.name: group.reason for group in analysis.groups}
+    assert "max_norm" in reasons["0"] and [group.name for group in analysis.prunable_groups] == ["1"]

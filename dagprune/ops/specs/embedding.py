@@ -3,7 +3,7 @@
 The table's columns are the output's channels (the last axis): an embedding *produces*
 channels, like a linear layer without an input, so a residual stream that starts at a token
 embedding is one channel group. A table with ``max_norm`` renormalises whole rows on lookup
-(mixing its columns): its channels are not followed.
+(mixing its columns): its channels are a group that is never pruned, with that reason.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ __all__ = ["SPECS"]
 
 def embedding_coupling(ctx, vertex, module, layouts, values, output):
     """New channels on the output's last axis; the IDs (and bag offsets, weights) carry none."""
-    if module.max_norm is not None or not isinstance(output, torch.Tensor):
+    if not isinstance(output, torch.Tensor):
         return opaque_coupling(ctx, vertex, module, layouts, values, output)
     ctx.barrier_layout(layouts, "channels used as embedding IDs")
     last = output.ndim - 1
-    return {last: ctx.produce(module.embedding_dim, axis=last)}
+    channels = ctx.produce(module.embedding_dim, axis=last)
+    if module.max_norm is not None:  # a group of its own, not prunable, with its reason
+        ctx.barrier(channels, "embedding with max_norm (each row renormalised over all its columns)")
+    return {last: channels}
 
 
 def remove_from_embedding(module, input_masks, output_mask, shapes):
