@@ -1,6 +1,6 @@
 """Channels through sorts, top-k, running maxima, ``(values, indices)`` results read by name,
 comparisons and masked fills: followed where rows are independent, barred where the op picks
-among channels by their values."""
+among channels by their values (or, as an embedding with ``max_norm``, mixes them)."""
 
 from __future__ import annotations
 
