@@ -3,6 +3,8 @@ again exactly; what cannot be saved or converted is a clear error."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -122,3 +124,32 @@ def test_the_deprecated_hook_reparametrizations_are_refused_with_their_replaceme
     getattr(torch.nn.utils, deprecated)(model[2])
     with pytest.raises(ConversionError, match=rf"'2' \(Conv1d\).*parametrizations\.{deprecated}"):
         dagprune.build_from_unstructured_module(model)
+
+
+def _parametrized_entry(description):
+    if isinstance(description, dict):
+        if description.get("type") == "parametrized":
+            return description
+        description = list(description.values())
+    for item in description if isinstance(description, list) else []:
+        found = _parametrized_entry(item)
+        if found is not None:
+            return found
+    return None
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda entry: entry.pop("base"),
+    lambda entry: entry.__setitem__("parametrizations", []),
+    lambda entry: entry["parametrizations"][0][1].__setitem__("unsafe", "yes"),
+    lambda entry: entry["parametrizations"][0][1]["modules"][0].__setitem__("type", "os.system"),
+    lambda entry: entry["parametrizations"][0].__setitem__(0, "no_such_tensor"),
+], ids=["no-base", "no-parametrizations", "unsafe-not-bool", "foreign-type", "unknown-tensor"])
+def test_a_corrupt_parametrized_layer_is_refused_on_loading(corrupt, tmp_path):
+    dagprune.build_from_unstructured_module(_Reparametrized("weight_norm")).save(tmp_path / "dag")
+    graph_file = tmp_path / "dag" / "graph.json"
+    graph = json.loads(graph_file.read_text())
+    corrupt(_parametrized_entry(graph))
+    graph_file.write_text(json.dumps(graph))
+    with pytest.raises(SerializationError, match="vertex 'conv'"):
+        dagprune.load_dag(tmp_path / "dag")
