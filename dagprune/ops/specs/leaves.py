@@ -23,7 +23,7 @@ __all__ = ["SPECS"]
 
 BLACK_BOX_LAYERS = (
     nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
-    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Bilinear, nn.LocalResponseNorm,
+    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.LocalResponseNorm,
     nn.CrossMapLRN2d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d, nn.MaxUnpool1d,
     nn.MaxUnpool2d, nn.MaxUnpool3d, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.GLU,
     nn.CosineSimilarity, nn.PairwiseDistance, nn.Softmax2d, nn.AdaptiveLogSoftmaxWithLoss,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dagprune.ops.channel_map import argument_input, argument_value, tensor_layout
+from dagprune.ops.channel_map import argument_input, argument_value, broadcast_axes, tensor_layout
 from dagprune.ops.slicing import kept_count, replace_tensor, slice_tensor, unchanged_removal
 from dagprune.ops.spec import ChannelWeight, OpSpec, opaque_coupling
 from dagprune.ops.specs.products import add_matmul_coupling, added_scores_example
@@ -102,6 +102,55 @@ def functional_linear_filters(module, vertex) -> ChannelWeight | None:
     return ChannelWeight(value, 0) if isinstance(value, torch.Tensor) else None
 
 
+def bilinear_flops(module: nn.Bilinear, inputs, output) -> int:
+    """``y_k = x1 W_k x2``: per row, a (in1 x in2) product for each output, then its sum."""
+    rows = inputs[0].numel() // module.in1_features
+    return 2 * rows * module.weight.numel()
+
+
+def bilinear_coupling(ctx, vertex, module, layouts, values, output):
+    """``nn.Bilinear(x1, x2)``: both inputs' features (last axis) consumed, output features new;
+    the leading axes are the same rows in both inputs and the output."""
+    last = values[0].ndim - 1
+    first, second = dict(tensor_layout(layouts[0])), dict(tensor_layout(layouts[1]))
+    consumed = [(index, layout.pop(last, None)) for index, layout in ((0, first), (1, second))]
+    for index, atoms in consumed:
+        if atoms is not None:
+            ctx.consume(vertex, index, last, atoms)
+    rows = broadcast_axes(ctx, [(first, values[0][..., 0]), (second, values[1][..., 0])],
+                          output.shape[:-1], "bilinear rows with an untracked operand")
+    out_atoms = ctx.produce(module.out_features, axis=last)
+    factors = [out_atoms] + [atoms for _, atoms in consumed if atoms is not None] + list(rows.values())
+    ctx.count_flops(vertex, bilinear_flops(module, values, output), factors)
+    return {**rows, last: out_atoms}
+
+
+def remove_from_bilinear(module, input_masks, output_mask, shapes):
+    module = copy.deepcopy(module)
+    last = len(shapes[0]) - 1
+    first, second, out_mask = input_masks[0].get(last), input_masks[1].get(last), output_mask.get(last)
+    weight = slice_tensor(slice_tensor(slice_tensor(module.weight, 0, out_mask), 1, first), 2, second)
+    replace_tensor(module, "weight", weight)
+    if module.bias is not None:
+        replace_tensor(module, "bias", slice_tensor(module.bias, 0, out_mask))
+    module.in1_features, module.in2_features = kept_count(first, module.in1_features), kept_count(
+        second, module.in2_features)
+    module.out_features = kept_count(out_mask, module.out_features)
+    return module
+
+
+class _BilinearPooling(nn.Module):
+    """Two projections of the features combined by a bilinear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.left, self.right, self.join, self.head = nn.Linear(6, 5), nn.Linear(6, 4), nn.Bilinear(5, 4, 7), \
+            nn.Linear(7, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.join(torch.relu(self.left(x)), torch.tanh(self.right(x)))))
+
+
 def _linear_example():
     return nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)), (torch.randn(2, 5, 6),)
 
@@ -126,4 +175,7 @@ SPECS = (
            example=lambda: (_FunctionalLinear(), (torch.randn(2, 6),))),
     OpSpec("addmm", ("torch.addmm",), flops=addmm_flops, coupling=add_matmul_coupling,
            removal=unchanged_removal, example=added_scores_example),
+    OpSpec("bilinear", (nn.Bilinear,), flops=bilinear_flops, coupling=bilinear_coupling,
+           removal=remove_from_bilinear, importance=linear_filters,
+           example=lambda: (_BilinearPooling(), (torch.randn(3, 6),))),
 )
