@@ -10,7 +10,6 @@ their layers without depending on tracing.
 from __future__ import annotations
 
 import functools
-
 from typing import Callable
 
 from torch import nn

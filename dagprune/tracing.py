@@ -16,6 +16,8 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from dagprune.dag_module import _NO_DEFAULT, DagModule, InnerVertex, InputVertex, Vertex
 from dagprune.errors import ConversionError
@@ -297,9 +299,9 @@ def _check_eager_module(model) -> None:
     _check_no_hook_reparametrization(model)
 
 
-# the deprecated reparametrizations that recompute a weight in a forward pre-hook
-_HOOK_REPARAMETRIZATIONS = {torch.nn.utils.weight_norm.__module__: ("WeightNorm", "weight_norm"),
-                            torch.nn.utils.spectral_norm.__module__: ("SpectralNorm", "spectral_norm")}
+# the deprecated reparametrizations that recompute a weight in a forward pre-hook, by their
+# function's name
+_HOOK_REPARAMETRIZATIONS = {WeightNorm: "weight_norm", SpectralNorm: "spectral_norm"}
 
 
 def _check_no_hook_reparametrization(model: nn.Module) -> None:
@@ -308,14 +310,14 @@ def _check_no_hook_reparametrization(model: nn.Module) -> None:
     neither copied nor traced; their ``torch.nn.utils.parametrizations`` versions convert."""
     for path, module in model.named_modules():
         for hook in module._forward_pre_hooks.values():
-            names = _HOOK_REPARAMETRIZATIONS.get(type(hook).__module__)
-            if names is not None and type(hook).__name__ == names[0]:
+            name = _HOOK_REPARAMETRIZATIONS.get(type(hook))
+            if name is not None:
                 raise ConversionError(
                     f"module {path or '<root>'!r} ({type(module).__name__}) uses the deprecated "
-                    f"torch.nn.utils.{names[1]}, whose weight is recomputed by a hook that cannot be copied or "
-                    f"traced; use torch.nn.utils.parametrizations.{names[1]} instead (call "
-                    f"torch.nn.utils.remove_{names[1]}(module), then torch.nn.utils.parametrizations."
-                    f"{names[1]}(module)), which dagprune converts, saves and prunes")
+                    f"torch.nn.utils.{name}, whose weight is recomputed by a hook that cannot be copied or "
+                    f"traced; use torch.nn.utils.parametrizations.{name} instead (call "
+                    f"torch.nn.utils.remove_{name}(module), then torch.nn.utils.parametrizations."
+                    f"{name}(module)), which dagprune converts, saves and prunes")
 
 
 def _conversion_error(error: Exception, tracer: _DagTracer) -> ConversionError:

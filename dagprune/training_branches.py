@@ -16,7 +16,6 @@ cheap, and most models have none) are traced a second time in train mode, and ea
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import operator
@@ -28,6 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from dagprune.errors import TrainingBranchWarning
+from dagprune.training_mode import module_mode
 
 __all__ = ["branches_on_training", "traced_through_modules", "warn_on_training_branches"]
 
@@ -69,7 +69,7 @@ def warn_on_training_branches(graph: fx.Graph, source: nn.Module,
     suspects = {path: cls for path, cls in modules.items() if branches_on_training(cls)}
     if not suspects:
         return []
-    with _training(source):
+    with module_mode(source, training=True):
         train_graph = trace_in_train_mode(source)
     if train_graph is None:
         return []
@@ -126,14 +126,3 @@ def _live_nodes(graph: fx.Graph) -> set[fx.Node]:
             live.add(node)
             pending.extend(node.all_input_nodes)
     return live
-
-
-@contextlib.contextmanager
-def _training(module: nn.Module):
-    previous = {m: m.training for m in module.modules()}
-    module.train()
-    try:
-        yield
-    finally:
-        for m, training in previous.items():
-            m.training = training

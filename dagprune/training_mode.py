@@ -11,10 +11,24 @@ import contextlib
 
 from torch import nn
 
-__all__ = ["evaluation_mode"]
+__all__ = ["evaluation_mode", "module_mode"]
 
 
 @contextlib.contextmanager
+def module_mode(*modules: nn.Module, training: bool):
+    """Puts ``modules`` in train (``training=True``) or eval mode for the ``with`` block;
+    restores every submodule's own flag after."""
+    previous = {module: module.training for root in modules for module in root.modules()}
+    for root in modules:
+        root.train(training)
+    try:
+        yield
+    finally:
+        for module, was_training in previous.items():
+            if module.training != was_training:  # nn.Module.__setattr__ is slow; most are unchanged
+                module.training = was_training
+
+
 def evaluation_mode(*modules: nn.Module):
     """Puts ``modules`` in eval mode for the ``with`` block; restores every submodule's flag.
 
@@ -25,12 +39,4 @@ def evaluation_mode(*modules: nn.Module):
     >>> shared.training
     False
     """
-    previous = {module: module.training for root in modules for module in root.modules()}
-    for root in modules:
-        root.eval()
-    try:
-        yield
-    finally:
-        for module, training in previous.items():
-            if module.training != training:  # nn.Module.__setattr__ is slow; most are unchanged
-                module.training = training
+    return module_mode(*modules, training=False)

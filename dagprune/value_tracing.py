@@ -28,7 +28,11 @@ value (``torch.tensor(q.size(-1))``) and factories given traced sizes as separat
 (``torch.ones(batch, n)``: torch's argument parser takes proxies only as one size sequence) are
 recorded as calls, and ``torch.finfo`` /
 ``torch.iinfo`` of a traced dtype (``torch.finfo(x.dtype).min``) take the example's dtype: the
-DAG keeps that constant (convert the model in the dtype it will run in).
+DAG keeps that constant (convert the model in the dtype it will run in). Two helpers of torch's
+own transformer blocks are patched too: ``F._none_or_dtype`` (an ``isinstance`` check that
+reads a mask's dtype) answers from the proxy, and ``_detect_is_causal_mask`` (which compares a
+given mask with the causal one by value) is recorded as a call, run on the DAG's mask. The
+recording patches (``torch.tensor``, the sized factories) also apply to symbolic tracing.
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ def sized_coupling(ctx, vertex, module, layouts, values, output):
             result[axis] = size.atoms
         elif size is not None:
             ctx.barrier_layout(size, f"size given to {module.short_name}")
-    leftovers = [layout for index, layout in enumerate(layouts) if index not in _size_inputs(module)]
+    size_inputs = _size_inputs(module)
+    leftovers = [layout for index, layout in enumerate(layouts) if index not in size_inputs]
     for layout in leftovers:  # new_zeros' source tensor gives dtype and device only
         if not isinstance(layout, dict):
             ctx.barrier_layout(layout, f"channel count used by {module.short_name}")

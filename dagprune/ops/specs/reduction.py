@@ -49,16 +49,18 @@ def _maskable(module, values) -> bool:
     return name not in _NORMS or argument_value(module, values, 1, _NORMS[name], 2) in (2, 2.0, "fro", None)
 
 
+def _is_tensor_tuple(output) -> bool:
+    """Whether ``output`` is a ``(values, indices)``-style tuple of tensors."""
+    return isinstance(output, tuple) and all(isinstance(item, torch.Tensor) for item in output)
+
+
 def _per_output(layout, output):
     """``layout`` for a tensor result, or for each tensor of a ``(values, indices)`` result."""
-    if isinstance(output, tuple) and all(isinstance(item, torch.Tensor) for item in output):
-        return tuple(layout for _ in output)
-    return layout
+    return tuple(layout for _ in output) if _is_tensor_tuple(output) else layout
 
 
 def _has_tensor_result(values, output) -> bool:
-    return isinstance(values[0], torch.Tensor) and (isinstance(output, torch.Tensor) or (
-        isinstance(output, tuple) and all(isinstance(item, torch.Tensor) for item in output)))
+    return isinstance(values[0], torch.Tensor) and (isinstance(output, torch.Tensor) or _is_tensor_tuple(output))
 
 
 def reduction_coupling(ctx, vertex, module, layouts, values, output):
