@@ -226,8 +226,33 @@ def test_the_round_measured_nearest_the_target_is_kept():
     first = [g.logits.detach().clone() for g in config.gates]
     readings = iter([0.53, 0.30, 0.70, 0.60])  # every recalibration measures worse
     records = match_measured_share(config, lambda: next(readings), rounds=3)
-    assert [r["measured"] for r in records] == [0.53, 0.30, 0.70, 0.60]
+    # the third aim (between 0.30 and 0.53 again) lands on the gates measured 0.70: it stops
+    assert [r["measured"] for r in records] == [0.53, 0.30, 0.70]
+    assert records[2]["aim"] == pytest.approx(records[1]["aim"])
     assert all(torch.equal(g.logits, logits) for g, logits in zip(config.gates, first))
+
+
+def test_a_measured_share_that_is_not_proportional_to_the_prediction_is_bracketed():
+    from dagprune_algorithms.pruning.calibration import match_measured_share
+
+    config = _calibrated_resnet(0.5)
+    # cubic: scaling the aim by measured / predicted overshoots and swings (0.60, 0.35, 1.0...)
+    measure = lambda: 0.6 * (config.current_hard_proportion() / 0.5) ** 3  # noqa: E731
+    records = match_measured_share(config, measure)
+    assert records[0]["measured"] == pytest.approx(0.6, abs=0.02)
+    assert abs(records[-1]["measured"] - 0.5) <= 0.02 * 0.5, records
+    assert all(abs(r["measured"] - 0.5) < 0.2 for r in records), records  # no swing past the bracket
+    assert measure() == pytest.approx(records[-1]["measured"])
+
+
+def test_the_next_aim_brackets_the_target_and_falls_back_when_noise_inverts_the_rounds():
+    from dagprune_algorithms.pruning.calibration import next_aim
+
+    assert next_aim([(0.5, 0.6), (0.4, 0.4)], 0.5) == pytest.approx(0.45)
+    assert next_aim([(0.5, 0.6), (0.4, 0.4), (0.48, 0.55)], 0.5) == pytest.approx(0.4 + 0.08 * 0.1 / 0.15)
+    # the round predicted lower measured higher: proportional from the round measured nearest
+    assert next_aim([(0.4, 0.55), (0.5, 0.42)], 0.5) == pytest.approx(0.5 * 0.4 / 0.55)
+    assert next_aim([(0.3, 0.9)], 0.5, floor=0.2) == pytest.approx(0.2)
 
 
 # ------------------------------------------------------------------------------ the command

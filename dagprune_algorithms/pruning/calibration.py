@@ -17,8 +17,9 @@ never which ones rank first.
 
 :func:`match_measured_share` closes the loop on a budget that is only predicted (latency): it
 times the slim model, compares the measured share with the predicted one, and calibrates the
-gates again to the target corrected by their ratio, for a few rounds, keeping the gates of the
-round measured nearest the target.
+gates again to a corrected aim (:func:`next_aim`: scaled by the measured / predicted ratio
+until rounds measured on both sides of the target bracket it, then interpolated between them),
+for a few rounds, keeping the gates of the round measured nearest the target.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["calibrated_logits", "refine_block_counts", "logits_keeping", "match_measured_share"]
+__all__ = ["calibrated_logits", "refine_block_counts", "logits_keeping", "match_measured_share", "next_aim"]
 
 
 def calibrated_logits(gates: Sequence, gate_set, share_of: Callable[[torch.Tensor], float],
@@ -115,17 +116,21 @@ def refine_block_counts(logits: Sequence[torch.Tensor], blocks: Sequence[int], m
     return best if improved else None
 
 
-def match_measured_share(pruning, measured_share: Callable[[], float], rounds: int = 3,
+def match_measured_share(pruning, measured_share: Callable[[], float], rounds: int = 5,
                          tolerance: float = 0.02) -> list[dict]:
     """Calibrates ``pruning``'s gates until the *measured* share of the slim model lies within
     ``tolerance`` (relative) of :attr:`~.ChannelPruning.pruning_proportion`.
 
     Each round calls ``measured_share()`` (the slim model of the current gates, timed against
     the original, as the caller measures it: the same way in every process of a distributed
-    run) and stops when it is close enough; otherwise it aims the predicted share at
-    ``target * predicted / measured`` (the prediction's error assumed to scale) with
-    :meth:`~.ChannelPruning.calibrate_to_target`, frozen gates refrozen at the new decisions.
-    The gates of the round measured nearest the target are kept.
+    run) and stops when it is close enough. Otherwise it picks the next predicted share to aim
+    at (:func:`next_aim`: between the nearest rounds measured on either side of the target once
+    there are such, else the target corrected by the nearest round's measured / predicted ratio)
+    and calibrates the gates *as they were given* to it with
+    :meth:`~.ChannelPruning.calibrate_to_target`, frozen gates refrozen at the new decisions, so
+    the gates of an aim do not depend on the rounds before. It stops early when an aim lands on
+    gates already measured (no untried model lies between them). The gates of the round
+    measured nearest the target are kept.
 
     Args:
         pruning: a prepared :class:`~.channel_pruning.ChannelPruning`.
@@ -140,28 +145,60 @@ def match_measured_share(pruning, measured_share: Callable[[], float], rounds: i
     target, gates = pruning.pruning_proportion, pruning.gates
     frozen = [gate.frozen for gate in gates]
     floor = 1.0 - pruning.max_removable_proportion
-    records, best = [], None
+    given = _gate_state(gates)
+    records, measured_rounds = [], []
     for round_index in range(rounds + 1):
         predicted, measured = pruning.current_hard_proportion(), float(measured_share())
         records.append({"predicted": predicted, "measured": measured, "aim": None})
-        if best is None or abs(measured - target) < best[0]:
-            best = (abs(measured - target), [gate.logits.detach().clone() for gate in gates],
-                    [gate.frozen_mask.clone() for gate in gates])
+        measured_rounds.append((predicted, measured, _gate_state(gates)))
         if abs(measured - target) <= tolerance * target or round_index == rounds or measured <= 0:
             break
-        aim = min(max(target * predicted / measured, floor), 1.0)
+        aim = next_aim([(p, m) for p, m, _ in measured_rounds], target, floor)
         records[-1]["aim"] = aim
+        _restore_gate_state(gates, given)
         for gate in gates:
             gate.freeze(False)
-        pruning.calibrate_to_target(aim)
+        reached = pruning.calibrate_to_target(aim)
         for gate, was_frozen in zip(gates, frozen):
             gate.freeze(was_frozen)
-    _, logits, masks = best
-    with torch.no_grad():
-        for gate, gate_logits, mask in zip(gates, logits, masks):
-            gate.logits.copy_(gate_logits)
-            gate.frozen_mask.copy_(mask)
+        if any(abs(reached - p) <= 1e-12 for p, _, _ in measured_rounds):
+            break
+    nearest = min(measured_rounds, key=lambda item: abs(item[1] - target))
+    _restore_gate_state(gates, nearest[2])
     return records
+
+
+def next_aim(rounds: Sequence[tuple[float, float]], target: float, floor: float = 0.0) -> float:
+    """The predicted share to calibrate to next, from the ``(predicted, measured)`` shares of the
+    rounds so far: interpolated between the rounds measured nearest below and above ``target``
+    when the one above was predicted higher (measured share grows with the predicted one),
+    otherwise the target scaled by the nearest round's predicted / measured ratio (its error
+    assumed to scale); within [``floor``, 1].
+
+    >>> next_aim([(0.5, 0.6)], 0.5)  # measured 20% above the prediction: aim 20% lower
+    0.4166666666666667
+    >>> round(next_aim([(0.5, 0.6), (0.42, 0.35)], 0.5), 4)  # between the two rounds
+    0.468
+    """
+    below = [r for r in rounds if r[1] < target]
+    above = [r for r in rounds if r[1] > target]
+    if below and above:
+        (low_p, low_m), (high_p, high_m) = max(below, key=lambda r: r[1]), min(above, key=lambda r: r[1])
+        if high_p > low_p:
+            return min(max(low_p + (target - low_m) * (high_p - low_p) / (high_m - low_m), floor), 1.0)
+    predicted, measured = min(rounds, key=lambda r: abs(r[1] - target))
+    return min(max(target * predicted / measured, floor), 1.0)
+
+
+def _gate_state(gates: Sequence) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(gate.logits.detach().clone(), gate.frozen_mask.clone()) for gate in gates]
+
+
+def _restore_gate_state(gates: Sequence, state: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for gate, (logits, mask) in zip(gates, state):
+            gate.logits.copy_(logits)
+            gate.frozen_mask.copy_(mask)
 
 
 def logits_keeping(logits: torch.Tensor, count: int, margin: float = 0.05) -> torch.Tensor:
