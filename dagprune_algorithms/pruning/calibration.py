@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["calibrated_logits", "refine_block_counts", "logits_keeping", "match_measured_share", "next_aim"]
+__all__ = ["calibrated_logits", "refine_block_counts", "logits_keeping", "match_measured_share", "next_aim", "bracket"]
 
 
 def calibrated_logits(gates: Sequence, gate_set, share_of: Callable[[torch.Tensor], float],
@@ -123,14 +123,15 @@ def match_measured_share(pruning, measured_share: Callable[[], float], rounds: i
 
     Each round calls ``measured_share()`` (the slim model of the current gates, timed against
     the original, as the caller measures it: the same way in every process of a distributed
-    run) and stops when it is close enough. Otherwise it picks the next predicted share to aim
-    at (:func:`next_aim`: between the nearest rounds measured on either side of the target once
-    there are such, else the target corrected by the nearest round's measured / predicted ratio)
-    and calibrates the gates *as they were given* to it with
-    :meth:`~.ChannelPruning.calibrate_to_target`, frozen gates refrozen at the new decisions, so
-    the gates of an aim do not depend on the rounds before. It stops early when an aim lands on
-    gates already measured (no untried model lies between them). The gates of the round
-    measured nearest the target are kept.
+    run) and stops when the model's measurements (their mean, for a model measured more than
+    once) are close enough. Otherwise it picks the next predicted share to aim at
+    (:func:`next_aim`: the target corrected by the nearest model's measured / predicted ratio
+    until models measured on both sides bracket the target, then interpolated between the
+    nearest two, a side's distance halved for every round it stays the same, so that one
+    mismeasured model cannot hold the search) and calibrates the gates *as they were given* to
+    it with :meth:`~.ChannelPruning.calibrate_to_target`, frozen gates refrozen at the new
+    decisions, so an aim always gives the same model; landing on a model already measured
+    measures it again. The gates of the model measured nearest the target are kept.
 
     Args:
         pruning: a prepared :class:`~.channel_pruning.ChannelPruning`.
@@ -146,48 +147,72 @@ def match_measured_share(pruning, measured_share: Callable[[], float], rounds: i
     frozen = [gate.frozen for gate in gates]
     floor = 1.0 - pruning.max_removable_proportion
     given = _gate_state(gates)
-    records, measured_rounds = [], []
+    records, models, held, previous = [], {}, {}, None
     for round_index in range(rounds + 1):
         predicted, measured = pruning.current_hard_proportion(), float(measured_share())
         records.append({"predicted": predicted, "measured": measured, "aim": None})
-        measured_rounds.append((predicted, measured, _gate_state(gates)))
-        if abs(measured - target) <= tolerance * target or round_index == rounds or measured <= 0:
+        model = models.setdefault(round(predicted, 12), {"measured": [], "state": _gate_state(gates)})
+        model["measured"].append(measured)
+        if abs(_mean(model["measured"]) - target) <= tolerance * target or round_index == rounds or measured <= 0:
             break
-        aim = next_aim([(p, m) for p, m, _ in measured_rounds], target, floor)
-        records[-1]["aim"] = aim
+        points = [(p, _mean(m["measured"])) for p, m in models.items()]
+        sides = bracket(points, target)
+        for side in sides or ():
+            held[side[0]] = held.get(side[0], -1) + 1 if previous and side in previous else 0
+        previous = sides
+        records[-1]["aim"] = aim = next_aim(points, target, floor, held)
         _restore_gate_state(gates, given)
         for gate in gates:
             gate.freeze(False)
-        reached = pruning.calibrate_to_target(aim)
+        pruning.calibrate_to_target(aim)
         for gate, was_frozen in zip(gates, frozen):
             gate.freeze(was_frozen)
-        if any(abs(reached - p) <= 1e-12 for p, _, _ in measured_rounds):
-            break
-    nearest = min(measured_rounds, key=lambda item: abs(item[1] - target))
-    _restore_gate_state(gates, nearest[2])
+    nearest = min(models.values(), key=lambda m: abs(_mean(m["measured"]) - target))
+    _restore_gate_state(gates, nearest["state"])
     return records
 
 
-def next_aim(rounds: Sequence[tuple[float, float]], target: float, floor: float = 0.0) -> float:
+def bracket(rounds: Sequence[tuple[float, float]], target: float) -> tuple[tuple, tuple] | None:
+    """The ``(predicted, measured)`` rounds measured nearest below and above ``target``, when
+    there are both and the one above was predicted higher (the measured share grows with the
+    predicted one); None otherwise."""
+    below = [r for r in rounds if r[1] < target]
+    above = [r for r in rounds if r[1] > target]
+    if not (below and above):
+        return None
+    low, high = max(below, key=lambda r: r[1]), min(above, key=lambda r: r[1])
+    return (low, high) if high[0] > low[0] else None
+
+
+def next_aim(rounds: Sequence[tuple[float, float]], target: float, floor: float = 0.0,
+             held: dict | None = None) -> float:
     """The predicted share to calibrate to next, from the ``(predicted, measured)`` shares of the
-    rounds so far: interpolated between the rounds measured nearest below and above ``target``
-    when the one above was predicted higher (measured share grows with the predicted one),
-    otherwise the target scaled by the nearest round's predicted / measured ratio (its error
-    assumed to scale); within [``floor``, 1].
+    rounds so far: interpolated within the :func:`bracket` when there is one, each side's
+    distance to the target halved once per round it has been held (``held``, by predicted share:
+    the Illinois rule, which keeps a side that stays from slowing the search), otherwise the
+    target scaled by the nearest round's predicted / measured ratio (its error assumed to
+    scale); within [``floor``, 1].
 
     >>> next_aim([(0.5, 0.6)], 0.5)  # measured 20% above the prediction: aim 20% lower
     0.4166666666666667
     >>> round(next_aim([(0.5, 0.6), (0.42, 0.35)], 0.5), 4)  # between the two rounds
     0.468
+    >>> round(next_aim([(0.5, 0.6), (0.42, 0.35)], 0.5, held={0.5: 1}), 4)  # 0.6 counts as 0.55
+    0.48
     """
-    below = [r for r in rounds if r[1] < target]
-    above = [r for r in rounds if r[1] > target]
-    if below and above:
-        (low_p, low_m), (high_p, high_m) = max(below, key=lambda r: r[1]), min(above, key=lambda r: r[1])
-        if high_p > low_p:
-            return min(max(low_p + (target - low_m) * (high_p - low_p) / (high_m - low_m), floor), 1.0)
+    sides = bracket(rounds, target)
+    if sides is not None:
+        (low_p, low_m), (high_p, high_m) = sides
+        held = held or {}
+        low_m = target - (target - low_m) * 0.5 ** held.get(low_p, 0)
+        high_m = target + (high_m - target) * 0.5 ** held.get(high_p, 0)
+        return min(max(low_p + (target - low_m) * (high_p - low_p) / (high_m - low_m), floor), 1.0)
     predicted, measured = min(rounds, key=lambda r: abs(r[1] - target))
     return min(max(target * predicted / measured, floor), 1.0)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _gate_state(gates: Sequence) -> list[tuple[torch.Tensor, torch.Tensor]]:
