@@ -150,6 +150,24 @@ def barrier_all(ctx, layouts: Any, reason: str) -> None:
     return None
 
 
+def operand_layout(ctx, vertex, layouts: list, index: int) -> Layout:
+    """The tensor layout of input ``index``; every other input's channels are barriers (an
+    op whose extra operands, weights or constants, must not carry channels)."""
+    for other_index, other in enumerate(layouts):
+        if other_index != index:
+            ctx.barrier_layout(other, f"extra operand of vertex {vertex.name}")
+    return tensor_layout(layouts[index])
+
+
+def axis_atoms(ctx, layout: Layout, axis: int, reason: str) -> np.ndarray | None:
+    """The atoms of ``layout`` on ``axis`` (None when it has none); its channels on any other
+    axis are barriers, with ``reason`` naming the axis (``{axis}`` is filled in)."""
+    for other_axis, atoms in layout.items():
+        if other_axis != axis:
+            ctx.barrier(atoms, reason.format(axis=other_axis))
+    return layout.get(axis)
+
+
 def same_in_every_row(rows) -> bool:
     """Whether every row of ``rows`` (one per group: its atoms, classes or kept flags) equals
     the first.

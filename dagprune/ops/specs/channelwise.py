@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dagprune.ops.flop_counting import no_flops
-from dagprune.ops.channel_map import barrier_all, first_tensor_index, tensor_layout
+from dagprune.ops.channel_map import axis_atoms, barrier_all, first_tensor_index, operand_layout
 from dagprune.ops.layers import InterpolateOp, PadOp, PoolOp
 from dagprune.ops.padding import SamePad2d
 from dagprune.ops.slicing import kept_count, slice_per_channel_state, unchanged_removal
@@ -49,18 +49,13 @@ def last_axis_pass_through_coupling(ctx, vertex, module, layouts, values, output
     first = first_tensor_index(values)
     if first is None or not isinstance(output, torch.Tensor) or output.ndim == 0:
         return barrier_all(ctx, layouts, "no tensor in and out")
-    for index, other in enumerate(layouts):
-        if index != first:
-            ctx.barrier_layout(other, f"extra operand of vertex {vertex.name}")
-    source, last = tensor_layout(layouts[first]), values[first].ndim - 1
-    for axis, atoms in source.items():
-        if axis != last:
-            ctx.barrier(atoms, f"moves the positions of axis {axis}")
-    if last not in source:
+    last = values[first].ndim - 1
+    atoms = axis_atoms(ctx, operand_layout(ctx, vertex, layouts, first), last, "moves the positions of axis {axis}")
+    if atoms is None:
         return None
     if output.shape[-1] != values[first].shape[-1]:
-        return barrier_all(ctx, {last: source[last]}, "changes the last axis's size")
-    return {output.ndim - 1: source[last]}
+        return barrier_all(ctx, {last: atoms}, "changes the last axis's size")
+    return {output.ndim - 1: atoms}
 
 
 def remove_from_prelu(module, input_masks, output_mask, shapes):

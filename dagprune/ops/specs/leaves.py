@@ -25,7 +25,7 @@ BLACK_BOX_LAYERS = (
     nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
     nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.LocalResponseNorm,
     nn.CrossMapLRN2d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d, nn.MaxUnpool1d,
-    nn.MaxUnpool2d, nn.MaxUnpool3d, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.GLU,
+    nn.MaxUnpool2d, nn.MaxUnpool3d, nn.ChannelShuffle, nn.GLU,
     nn.CosineSimilarity, nn.PairwiseDistance, nn.Softmax2d, nn.AdaptiveLogSoftmaxWithLoss,
 )
 

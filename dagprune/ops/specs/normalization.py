@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dagprune.ops.channel_map import (ShapeTag, argument_input, argument_value, channel_atoms,
-                                      same_in_every_row, tensor_layout, tie_positions_across_groups)
+                                      operand_layout, same_in_every_row, tensor_layout,
+                                      tie_positions_across_groups)
 from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.group_moments import masked_group_mean
 from dagprune.ops.layers import NormOp
@@ -40,10 +41,7 @@ def pass_through_coupling(ctx, vertex, module, layouts, values, output):
     first = next((i for i, v in enumerate(values) if isinstance(v, torch.Tensor)), None)
     if first is None:
         return None
-    for index, other in enumerate(layouts):
-        if index != first:
-            ctx.barrier_layout(other, f"extra operand of vertex {vertex.name}")
-    layout = tensor_layout(layouts[first])
+    layout = operand_layout(ctx, vertex, layouts, first)
     return dict(layout) if layout else None
 
 
