@@ -9,10 +9,12 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dagprune.ops.flop_counting import no_flops
-from dagprune.ops.channel_map import axis_atoms, barrier_all, first_tensor_index, operand_layout
+from dagprune.ops.channel_map import (argument_input, axis_atoms, barrier_all, first_tensor_index, is_size_layout,
+                                      operand_layout, tensor_layout)
 from dagprune.ops.layers import InterpolateOp, PadOp, PoolOp
 from dagprune.ops.padding import SamePad2d
 from dagprune.ops.slicing import kept_count, slice_per_channel_state, unchanged_removal
@@ -33,6 +35,7 @@ DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
 POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
          nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
          nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.LPPool3d)
+UNPOOLS = (nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d)
 RESAMPLING = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 PADDINGS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
             nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
@@ -58,6 +61,37 @@ def last_axis_pass_through_coupling(ctx, vertex, module, layouts, values, output
     return {output.ndim - 1: atoms}
 
 
+def pooling_coupling(ctx, vertex, module, layouts, values, output):
+    """Pooling passes channels through; a max pool returning its indices
+    (``return_indices=True``) gives the values and the indices the same channels."""
+    layout = pass_through_coupling(ctx, vertex, module, layouts, values, output)
+    if isinstance(output, tuple):
+        return tuple(None if layout is None else dict(layout) for _ in output)
+    return layout
+
+
+def unpooling_coupling(ctx, vertex, module, layouts, values, output):
+    """Max unpooling (``nn.MaxUnpool2d``, ``F.max_unpool2d``) places each channel's values at
+    that channel's own indices (positions within its plane): the values' and the indices'
+    channels are the same, and the output carries them. An ``output_size`` read from a tensor's
+    size counts only its spatial entries, so it reads channel sizes harmlessly; any other
+    operand carrying channels is a barrier."""
+    x_index, indices_index = ((0, 1) if isinstance(module, UNPOOLS) else
+                              (argument_input(module, 0, "input"), argument_input(module, 1, "indices")))
+    if x_index is None or indices_index is None:
+        return barrier_all(ctx, layouts, "unpooling with constant values or indices")
+    for index, other in enumerate(layouts):
+        if index not in (x_index, indices_index) and not is_size_layout(other):
+            ctx.barrier_layout(other, f"extra operand of vertex {vertex.name}")
+    layout, indices = tensor_layout(layouts[x_index]), tensor_layout(layouts[indices_index])
+    for axis in set(layout) | set(indices):
+        if axis in layout and axis in indices:
+            ctx.unify(layout[axis], indices[axis])
+        else:
+            ctx.barrier(layout.get(axis, indices.get(axis)), "unpooled without its indices' channels")
+    return {axis: atoms for axis, atoms in layout.items() if axis in indices} or None
+
+
 def remove_from_prelu(module, input_masks, output_mask, shapes):
     """A PReLU with one slope per channel loses the removed channels' slopes."""
     if module.num_parameters == 1:
@@ -75,6 +109,32 @@ def _example(*layers: nn.Module):
     return example
 
 
+class _SegNetStage(nn.Module):
+    """An encoder conv, a max pool keeping its indices, a decoder conv, unpooling at them."""
+
+    def __init__(self, functional: bool = False):
+        super().__init__()
+        self.functional = functional
+        self.encode, self.decode, self.out = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 2, 1)
+        self.pool, self.unpool = nn.MaxPool2d(2, return_indices=True), nn.MaxUnpool2d(2)
+
+    def forward(self, x):
+        features = self.encode(x)
+        pooled, indices = self.pool(features)
+        decoded = torch.relu(self.decode(pooled))
+        if self.functional:
+            return self.out(F.max_unpool2d(decoded, indices, 2, output_size=features.size()))
+        return self.out(self.unpool(decoded, indices))
+
+
+def _unpooling_example():
+    return _SegNetStage(), (torch.randn(1, 3, 8, 8),)
+
+
+def _functional_unpooling_example():
+    return _SegNetStage(functional=True), (torch.randn(1, 3, 8, 8),)
+
+
 def _spec(name, targets, example, removal=unchanged_removal):
     return OpSpec(name, targets, flops=no_flops, coupling=pass_through_coupling, removal=removal,
                   example=example)
@@ -83,7 +143,13 @@ def _spec(name, targets, example, removal=unchanged_removal):
 SPECS = (
     _spec("activation", ACTIVATIONS, _example(nn.Hardswish())),
     _spec("dropout", DROPOUTS, _example(nn.Dropout2d(0.1))),
-    _spec("pooling", POOLS + (PoolOp,), _example(nn.MaxPool2d(2))),
+    OpSpec("pooling", POOLS + (PoolOp,), flops=no_flops, coupling=pooling_coupling, removal=unchanged_removal,
+           example=_example(nn.MaxPool2d(2))),
+    OpSpec("unpooling", UNPOOLS, flops=no_flops, coupling=unpooling_coupling, removal=unchanged_removal,
+           reads_sizes=True, example=_unpooling_example),
+    OpSpec("functional_unpooling", tuple(f"torch.nn.functional.max_unpool{n}d" for n in (1, 2, 3)),
+           flops=no_flops, coupling=unpooling_coupling, removal=unchanged_removal, reads_sizes=True,
+           example=_functional_unpooling_example),
     _spec("resampling", RESAMPLING + (InterpolateOp,), _example(nn.Upsample(scale_factor=2))),
     _spec("padding", PADDINGS + (PadOp,), _example(nn.ZeroPad2d(1))),
     _spec("prelu", (nn.PReLU,), _example(nn.PReLU(8)), removal=remove_from_prelu),

@@ -24,8 +24,7 @@ __all__ = ["SPECS"]
 BLACK_BOX_LAYERS = (
     nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
     nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.LocalResponseNorm,
-    nn.CrossMapLRN2d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d, nn.MaxUnpool1d,
-    nn.MaxUnpool2d, nn.MaxUnpool3d, nn.ChannelShuffle, nn.GLU,
+    nn.CrossMapLRN2d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d, nn.ChannelShuffle,
     nn.CosineSimilarity, nn.PairwiseDistance, nn.Softmax2d, nn.AdaptiveLogSoftmaxWithLoss,
 )
 
