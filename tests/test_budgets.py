@@ -300,6 +300,32 @@ def test_prune_with_a_latency_budget_caches_its_table(tmp_path, capsys, monkeypa
     assert calibration and all(entry["measured"] == pytest.approx(1.0) for entry in calibration)
 
 
+def test_the_latency_budget_reports_the_share_timed_in_alternation(tmp_path, capsys, monkeypatch):
+    from dagprune_algorithms.app import latency
+
+    calls = []
+
+    def drifting(model, *args, **kwargs):  # time grows with the parameters, and with every call
+        calls.append(model)
+        size = sum(p.numel() for p in model.parameters())
+        return latency.LatencyResult(median_ms=size * len(calls), iqr_ms=0.0, p25_ms=float(size),
+                                     p75_ms=float(size), batch_size=32, num_threads=1, device="cpu", repeats=1)
+
+    monkeypatch.setattr(latency, "measure_latency", drifting)
+    monkeypatch.setattr(latency_table, "seconds_per_call", _fake_seconds)
+    out = tmp_path / "run"
+    code = main(["prune", *TINY, "--no-reference", "--budget", "latency", "--latency-cache", str(tmp_path / "cache"),
+                 "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert code in (0, 1), report
+    baseline, pruned = report["rows"][0], report["rows"][-1]
+    share = report["budget"]["measured_latency_share"]
+    assert share == pytest.approx(pruned["params"] / baseline["params"])  # not skewed by the drift
+    assert pruned["latency_ms"] / baseline["latency_ms"] != pytest.approx(share)  # the rows' ratio is
+    assert f"measured latency {share:.3f} of the baseline's (batch 32, cpu, timed in alternation)" in \
+        capsys.readouterr().out
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--budget", "memory"], "argument --budget: invalid choice: 'memory'"),
     (["--budget", "params", "--method", "l1"], "--budget params applies to --method dag only"),
