@@ -23,7 +23,8 @@ class ElementwiseOp(FunctionalOp):
                             "logical_and", "logical_or", "logical_xor", "and_", "or_", "xor",
                             "bitwise_and", "bitwise_or", "bitwise_xor", "masked_fill", "masked_fill_") + \
         _names("eq", "ne", "gt", "lt", "ge", "le", "greater", "less", "greater_equal", "less_equal",
-               "not_equal", namespaces=("torch", "Tensor"))
+               "not_equal", "heaviside", "logaddexp", "logaddexp2", "hypot", "atan2", "copysign",
+               "xlogy", "fmax", "fmin", "float_power", namespaces=("torch", "Tensor"))
 
 
 @register_op_type
@@ -41,7 +42,13 @@ class PointwiseOp(FunctionalOp):
                "sigmoid", "exp_", "pow_", "invert", "not_", "inv", "logical_not", "bitwise_not",
                "isnan", "isinf", "isfinite", "isneginf", "isposinf", "signbit",
                namespaces=("torch", "Tensor", "torch.nn.functional", "operator"))
-        + ("operator.neg", "operator.pos", "torch.special.expit", "torch.special.erf"))
+        + _names("tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh", "log2",
+                 "log10", "exp2", "sinc", "frac", "trunc", "logit", "sgn", "positive", "digamma",
+                 "lgamma", "i0", "fix", "deg2rad", "rad2deg", "erfinv",
+                 namespaces=("torch", "Tensor"))
+        + _names("softshrink", "hardshrink", "threshold", namespaces=("torch.nn.functional",))
+        + ("operator.neg", "operator.pos", "torch.special.expit", "torch.special.erf", "Tensor.double",
+           "Tensor.bfloat16"))
 
 
 @register_op_type

@@ -385,7 +385,7 @@ def _norm_example(norm: nn.Module, channels_last: bool = False):
 
 
 class _FunctionalNorms(nn.Module):
-    """Functional layer, group and batch norm with parameters read in the graph."""
+    """Functional layer, group, instance and batch norm with parameters read in the graph."""
 
     def __init__(self):
         super().__init__()
@@ -396,7 +396,7 @@ class _FunctionalNorms(nn.Module):
 
     def forward(self, x):
         x = F.batch_norm(self.conv(x), self.mean, self.var, self.scale, self.shift)
-        x = F.group_norm(x, 4, self.scale, self.shift)
+        x = F.group_norm(F.instance_norm(x, weight=self.scale, bias=self.shift), 4, self.scale, self.shift)
         x = F.layer_norm(x.permute(0, 2, 3, 1), (8,), self.scale, self.shift).permute(0, 3, 1, 2)
         return self.head(x)
 
@@ -446,6 +446,8 @@ SPECS = (
            example=_functional_example),
     OpSpec("functional_normalize", (_F + "normalize",), flops=no_flops, coupling=functional_normalize_coupling,
            removal=unchanged_removal, masking=mask_functional_normalize, example=_cosine_attention_example),
-    # F.instance_norm and other functional norms: statistics over axes the call decides; not followed
+    OpSpec("functional_instance_norm", (_F + "instance_norm", "torch.instance_norm"), flops=no_flops,
+           coupling=functional_batch_norm_coupling, removal=unchanged_removal, example=_functional_example),
+    # other functional norms: statistics over axes the call decides; not followed
     OpSpec("functional_norm", (NormOp,), flops=no_flops, coupling=opaque_coupling),
 )
