@@ -17,7 +17,7 @@ class ReductionOp(FunctionalOp):
 
     function_names = _all("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm",
                           "logsumexp", "prod", "argmax", "argmin", "nanmean", "nansum", "all", "any") + (
-        "torch.linalg.vector_norm",)
+        "torch.linalg.vector_norm", "torch.var_mean", "torch.std_mean")
 
 
 @register_op_type

@@ -1,7 +1,8 @@
 """Reductions (mean, sum, amax, ...), softmax, and sorts and scans along an axis (topk, cumsum, ...).
 
-A mean, sum or 2-norm over a channel axis (a hand-written layer norm's ``x.mean(-1)``, a
-global response norm's ``x.mean(-1)``) *consumes* that axis' channels like a normalisation:
+A mean, sum, 2-norm, variance or standard deviation over a channel axis (a hand-written layer
+norm's ``x.mean(-1)`` and ``x.var(-1)``, a global response norm's ``x.mean(-1)``) *consumes* that
+axis' channels like a normalisation:
 in the gated model it reduces over the kept channels only (the masking facet), so removing
 them gives the same value. Other reductions over a channel axis, and reductions over several
 channel axes at once, make those channels barriers; so does softmax over one.
@@ -27,15 +28,27 @@ _SOFTMAX_LAYERS = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 
 _NORMS = {"norm": "p", "vector_norm": "ord"}
 """2-norm reductions, by name, with the keyword of their order (given before ``dim``)."""
-_MASKABLE = {"mean", "sum", *_NORMS}
+_SPREADS = {"var", "std", "var_mean", "std_mean"}
+"""Variance-like reductions: ``(input, dim, unbiased, keepdim)`` or ``correction=`` by keyword."""
+_MASKABLE = {"mean", "sum", *_NORMS, *_SPREADS}
 """Reductions whose value over kept channels the masking facet computes."""
 
 
 def _reduction_arguments(module, values) -> tuple[list[int], bool]:
-    """The reduced axes and ``keepdim`` of a reduction (a norm takes its order before ``dim``)."""
+    """The reduced axes and ``keepdim`` of a reduction (a norm takes its order before ``dim``,
+    a variance its ``unbiased`` flag before ``keepdim``)."""
     offset = 1 if module.short_name in _NORMS else 0
     dims = normalize_dims(argument_value(module, values, 1 + offset, "dim"), values[0].ndim)
-    return dims, bool(argument_value(module, values, 2 + offset, "keepdim", False))
+    keepdim_position = 3 if module.short_name in _SPREADS else 2 + offset
+    return dims, bool(argument_value(module, values, keepdim_position, "keepdim", False))
+
+
+def _correction(module, values) -> float:
+    """The variance's divisor correction: ``correction=``, else 1 unless ``unbiased=False``."""
+    correction = argument_value(module, values, None, "correction")
+    if correction is not None:
+        return float(correction)
+    return 1.0 if argument_value(module, values, 2, "unbiased", True) else 0.0
 
 
 def _maskable(module, values) -> bool:
@@ -105,18 +118,26 @@ def scan_coupling(ctx, vertex, module, layouts, values, output):
 
 
 def mask_reduction(op, inputs, mask, axis):
-    """The mean, sum or 2-norm over kept channels: channel ``c`` of ``axis`` weighs ``mask[c]``
-    (a mean divides by the kept count times the other reduced sizes)."""
+    """The mean, sum, 2-norm, variance or standard deviation over kept channels: channel ``c``
+    of ``axis`` weighs ``mask[c]`` (a mean divides by the kept count times the other reduced
+    sizes; a variance takes the weighted mean's squared deviations over that count less its
+    correction)."""
     x = inputs[0]
     dims, keepdim = _reduction_arguments(op, inputs)
     weights = mask.reshape([-1 if a == axis else 1 for a in range(x.ndim)])
     if op.short_name in _NORMS:
         return ((x * x) * weights).sum(dims, keepdim=keepdim).sqrt()
-    total = (x * weights).sum(dims, keepdim=keepdim)
     if op.short_name == "sum":
-        return total
-    others = math.prod(x.shape[d] for d in dims if d != axis)
-    return total / (mask.sum() * others)
+        return (x * weights).sum(dims, keepdim=keepdim)
+    count = mask.sum() * math.prod(x.shape[d] for d in dims if d != axis)
+    mean = (x * weights).sum(dims, keepdim=True) / count
+    if op.short_name == "mean":
+        return mean if keepdim else mean.squeeze(dims)
+    variance = ((x - mean).square() * weights).sum(dims, keepdim=keepdim) / (count - _correction(op, inputs))
+    spread = variance.sqrt() if op.short_name.startswith("std") else variance
+    if op.short_name.endswith("_mean"):
+        return spread, (mean if keepdim else mean.squeeze(dims))
+    return spread
 
 
 def softmax_coupling(ctx, vertex, module, layouts, values, output):
@@ -142,6 +163,9 @@ class _HandWrittenNorms(nn.Module):
         centered = h - h.mean(-1, keepdim=True)
         h = centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + 1e-6)
         h = h / torch.norm(h, dim=-1, keepdim=True)
+        h = (h - h.mean(-1, keepdim=True)) / (h.var(-1, keepdim=True, unbiased=False) + 1e-5).sqrt() * h.std(-1)[..., None]
+        variance, mean = torch.var_mean(h, dim=-1, keepdim=True, correction=0)
+        h = (h - mean) / (variance + 1e-5).sqrt()
         return self.down(h * torch.linalg.vector_norm(h, 2, dim=1, keepdim=True) / torch.linalg.vector_norm(h))
 
 
