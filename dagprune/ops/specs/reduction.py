@@ -1,8 +1,9 @@
 """Reductions (mean, sum, amax, ...), softmax, and sorts and scans along an axis (topk, cumsum, ...).
 
 A mean, sum, 2-norm, variance or standard deviation over a channel axis (a hand-written layer
-norm's ``x.mean(-1)`` and ``x.var(-1)``, a global response norm's ``x.mean(-1)``) *consumes* that
-axis' channels like a normalisation:
+norm's ``x.mean(-1)`` and ``x.var(-1)``, a global response norm's ``x.mean(-1)``), and a maximum
+or minimum over one (CBAM's spatial attention: ``x.max(1, keepdim=True)[0]``, ``x.amax(1)``) whose
+indices nothing reads, *consumes* that axis' channels like a normalisation:
 in the gated model it reduces over the kept channels only (the masking facet), so removing
 them gives the same value. Other reductions over a channel axis, and reductions over several
 channel axes at once, make those channels barriers; so does softmax over one.
@@ -30,7 +31,9 @@ _NORMS = {"norm": "p", "vector_norm": "ord"}
 """2-norm reductions, by name, with the keyword of their order (given before ``dim``)."""
 _SPREADS = {"var", "std", "var_mean", "std_mean"}
 """Variance-like reductions: ``(input, dim, unbiased, keepdim)`` or ``correction=`` by keyword."""
-_MASKABLE = {"mean", "sum", *_NORMS, *_SPREADS}
+_EXTREMES = {"amax": math.inf, "max": math.inf, "amin": -math.inf, "min": -math.inf}
+"""Maximum-like reductions, by name, with the sign of the value that removed channels lose to."""
+_MASKABLE = {"mean", "sum", *_NORMS, *_SPREADS, *_EXTREMES}
 """Reductions whose value over kept channels the masking facet computes."""
 
 
@@ -51,15 +54,30 @@ def _correction(module, values) -> float:
     return 1.0 if argument_value(module, values, 2, "unbiased", True) else 0.0
 
 
-def _maskable(module, values) -> bool:
-    """Whether the masking facet computes this call over kept channels: a mean, a sum or a
-    2-norm of a floating-point tensor (no ``dtype=`` or ``out=`` conversions)."""
+def _maskable(ctx, vertex, module, values) -> bool:
+    """Whether the masking facet computes this call over kept channels: a mean, a sum, a
+    2-norm, a variance or a maximum of a floating-point tensor (no ``dtype=`` or ``out=``
+    conversions; a ``max(dim)`` whose indices nothing reads, since they count positions of the
+    full axis)."""
     name = module.short_name
     if name not in _MASKABLE or not values[0].is_floating_point():
         return False
     if any(module.argument(None, keyword) is not None for keyword in ("dtype", "out")):
         return False
+    if name in ("max", "min"):
+        return argument_value(module, values, 1, "dim") is not None and not _indices_read(ctx, vertex)
     return name not in _NORMS or argument_value(module, values, 1, _NORMS[name], 2) in (2, 2.0, "fro", None)
+
+
+def _indices_read(ctx, vertex) -> bool:
+    """Whether a reader of ``vertex``'s ``(values, indices)`` result takes anything but the values."""
+    for user in ctx.users.get(vertex, ()):
+        module = user.module
+        name = getattr(module, "function_name", None)
+        picked = module.argument(1, None) if name in ("operator.getitem", "getattr") else None
+        if picked not in (0, "values"):
+            return True
+    return False
 
 
 def _is_tensor_tuple(output) -> bool:
@@ -85,7 +103,7 @@ def reduction_coupling(ctx, vertex, module, layouts, values, output):
     x_layout = tensor_layout(layouts[0])
     dims, keepdim = _reduction_arguments(module, values)
     reduced = [axis for axis in x_layout if axis in dims]
-    consumed = reduced[0] if len(reduced) == 1 and _maskable(module, values) else None
+    consumed = reduced[0] if len(reduced) == 1 and _maskable(ctx, vertex, module, values) else None
     result = {}
     for axis, atoms in x_layout.items():
         if axis == consumed:
@@ -129,6 +147,10 @@ def mask_reduction(op, inputs, mask, axis):
         return ((x * x) * weights).sum(dims, keepdim=keepdim).sqrt()
     if op.short_name == "sum":
         return (x * weights).sum(dims, keepdim=keepdim)
+    if op.short_name in _EXTREMES:  # removed channels lose: the dtype's lowest (highest) value
+        info = torch.finfo(x.dtype)
+        lost = info.min if _EXTREMES[op.short_name] > 0 else info.max
+        return op(torch.where(weights > 0, x * weights, torch.full_like(x, lost)), *inputs[1:])
     count = mask.sum() * math.prod(x.shape[d] for d in dims if d != axis)
     mean = (x * weights).sum(dims, keepdim=True) / count
     if op.short_name == "mean":
@@ -166,6 +188,7 @@ class _HandWrittenNorms(nn.Module):
         h = (h - h.mean(-1, keepdim=True)) / (h.var(-1, keepdim=True, unbiased=False) + 1e-5).sqrt() * h.std(-1)[..., None]
         variance, mean = torch.var_mean(h, dim=-1, keepdim=True, correction=0)
         h = (h - mean) / (variance + 1e-5).sqrt()
+        h = h * torch.sigmoid(h.amax(-1, keepdim=True) - torch.max(h, dim=2, keepdim=True)[0] + h.min(-1).values[..., None])
         return self.down(h * torch.linalg.vector_norm(h, 2, dim=1, keepdim=True) / torch.linalg.vector_norm(h))
 
 
