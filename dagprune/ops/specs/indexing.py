@@ -205,7 +205,9 @@ def getitem_coupling(ctx, vertex, module, layouts, values, output):
                     # e.g. pit's x[:, :token_length], token_length read from a shape at run time
                     ctx.barrier(layout[in_axis], "slice of a channel axis with run-time bounds")
                 elif item.step not in (None, 1):
-                    ctx.barrier(layout[in_axis], "strided slice of a channel axis")
+                    picked = _strided_channels(ctx, layout[in_axis], item)
+                    if picked is not None:
+                        result[out_axis] = picked
                 else:
                     result[out_axis] = layout[in_axis][item]
             in_axis, out_axis = in_axis + 1, out_axis + 1
@@ -216,6 +218,20 @@ def getitem_coupling(ctx, vertex, module, layouts, values, output):
             result[out_axis] = layout[in_axis]
         in_axis, out_axis = in_axis + 1, out_axis + 1
     return result or None
+
+
+def _strided_channels(ctx, atoms: np.ndarray, item: slice) -> np.ndarray | None:
+    """``x[..., s::k]`` along a channel axis of a multiple of ``k`` channels, ``0 <= s < k``
+    (interleaved rotary embeddings take ``x[..., ::2]`` and ``x[..., 1::2]``): each block of
+    ``k`` consecutive channels is one class, kept or removed whole, so the same slice of the slim
+    tensor picks the same channels. Any other strided slice bars the axis (None)."""
+    step, start = item.step, item.start or 0
+    if step < 1 or not 0 <= start < step or len(atoms) % step or item.stop not in (None, len(atoms)):
+        ctx.barrier(atoms, "strided slice of a channel axis")
+        return None
+    blocks = np.asarray(atoms).reshape(-1, step)
+    ctx.unify(blocks[:, 1:], np.repeat(blocks[:, :1], step - 1, axis=1))
+    return blocks[:, start].copy()
 
 
 def _gather_rows(ctx, layouts: list, layout: Layout, index: torch.Tensor) -> Layout | None:
@@ -283,7 +299,9 @@ def remove_from_getitem(module, input_masks, output_mask, shapes):
             in_axis += ndim - explicit
         elif isinstance(item, slice):
             mask = in_masks.get(in_axis)
-            if mask is not None:
+            if mask is not None and item.step not in (None, 1):  # whole blocks go: same offset
+                item = slice(item.start, None, item.step)
+            elif mask is not None:
                 start, stop, _ = item.indices(len(mask))
                 item = slice(int(mask[:start].sum()), int(mask[:stop].sum()), None)
             in_axis += 1
