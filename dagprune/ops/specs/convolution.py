@@ -1,4 +1,5 @@
-"""Convolutions: nn.Conv*d, nn.ConvTranspose*d, timm's weight-standardised conv, F.conv*d."""
+"""Convolutions: nn.Conv*d, nn.ConvTranspose*d, timm's weight-standardised conv (F.conv*d with
+weights read in the graph: :mod:`dagprune.ops.specs.functional_conv`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dagprune.ops.channel_map import (argument_value, channel_atoms, same_in_every_row, tensor_layout,
+from dagprune.ops.channel_map import (channel_atoms, same_in_every_row, tensor_layout,
                                       tie_positions_across_groups)
 from dagprune.ops.flop_counting import measured_flops
 from dagprune.ops.layers import FunctionalLayerOp
@@ -31,11 +32,6 @@ def conv_flops(module: nn.Conv2d, inputs, output) -> int:
 def conv_transpose_flops(module: nn.ConvTranspose2d, inputs, output) -> int:
     kernel = math.prod(module.kernel_size)
     return 2 * inputs[0].numel() * (module.out_channels // module.groups) * kernel
-
-
-def functional_conv_flops(module, inputs, output) -> int:
-    weight = argument_value(module, inputs, 1, "weight")
-    return 2 * output.numel() * math.prod(weight.shape[1:])
 
 
 # ------------------------------------------------------------------------------- coupling
@@ -226,10 +222,6 @@ SPECS = (
     OpSpec("standardized_conv", (StandardizedConv2d,), flops=conv_flops, coupling=conv_coupling,
            removal=remove_from_standardized_conv, importance=conv_filters,
            example=_standardized_conv_example),
-    # weights arrive as inputs; their channels are not followed through the call
-    OpSpec("functional_conv", ("torch.nn.functional.conv1d", "torch.nn.functional.conv2d",
-                               "torch.nn.functional.conv3d", "torch.conv1d", "torch.conv2d", "torch.conv3d"),
-           flops=functional_conv_flops, coupling=opaque_coupling),
     OpSpec("functional_layer", (FunctionalLayerOp,), flops=measured_flops, coupling=opaque_coupling),
     OpSpec("functional_conv_transpose", ("torch.nn.functional.conv_transpose1d",
                                          "torch.nn.functional.conv_transpose2d"),
