@@ -3,7 +3,7 @@
 :data:`MODELS` names each transformers class with its kind (encoder, decoder, seq2seq, audio,
 speech2text, multimodal or vision) and the keyword arguments of a tiny config: hidden sizes 8-64,
 2 layers or 1 block per stage, 4 heads, a vocabulary of 256, 32 px images (64 for MobileViT and
-Segformer). :func:`build_model` builds one with random weights (no download); :func:`example_inputs`
+Segformer, 16 for Swin2SR). :func:`build_model` builds one with random weights (no download); :func:`example_inputs`
 gives its keyword inputs: token IDs and an attention mask padding one row (``use_cache=False`` for
 decoders; encoder-decoders add ``decoder_input_ids``), raw waveforms (``input_values``), log-mel
 features with ``decoder_input_ids`` (Whisper), token IDs with images (CLIP), or ``pixel_values``;
@@ -103,6 +103,8 @@ MODELS: dict[str, tuple[str, dict]] = {
     # speech: raw waveforms (a weight-normed position conv), or log-mel features to text
     "Wav2Vec2Model": ("audio", _WAV2VEC2),
     "HubertModel": ("audio", _WAV2VEC2),
+    "Wav2Vec2ConformerModel": ("audio", {**_WAV2VEC2, "conv_depthwise_kernel_size": 7,  # a GLU per block
+                                         "position_embeddings_type": "relative"}),
     "WhisperForConditionalGeneration": ("speech2text", dict(
         vocab_size=VOCAB, num_mel_bins=MEL_BINS, d_model=32, encoder_layers=2, decoder_layers=2,
         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
@@ -130,6 +132,9 @@ MODELS: dict[str, tuple[str, dict]] = {
     "Swinv2Model": ("vision", _SWIN),
     "MobileViTModel": ("vision", dict(image_size=64, hidden_sizes=[32, 40, 48],
                                       neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64])),
+    "Swin2SRForImageSuperResolution": ("vision", dict(  # upsampled by a pixel shuffle
+        image_size=16, patch_size=1, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4, upscale=2,
+        upsampler="pixelshuffle")),
     "SegformerModel": ("vision", dict(image_size=64, depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64],
                                       num_attention_heads=[1, 2, 2, 4], decoder_hidden_size=32)),
 }
