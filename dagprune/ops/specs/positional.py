@@ -1,6 +1,7 @@
 """Ops that move or drop positions along some axes and leave every other axis alone:
-``flip``, ``roll``, ``narrow`` and ``diff`` (spatial flips for test-time augmentation, shifted
-windows, crops, finite differences).
+``flip``, ``roll``, ``narrow``, ``diff`` and ``Tensor.unfold`` (spatial flips for test-time
+augmentation, shifted windows, crops, finite differences, sliding windows appended as a new last
+axis).
 
 Channels on the axes an op does not touch pass through. On a touched axis: ``flip`` reverses
 the channels, an order that survives removal (the kept channels, reversed); ``roll``'s rotation
@@ -45,6 +46,8 @@ def _touched_axes(module, values) -> list[int] | None:
     elif name == "roll":
         dims = _constant(module, 2, "dims", ())
         dims = None if dims in ((), []) else dims  # without dims it rolls the flattened tensor
+    elif name == "unfold":  # Tensor.unfold(dimension, size, step): windows on a new last axis
+        dims = _constant(module, 1, "dimension")
     else:  # narrow(x, dim, start, length), diff(x, n, dim)
         dims = _constant(module, 1, "dim") if name == "narrow" else _constant(module, 2, "dim", -1)
     if dims is None or (isinstance(dims, (list, tuple)) and not all(isinstance(d, int) for d in dims)):
@@ -75,7 +78,7 @@ def _has_extra_tensors(module) -> bool:
 
 
 _NAMES = tuple(f"{namespace}.{name}" for name in ("flip", "roll", "narrow", "diff")
-               for namespace in ("torch", "Tensor"))
+               for namespace in ("torch", "Tensor")) + ("Tensor.unfold",)
 
 
 class _Positions(nn.Module):
@@ -89,6 +92,7 @@ class _Positions(nn.Module):
         x = self.first(x)
         x = (x + x.flip(3) + torch.flip(x, dims=[1])) / 3  # the channel flip reverses them
         x = torch.roll(x, shifts=(1, -1), dims=(2, 3)).narrow(2, 0, 4)
+        x = x.unfold(3, 2, 1).mean(-1)  # sliding windows of 2 along the width
         return self.last(torch.cat([torch.diff(x, dim=-1), x[..., :1]], dim=-1))
 
 
