@@ -6,7 +6,8 @@ or minimum over one (CBAM's spatial attention: ``x.max(1, keepdim=True)[0]``, ``
 indices nothing reads, *consumes* that axis' channels like a normalisation:
 in the gated model it reduces over the kept channels only (the masking facet), so removing
 them gives the same value. Other reductions over a channel axis, and reductions over several
-channel axes at once, make those channels barriers; so does softmax over one.
+channel axes at once, make those channels barriers. A softmax over a channel axis is consumed
+the same way (removed channels get 0); a log-softmax or softmin over one is a barrier.
 """
 
 from __future__ import annotations
@@ -162,15 +163,45 @@ def mask_reduction(op, inputs, mask, axis):
     return spread
 
 
-def softmax_coupling(ctx, vertex, module, layouts, values, output):
+def _softmax_dim(module, values) -> int | None:
     dim = module.dim if isinstance(module, _SOFTMAX_LAYERS) else argument_value(module, values, 1, "dim")
+    return None if dim is None else dim % values[0].ndim
+
+
+def _plain_softmax(module, values) -> bool:
+    """A softmax (not its log, not softmin) of a floating-point tensor without a ``dtype=``."""
+    if isinstance(module, _SOFTMAX_LAYERS):
+        return type(module) is nn.Softmax
+    return (module.short_name == "softmax" and values[0].is_floating_point()
+            and argument_value(module, values, None, "dtype") is None)
+
+
+def softmax_coupling(ctx, vertex, module, layouts, values, output):
+    """Channels on other axes pass. A softmax over a channel axis (cross-covariance attention:
+    XCiT, EdgeNeXt) consumes it like a norm (over the kept channels only, the removed ones
+    giving 0) and its channels pass to the output; a log-softmax or softmin over one bars it."""
+    dim = _softmax_dim(module, values)
     if dim is None:
         return opaque_coupling(ctx, vertex, module, layouts, values, output)
-    x_layout = tensor_layout(layouts[0])
-    dim %= values[0].ndim
-    if dim in x_layout:
-        ctx.barrier(x_layout[dim], "softmax over a channel axis")
-    return {axis: atoms for axis, atoms in x_layout.items() if axis != dim} or None
+    x_layout = dict(tensor_layout(layouts[0]))
+    if dim in x_layout and _plain_softmax(module, values):
+        ctx.consume(vertex, 0, dim, x_layout[dim], kind="norm")
+    elif dim in x_layout:
+        ctx.barrier(x_layout.pop(dim), f"{describe_softmax(module)} over a channel axis")
+    return x_layout or None
+
+
+def describe_softmax(module) -> str:
+    return type(module).__name__ if isinstance(module, _SOFTMAX_LAYERS) else module.short_name
+
+
+def mask_softmax(op, inputs, mask, axis):
+    """The softmax over kept channels: ``mask[c] * exp(x_c)`` normalised, 0 where a channel is
+    removed."""
+    x = inputs[0]
+    weights = mask.reshape([-1 if a == axis else 1 for a in range(x.ndim)]).to(x.dtype)
+    scaled = (x - x.amax(axis, keepdim=True).detach()).exp() * weights
+    return scaled / scaled.sum(axis, keepdim=True)
 
 
 class _HandWrittenNorms(nn.Module):
@@ -195,10 +226,12 @@ class _HandWrittenNorms(nn.Module):
 class _Pooled(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv, self.head = nn.Conv2d(3, 8, 1), nn.Linear(8, 2)
+        self.conv, self.head, self.channel_softmax = nn.Conv2d(3, 8, 1), nn.Linear(8, 2), nn.Softmax(dim=1)
 
     def forward(self, x):
-        return self.head(self.conv(x).mean((2, 3))).softmax(-1)
+        x = self.conv(x)
+        x = x * torch.softmax(x, dim=1) + self.channel_softmax(x)  # over the channels
+        return self.head(x.mean((2, 3))).softmax(-1)
 
 
 class _PooledByRanking(nn.Module):
@@ -221,7 +254,7 @@ SPECS = (
            removal=unchanged_removal, masking=mask_reduction,
            example=lambda: (_HandWrittenNorms(), (torch.randn(2, 4, 5),))),
     OpSpec("softmax", (SoftmaxOp, *_SOFTMAX_LAYERS), flops=no_flops, coupling=softmax_coupling,
-           removal=unchanged_removal, example=lambda: (_Pooled(), (torch.randn(1, 3, 4, 4),))),
+           removal=unchanged_removal, masking=mask_softmax, example=lambda: (_Pooled(), (torch.randn(1, 3, 4, 4),))),
     OpSpec("axis_scan", (AxisScanOp,), flops=no_flops, coupling=scan_coupling, removal=unchanged_removal,
            example=lambda: (_PooledByRanking(), (torch.randn(2, 3, 4, 4),))),
 )
