@@ -33,6 +33,10 @@ own transformer blocks are patched too: ``F._none_or_dtype`` (an ``isinstance`` 
 reads a mask's dtype) answers from the proxy, and ``_detect_is_causal_mask`` (which compares a
 given mask with the causal one by value) is recorded as a call, run on the DAG's mask. The
 recording patches (``torch.tensor``, the sized factories) also apply to symbolic tracing.
+``torch.autocast(device_type=x.device.type, enabled=False)`` (timm's EfficientViT keeps its
+attention in float32 so) takes its arguments from the example: a context manager is not recorded
+in the graph, only the ops run inside it (their explicit casts included), so under a caller's
+autocast those ops follow the caller's autocast.
 """
 
 from __future__ import annotations
@@ -249,6 +253,18 @@ def _specialised(tracer, original):
     return call
 
 
+def _context_arguments(tracer, original):
+    """A context manager (``torch.autocast``) built from the example's values: it shapes how the
+    ops inside run while tracing, and is not itself part of the graph."""
+    def call(*args, **kwargs):
+        def concrete(argument):
+            if isinstance(argument, fx.Proxy) and tracer.values is not None:
+                return tracer.values.value(argument.node)
+            return argument
+        return original(*map_aggregate(args, concrete), **map_aggregate(kwargs, concrete))
+    return call
+
+
 def _dtype_of_proxy(tracer, original):
     def call(input):
         return input.dtype if isinstance(input, fx.Proxy) else original(input)
@@ -261,7 +277,7 @@ _TRANSFORMER = torch.nn.modules.transformer
 # one (``_detect_is_causal_mask`` reads its values: recorded as a call, run on the DAG's mask)
 _PATCHES = ((torch, "tensor", _recorded), (torch, "as_tensor", _recorded), (torch, "finfo", _specialised),
             (torch, "iinfo", _specialised), *((torch, name, _recorded) for name in _SIZED_FACTORIES),
-            (torch.nn.functional, "_none_or_dtype", _dtype_of_proxy),
+            (torch.nn.functional, "_none_or_dtype", _dtype_of_proxy), (torch, "autocast", _context_arguments),
             (_TRANSFORMER, "_detect_is_causal_mask", _recorded))
 
 

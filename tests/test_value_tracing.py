@@ -464,3 +464,35 @@ def test_item_assignment_is_recorded_and_runs_in_order(tmp_path):
         assert torch.equal(loaded(x), expected)
     conv_group = next(g for g in find_channel_groups(dag, (3, 4, 4)).groups if g.name == "conv")
     assert not conv_group.prunable  # written into by index: its channels are not followed
+
+
+class _Float32Attention(nn.Module):
+    """Linear attention kept in float32 with ``torch.autocast(..., enabled=False)`` around it, the
+    device type read from the input (timm's EfficientViT ``LiteMLA``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(6, 24), nn.Linear(8, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            q, k, v = torch.relu(q.float()), torch.relu(k.float()), v.float()
+            out = q @ (k.transpose(-1, -2) @ v) / (x.shape[1] * 8)
+        return self.out(out.to(x.dtype))
+
+
+def test_a_block_that_disables_autocast_traces_with_example_values():
+    torch.manual_seed(0)
+    model, x = _Float32Attention().eval(), torch.randn(2, 5, 6)
+    with pytest.raises(ConversionError, match="autocast"):
+        dagprune.build_from_unstructured_module(model)  # symbolically: the device type is a proxy
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=x)
+    other = torch.randn(3, 5, 6)
+    assert torch.equal(dag(x), model(x)) and torch.equal(dag(other), model(other))
+    assert isinstance(torch.autocast, type)  # the tracing patch is undone
+    config = ChannelPruning(dag, None, 0.7, 1, example_inputs=x)
+    gated = config.prepare_for_pruning().eval()
+    assert config.prunable_proportion > 0.5
+    for _ in random_gate_states(config, seed=0):
+        assert_removal_matches_gates(config, gated, (x,))
