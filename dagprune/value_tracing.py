@@ -240,29 +240,32 @@ def _recorded(tracer, original):
     return call
 
 
-def _specialised(tracer, original):
+def _with_example_values(tracer, original, static_only: bool):
+    """``original`` called with each proxy among its arguments replaced by the example's value.
+    With ``static_only``, a value not computed from shapes, dtypes and fixed arguments stops the
+    trace; otherwise, traced symbolically (no values), the proxy is passed on."""
+    def concrete(argument):
+        if not isinstance(argument, fx.Proxy):
+            return argument
+        recorder = tracer.values
+        if static_only and (recorder is None or not recorder.is_static(argument.node)):
+            raise fx.proxy.TraceError(f"torch.{original.__name__} of a traced value that is not a known dtype")
+        return argument if recorder is None else recorder.value(argument.node)
+
     def call(*args, **kwargs):
-        def concrete(argument):
-            if not isinstance(argument, fx.Proxy):
-                return argument
-            recorder = tracer.values
-            if recorder is None or not recorder.is_static(argument.node):
-                raise fx.proxy.TraceError(f"torch.{original.__name__} of a traced value that is not a known dtype")
-            return recorder.value(argument.node)
         return original(*map_aggregate(args, concrete), **map_aggregate(kwargs, concrete))
     return call
+
+
+def _specialised(tracer, original):
+    """``torch.finfo`` / ``torch.iinfo`` of a traced dtype: the example's (kept as a constant)."""
+    return _with_example_values(tracer, original, static_only=True)
 
 
 def _context_arguments(tracer, original):
     """A context manager (``torch.autocast``) built from the example's values: it shapes how the
     ops inside run while tracing, and is not itself part of the graph."""
-    def call(*args, **kwargs):
-        def concrete(argument):
-            if isinstance(argument, fx.Proxy) and tracer.values is not None:
-                return tracer.values.value(argument.node)
-            return argument
-        return original(*map_aggregate(args, concrete), **map_aggregate(kwargs, concrete))
-    return call
+    return _with_example_values(tracer, original, static_only=False)
 
 
 def _dtype_of_proxy(tracer, original):

@@ -84,6 +84,18 @@ def argument_value(module, values: list, position: int | None, keyword: str | No
     return values[argument.index] if isinstance(argument, InputRef) else argument
 
 
+def constant_argument(module, position: int | None, keyword: str | None, default=None):
+    """A functional op's argument when it is a constant, None when it is computed at run time
+    (an input of the op)."""
+    value = module.argument(position, keyword, default)
+    return None if isinstance(value, InputRef) else value
+
+
+def along_axis(mask: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    """A per-channel ``mask`` shaped to broadcast along ``axis`` of an ``ndim``-axis tensor."""
+    return mask.reshape([-1 if a == axis else 1 for a in range(ndim)])
+
+
 def argument_input(module, position: int | None, keyword: str | None) -> int | None:
     """The index of the input passed as a functional op's argument, or None for a constant."""
     argument = module.argument(position, keyword)

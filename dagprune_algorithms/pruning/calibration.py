@@ -24,6 +24,7 @@ for a few rounds, keeping the gates of the round measured nearest the target.
 
 from __future__ import annotations
 
+from statistics import fmean
 from typing import Callable, Sequence
 
 import torch
@@ -153,9 +154,9 @@ def match_measured_share(pruning, measured_share: Callable[[], float], rounds: i
         records.append({"predicted": predicted, "measured": measured, "aim": None})
         model = models.setdefault(round(predicted, 12), {"measured": [], "state": _gate_state(gates)})
         model["measured"].append(measured)
-        if abs(_mean(model["measured"]) - target) <= tolerance * target or round_index == rounds or measured <= 0:
+        if abs(fmean(model["measured"]) - target) <= tolerance * target or round_index == rounds or measured <= 0:
             break
-        points = [(p, _mean(m["measured"])) for p, m in models.items()]
+        points = [(p, fmean(m["measured"])) for p, m in models.items()]
         sides = bracket(points, target)
         for side in sides or ():
             held[side[0]] = held.get(side[0], -1) + 1 if previous and side in previous else 0
@@ -167,7 +168,7 @@ def match_measured_share(pruning, measured_share: Callable[[], float], rounds: i
         pruning.calibrate_to_target(aim)
         for gate, was_frozen in zip(gates, frozen):
             gate.freeze(was_frozen)
-    nearest = min(models.values(), key=lambda m: abs(_mean(m["measured"]) - target))
+    nearest = min(models.values(), key=lambda m: abs(fmean(m["measured"]) - target))
     _restore_gate_state(gates, nearest["state"])
     return records
 
@@ -209,10 +210,6 @@ def next_aim(rounds: Sequence[tuple[float, float]], target: float, floor: float 
         return min(max(low_p + (target - low_m) * (high_p - low_p) / (high_m - low_m), floor), 1.0)
     predicted, measured = min(rounds, key=lambda r: abs(r[1] - target))
     return min(max(target * predicted / measured, floor), 1.0)
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 def _gate_state(gates: Sequence) -> list[tuple[torch.Tensor, torch.Tensor]]:

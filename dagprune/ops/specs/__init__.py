@@ -11,8 +11,8 @@ from dagprune.ops.specs import (attention, calls, channelwise, cond_conv, convol
 __all__ = ["builtin_specs"]
 
 _FAMILIES = (convolution, functional_conv, cond_conv, linear, embedding, normalization, rms_norm, evo_norm,
-             channelwise, elementwise, glu, factories, reduction, products, einsum, reshape, positional, pixel_shuffle, indexing,
-             recurrent_cells, recurrent, attention, calls, leaves)
+             channelwise, elementwise, glu, factories, reduction, products, einsum, reshape, positional,
+             pixel_shuffle, indexing, recurrent_cells, recurrent, attention, calls, leaves)
 
 
 def builtin_specs() -> tuple[OpSpec, ...]:

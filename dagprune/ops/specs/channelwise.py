@@ -135,21 +135,17 @@ def _functional_unpooling_example():
     return _SegNetStage(functional=True), (torch.randn(1, 3, 8, 8),)
 
 
-def _spec(name, targets, example, removal=unchanged_removal):
-    return OpSpec(name, targets, flops=no_flops, coupling=pass_through_coupling, removal=removal,
-                  example=example)
+def _spec(name, targets, example, removal=unchanged_removal, coupling=pass_through_coupling, **facets):
+    return OpSpec(name, targets, flops=no_flops, coupling=coupling, removal=removal, example=example, **facets)
 
 
 SPECS = (
     _spec("activation", ACTIVATIONS, _example(nn.Hardswish())),
     _spec("dropout", DROPOUTS, _example(nn.Dropout2d(0.1))),
-    OpSpec("pooling", POOLS + (PoolOp,), flops=no_flops, coupling=pooling_coupling, removal=unchanged_removal,
-           example=_example(nn.MaxPool2d(2))),
-    OpSpec("unpooling", UNPOOLS, flops=no_flops, coupling=unpooling_coupling, removal=unchanged_removal,
-           reads_sizes=True, example=_unpooling_example),
-    OpSpec("functional_unpooling", tuple(f"torch.nn.functional.max_unpool{n}d" for n in (1, 2, 3)),
-           flops=no_flops, coupling=unpooling_coupling, removal=unchanged_removal, reads_sizes=True,
-           example=_functional_unpooling_example),
+    _spec("pooling", POOLS + (PoolOp,), _example(nn.MaxPool2d(2)), coupling=pooling_coupling),
+    _spec("unpooling", UNPOOLS, _unpooling_example, coupling=unpooling_coupling, reads_sizes=True),
+    _spec("functional_unpooling", tuple(f"torch.nn.functional.max_unpool{n}d" for n in (1, 2, 3)),
+          _functional_unpooling_example, coupling=unpooling_coupling, reads_sizes=True),
     _spec("resampling", RESAMPLING + (InterpolateOp,), _example(nn.Upsample(scale_factor=2))),
     _spec("padding", PADDINGS + (PadOp,), _example(nn.ZeroPad2d(1))),
     _spec("prelu", (nn.PReLU,), _example(nn.PReLU(8)), removal=remove_from_prelu),

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dagprune.ops.channel_map import argument_input, argument_value, barrier_all, operand_layout
+from dagprune.ops.channel_map import argument_input, barrier_all, constant_argument, operand_layout
 from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.slicing import unchanged_removal
 from dagprune.ops.spec import OpSpec
@@ -26,9 +26,7 @@ def glu_coupling(ctx, vertex, module, layouts, values, output):
     if isinstance(module, nn.GLU):
         dim, x_index = module.dim, 0
     else:
-        dim, x_index = argument_value(module, values, 1, "dim", -1), argument_input(module, 0, "input")
-        if argument_input(module, 1, "dim") is not None:
-            dim = None  # computed at run time
+        dim, x_index = constant_argument(module, 1, "dim", -1), argument_input(module, 0, "input")
     if x_index is None or not isinstance(dim, int) or isinstance(dim, bool):
         return barrier_all(ctx, layouts, "a split axis that is not a constant integer")
     layout = dict(operand_layout(ctx, vertex, layouts, x_index))

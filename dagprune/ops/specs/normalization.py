@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dagprune.ops.channel_map import (ShapeTag, argument_input, argument_value, channel_atoms,
+from dagprune.ops.channel_map import (ShapeTag, along_axis, argument_input, argument_value, channel_atoms,
                                       operand_layout, same_in_every_row, tensor_layout,
                                       tie_positions_across_groups)
 from dagprune.ops.flop_counting import no_flops
@@ -354,7 +354,7 @@ def mask_functional_normalize(op, inputs, mask, axis):
     """``x / max(||x||, eps)`` with the 2-norm over the kept (mask-weighted) channels of ``axis``."""
     x = argument_value(op, inputs, 0, "input")
     eps = argument_value(op, inputs, 3, "eps", 1e-12)
-    weights = mask.reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+    weights = along_axis(mask, axis, x.ndim)
     norm = ((x * x) * weights).sum(axis, keepdim=True).sqrt()
     return x / norm.clamp_min(eps)
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dagprune.ops.channel_map import argument_input, argument_value, axis_atoms, barrier_all, operand_layout
+from dagprune.ops.channel_map import argument_input, axis_atoms, barrier_all, constant_argument, operand_layout
 from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.slicing import unchanged_removal
 from dagprune.ops.spec import OpSpec
@@ -33,9 +33,7 @@ def _factor_and_input(module, values) -> tuple[object, int | None, bool]:
         return module.downscale_factor, 0, True
     unshuffle = module.function_name.endswith("pixel_unshuffle")
     keyword = "downscale_factor" if unshuffle else "upscale_factor"
-    if argument_input(module, 1, keyword) is not None:  # computed at run time: not a constant
-        return None, argument_input(module, 0, "input"), unshuffle
-    return argument_value(module, values, 1, keyword), argument_input(module, 0, "input"), unshuffle
+    return constant_argument(module, 1, keyword), argument_input(module, 0, "input"), unshuffle
 
 
 def shuffle_coupling(ctx, vertex, module, layouts, values, output):

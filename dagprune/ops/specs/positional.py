@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dagprune.ops.channel_map import argument_input, barrier_all, normalize_dims, operand_layout
+from dagprune.ops.channel_map import argument_input, barrier_all, constant_argument, normalize_dims, operand_layout
 from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.slicing import unchanged_removal
 from dagprune.ops.spec import OpSpec
@@ -23,18 +23,12 @@ from dagprune.ops.templates import InputRef
 __all__ = ["SPECS"]
 
 
-def _constant(module, position: int, keyword: str, default=None):
-    """A constant argument, or None where it is computed at run time."""
-    value = module.argument(position, keyword, default)
-    return None if isinstance(value, InputRef) else value
-
-
 def _flip_dims(module):
     """``torch.flip(x, dims)``, or the method with the dims as separate arguments (``x.flip(2, 3)``)."""
     if module.function_name == "Tensor.flip" and len(module.args) > 2:
         dims = module.args[1:]
         return None if any(isinstance(d, InputRef) for d in dims) else list(dims)
-    return _constant(module, 1, "dims")
+    return constant_argument(module, 1, "dims")
 
 
 def _touched_axes(module, values) -> list[int] | None:
@@ -44,12 +38,12 @@ def _touched_axes(module, values) -> list[int] | None:
     if name == "flip":
         dims = _flip_dims(module)
     elif name == "roll":
-        dims = _constant(module, 2, "dims", ())
+        dims = constant_argument(module, 2, "dims", ())
         dims = None if dims in ((), []) else dims  # without dims it rolls the flattened tensor
     elif name == "unfold":  # Tensor.unfold(dimension, size, step): windows on a new last axis
-        dims = _constant(module, 1, "dimension")
+        dims = constant_argument(module, 1, "dimension")
     else:  # narrow(x, dim, start, length), diff(x, n, dim)
-        dims = _constant(module, 1, "dim") if name == "narrow" else _constant(module, 2, "dim", -1)
+        dims = constant_argument(module, 1, "dim") if name == "narrow" else constant_argument(module, 2, "dim", -1)
     if dims is None or (isinstance(dims, (list, tuple)) and not all(isinstance(d, int) for d in dims)):
         return None
     return normalize_dims(dims, ndim)

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from dagprune.ops.channel_map import argument_value, normalize_dims, tensor_layout
+from dagprune.ops.channel_map import along_axis, argument_value, normalize_dims, tensor_layout
 from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.reduction import AxisScanOp, ReductionOp, SoftmaxOp
 from dagprune.ops.slicing import unchanged_removal
@@ -143,7 +143,7 @@ def mask_reduction(op, inputs, mask, axis):
     correction)."""
     x = inputs[0]
     dims, keepdim = _reduction_arguments(op, inputs)
-    weights = mask.reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+    weights = along_axis(mask, axis, x.ndim)
     if op.short_name in _NORMS:
         return ((x * x) * weights).sum(dims, keepdim=keepdim).sqrt()
     if op.short_name == "sum":
@@ -199,7 +199,7 @@ def mask_softmax(op, inputs, mask, axis):
     """The softmax over kept channels: ``mask[c] * exp(x_c)`` normalised, 0 where a channel is
     removed."""
     x = inputs[0]
-    weights = mask.reshape([-1 if a == axis else 1 for a in range(x.ndim)]).to(x.dtype)
+    weights = along_axis(mask, axis, x.ndim).to(x.dtype)
     scaled = (x - x.amax(axis, keepdim=True).detach()).exp() * weights
     return scaled / scaled.sum(axis, keepdim=True)
 
@@ -216,10 +216,12 @@ class _HandWrittenNorms(nn.Module):
         centered = h - h.mean(-1, keepdim=True)
         h = centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + 1e-6)
         h = h / torch.norm(h, dim=-1, keepdim=True)
-        h = (h - h.mean(-1, keepdim=True)) / (h.var(-1, keepdim=True, unbiased=False) + 1e-5).sqrt() * h.std(-1)[..., None]
+        spread = (h.var(-1, keepdim=True, unbiased=False) + 1e-5).sqrt()
+        h = (h - h.mean(-1, keepdim=True)) / spread * h.std(-1)[..., None]
         variance, mean = torch.var_mean(h, dim=-1, keepdim=True, correction=0)
         h = (h - mean) / (variance + 1e-5).sqrt()
-        h = h * torch.sigmoid(h.amax(-1, keepdim=True) - torch.max(h, dim=2, keepdim=True)[0] + h.min(-1).values[..., None])
+        extremes = h.amax(-1, keepdim=True) - torch.max(h, dim=2, keepdim=True)[0] + h.min(-1).values[..., None]
+        h = h * torch.sigmoid(extremes)
         return self.down(h * torch.linalg.vector_norm(h, 2, dim=1, keepdim=True) / torch.linalg.vector_norm(h))
 
 
