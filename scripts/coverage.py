@@ -10,8 +10,8 @@ inputs are converted with an example batch, as the CLI converts them.
 
 Each model runs in its own forked child process (torch, timm, dagprune and fvcore are imported
 once in the parent) under a CPU-time bound (``RLIMIT_CPU``), a wall-clock bound (the parent
-kills the child) and an address-space bound (``RLIMIT_AS``: the parent's address space plus
-``--memory-gb``). Results are appended to a JSONL file, one line per model; a rerun skips the
+kills the child; a pause of the sweep, ``kill -STOP``, does not count) and an address-space
+bound (``RLIMIT_AS``: the parent's address space plus ``--memory-gb``). Results are appended to a JSONL file, one line per model; a rerun skips the
 names already there (resumable) and ``--shard i/n`` splits the names for parallel runs.
 
 Models run at 64x64 where they can: fixed-size models (ViTs...) are rebuilt with
@@ -422,6 +422,24 @@ def run_one(name: str, context, options, with_fvcore: bool, version: dict | None
     return record
 
 
+PAUSE_SECONDS = 30.0
+"""A gap this long between two polls of a child (each waits at most a second) means the sweep
+was paused (``kill -STOP``, a suspended laptop): the gap does not count against the wall clock."""
+
+
+def _deadline_after_pause(deadline: float, polled: float) -> tuple[float, float]:
+    """``deadline`` moved later by a pause since the previous poll at ``polled``, and now.
+
+    >>> _deadline_after_pause(100.0, time.monotonic() - 120.0)[0] > 200.0
+    True
+    >>> _deadline_after_pause(100.0, time.monotonic())[0]
+    100.0
+    """
+    now = time.monotonic()
+    gap = now - polled
+    return (deadline + gap if gap > PAUSE_SECONDS else deadline), now
+
+
 def _run_in_child(name: str, context, lane: Lane, with_fvcore: bool) -> dict:
     """Forks the child, relays its fields until it reports a status or dies, kills it at the
     wall-clock bound; the fields and a status, always."""
@@ -436,8 +454,10 @@ def _run_in_child(name: str, context, lane: Lane, with_fvcore: bool) -> dict:
     child.start()
     sender.close()
     deadline = start + wall_seconds
+    polled = start
     try:
         while True:
+            deadline, polled = _deadline_after_pause(deadline, polled)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 record.update(status="timeout", error=f"wall-clock time over {wall_seconds} s "

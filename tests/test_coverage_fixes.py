@@ -79,3 +79,12 @@ def test_large_models_take_the_exclusive_lane_and_the_largest_are_skipped():
     assert large.cpu_seconds > small.cpu_seconds and large.wall_seconds > small.wall_seconds
     assert coverage_script.choose_lane(2e9, options) is None
     assert coverage_script.choose_lane(None, options).name == "small"  # not countable on meta: counted later
+
+
+def test_a_paused_sweep_does_not_spend_its_wall_clock_bound():
+    import time
+
+    now = time.monotonic()
+    deadline, polled = coverage_script._deadline_after_pause(now + 10.0, now - 600.0)  # stopped 10 minutes
+    assert deadline >= now + 600.0 and polled >= now
+    assert coverage_script._deadline_after_pause(now + 10.0, time.monotonic() - 1.0)[0] == now + 10.0
