@@ -318,14 +318,16 @@ class _MaskedLayerNorm(torch.autograd.Function):
         grad_weight = products.sum(0) if ctx.needs_input_grad[2] else None
         grad_bias = rows_out.sum(0) if ctx.needs_input_grad[3] else None
         a, b = rows_out @ weight, products @ weight
-        correction = torch.addcmul(a.unsqueeze(-1), rows_y, b.unsqueeze(-1))
+        # A + B * y, as a product and an in-place sum: addcmul with two per-row (R, 1) operands
+        # takes a slow unvectorised path on CPU (about 5x a plain product)
+        correction = torch.mul(rows_y, b.unsqueeze(-1)).add_(a.unsqueeze(-1))
         grad_weights = None
         if ctx.needs_input_grad[1]:  # sum(y * A + y^2 * B / 2) = (sum(y * correction) + sum(y * A)) / 2
-            grad_weights = -(0.5 * ((rows_y * correction).sum(0) + a @ rows_y)
-                             + (rstd.reshape(-1) * mean.reshape(-1)) @ a)
+            y_correction = torch.mul(rows_y, correction, out=products)  # products is read no more
+            grad_weights = -(0.5 * (y_correction.sum(0) + a @ rows_y) + (rstd.reshape(-1) * mean.reshape(-1)) @ a)
         grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (rows_out * weight).sub_(correction.mul_(weights)).mul_(rstd.reshape(-1, 1)).view_as(y)
+        if ctx.needs_input_grad[0]:  # in correction's memory: r * (g - w * correction)
+            grad_x = correction.mul_(-weights).addcmul_(rows_out, weight).mul_(rstd.reshape(-1, 1)).view_as(y)
         return grad_x, grad_weights, grad_weight, grad_bias, None
 
 
