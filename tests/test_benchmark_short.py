@@ -46,6 +46,8 @@ def test_prepare_and_overhead_figures(short_run):
     (step,) = results["overhead"]["dagprune"]["results"]
     assert step["error"] is None and step["ratio"] == pytest.approx(step["gated_ms"] / step["plain_ms"])
     assert step["gate_parameters"] == prepared["gate_parameters"]  # one logit per channel class
+    low, high = step["pair_ratio_quartiles"]
+    assert 0 < low <= step["pair_ratio"] <= high
 
 
 def test_latency_rows_are_at_their_targets(short_run):

@@ -39,13 +39,32 @@ def seconds(function: Callable[[], object]) -> float:
 def interleaved_medians(functions: list[Callable[[], object]], repeats: int,
                         warmup: int = 1) -> list[float]:
     """Median seconds of each function, timed in alternation so machine noise hits all alike."""
+    return [statistics.median(series) for series in interleaved_times(functions, repeats, warmup)]
+
+
+def interleaved_times(functions: list[Callable[[], object]], repeats: int, warmup: int = 1) -> list[list[float]]:
+    """Seconds of each call of each function, timed in alternation (round ``i`` of every
+    function is ``series[k][i]``), after ``warmup`` untimed rounds."""
     times: list[list[float]] = [[] for _ in functions]
     for round_index in range(warmup + repeats):
         for index, function in enumerate(functions):
             elapsed = seconds(function)
             if round_index >= warmup:
                 times[index].append(elapsed)
-    return [statistics.median(series) for series in times]
+    return times
+
+
+def paired_ratio(numerators: list[float], denominators: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratios ``numerators[i] / denominators[i]`` of two
+    series timed in alternation: a slow stretch of the machine hits both calls of a round, so
+    these ratios scatter less than the ratio of the two medians does.
+
+    >>> paired_ratio([2.0, 4.0, 2.2, 6.0], [2.0, 4.0, 2.0, 5.0])
+    (1.05, 1.0, 1.125)
+    """
+    ratios = sorted(n / d for n, d in zip(numerators, denominators))
+    low, median, high = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return round(median, 6), round(low, 6), round(high, 6)
 
 
 def relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
