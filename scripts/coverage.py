@@ -11,8 +11,9 @@ inputs are converted with an example batch, as the CLI converts them.
 Each model runs in its own forked child process (torch, timm, dagprune and fvcore are imported
 once in the parent) under a CPU-time bound (``RLIMIT_CPU``), a wall-clock bound (the parent
 kills the child; a pause of the sweep, ``kill -STOP``, does not count) and an address-space
-bound (``RLIMIT_AS``: the parent's address space plus ``--memory-gb``). Results are appended to a JSONL file, one line per model; a rerun skips the
-names already there (resumable) and ``--shard i/n`` splits the names for parallel runs.
+bound (``RLIMIT_AS``: the parent's address space plus ``--memory-gb``). Results are appended to
+a JSONL file, one line per model; a rerun skips the names already there (resumable) and
+``--shard i/n`` splits the names for parallel runs.
 
 Models run at 64x64 where they can: fixed-size models (ViTs...) are rebuilt with
 ``img_size=64`` when timm allows; a model whose forward pass fails at 64 px is retried at its
@@ -458,7 +459,7 @@ def _run_in_child(name: str, context, lane: Lane, with_fvcore: bool) -> dict:
     try:
         while True:
             deadline, polled = _deadline_after_pause(deadline, polled)
-            remaining = deadline - time.monotonic()
+            remaining = deadline - polled
             if remaining <= 0:
                 record.update(status="timeout", error=f"wall-clock time over {wall_seconds} s "
                                                       f"(in stage {record.get('stage')})")

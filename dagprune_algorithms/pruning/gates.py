@@ -17,6 +17,7 @@ from torch import nn
 
 from dagprune.errors import PruningError
 from dagprune.ops import spec_for
+from dagprune.ops.channel_map import along_axis
 from dagprune.ops.spec import describe_op
 
 __all__ = ["ChannelGate", "GateSet", "MaskApply", "MaskedConsumer", "keep_mask_from_logits"]
@@ -290,12 +291,6 @@ class GateSet:
         return sums.index_add(0, group_index, values) / sizes
 
 
-def _broadcast_shape(ndim: int, axis: int, size: int) -> list[int]:
-    shape = [1] * ndim
-    shape[axis] = size
-    return shape
-
-
 ENERGY_SAMPLES = 4
 """Leading batch samples the distillation energy is estimated on (keeps its cost small)."""
 
@@ -356,7 +351,7 @@ class MaskApply(_PositionMasked):
     def forward(self, x, *masks):
         mask = self.position_mask(masks, x.dtype)
         self.record_energy(x, self.axis, mask)
-        return x * mask.view(_broadcast_shape(x.ndim, self.axis, mask.numel()))
+        return x * along_axis(mask, self.axis, x.ndim)
 
     def extra_repr(self) -> str:
         return f"axis={self.axis}, positions={self.index.numel()}"

@@ -6,9 +6,9 @@ so machine noise hits both alike; the ratio of the medians is reported, and the 
 quartiles of the per-round ratios (a slow stretch of a shared machine hits both steps of a
 round), which the target is judged on. The step index grows from 1, as in a training loop: the
 non-finite check that reads the device every ``finite_check_interval`` (100) steps does not
-fall in the timed steps. The eval-mode forward
-(no gradient; the gated model with its hard masks) is timed the same way. torch-dag's gate
-parameter counts come from its ``prepare`` run (the parameters its pruning model adds).
+fall in the timed steps. The eval-mode forward (no gradient; the gated model with its hard
+masks) is timed the same way. torch-dag's gate parameter counts come from its ``prepare`` run
+(the parameters its pruning model adds).
 """
 
 from __future__ import annotations

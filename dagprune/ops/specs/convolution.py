@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dagprune.ops.channel_map import (channel_atoms, same_in_every_row, tensor_layout,
+from dagprune.ops.channel_map import (along_axis, channel_atoms, same_in_every_row, tensor_layout,
                                       tie_positions_across_groups)
 from dagprune.ops.flop_counting import measured_flops
 from dagprune.ops.layers import FunctionalLayerOp
@@ -182,9 +182,7 @@ def mask_conv_input(conv: nn.Conv2d, inputs, mask: torch.Tensor, axis: int) -> t
     """``conv(x * mask)``, computed by scaling whichever is smaller: the input or the weight."""
     x = inputs[0]
     if x.numel() <= conv.weight.numel() or type(conv) not in _CONVS:  # a subclass's own forward
-        shape = [1] * x.ndim
-        shape[1] = mask.numel()
-        return conv(x * mask.view(shape))
+        return conv(x * along_axis(mask, 1, x.ndim))
     return conv._conv_forward(x, conv.weight * _conv_weight_mask(conv, mask), conv.bias)
 
 
