@@ -7,6 +7,7 @@ that says NaN or Inf and where it is.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import torch
@@ -85,30 +86,39 @@ def non_finite_tensors(module: nn.Module) -> list[str]:
     >>> non_finite_tensors(nn.Linear(2, 2))
     []
     """
-    floating = [(name, tensor, may_hold_inf) for name, tensor, may_hold_inf in _named_tensors(module)
-                if tensor.is_floating_point()]
+    floating = [(describe, tensor, may_hold_inf) for describe, tensor, may_hold_inf in _named_tensors(module)
+                if tensor.is_floating_point() and tensor.numel()]
     if not floating:
         return []
     with torch.no_grad():
-        fine = torch.stack([(~torch.isnan(tensor).any() if may_hold_inf else _all_finite(tensor))
-                            .to(floating[0][1].device) for _, tensor, may_hold_inf in floating]).tolist()
-    return [f"{name}: {_count_non_finite(tensor)}"
-            for (name, tensor, _), ok in zip(floating, fine) if not ok]
+        fine = _fine_flags([tensor for _, tensor, _ in floating], [may_hold_inf for *_, may_hold_inf in floating])
+    return [f"{describe()}: {_count_non_finite(tensor)}"
+            for (describe, tensor, _), ok in zip(floating, fine) if not ok]
 
 
 _MIN_MAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _all_finite(tensor: torch.Tensor) -> torch.Tensor:
-    """0-dim bool: ``tensor`` holds no NaN or Inf. Exactly then are its min and max finite (both
-    propagate NaN): one reduction instead of ``isfinite``'s boolean copy, 5x faster on CPU.
+def _fine_flags(tensors: list[torch.Tensor], may_hold_inf: list[bool]) -> list[bool]:
+    """Per non-empty floating tensor: it holds no NaN, nor an Inf unless ``may_hold_inf``; one
+    read from the device for all of them.
 
-    >>> _all_finite(torch.tensor([1.0, float("nan")])).item(), _all_finite(torch.zeros(0)).item()
-    (False, True)
+    A tensor's min and max (``aminmax``, which propagates NaN) are finite exactly when all its
+    values are, and not NaN exactly when it holds no NaN: one reduction per tensor instead of
+    ``isfinite``'s boolean copy (5x faster on CPU). The extremes are then judged together,
+    promoted to a common dtype (which keeps them exactly); other floating dtypes (float8) are
+    widened to float32 first.
+
+    >>> nan, inf = torch.tensor([1.0, float("nan")]), torch.tensor([float("inf")], dtype=torch.float64)
+    >>> _fine_flags([nan, inf, nan, inf], [False, False, True, True])
+    [False, False, False, True]
     """
-    if tensor.dtype in _MIN_MAX_DTYPES and tensor.numel():
-        return torch.isfinite(torch.stack(torch.aminmax(tensor))).all()
-    return torch.isfinite(tensor).all()
+    device = tensors[0].device
+    extremes = [torch.stack(torch.aminmax(t if t.dtype in _MIN_MAX_DTYPES else t.float())) for t in tensors]
+    values = torch.cat([v.to(device) for v in extremes]).view(-1, 2)
+    allowed = torch.tensor(may_hold_inf, device=device).unsqueeze(1)
+    fine = torch.where(allowed, ~torch.isnan(values), torch.isfinite(values)).all(1)
+    return fine.tolist()
 
 
 def may_hold_infinity(buffer_name: str) -> bool:
@@ -118,21 +128,36 @@ def may_hold_infinity(buffer_name: str) -> bool:
 
 
 def _named_tensors(module: nn.Module):
-    """(description, tensor, may hold Inf) for every parameter and buffer; by vertex for a DAG."""
+    """(a function giving its description, tensor, may hold Inf) for every parameter and
+    buffer; by vertex for a DAG. Descriptions are only formatted for the tensors reported."""
     vertices = getattr(module, "inner_vertices", None)
     if vertices is None:
-        yield from ((name, tensor, False) for name, tensor in module.named_parameters())
-        yield from ((name, tensor, may_hold_infinity(name)) for name, tensor in module.named_buffers())
+        yield from ((lambda name=name: name, tensor, False) for name, tensor in module.named_parameters())
+        yield from ((lambda name=name: name, tensor, may_hold_infinity(name))
+                    for name, tensor in module.named_buffers())
         return
     seen: set[int] = set()
     for vertex in vertices:
-        where = f"vertex {vertex.name!r}" + (f" ({vertex.qualified_name})" if vertex.qualified_name else "")
-        named = [*((n, t, False) for n, t in vertex.module.named_parameters()),
-                 *((n, t, may_hold_infinity(n)) for n, t in vertex.module.named_buffers())]
-        for name, tensor, may_hold_inf in named:
+        for name, tensor, may_hold_inf in _module_tensors(vertex.module):
             if id(tensor) not in seen:
                 seen.add(id(tensor))
-                yield f"{where} {name}", tensor, may_hold_inf
+                yield functools.partial(_vertex_tensor_name, vertex, name), tensor, may_hold_inf
+
+
+def _module_tensors(module: nn.Module):
+    """(qualified name, tensor, may hold Inf) for the parameters, then the buffers, of
+    ``module``: ``named_parameters`` and ``named_buffers`` in one walk of its submodules."""
+    modules = list(module.named_modules())
+    for prefix, sub in modules:
+        yield from ((prefix + "." + n if prefix else n, t, False) for n, t in sub._parameters.items() if t is not None)
+    for prefix, sub in modules:
+        yield from ((name, t, may_hold_infinity(name)) for n, t in sub._buffers.items()
+                    if t is not None and (name := prefix + "." + n if prefix else n))
+
+
+def _vertex_tensor_name(vertex, name: str) -> str:
+    where = f"vertex {vertex.name!r}" + (f" ({vertex.qualified_name})" if vertex.qualified_name else "")
+    return f"{where} {name}"
 
 
 def max_relative_difference(first: Any, second: Any) -> float:
