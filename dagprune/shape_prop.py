@@ -14,9 +14,8 @@ from dagprune.errors import DagpruneError
 from dagprune.example_inputs import ExampleInputs, as_example_inputs
 from dagprune.training_mode import evaluation_mode
 
-__all__ = ["example_inputs_for_shape", "resolve_inputs", "module_device", "module_dtype", "propagate_values", "propagate_shapes",
-           "analysis_mode", "stream_values",
-           "random_inputs", "value_shape"]
+__all__ = ["example_inputs_for_shape", "resolve_inputs", "module_device", "module_dtype", "propagate_values",
+           "propagate_shapes", "analysis_mode", "stream_values", "random_inputs", "value_shape"]
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:

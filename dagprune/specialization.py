@@ -176,7 +176,8 @@ def _signature_parameters(model: nn.Module, inputs: ExampleInputs) -> list[inspe
                               f"named arguments ({', '.join(sorted(named)) or 'none'}) by keyword in example_inputs")
     takes_kwargs = inspect.Parameter.VAR_KEYWORD in kinds
     extras = [name for name in inputs.kwargs if name not in named] if takes_kwargs else []
-    bad = [name for name in extras if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_dagprune")]
+    bad = [name for name in extras
+           if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_dagprune")]
     if bad:
         raise ConversionError(f"example_inputs keys {bad} are not Python argument names")
     return [*parameters, *(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=_EXTRA)

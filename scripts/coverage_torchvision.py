@@ -181,8 +181,8 @@ def write_table(results: Path, table: Path, note: str = "") -> None:
         "",
         "Written by `scripts/coverage_torchvision.py` (`weights=None`, eval mode, batch 1). "
         "Convert: output within 1e-5 (relative) of the original. Save/load: the saved DAG loads "
-        "in a fresh process (importing only torch and dagprune, no registration), bit-exact. Prunable: a prunable channel "
-        "group. Removal: slim model within 1e-4 of the gated model under random gates.",
+        "in a fresh process (importing only torch and dagprune, no registration), bit-exact. "
+        "Prunable: a prunable channel group. Removal: slim model within 1e-4 of the gated model under random gates.",
         "",
         f"**{count('converts_exactly')} of {len(checked)} convert, {count('roundtrip_exact')} "
         f"save/load, {count('prunable')} prunable, {count('removal_exact')} removal-exact** "

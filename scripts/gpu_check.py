@@ -165,7 +165,7 @@ def step_times(name: str, device: str) -> dict:
 
 def _report(device: str, exact: list, syncs: dict, bf16: list, times: list) -> str:
     name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "CPU"
-    lines = [f"# GPU checks\n", f"Command: `python scripts/gpu_check.py --device {device}`  ",
+    lines = ["# GPU checks\n", f"Command: `python scripts/gpu_check.py --device {device}`  ",
              f"Device: {device} ({name}); torch {torch.__version__}.\n"]
     if not device.startswith("cuda"):
         lines.append("**No GPU figures have been measured yet**: this run used the CPU fallback.\n")

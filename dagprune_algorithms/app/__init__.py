@@ -7,5 +7,5 @@ never imports the app. Its third-party packages (timm, scikit-learn, matplotlib,
 pull in the packages of the others.
 """
 
-__all__ = ["cli", "data", "dataset_split", "distributed", "errors", "image_folder", "iterative_job", "latency", "models",
-           "prune_arguments", "prune_job", "report", "run_directory", "training", "units_command"]
+__all__ = ["cli", "data", "dataset_split", "distributed", "errors", "image_folder", "iterative_job", "latency",
+           "models", "prune_arguments", "prune_job", "report", "run_directory", "training", "units_command"]

@@ -21,7 +21,8 @@ from torch import nn
 from dagprune_algorithms.app.training import StepResult
 from dagprune_algorithms.pruning.losses import logit_distillation_loss
 
-__all__ = ["Distiller", "distillation_enabled", "make_distiller", "distillation_loss", "distillation_logs", "supervised_step"]
+__all__ = ["Distiller", "distillation_enabled", "make_distiller", "distillation_loss", "distillation_logs",
+           "supervised_step"]
 
 
 @dataclasses.dataclass

@@ -361,5 +361,6 @@ def _timing_lines(section: dict, groups: dict, lines: list) -> None:
         pruning = [r["pruning_s_per_step"] for r in runs if r.get("pruning_s_per_step")]
         finetune = [r["finetune_s_per_step"] for r in runs if r.get("finetune_s_per_step")]
         lines.append(f"| {label} | {_mean(seconds) or 0:.0f} | "
-                     f"{f'{_mean(pruning):.3f}' if pruning else '-'} | {f'{_mean(finetune):.3f}' if finetune else '-'} |")
+                     f"{f'{_mean(pruning):.3f}' if pruning else '-'} | "
+                     f"{f'{_mean(finetune):.3f}' if finetune else '-'} |")
     lines.append("")

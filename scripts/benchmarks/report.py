@@ -132,8 +132,9 @@ def overhead_section(section: dict, prepare: dict | None, lines: list, verdicts:
                       "(a masked layer norm is several full-size ops instead of one fused kernel, "
                       "even with its gradient written out; attention-head masks multiply activations; "
                       "each gate samples its mask), and "
-                      "their fixed per-op cost weighs most when each op is small, as in ViTs and "
-                      "ConvNeXts at 64 px. Conv (grouped and depthwise too) and linear consumers mask "
+                      "their fixed per-op cost weighs most when each op is small (ViTs and ConvNeXts "
+                      "at small inputs); at large inputs the masked layer norm's extra full-size passes "
+                      "weigh most (ViTs). Conv (grouped and depthwise too) and linear consumers mask "
                       "the smaller of weight and input, and the loss terms of all gates are computed "
                       "together.", ""]
 
@@ -265,7 +266,8 @@ def write_report(results: dict, out: Path, command: str) -> None:
               f"Command: `{command}`  ",
               f"Machine: {_cpu_name()}, {os.cpu_count()} cores, "
               f"{torch.get_num_threads()} torch threads by default; python {platform.python_version()}, "
-              f"torch {torch.__version__}. Each section below was measured in one run of the command that names it above; "
+              f"torch {torch.__version__}. Each section below was measured in one run of the command "
+              "that names it above; "
               "timing figures are side by side in that run, on 2 cores shared with other jobs.", "",
               "## Targets", ""] + [f"- {v}" for v in verdicts] + [""]
     out.write_text("\n".join(header + lines) + "\n")

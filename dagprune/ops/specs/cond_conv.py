@@ -19,7 +19,8 @@ __all__ = ["SPECS"]
 def cond_conv_flops(module: CondConv2d, inputs, output) -> int:
     """The convolution with each sample's kernel, and the mixing of the experts' kernels."""
     per_kernel = math.prod(module.kernel_shape)
-    return 2 * output.numel() * per_kernel // module.out_channels + 2 * output.shape[0] * module.num_experts * per_kernel
+    convolution = 2 * output.numel() * per_kernel // module.out_channels
+    return convolution + 2 * output.shape[0] * module.num_experts * per_kernel
 
 
 def cond_conv_coupling(ctx, vertex, module, layouts, values, output):
