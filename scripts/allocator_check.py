@@ -18,23 +18,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from dagprune_algorithms.app.models import create_timm_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks.common import interleaved_medians  # noqa: E402
+
 
 def median_ms(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * interleaved_medians([function], repeats)[0]
 
 
 def op_times(shape: tuple, repeats: int) -> dict:
