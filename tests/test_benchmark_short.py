@@ -56,7 +56,10 @@ def test_latency_rows_are_at_their_targets(short_run):
     assert rows and all(row["error"] is None for row in rows)
     for row in rows:
         assert abs(row["flops_proportion"] - row["target"]) <= 0.02
-        assert row["speedup"] == pytest.approx(row["original_ms"] / row["pruned_ms"])
+        assert row["speedup_of_medians"] == pytest.approx(row["original_ms"] / row["pruned_ms"])
+        low, high = row["speedup_quartiles"]  # the per-round ratios, the efficiency judged on their median
+        assert 0 < low <= row["speedup"] <= high
+        assert row["efficiency"] == pytest.approx(row["speedup"] * row["flops_proportion"])
 
 
 def test_accuracy_and_exactness(short_run):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import statistics
 
 import torch
 
@@ -20,7 +21,7 @@ import dagprune
 from dagprune_algorithms.app.models import create_timm_model
 from dagprune_algorithms.pruning import ChannelPruning, measure_width_table
 
-from .common import log, error_text, interleaved_medians
+from .common import log, error_text, interleaved_times, paired_ratio
 
 TARGETS = (0.7, 0.5, 0.3)
 
@@ -96,22 +97,30 @@ def measure(name: str, options) -> list[dict]:
                         runners = [_torch_runner(m, x) if runtime == "torch" else _onnx_runner(m, x, threads)
                                    for m in models]
                         repeats = options.repeats if batch_size == 1 else max(3, options.repeats // 2)
-                        times = interleaved_medians(runners, repeats, warmup=1)
+                        times = interleaved_times(runners, repeats, warmup=1)
                     except Exception as error:
                         rows.append({"model": name, "runtime": runtime, "threads": threads,
                                      "batch_size": batch_size, "error": error_text(runtime, error)})
                         continue
-                    for (target, asked, used, share, _), slim_s in zip(slims, times[1:]):
-                        rows.append({"model": name, "input_size": list(input_shape), "runtime": runtime,
-                                     "threads": threads, "batch_size": batch_size, "target": target,
-                                     "round_to": asked, "multiple": used,
-                                     "flops_proportion": share, "original_ms": 1000 * times[0],
-                                     "pruned_ms": 1000 * slim_s, "speedup": times[0] / slim_s,
-                                     "flops_reduction": 1 / share,
-                                     "efficiency": times[0] / slim_s * share, "error": None})
+                    setting = {"model": name, "input_size": list(input_shape), "runtime": runtime,
+                               "threads": threads, "batch_size": batch_size}
+                    rows += [_row(setting, slim, times[0], slim_times) for slim, slim_times in zip(slims, times[1:])]
     finally:
         torch.set_num_threads(previous_threads)
     return rows
+
+
+def _row(setting: dict, slim: tuple, original_times: list, slim_times: list) -> dict:
+    """One latency row. The speed-up (and the efficiency judged on it) is the median of the
+    per-round ratios original / pruned, the two timed back to back (quartiles beside it); the
+    ratio of the two medians is kept as ``speedup_of_medians``."""
+    target, asked, used, share, _ = slim
+    original_s, slim_s = statistics.median(original_times), statistics.median(slim_times)
+    speedup, low, high = paired_ratio(original_times, slim_times)
+    return {**setting, "target": target, "round_to": asked, "multiple": used, "flops_proportion": share,
+            "original_ms": 1000 * original_s, "pruned_ms": 1000 * slim_s, "speedup": speedup,
+            "speedup_quartiles": [low, high], "speedup_of_medians": original_s / slim_s,
+            "flops_reduction": 1 / share, "efficiency": speedup * share, "error": None}
 
 
 def run(options) -> dict:

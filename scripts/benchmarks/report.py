@@ -153,7 +153,9 @@ def latency_section(section: dict, plots: Path, lines: list, verdicts: list) -> 
               "Pruned without training to each FLOPs target (L1 importance, calibrated), once per width "
               "rule: round_to 1 keeps any channel count, auto rounds kept counts up to the multiple of this "
               "machine's width table (" + section["dagprune"].get("width_table", "-") + "). Original and "
-              "slim models timed in alternation, median. Efficiency = speed-up / FLOPs reduction; "
+              "slim models timed in alternation, median; speed-up: median of the per-round ratios "
+              "original / pruned (quartiles in brackets; rows from before they were recorded: the ratio "
+              "of the medians). Efficiency = speed-up / FLOPs reduction; "
               f"targets: >= {LATENCY_EFFICIENCY_TARGETS[32]} at batch 32 and >= {LATENCY_EFFICIENCY_TARGETS[1]} "
               "at batch 1 (torch).", "",
               "| model | runtime | threads | batch | target | round_to (multiple) | FLOPs share | original ms | "
@@ -168,7 +170,7 @@ def latency_section(section: dict, plots: Path, lines: list, verdicts: list) -> 
         rule = row.get("round_to", 1)
         lines.append(f"| {row['model']} | {row['runtime']} | {row['threads']} | {row['batch_size']} | "
                      f"{row['target']} | {rule} ({row.get('multiple', rule)}) | {row['flops_proportion']:.3f} | "
-                     f"{row['original_ms']:.1f} | {row['pruned_ms']:.1f} | {row['speedup']:.2f}x | "
+                     f"{row['original_ms']:.1f} | {row['pruned_ms']:.1f} | {_speedup(row)} | "
                      f"{row['flops_reduction']:.2f}x | {row['efficiency']:.2f} |")
         target = LATENCY_EFFICIENCY_TARGETS.get(1 if row["batch_size"] == 1 else 32)
         if row["runtime"] == "torch" and target is not None:
@@ -185,6 +187,12 @@ def latency_section(section: dict, plots: Path, lines: list, verdicts: list) -> 
     if checked:
         _latency_plot(rows, plots / "benchmark_latency.png")
         lines += [f"![latency]({plots.name}/benchmark_latency.png)", ""]
+
+
+def _speedup(row: dict) -> str:
+    """``1.80x [1.75-1.86]``: the per-round speed-up and its quartiles (older rows: the bare ratio)."""
+    quartiles = row.get("speedup_quartiles")
+    return f"{row['speedup']:.2f}x" + (f" [{quartiles[0]:.2f}-{quartiles[1]:.2f}]" if quartiles else "")
 
 
 def _latency_plot(rows, path: Path) -> None:
