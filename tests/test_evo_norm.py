@@ -57,7 +57,8 @@ def test_evo_norm_converts_exactly_in_eval_and_train_mode(variant, apply_act):
 
 
 def _evo_stack() -> nn.Module:
-    """S0 (groups of 2, as timm's resnetv2_50d_evos), a residual S0a (regnetz_*_evos), then B0."""
+    """S0 (groups of 2, as timm's resnetv2_50d_evos; more groups than channels in each, so whole
+    groups are removed), a residual S0a (regnetz_*_evos), then B0."""
 
     class Stack(nn.Module):
         def __init__(self):
@@ -83,13 +84,18 @@ def test_evo_norm_channels_are_prunable_and_removal_is_exact(tmp_path):
     assert groups["stem.0"].prunable and groups["body.0"].prunable and groups["head.0"].prunable
     config = ChannelPruning(dag, (3, 6, 6), pruning_proportion=0.99, num_training_steps=1)
     gated = config.prepare_for_pruning().eval()
+    stem_groups = set()
     for _ in random_gate_states(config, seed=0, count=4):
         slim = assert_removal_matches_gates(config, gated, inputs)
         norms = [v.module for v in slim.inner_vertices if isinstance(v.module, EvoNorm2d)]
-        assert [n.groups for n in norms if n.kind != "B0"] == [4, 3, 2]  # groups stay, each smaller
+        stem, *body = [n for n in norms if n.kind != "B0"]
+        assert stem.num_features == 2 * stem.groups  # 4 groups of 2: whole groups go
+        stem_groups.add(stem.groups)
+        assert [n.groups for n in body] == [3, 2]  # fewer groups than channels in each: groups stay, each smaller
         loaded = dagprune.load_dag(slim.save(tmp_path / "slim"))
         with torch.no_grad():
             assert torch.equal(slim(*inputs), loaded(*inputs))
+    assert stem_groups - {4}
 
 
 def test_evo_norm_with_a_stateful_activation_stays_a_timm_leaf():

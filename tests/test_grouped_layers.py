@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import dagprune
-from dagprune.ops import EvoNorm2d
+from dagprune.ops import EvoNorm2d, FunctionalOp
 from dagprune.ops.specs.normalization import kept_groups
 from dagprune_algorithms.pruning import ChannelPruning, find_channel_groups
 from gate_states import assert_removal_matches_gates, random_gate_states
@@ -101,6 +101,38 @@ def test_unaligned_group_norm_keeps_the_same_positions_in_every_group():
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 1))
     analysis = find_channel_groups(dagprune.build_from_unstructured_module(model.eval()), SHAPE)
     assert sorted(len(g.classes) for g in analysis.groups if g.prunable) == [4]  # 4 positions per group
+
+
+class _ManySmallGroups(nn.Module):
+    """Group norms with more groups than channels in each (groups of two channels), as a module
+    and as ``F.group_norm``: removing whole groups keeps eight choices where keeping the same
+    positions in every group would leave two."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(8, 16)
+        self.mid = nn.Conv2d(16, 12, 1)
+        self.scale, self.shift = nn.Parameter(torch.rand(12) + 0.5), nn.Parameter(torch.randn(12))
+        self.head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        x = self.mid(self.norm(self.conv(x)).relu())
+        return self.head(F.group_norm(x, 6, self.scale, self.shift).relu())
+
+
+def test_more_groups_than_channels_per_group_removes_whole_groups():
+    pruning, gated = _prepared(_ManySmallGroups())
+    assert sorted(len(g.classes) for g in pruning.analysis.groups if g.prunable) == [6, 8]
+    assert pruning.max_removable_proportion > 0.8
+    x = torch.randn(2, *SHAPE)
+    group_counts = set()
+    for _ in random_gate_states(pruning, seed=5, count=4):
+        slim = assert_removal_matches_gates(pruning, gated, (x,))
+        group_counts.update(m.num_groups for m in slim.modules() if isinstance(m, nn.GroupNorm))
+        functional = [op for op in slim.modules() if isinstance(op, FunctionalOp) and "group_norm" in op.function_name]
+        assert len(functional) == 1
+        group_counts.update(op.argument(1, "num_groups") for op in functional)
+    assert group_counts - {8, 6} and group_counts & {1, 2, 3, 4, 5}, "some states removed whole groups"
 
 
 def test_kept_groups():

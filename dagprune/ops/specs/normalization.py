@@ -105,9 +105,14 @@ def functional_layer_norm_coupling(ctx, vertex, module, layouts, values, output)
 def group_norm_over_channels(ctx, vertex, x_index, num_groups, layouts, params):
     """Couples a norm with statistics over ``num_groups`` groups of the channels (axis 1): the
     statistics consume the channels and the parameters (input indices ``params``) follow them.
-    Where the rest of the model keeps or removes each group whole (a grouped convolution with
-    the same groups), whole groups go and the number of groups shrinks; otherwise every group
-    keeps the same positions and the number of groups stays."""
+
+    Removal keeps a group norm valid two ways: every group keeps the same positions (the
+    number of groups stays), or whole groups go (it shrinks). Where the rest of the model keeps
+    or removes each group whole (a grouped convolution with the same groups), whole groups go.
+    Otherwise the finer of the two is chosen: the same positions when a group holds at least
+    as many channels as there are groups (``GroupNorm(32, 1024)``: 32 classes of 32 channels),
+    whole groups when there are more groups than channels in each (``GroupNorm(256, 512)``:
+    256 classes of 2 channels rather than 2 of 256)."""
     atoms = channel_atoms(ctx, tensor_layout(layouts[x_index]), "group norm over a tracked spatial axis")
     param_layouts = [tensor_layout(layouts[i]) for i in params if i is not None]
     if atoms is None:
@@ -126,7 +131,10 @@ def _tie_group_positions_unless_whole(ctx, atoms, num_groups: int, class_of) -> 
     classes = class_of(grouped)
     if (classes == classes[:, :1]).all():
         return  # each group is kept or removed whole
-    tie_positions_across_groups(ctx, grouped)
+    if num_groups > grouped.shape[1]:
+        tie_positions_across_groups(ctx, grouped.T)  # each group's channels together: whole groups
+    else:
+        tie_positions_across_groups(ctx, grouped)
 
 
 def kept_groups(mask, num_groups: int) -> int:
