@@ -10,6 +10,10 @@ groups whole; otherwise removal drops whole groups and the norm's number of grou
 Conversely, a grouped convolution whose groups the model splits apart and sums (ResNeSt's split
 attention reshapes its output to ``(radix, C)``) keeps the same positions in every group, and
 its groups stay.
+
+Where the model ties neither way, the finer choice is made: a group norm with more groups than
+channels in each removes whole groups, a grouped convolution with more channels in each group
+than groups keeps the same positions in every group.
 """
 
 from __future__ import annotations
@@ -133,6 +137,31 @@ def test_more_groups_than_channels_per_group_removes_whole_groups():
         assert len(functional) == 1
         group_counts.update(op.argument(1, "num_groups") for op in functional)
     assert group_counts - {8, 6} and group_counts & {1, 2, 3, 4, 5}, "some states removed whole groups"
+
+
+class _FewLargeGroups(nn.Module):
+    """A convolution of 2 groups with 8 input and 12 output channels in each (cpubone's spatial
+    convs are 2 groups of 64 and 256): keeping the same positions in every group leaves 8 and
+    12 choices where whole groups would leave 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.grouped = nn.Conv2d(16, 24, 3, padding=1, groups=2)
+        self.head = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.grouped(F.relu(self.stem(x)))))
+
+
+def test_few_groups_with_many_channels_keep_the_same_positions_in_every_group():
+    pruning, gated = _prepared(_FewLargeGroups())
+    assert sorted(len(g.classes) for g in pruning.analysis.groups if g.prunable) == [8, 12]
+    x = torch.randn(2, *SHAPE)
+    for _ in random_gate_states(pruning, seed=6, count=4):
+        slim = assert_removal_matches_gates(pruning, gated, (x,))
+        grouped = next(m for m in slim.modules() if isinstance(m, nn.Conv2d) and m.groups > 1)
+        assert grouped.groups == 2
 
 
 def test_kept_groups():

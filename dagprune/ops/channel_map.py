@@ -191,6 +191,17 @@ def same_in_every_row(rows) -> bool:
     return bool((rows == rows[:1]).all())
 
 
+def whole_in_every_row(rows) -> bool:
+    """Whether every row of ``rows`` (one per group: its classes) holds a single value, i.e.
+    each group is kept or removed whole.
+
+    >>> whole_in_every_row(np.array([[3, 3], [5, 5]])), whole_in_every_row(np.array([[3, 5], [3, 5]]))
+    (True, False)
+    """
+    rows = np.asarray(rows)
+    return bool((rows == rows[:, :1]).all())
+
+
 def tie_positions_across_groups(ctx, rows: np.ndarray) -> None:
     """Unifies each position of every group's atoms (one row per group) with the same position
     of the first group: every group keeps the same positions, so the number of groups stays."""

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dagprune.ops.channel_map import (along_axis, channel_atoms, same_in_every_row, tensor_layout,
-                                      tie_positions_across_groups)
+                                      tie_positions_across_groups, whole_in_every_row)
 from dagprune.ops.flop_counting import measured_flops
 from dagprune.ops.layers import FunctionalLayerOp
 from dagprune.ops.slicing import kept_count, replace_tensor, slice_tensor
@@ -56,13 +56,18 @@ def _grouped_conv_rule(ctx, vertex, module, in_atoms, out_atoms, flops: int):
     """The choice for a grouped convolution with several channels per group on both sides, once
     the rest of the model has recorded its unions: where the model ties each channel position
     across the conv's groups on either side (ResNeSt's split attention reshapes the output to
-    ``(radix, C)``), every group keeps the same input and output positions (the groups stay);
-    otherwise whole groups go (input and output channels of a group together)."""
+    ``(radix, C)``), every group keeps the same input and output positions (the groups stay).
+    Otherwise the finer of the two: the same positions when each group holds more channels on
+    both sides than there are groups (2 groups of 64 inputs and 256 outputs: 64 and 256
+    classes instead of 2), else whole groups (input and output channels of a group together)."""
     in_rows = np.asarray(in_atoms).reshape(module.groups, -1)
     out_rows = np.asarray(out_atoms).reshape(module.groups, -1)
+    positions_finer = min(in_rows.shape[1], out_rows.shape[1]) > module.groups
 
     def rule(class_of) -> None:
-        if same_in_every_row(class_of(out_rows)) or same_in_every_row(class_of(in_rows)):
+        tied = same_in_every_row(class_of(out_rows)) or same_in_every_row(class_of(in_rows))
+        if tied or (positions_finer and not whole_in_every_row(class_of(out_rows))
+                    and not whole_in_every_row(class_of(in_rows))):
             tie_positions_across_groups(ctx, in_rows)
             tie_positions_across_groups(ctx, out_rows)
             ctx.consume(vertex, 0, 1, in_atoms)

@@ -17,7 +17,7 @@ from torch import nn
 
 from dagprune.ops.channel_map import (ShapeTag, along_axis, argument_input, argument_value, channel_atoms,
                                       operand_layout, same_in_every_row, tensor_layout,
-                                      tie_positions_across_groups)
+                                      tie_positions_across_groups, whole_in_every_row)
 from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.group_moments import masked_group_mean
 from dagprune.ops.layers import NormOp
@@ -128,8 +128,7 @@ def group_norm_over_channels(ctx, vertex, x_index, num_groups, layouts, params):
 
 def _tie_group_positions_unless_whole(ctx, atoms, num_groups: int, class_of) -> None:
     grouped = np.asarray(atoms).reshape(num_groups, -1)
-    classes = class_of(grouped)
-    if (classes == classes[:, :1]).all():
+    if whole_in_every_row(class_of(grouped)):
         return  # each group is kept or removed whole
     if num_groups > grouped.shape[1]:
         tie_positions_across_groups(ctx, grouped.T)  # each group's channels together: whole groups
