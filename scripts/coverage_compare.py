@@ -4,8 +4,9 @@ committed table: per model, ``max_removable_proportion`` before and after, and t
     python scripts/coverage_compare.py --after build/coverage/low/results.jsonl \\
         --out resources/sweep_below_09_867c2c9/comparison.md
 
-``--before`` is a table's JSON (``resources/supported_models.json``, the default). Only models
-in both are compared; a model whose last record failed counts as failing after.
+``--before`` is a table's JSON (``resources/supported_models.json``, the default) or another
+sweep's JSONL. Only models in both are compared; a model whose last record failed counts as
+failing after.
 """
 
 from __future__ import annotations
@@ -55,21 +56,35 @@ def comparison(before: dict[str, dict], after: dict[str, dict]) -> tuple[list[st
     return rows, counts
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else path.name
+
+
+def _before_records(path: Path) -> tuple[dict[str, dict], str]:
+    """The records to compare against and their commits: a table's JSON, or a sweep's JSONL."""
+    if path.suffix == ".jsonl":
+        records = latest_records(path)
+        return records, ", ".join(sorted({str(r.get("git_head")) for r in records.values()}))
+    table = json.loads(path.read_text())
+    commits = ", ".join(table.get("summary", {}).get("code_versions", {})) or "its commit"
+    return {row["name"]: row for row in table["models"]}, commits
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", type=Path, default=REPO_ROOT / "resources" / "supported_models.json")
     parser.add_argument("--after", type=Path, required=True, help="JSONL of the new sweep")
     parser.add_argument("--out", type=Path, required=True, help="Markdown file to write")
     options = parser.parse_args(argv)
-    table = json.loads(options.before.read_text())
-    before = {row["name"]: row for row in table["models"]}
+    before, before_commits = _before_records(options.before)
     after = latest_records(options.after)
     rows, counts = comparison(before, after)
     commits = sorted({str(record.get("git_head")) for record in after.values()})
-    before_commits = ", ".join(table.get("summary", {}).get("code_versions", {})) or "its commit"
-    lines = [f"# Coverage sweep of {counts['models']} models against the committed table",
-             "", f"Before: `{options.before.name}` (commit {before_commits}); "
-             f"after: commit {', '.join(commits)} (`{options.after.name}`). `max_removable_proportion` "
+    lines = [f"# Coverage sweep of {counts['models']} models against an earlier one",
+             "", f"Before: `{_shown(options.before)}` (commit {before_commits}); "
+             f"after: commit {', '.join(commits)} (`{_shown(options.after)}`). `max_removable_proportion` "
              "at the sweep's input sizes; checks: conversion, save/load, removal and the slim "
              "model's save/load, each exact.", "",
              f"- models: {counts['models']}; every check passed: {counts['all_checks']}; failed: {counts['failed']}",

@@ -32,3 +32,17 @@ def test_counts_raised_lowered_failed_and_thresholds(tmp_path):
     assert "- at or above 0.9 removable: 0 before, 1 after" in text
     assert "| d | 0.600 | 0.600 | checks [True, True, False, True] |" in text
     assert "| c | 0.700 | - | failed: convert: boom |" in text
+
+
+def test_an_earlier_sweep_as_before(tmp_path):
+    earlier = [{"name": "a", "max_removable_proportion": 0.8, "git_head": "abc1234", **_EXACT},
+               {"name": "a", "max_removable_proportion": 0.7, "git_head": "abc1234", **_EXACT},  # its last record counts
+               {"name": "b", "max_removable_proportion": 0.9, "git_head": "abc1234", **_EXACT}]
+    later = [{"name": "a", "max_removable_proportion": 0.99, "git_head": "def5678", **_EXACT}]
+    (tmp_path / "before.jsonl").write_text("\n".join(json.dumps(r) for r in earlier))
+    (tmp_path / "after.jsonl").write_text("\n".join(json.dumps(r) for r in later))
+    compare.main(["--before", str(tmp_path / "before.jsonl"), "--after", str(tmp_path / "after.jsonl"),
+                  "--out", str(tmp_path / "out.md")])
+    text = (tmp_path / "out.md").read_text()
+    assert "(commit abc1234); after: commit def5678" in text
+    assert "| a | 0.700 | 0.990 |" in text and "- models: 1;" in text
