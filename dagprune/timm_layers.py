@@ -268,7 +268,8 @@ _TRACED_WITH_VALUES = {("timm.models.tiny_vit", "TinyVitBlock"), ("timm.models.m
                        ("timm.models.mobilevit", "MobileVitV2Block"), ("timm.models.twins", "LocallyGroupedAttn"),
                        ("timm.models.efficientvit_msra", "LocalWindowAttention"), ("timm.models.vgg", "ConvMlp"),
                        ("timm.models.cpubone", "ConvAttention"), ("timm.models.lowformer", "ConvAttention"),
-                       ("timm.models.convit", "GPSA"), ("timm.models.efficientvit_mit", "LiteMLA")}
+                       ("timm.models.convit", "GPSA"), ("timm.models.efficientvit_mit", "LiteMLA"),
+                       ("timm.models.mobilenetv5", "MobileNetV5MultiScaleFusionAdapter")}
 for _module_type in _timm_fx.get_notrace_modules():
     register_leaf_module(_module_type, traced_with_values=(_module_type.__module__, _module_type.__name__)
                          in _TRACED_WITH_VALUES)
