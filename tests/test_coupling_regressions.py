@@ -424,3 +424,34 @@ def test_convit_gated_positional_attention_is_traced_with_example_inputs(tmp_pat
     with torch.no_grad():
         assert dagprune.max_relative_difference(gated(other_batch), slim(other_batch)) <= 1e-4
         assert torch.equal(loaded(other_batch), slim(other_batch))
+
+
+def test_mobilenetv5_fusion_adapter_is_traced_with_example_inputs():
+    """timm's MobileNetV5 multi-scale fusion adapter takes a list of feature maps and resizes
+    them by their sizes (timm marks it not traceable): converted with an example batch it is
+    traced through, so the channels of the maps it fuses are pruned, not barred."""
+    pytest.importorskip("timm")
+    from timm.models.mobilenetv5 import MobileNetV5MultiScaleFusionAdapter
+
+    class TwoScales(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.high, self.low = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 16, 3, stride=2, padding=1)
+            self.fuse = MobileNetV5MultiScaleFusionAdapter([8, 16], 12, output_resolution=4)
+            self.head = nn.Conv2d(12, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.fuse([self.high(x), self.low(x)]))
+
+    torch.manual_seed(0)
+    model = make_weights_informative(TwoScales()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=(x,))
+    assert not any(isinstance(v.module, MobileNetV5MultiScaleFusionAdapter) for v in dag.inner_vertices)
+    other_batch = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert dagprune.max_relative_difference(model(other_batch), dag(other_batch)) <= 1e-6
+    pruning, gated, slim = _pruned_at_random_gates(dag, (3, 8, 8))
+    assert pruning.max_removable_proportion > 0.9
+    with torch.no_grad():
+        assert dagprune.max_relative_difference(gated(other_batch), slim(other_batch)) <= 1e-4
