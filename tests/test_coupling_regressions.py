@@ -182,8 +182,9 @@ def test_weight_standardised_convs_are_prunable_on_both_sides():
     assert len(convs) == 4  # one vertex per conv, not a batch_norm over its weight
     pruning = ChannelPruning(dag, (3, 16, 16), 0.5, 10)
     pruning.prepare_for_pruning()
-    # the first two convs' outputs; the third's output with the grouped conv's (whole conv groups)
-    assert len(pruning.prunable_groups) == 3
+    # every conv's output: the grouped conv (2 groups of 4 inputs and 8 outputs) keeps the same
+    # positions in every group, so its input channels and its own output channels stay apart
+    assert len(pruning.prunable_groups) == 4
     assert _removal_difference(_standardised_conv_model(), (3, 16, 16), target=0.5) <= 1e-4
 
 
@@ -195,10 +196,26 @@ def test_removing_inputs_of_a_standardised_conv_bakes_its_weight():
         gate.logits.data = torch.linspace(-1, 1, gate.logits.numel())
     slim = pruning.remove_channels().eval()
     kinds = [type(v.module).__name__ for v in slim.inner_vertices if isinstance(v.module, nn.Conv2d)]
-    # the first conv keeps its 3 inputs (standardised), the next two lose inputs (plain
-    # convs), the grouped one loses whole groups (standardised, statistics unchanged)
-    assert kinds == ["StandardizedConv2d", "Conv2d", "Conv2d", "StandardizedConv2d"]
+    # the first conv keeps its 3 inputs (standardised); the others lose inputs, the grouped one
+    # the same positions in every group (plain convs holding their standardised weights)
+    assert kinds == ["StandardizedConv2d", "Conv2d", "Conv2d", "Conv2d"]
     x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert dagprune.max_relative_difference(gated(x), slim(x)) <= 1e-5
+
+
+def test_a_standardised_conv_losing_whole_groups_stays_standardised():
+    layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), layers.ScaledStdConv2d(8, 8, 3, padding=1, groups=4),
+                          nn.ReLU(), nn.Conv2d(8, 2, 1))
+    dag = dagprune.build_from_unstructured_module(model.eval())
+    pruning, gated, slim = _pruned_at_random_gates(dag, (3, 8, 8))
+    grouped = next(v.module for v in slim.inner_vertices if isinstance(v.module, nn.Conv2d) and v.module.groups > 1
+                   or isinstance(v.module, dagprune.ops.StandardizedConv2d))
+    # 4 groups of 2 channels: whole groups go, no kept filter's statistics change
+    assert isinstance(grouped, dagprune.ops.StandardizedConv2d) and grouped.out_channels == 2 * grouped.groups
+    x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert dagprune.max_relative_difference(gated(x), slim(x)) <= 1e-5
 

@@ -108,7 +108,8 @@ def conv_channels(ctx, vertex, module, layouts, flops: int, positions_allowed: b
 def conv_coupling(ctx, vertex, module, layouts, values, output):
     """Output channels are new; input channels are consumed (or tied per conv group)."""
     flops = (conv_transpose_flops if isinstance(module, _TRANSPOSED) else conv_flops)(module, values, output)
-    return {1: conv_channels(ctx, vertex, module, layouts, flops, positions_allowed=type(module) in _CONVS)}
+    positions_allowed = type(module) in _CONVS or type(module) is StandardizedConv2d
+    return {1: conv_channels(ctx, vertex, module, layouts, flops, positions_allowed=positions_allowed)}
 
 
 # ------------------------------------------------------------------------------- removal
@@ -163,9 +164,11 @@ def remove_from_conv_transpose(module, input_masks, output_mask, shapes):
 
 def remove_from_standardized_conv(module, input_masks, output_mask, shapes):
     """Output channels (and whole conv groups) go without changing any kept filter's
-    statistics; removing input channels of an ungrouped layer would, so that layer becomes a
-    plain conv holding the standardised weight, sliced."""
-    if module.groups == 1 and input_masks[0].get(1) is not None:
+    statistics; removing some input channels of a group (of an ungrouped layer, or the same
+    positions in every group) would, so that layer becomes a plain conv holding the
+    standardised weight, sliced."""
+    in_mask = input_masks[0].get(1)
+    if in_mask is not None and not whole_in_every_row(np.asarray(in_mask).reshape(module.groups, -1)):
         module = module.to_plain_conv()
     return remove_from_conv(module, input_masks, output_mask, shapes)
 
