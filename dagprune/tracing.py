@@ -43,6 +43,7 @@ __all__ = ["build_from_unstructured_module", "needs_example_inputs", "register_l
            "register_module_rewrite", "register_autowrap_function", "LEAF_MODULE_TYPES"]
 
 register_function(torch._assert, "torch._assert")
+register_function(torch._assert_async, "torch._assert_async")  # value tracing records it (timm's Gemma 4 pooler)
 register_function(nn.modules.transformer._detect_is_causal_mask)  # recorded by value tracing
 
 

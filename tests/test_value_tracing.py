@@ -496,3 +496,28 @@ def test_a_block_that_disables_autocast_traces_with_example_values():
     assert config.prunable_proportion > 0.5
     for _ in random_gate_states(config, seed=0):
         assert_removal_matches_gates(config, gated, (x,))
+
+
+class _AsyncChecked(nn.Module):
+    """Checks a property of its input's values without a host sync (timm's Gemma 4 pooler checks
+    its grid this way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        torch._assert_async((x.abs() < 1e6).all())
+        return self.conv(x)
+
+
+def test_an_async_assert_is_stored_and_still_checks(tmp_path):
+    model = _AsyncChecked().eval()
+    x = torch.randn(2, 3, 4, 4)
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=(x,))
+    loaded = dagprune.load_dag(dag.save(tmp_path / "dag"))
+    other = torch.randn(3, 3, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(loaded(other), model(other))
+        with pytest.raises(RuntimeError):
+            loaded(torch.full((1, 3, 4, 4), 1e7))
