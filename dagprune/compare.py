@@ -129,19 +129,17 @@ def may_hold_infinity(buffer_name: str) -> bool:
 
 def _named_tensors(module: nn.Module):
     """(a function giving its description, tensor, may hold Inf) for every parameter and
-    buffer; by vertex for a DAG. Descriptions are only formatted for the tensors reported."""
+    buffer, each tensor once; by vertex for a DAG. Descriptions are only formatted for the
+    tensors reported."""
     vertices = getattr(module, "inner_vertices", None)
-    if vertices is None:
-        yield from ((lambda name=name: name, tensor, False) for name, tensor in module.named_parameters())
-        yield from ((lambda name=name: name, tensor, may_hold_infinity(name))
-                    for name, tensor in module.named_buffers())
-        return
+    owners = [(None, module)] if vertices is None else [(vertex, vertex.module) for vertex in vertices]
     seen: set[int] = set()
-    for vertex in vertices:
-        for name, tensor, may_hold_inf in _module_tensors(vertex.module):
+    for vertex, owner in owners:
+        for name, tensor, may_hold_inf in _module_tensors(owner):
             if id(tensor) not in seen:
                 seen.add(id(tensor))
-                yield functools.partial(_vertex_tensor_name, vertex, name), tensor, may_hold_inf
+                describe = functools.partial(_tensor_name, vertex, name)
+                yield describe, tensor, may_hold_inf
 
 
 def _module_tensors(module: nn.Module):
@@ -155,7 +153,10 @@ def _module_tensors(module: nn.Module):
                     if t is not None and (name := prefix + "." + n if prefix else n))
 
 
-def _vertex_tensor_name(vertex, name: str) -> str:
+def _tensor_name(vertex, name: str) -> str:
+    """``name``, prefixed by the vertex holding it (None: a plain module's tensor)."""
+    if vertex is None:
+        return name
     where = f"vertex {vertex.name!r}" + (f" ({vertex.qualified_name})" if vertex.qualified_name else "")
     return f"{where} {name}"
 

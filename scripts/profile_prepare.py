@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,9 @@ from dagprune.compare import non_finite_tensors
 from dagprune.module_copy import copy_module
 from dagprune_algorithms.pruning import ChannelPruning
 from dagprune_algorithms.pruning.channel_groups import find_channel_groups
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks.common import interleaved_medians  # noqa: E402
 
 
 def convert_and_prepare(name: str, size: int) -> tuple[float, float]:
@@ -58,13 +62,8 @@ def part_times(name: str, size: int, repeats: int) -> dict[str, float]:
               "finite check": lambda: non_finite_tensors(dag),
               "channel groups": lambda: find_channel_groups(dag, shape),
               "prepare_for_pruning": lambda: ChannelPruning(dag, shape, 0.5, 100).prepare_for_pruning()}
-    times = {label: [] for label in pieces}
-    for _ in range(repeats + 1):  # the first round warms up
-        for label, piece in pieces.items():
-            start = time.perf_counter()
-            piece()
-            times[label].append(time.perf_counter() - start)
-    return {label: 1000 * statistics.median(series[1:]) for label, series in times.items()}
+    medians = interleaved_medians(list(pieces.values()), repeats, warmup=1)
+    return {label: 1000 * seconds for label, seconds in zip(pieces, medians)}
 
 
 def main() -> None:

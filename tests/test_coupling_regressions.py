@@ -19,6 +19,19 @@ def _pruned_at_random_gates(dag, input_shape, target: float = 0.5):
     return pruning, gated, pruning.remove_channels().eval()
 
 
+def _assert_followed_and_removed_exactly(model: nn.Module, dag, x: torch.Tensor):
+    """``dag`` computes what ``model`` does on ``x``, more than 0.9 of its FLOPs are removable,
+    and removing the channels of random gate logits reproduces the gated model. Returns the
+    gated and slim DAGs."""
+    with torch.no_grad():
+        assert dagprune.max_relative_difference(model(x), dag(x)) <= 1e-6
+    pruning, gated, slim = _pruned_at_random_gates(dag, tuple(x.shape[1:]))
+    assert pruning.max_removable_proportion > 0.9
+    with torch.no_grad():
+        assert dagprune.max_relative_difference(gated(x), slim(x)) <= 1e-4
+    return gated, slim
+
+
 def _removal_difference(model: nn.Module, input_shape, seed: int = 0, target: float = 0.9) -> float:
     torch.manual_seed(seed)
     dag = dagprune.build_from_unstructured_module(model.eval())
@@ -409,13 +422,7 @@ def test_app_converts_timm_blocks_branching_on_sizes_with_example_inputs():
     model = make_weights_informative(timm.create_model("mobilevit_xxs", pretrained=False)).eval()
     dag = as_dag(model, (3, 64, 64))
     assert not any(type(v.module).__name__ == "MobileVitBlock" for v in dag.inner_vertices)
-    x = torch.randn(3, 3, 64, 64)
-    with torch.no_grad():
-        assert dagprune.max_relative_difference(model(x), dag(x)) <= 1e-6
-    pruning, gated, slim = _pruned_at_random_gates(dag, (3, 64, 64))
-    assert pruning.max_removable_proportion > 0.9
-    with torch.no_grad():
-        assert dagprune.max_relative_difference(gated(x), slim(x)) <= 1e-4
+    _assert_followed_and_removed_exactly(model, dag, torch.randn(3, 3, 64, 64))
 
 
 def test_convit_gated_positional_attention_is_traced_with_example_inputs(tmp_path):
@@ -432,14 +439,10 @@ def test_convit_gated_positional_attention_is_traced_with_example_inputs(tmp_pat
     assert not any(isinstance(v.module, GPSA) for v in dag.inner_vertices)
     assert all(type(m.rel_indices) is torch.Tensor for m in model.modules() if isinstance(m, GPSA))
     other_batch = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        assert dagprune.max_relative_difference(model(other_batch), dag(other_batch)) <= 1e-6
-    pruning, gated, slim = _pruned_at_random_gates(dag, (3, 32, 32))
-    assert pruning.max_removable_proportion > 0.9
+    _, slim = _assert_followed_and_removed_exactly(model, dag, other_batch)
     dagprune.save_dag(slim, tmp_path / "slim")
     loaded = dagprune.load_dag(tmp_path / "slim")
     with torch.no_grad():
-        assert dagprune.max_relative_difference(gated(other_batch), slim(other_batch)) <= 1e-4
         assert torch.equal(loaded(other_batch), slim(other_batch))
 
 
@@ -465,10 +468,4 @@ def test_mobilenetv5_fusion_adapter_is_traced_with_example_inputs():
     x = torch.randn(2, 3, 8, 8)
     dag = dagprune.build_from_unstructured_module(model, example_inputs=(x,))
     assert not any(isinstance(v.module, MobileNetV5MultiScaleFusionAdapter) for v in dag.inner_vertices)
-    other_batch = torch.randn(3, 3, 8, 8)
-    with torch.no_grad():
-        assert dagprune.max_relative_difference(model(other_batch), dag(other_batch)) <= 1e-6
-    pruning, gated, slim = _pruned_at_random_gates(dag, (3, 8, 8))
-    assert pruning.max_removable_proportion > 0.9
-    with torch.no_grad():
-        assert dagprune.max_relative_difference(gated(other_batch), slim(other_batch)) <= 1e-4
+    _assert_followed_and_removed_exactly(model, dag, torch.randn(3, 3, 8, 8))

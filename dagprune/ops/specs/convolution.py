@@ -65,9 +65,10 @@ def _grouped_conv_rule(ctx, vertex, module, in_atoms, out_atoms, flops: int):
     positions_finer = min(in_rows.shape[1], out_rows.shape[1]) > module.groups
 
     def rule(class_of) -> None:
-        tied = same_in_every_row(class_of(out_rows)) or same_in_every_row(class_of(in_rows))
-        if tied or (positions_finer and not whole_in_every_row(class_of(out_rows))
-                    and not whole_in_every_row(class_of(in_rows))):
+        out_classes, in_classes = class_of(out_rows), class_of(in_rows)
+        tied = same_in_every_row(out_classes) or same_in_every_row(in_classes)
+        if tied or (positions_finer and not whole_in_every_row(out_classes)
+                    and not whole_in_every_row(in_classes)):
             tie_positions_across_groups(ctx, in_rows)
             tie_positions_across_groups(ctx, out_rows)
             ctx.consume(vertex, 0, 1, in_atoms)
