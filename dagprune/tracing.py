@@ -37,7 +37,8 @@ from dagprune.specialization import (FIXED_META, OutputType, argument_values, de
                                      traced_signature)
 from dagprune.training_branches import warn_on_training_branches
 from dagprune.training_mode import evaluation_mode
-from dagprune.value_tracing import ValueProxy, ValueRecorder, holds_proxy, torch_functions_for_proxies
+from dagprune.value_tracing import (TracedParameter, ValueProxy, ValueRecorder, holds_proxy,
+                                   torch_functions_for_proxies)
 
 __all__ = ["build_from_unstructured_module", "needs_example_inputs", "register_leaf_module",
            "register_module_rewrite", "register_autowrap_function", "LEAF_MODULE_TYPES"]
@@ -60,7 +61,7 @@ class _DagTracer(fx.Tracer):
         self._leaf_names = leaf_names
         self.values: ValueRecorder | None = None
         self._computing_values = False
-        self._buffer_names: dict[int, str] | None = None
+        self._attribute_names: dict[str, dict[int, str]] = {}
 
     def record_values(self, root: nn.Module, placeholder_values: dict[str, Any]) -> None:
         """From now on, runs every traced call on example values (see :mod:`dagprune.value_tracing`),
@@ -96,21 +97,26 @@ class _DagTracer(fx.Tracer):
     def getattr(self, attr: str, attr_val, parameter_proxy_cache):
         if self._computing_values:
             return attr_val
-        if self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor) \
-                and not isinstance(attr_val, nn.Parameter):
-            return self._buffer_proxy(attr_val, parameter_proxy_cache)
+        if isinstance(attr_val, nn.Parameter):
+            return self._attribute_proxy(attr_val, parameter_proxy_cache, self.root.named_parameters, TracedParameter)
+        if self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor):
+            return self._attribute_proxy(attr_val, parameter_proxy_cache, self.root.named_buffers)
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
-    def _buffer_proxy(self, value: torch.Tensor, cache: dict):
-        """The graph attribute of a buffer (torch.fx would wrap it as a parameter), or the
-        tensor itself if it is no buffer of the model."""
-        if self._buffer_names is None:
-            self._buffer_names = {id(b): n for n, b in self.root.named_buffers(remove_duplicate=False)}
-        name = self._buffer_names.get(id(value))
+    def _attribute_proxy(self, value: torch.Tensor, cache: dict, named_tensors, proxy_class=None):
+        """The graph attribute of a parameter or buffer of the model (its name from
+        ``named_tensors``), or the tensor itself if it is none of them."""
+        names = self._attribute_names.get(named_tensors.__name__)
+        if names is None:  # a tensor held under several names: the first, as torch.fx names it
+            names = self._attribute_names[named_tensors.__name__] = {}
+            for tensor_name, tensor in named_tensors(remove_duplicate=False):
+                names.setdefault(id(tensor), tensor_name)
+        name = names.get(id(value))
         if name is None:
             return value
         if name not in cache:
-            cache[name] = self.create_proxy("get_attr", name, (), {})
+            factory = None if proxy_class is None else (lambda node: proxy_class(self, node, name, value))
+            cache[name] = self.create_proxy("get_attr", name, (), {}, proxy_factory_fn=factory)
         return cache[name]
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
@@ -376,6 +382,7 @@ def _graph_to_dag(graph: fx.Graph, root: nn.Module, name: str, output_type: type
             attribute_vertices[node.target] = vertex
             inner.append(vertex)
         elif node.op in ("call_module", "call_function", "call_method"):
+            _refuse_parameter_write(node, root)
             predecessors: list[fx.Node] = []
             args = _nodes_to_holes(tuple(node.args), predecessors)
             kwargs = _nodes_to_holes(dict(node.kwargs), predecessors)
@@ -434,7 +441,43 @@ def _module_for(node: fx.Node, root: nn.Module, args, kwargs, predecessors: Sequ
         name = method_name(node.target) if node.op == "call_method" else function_name(node.target)
     except ConversionError as error:
         raise ConversionError(f"at traced call '{node.name}' (from {_node_origin(node)}): {error}") from error
+    name = _elementwise_extreme(name, args, kwargs)
     return op_class_for_function(name)(name, args, kwargs), None
+
+
+_EXTREME_OF_TWO = {"max": "maximum", "min": "minimum"}
+
+
+def _elementwise_extreme(name: str, args, kwargs) -> str:
+    """``torch.max(a, b)`` / ``a.min(b)`` of two tensors are the elementwise ``torch.maximum`` /
+    ``minimum`` (not a reduction along ``dim``): the name of the function they compute."""
+    namespace, _, short_name = name.rpartition(".")
+    if namespace not in ("torch", "Tensor") or short_name not in _EXTREME_OF_TWO:
+        return name
+    other = args[1] if len(args) > 1 else kwargs.get("other")
+    return f"{namespace}.{_EXTREME_OF_TWO[short_name]}" if isinstance(other, InputRef) else name
+
+
+_WRITING_OPERATORS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+def _refuse_parameter_write(node: fx.Node, root: nn.Module) -> None:
+    """A model that writes into its own parameter while it runs (``weight.div_(2)``,
+    ``weight[0] = 1``) would have the DAG repeat the write on every call: a clear error instead."""
+    writes = ((node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")
+               and node.target != "requires_grad_")
+              or (node.op == "call_function" and node.target in _WRITING_OPERATORS))
+    target = node.args[0] if node.args else None
+    if not (writes and isinstance(target, fx.Node) and target.op == "get_attr"):
+        return
+    if isinstance(operator.attrgetter(target.target)(root), nn.Parameter):
+        operation = node.target if isinstance(node.target, str) else node.target.__name__
+        raise ConversionError(
+            f"the model writes into its parameter '{target.target}' while it runs ({operation} from "
+            f"{_node_origin(node)}); a DAG would repeat the write on every call. If the model does it once "
+            "(some models rescale their weights on their first call in eval mode), call the model once in the "
+            "mode it will run in before converting it; otherwise keep the module that writes whole with "
+            "leaf_modules=[...]")
 
 
 def _node_origin(node: fx.Node) -> str:

@@ -24,11 +24,14 @@ sliced by the traced sequence length (``self.bias[:, :, :T, :T]``) stays symboli
 
 Some torch functions do not see proxies through ``__torch_function__``, and are patched while
 tracing (:func:`torch_functions_for_proxies`): ``torch.tensor`` / ``torch.as_tensor`` of a traced
-value (``torch.tensor(q.size(-1))``) and factories given traced sizes as separate arguments
-(``torch.ones(batch, n)``: torch's argument parser takes proxies only as one size sequence) are
+value (``torch.tensor(q.size(-1))``) and functions given traced sizes (``torch.ones(batch, n)``,
+``torch.eye(n)``, ``torch.arange(n)``, ``torch.reshape(x, [batch, -1, width])``: torch's argument
+parser reads such sizes as Python numbers, which would specialise the graph on the example's) are
 recorded as calls, and ``torch.finfo`` /
 ``torch.iinfo`` of a traced dtype (``torch.finfo(x.dtype).min``) take the example's dtype: the
-DAG keeps that constant (convert the model in the dtype it will run in). Two helpers of torch's
+DAG keeps that constant (convert the model in the dtype it will run in); so do
+``torch.is_autocast_enabled`` / ``torch.get_autocast_dtype`` of a traced device type
+(``x.device.type``), answered as at conversion. Two helpers of torch's
 own transformer blocks are patched too: ``F._none_or_dtype`` (an ``isinstance`` check that
 reads a mask's dtype) answers from the proxy, and ``_detect_is_causal_mask`` (which compares a
 given mask with the causal one by value) is recorded as a call, run on the DAG's mask. The
@@ -52,7 +55,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
 
-__all__ = ["ValueRecorder", "ValueProxy", "torch_functions_for_proxies", "holds_proxy"]
+__all__ = ["ValueRecorder", "ValueProxy", "TracedParameter", "torch_functions_for_proxies", "holds_proxy"]
 
 _UNKNOWN = object()
 _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad", "is_nested",
@@ -60,8 +63,12 @@ _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "l
                                "is_sparse", "is_quantized", "is_meta"})
 _SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "is_floating_point",
                             "is_complex", "is_contiguous", "get_device", "element_size"})
-# factories taking their sizes as separate arguments (see the module's docstring)
-_SIZED_FACTORIES = ("zeros", "ones", "empty", "rand", "randn")
+# functions whose sizes torch's argument parser reads as Python numbers before it looks for a
+# proxy (see the module's docstring): factories taking sizes as separate arguments
+# (``torch.ones(batch, n)``), one size (``torch.eye(n)``, ``torch.arange(n)``), or a size list
+# led by a traced size (``torch.reshape(x, [batch, -1, width])``)
+_SIZED_FUNCTIONS = ("zeros", "ones", "empty", "rand", "randn", "full", "eye", "arange", "randint",
+                    "reshape", "broadcast_to", "tile", "narrow", "tensor_split")
 _SHAPE_FUNCTIONS = frozenset({torch.is_floating_point, torch.is_complex, torch.is_tensor, torch.numel})
 
 
@@ -188,6 +195,9 @@ class _ValueBehaviour:
     def __getattr__(self, name: str):
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
+        value = self._known_value()
+        if value is not _UNKNOWN and not hasattr(value, name):  # hasattr(x, "SCB") as on the example
+            raise AttributeError(f"the traced value (a {type(value).__name__}) has no attribute {name!r}")
         return ValueAttribute(self, name)
 
     def _known_value(self) -> Any:
@@ -221,6 +231,18 @@ class ValueProxy(_ValueBehaviour, fx.Proxy):
     """A torch.fx proxy that knows its example value."""
 
 
+class TracedParameter(fx.proxy.ParameterProxy):
+    """A parameter's proxy (its shape a constant, as in torch.fx) with only the attributes the
+    parameter has: ``hasattr(weight, "SCB")`` (a quantised layer's statistics) answers as for the
+    parameter itself, rather than recording an attribute read that fails at run time."""
+
+    def __getattr__(self, name: str):
+        param = self.__dict__.get("param")
+        if param is not None and not (name.startswith("__") and name.endswith("__")) and not hasattr(param, name):
+            raise AttributeError(f"parameter {self.__dict__.get('name')!r} has no attribute {name!r}")
+        return super().__getattr__(name)
+
+
 class ValueAttribute(_ValueBehaviour, fx.proxy.Attribute):
     """An attribute read (``x.shape``, ``x.ndim``) of a :class:`ValueProxy`."""
 
@@ -249,7 +271,8 @@ def _with_example_values(tracer, original, static_only: bool):
             return argument
         recorder = tracer.values
         if static_only and (recorder is None or not recorder.is_static(argument.node)):
-            raise fx.proxy.TraceError(f"torch.{original.__name__} of a traced value that is not a known dtype")
+            raise fx.proxy.TraceError(f"torch.{original.__name__} of a traced value that is not a known "
+                                      "dtype or device")
         return argument if recorder is None else recorder.value(argument.node)
 
     def call(*args, **kwargs):
@@ -258,7 +281,8 @@ def _with_example_values(tracer, original, static_only: bool):
 
 
 def _specialised(tracer, original):
-    """``torch.finfo`` / ``torch.iinfo`` of a traced dtype: the example's (kept as a constant)."""
+    """``torch.finfo`` / ``torch.iinfo`` of a traced dtype, ``torch.is_autocast_enabled`` /
+    ``torch.get_autocast_dtype`` of a traced device type: the example's answer (a constant)."""
     return _with_example_values(tracer, original, static_only=True)
 
 
@@ -279,7 +303,8 @@ _TRANSFORMER = torch.nn.modules.transformer
 # ``isinstance(mask, Tensor)`` to read a mask's dtype, and compare a given mask with the causal
 # one (``_detect_is_causal_mask`` reads its values: recorded as a call, run on the DAG's mask)
 _PATCHES = ((torch, "tensor", _recorded), (torch, "as_tensor", _recorded), (torch, "finfo", _specialised),
-            (torch, "iinfo", _specialised), *((torch, name, _recorded) for name in _SIZED_FACTORIES),
+            (torch, "iinfo", _specialised), (torch, "is_autocast_enabled", _specialised),
+            (torch, "get_autocast_dtype", _specialised), *((torch, name, _recorded) for name in _SIZED_FUNCTIONS),
             (torch.nn.functional, "_none_or_dtype", _dtype_of_proxy), (torch, "autocast", _context_arguments),
             (_TRANSFORMER, "_detect_is_causal_mask", _recorded))
 

@@ -1,14 +1,14 @@
 """Sweep Hugging Face transformers models: conversion, save/load, channel groups, exact removal.
 
-Every class in :data:`transformers_tiny_models.MODELS` is built from a tiny config (random
-weights, no download, eval mode) and called with keyword example inputs
+Every class in :data:`transformers_tiny_models.MODELS` and ``MORE_MODELS`` is built from a tiny
+config (random weights, no download, eval mode) and called with keyword example inputs
 (:func:`transformers_tiny_models.example_inputs`): ``input_ids`` with an ``attention_mask`` that
 pads one row (``use_cache=False`` for decoders, ``decoder_input_ids`` for encoder-decoders) for
 text models, waveforms or log-mel features for speech, ``pixel_values`` for vision models.
 One JSON line per model records:
 
-* ``converts_exactly``: :func:`dagprune.compare_module_outputs` <= 1e-5 (relative) on the example
-  inputs AND on a second input of another batch size (and, for text, another length and padding);
+* ``converts_exactly``: the model is called once (its first call in eval mode may change it), then
+  converted; :func:`dagprune.compare_module_outputs` <= 1e-5 (relative) on the example inputs AND on a second input of another batch size (and, for text, another length and padding);
   ``output_type_kept``: the DAG returns the model's ``ModelOutput`` class;
 * ``roundtrip_exact``: the DAG, saved with ``dag.save``, loads with :func:`dagprune.load_dag` in a
   fresh process where importing ``transformers`` raises ModuleNotFoundError (as if it were not
@@ -54,7 +54,8 @@ import sweep_harness  # noqa: E402
 from sweep_harness import (CONVERSION_TOLERANCE, REMOVAL_TOLERANCE, compare_bit_for_bit,  # noqa: E402
                            escape, first_line, last_line, load_in_fresh_process, mark, read_records,
                            run_in_subprocess, short_traceback)
-from transformers_tiny_models import MODELS, build_model, describe, example_inputs  # noqa: E402
+from transformers_tiny_models import (MODELS, MORE_MODELS, build_model, describe, example_inputs,  # noqa: E402
+                                      kind_of)
 
 
 # ---------------------------------------------------------------------------------- the check
@@ -62,7 +63,7 @@ def check_model(name: str, report=None, seed: int = 0) -> dict:
     """Runs every stage on ``name`` in this process.
 
     Args:
-        name: a key of :data:`MODELS` (a transformers class name).
+        name: a key of :data:`MODELS` or ``MORE_MODELS`` (a transformers class name).
         report: called with keyword results as soon as each is known (so a parent that kills a
             slow child still has the stages that finished); None to only return them.
         seed: seeds the weights, the inputs and the gate logits.
@@ -71,7 +72,7 @@ def check_model(name: str, report=None, seed: int = 0) -> dict:
         The recorded fields (see the module docstring). A failing stage raises; the fields
         recorded before it have gone to ``report``.
     """
-    record: dict = {"kind": MODELS[name][0]}
+    record: dict = {"kind": kind_of(name)}
 
     def note(**fields):
         record.update(fields)
@@ -109,6 +110,8 @@ def _convert(model, inputs: dict, second: dict, note):
 
     import dagprune as dp
     from dagprune.compare import describe_non_finite
+    with torch.no_grad():  # the reference output first: RWKV rescales its weights on its first eval call
+        model(**inputs)
     dag = dp.build_from_unstructured_module(model, example_inputs=inputs)
     difference = float(dp.compare_module_outputs(model, dag, example_inputs=inputs, raise_error=False))
     note(convert_max_rel_diff=difference)
@@ -335,7 +338,7 @@ def main() -> None:
         __doc__.split("\n\n")[0], results=DEFAULT_RESULTS, table=DEFAULT_TABLE, timeout=300.0,
         models_help="fnmatch patterns of class names")
     if not args.table_only:
-        sweep(sweep_harness.matching(MODELS, args.models), args.results, args.timeout)
+        sweep(sweep_harness.matching([*MODELS, *MORE_MODELS], args.models), args.results, args.timeout)
     write_table(args.results, args.table, args.note)
 
 

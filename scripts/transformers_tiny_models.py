@@ -3,7 +3,9 @@
 :data:`MODELS` names each transformers class with its kind (encoder, decoder, seq2seq, audio,
 speech2text, multimodal or vision) and the keyword arguments of a tiny config: hidden sizes 8-64,
 2 layers or 1 block per stage, 4 heads, a vocabulary of 256, 32 px images (64 for MobileViT and
-Segformer, 16 for Swin2SR). :func:`build_model` builds one with random weights (no download); :func:`example_inputs`
+Segformer, 16 for Swin2SR). :data:`MORE_MODELS` names more classes by kind; their configs take
+the shared tiny sizes they have keywords for (:func:`config_keywords`). :func:`build_model` builds
+one with random weights (no download); :func:`example_inputs`
 gives its keyword inputs: token IDs and an attention mask padding one row (``use_cache=False`` for
 decoders; encoder-decoders add ``decoder_input_ids``), raw waveforms (``input_values``), log-mel
 features with ``decoder_input_ids`` (Whisper), token IDs with images (CLIP), or ``pixel_values``;
@@ -141,6 +143,60 @@ MODELS: dict[str, tuple[str, dict]] = {
 """Model class name -> (kind: encoder, decoder, seq2seq, audio, speech2text, multimodal or vision;
 keyword arguments of its config)."""
 
+SHARED_SIZES = dict(
+    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    max_position_embeddings=64, num_key_value_heads=2, head_dim=8, d_model=32, encoder_layers=2,
+    decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+    decoder_ffn_dim=64, n_embd=32, n_layer=2, n_head=4, num_layers=2, num_heads=4, d_ff=64, d_kv=8,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, n_positions=64,
+    embedding_size=16, image_size=DEFAULT_SIDE, patch_size=8, num_channels=3)
+"""The tiny sizes of :data:`MORE_MODELS`: each config takes those of its keywords it has."""
+
+MORE_MODELS: dict[str, str] = {
+    **dict.fromkeys(("CamembertModel", "ConvBertModel", "FunnelModel", "LongformerModel", "BigBirdModel",
+                     "XLNetModel", "MobileBertModel", "NystromformerModel", "RoFormerModel", "ErnieModel",
+                     "CanineModel", "MegatronBertModel", "YosoModel", "FNetModel", "RemBertModel", "EsmModel",
+                     "Data2VecTextModel", "MraModel", "IBertModel"), "encoder"),
+    **dict.fromkeys(("GPTBigCodeForCausalLM", "Starcoder2ForCausalLM", "CohereForCausalLM", "GraniteForCausalLM",
+                     "OlmoeForCausalLM", "Gemma3ForCausalLM", "PersimmonForCausalLM", "MptForCausalLM",
+                     "XGLMForCausalLM", "BioGptForCausalLM", "CTRLLMHeadModel", "MambaForCausalLM",
+                     "FalconMambaForCausalLM", "RwkvForCausalLM", "RecurrentGemmaForCausalLM", "JambaForCausalLM",
+                     "NemotronForCausalLM", "GlmForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM",
+                     "GPT2ForSequenceClassification", "Ernie4_5ForCausalLM", "HeliumForCausalLM",
+                     "Exaone4ForCausalLM", "MiniMaxForCausalLM"), "decoder"),
+    **dict.fromkeys(("PegasusForConditionalGeneration", "MBartForConditionalGeneration",
+                     "BlenderbotForConditionalGeneration", "BlenderbotSmallForConditionalGeneration",
+                     "LEDForConditionalGeneration", "ProphetNetForConditionalGeneration",
+                     "M2M100ForConditionalGeneration", "MT5ForConditionalGeneration", "UMT5ForConditionalGeneration",
+                     "LongT5ForConditionalGeneration", "PLBartForConditionalGeneration",
+                     "NllbMoeForConditionalGeneration", "SwitchTransformersForConditionalGeneration",
+                     "PegasusXForConditionalGeneration", "FSMTForConditionalGeneration"), "seq2seq"),
+    **dict.fromkeys(("WavLMModel", "SEWModel", "SEWDModel", "UniSpeechModel", "UniSpeechSatModel",
+                     "Data2VecAudioModel", "Wav2Vec2ForCTC", "HubertForSequenceClassification"), "audio"),
+    **dict.fromkeys(("PoolFormerModel", "RegNetModel", "FocalNetModel", "MobileNetV2Model", "MobileNetV1Model",
+                     "SwiftFormerModel", "Data2VecVisionModel", "Dinov2WithRegistersModel", "VitDetModel",
+                     "UperNetForSemanticSegmentation", "DetrForObjectDetection", "ConditionalDetrModel"), "vision"),
+}
+"""More classes, by kind, each with the :data:`SHARED_SIZES` its config takes (audio encoders:
+with the convolutional feature extractor of Wav2Vec2's tiny config); other keywords at their
+defaults (some vision models stay large: their sizes go by other names)."""
+
+
+def config_keywords(name: str) -> dict:
+    """The keyword arguments of ``name``'s tiny config."""
+    import inspect
+
+    import transformers
+    if name in MODELS:
+        return MODELS[name][1]
+    accepted = inspect.signature(getattr(transformers, name).config_class.__init__).parameters
+    sizes = {**SHARED_SIZES, **_WAV2VEC2} if MORE_MODELS[name] == "audio" else SHARED_SIZES
+    return {key: value for key, value in sizes.items() if key in accepted}
+
+
+def kind_of(name: str) -> str:
+    return MODELS[name][0] if name in MODELS else MORE_MODELS[name]
+
 
 def _text_inputs(shape, config, decoder: bool, seed: int) -> dict:
     """Token IDs (never a special token below 4) and a 0/1 mask padding the rows of ``shape``."""
@@ -162,7 +218,7 @@ def example_inputs(name: str, config, second: bool = False, seed: int = 0) -> di
     """The keyword inputs of ``name``: the example, or (``second``) one of another batch size and,
     for text, another length and padding."""
     import torch
-    kind, _ = MODELS[name]
+    kind = kind_of(name)
     text_shape = SECOND_TEXT if second else EXAMPLE_TEXT
     generator = torch.Generator().manual_seed(seed + second)
     if kind in ("encoder", "decoder"):
@@ -199,7 +255,7 @@ def build_model(name: str, seed: int = 0):
     import torch
     import transformers
     model_class = getattr(transformers, name)
-    config = model_class.config_class(**MODELS[name][1])
+    config = model_class.config_class(**config_keywords(name))
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

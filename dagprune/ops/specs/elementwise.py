@@ -6,6 +6,8 @@ an axis carrying channels in one operand and broadcast or untracked in another i
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 from torch import nn
@@ -112,6 +114,8 @@ def size_comparison_coupling(ctx, vertex, module, layouts, values, output):
     if isinstance(output, torch.Tensor):
         return broadcast_axes(ctx, _tensor_operands(layouts, values), output.shape,
                               "compared with an untracked operand") or None
+    if _same_answer_for_every_kept_count(module, layouts):
+        return None
     tags = [layout for layout in layouts if layout is not None]
     if (len(tags) == 2 and len(layouts) == 2 and all(isinstance(t, ShapeTag) and not t.is_derived for t in tags)
             and len(tags[0].atoms) == len(tags[1].atoms)):
@@ -120,6 +124,20 @@ def size_comparison_coupling(ctx, vertex, module, layouts, values, output):
     for layout in layouts:
         ctx.barrier_layout(layout, f"channel count used by {describe_op(module)}")
     return None
+
+
+def _same_answer_for_every_kept_count(module, layouts) -> bool:
+    """A channel count compared with a constant that gives one answer for any count removal can
+    leave (1 to the full count: every group keeps a channel): ``0 in x.shape``, ``x.size(1) > 0``."""
+    first, second = module.argument(0, None), module.argument(1, None)
+    compare = getattr(operator, module.short_name, None)
+    counted, constant = (first, second) if isinstance(first, InputRef) else (second, first)
+    if compare is None or not isinstance(counted, InputRef) or not isinstance(constant, (int, float)) \
+            or isinstance(constant, bool) or not isinstance(layouts[counted.index], ShapeTag):
+        return False
+    full = len(layouts[counted.index].atoms)
+    answer = (lambda count: compare(count, constant)) if counted is first else (lambda count: compare(constant, count))
+    return all(answer(count) == answer(full) for count in range(1, full + 1))
 
 
 class _CheckedWidths(nn.Module):

@@ -279,6 +279,8 @@ def remove_from_split(module, input_masks, output_mask, shapes):
     ndim = len(shapes[0])
     dim_position = 1 if module.short_name == "unbind" else 2
     dim = module.argument(dim_position, "dim", 0) % ndim
+    if all(piece.get(dim) is None for piece in output_mask):  # not a channel axis: sizes may vary
+        return copy.deepcopy(module)
     pieces = [kept_count(piece.get(dim), shape[dim]) for piece, shape in zip(output_mask, shapes[-1])]
     namespace = "Tensor" if module.function_name.startswith("Tensor.") else "torch"
     return SplitOp(f"{namespace}.split", (module.args[0], pieces), {"dim": dim})

@@ -15,15 +15,19 @@ from dagprune.ops.linear_algebra import AddMatmulOp, AttentionOp, MatmulOp
 from dagprune.ops.slicing import unchanged_removal
 from dagprune.ops.spec import OpSpec, opaque_coupling
 
-__all__ = ["SPECS", "add_matmul_coupling", "added_scores_example"]
+__all__ = ["SPECS", "add_matmul_coupling", "added_scores_example", "contraction_flops"]
 
 
 # ------------------------------------------------------------------------------- flops
-def matmul_flops(module, inputs, output) -> int:
-    first_value = argument_value(module, inputs, 0, "input")
-    if not isinstance(first_value, torch.Tensor) or not isinstance(output, torch.Tensor):
+def contraction_flops(first, output) -> int:
+    """A product's multiply-adds: each output element contracts ``first``'s last axis."""
+    if not isinstance(first, torch.Tensor) or not isinstance(output, torch.Tensor):
         return 0
-    return 2 * output.numel() * first_value.shape[-1]
+    return 2 * output.numel() * first.shape[-1]
+
+
+def matmul_flops(module, inputs, output) -> int:
+    return contraction_flops(argument_value(module, inputs, 0, "input"), output)
 
 
 def _attention_scores(query, key) -> int:
@@ -72,9 +76,7 @@ def _add_matmul_operands(module) -> tuple[int | None, int | None, int | None]:
 
 def add_matmul_flops(module, inputs, output) -> int:
     _, a_index, _ = _add_matmul_operands(module)
-    if a_index is None or not isinstance(output, torch.Tensor):
-        return 0
-    return 2 * output.numel() * inputs[a_index].shape[-1]
+    return 0 if a_index is None else contraction_flops(inputs[a_index], output)
 
 
 def add_matmul_coupling(ctx, vertex, module, layouts, values, output):

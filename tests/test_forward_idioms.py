@@ -1,0 +1,263 @@
+"""Idioms of model forwards met in Hugging Face models (ConvBERT, XLNet, RWKV, Nemotron, XGLM,
+ProphetNet, LongT5), each in a small model: converted with example inputs, run at other sizes,
+pruned and removed exactly, or refused with an error that says what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dagprune
+from dagprune.errors import ConversionError
+from gate_states import assert_removal_matches_gates, random_gate_states
+from dagprune_algorithms.pruning import ChannelPruning, find_channel_groups
+
+
+def _tokens(batch: int, length: int, width: int = 8) -> tuple:
+    return (torch.randn(batch, length, width),)
+
+
+def _assert_prunes_and_removes_exactly(dag, example, other):
+    pruning = ChannelPruning(dag, None, 0.5, 10, example_inputs=example)
+    gated = pruning.prepare_for_pruning()
+    assert pruning.prunable_proportion > 0.5
+    for _ in random_gate_states(pruning, seed=0, count=2):
+        slim = assert_removal_matches_gates(pruning, gated, example)
+        with torch.no_grad():  # and at sizes other than the example's
+            assert dagprune.max_relative_difference(gated.eval()(*other), slim(*other)) <= 1e-4
+
+
+class _SizesInTorchCalls(nn.Module):
+    """Traced sizes handed to torch functions: ``torch.reshape(x, [batch, -1, width])``
+    (ConvBERT), ``torch.eye(length)`` (XLNet), ``torch.arange``, ``torch.tensor_split`` (Jamba)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        batch, length = x.shape[0], x.shape[1]
+        h = torch.reshape(self.up(x), [batch, -1, 16])
+        mixing = torch.eye(length) + 0.1 * torch.arange(length).float()
+        h = torch.einsum("st,btc->bsc", mixing, h)
+        first, rest = torch.tensor_split(h, [length // 2], dim=1)
+        return self.down(torch.cat([rest, first], dim=1))
+
+
+def test_traced_sizes_given_to_torch_functions_stay_symbolic(tmp_path):
+    # torch's argument parser read such sizes as Python numbers: the graph was specialised on
+    # the example's batch and length ("the DAG runs only where it is 2")
+    torch.manual_seed(0)
+    model = _SizesInTorchCalls().eval()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=_tokens(2, 6))
+    loaded = dagprune.load_dag(dag.save(tmp_path / "sizes"))
+    for batch, length in [(2, 6), (3, 5), (1, 9)]:
+        x = _tokens(batch, length)
+        assert dagprune.max_relative_difference(model(*x), dag(*x)) == 0.0
+        assert torch.equal(dag(*x), loaded(*x))
+    _assert_prunes_and_removes_exactly(dag, _tokens(2, 6), _tokens(3, 7))
+
+
+class _QuantisationCheck(nn.Module):
+    """RWKV's form: a branch for quantised weights, taken only when the weight has statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        scale = self.linear.weight.SCB if hasattr(self.linear.weight, "SCB") else 1.0
+        return self.linear(x) * scale
+
+
+def test_hasattr_of_a_parameter_answers_as_for_the_parameter():
+    # the parameter's proxy claimed every attribute: the DAG read `weight.SCB` and failed at run time
+    model = _QuantisationCheck().eval()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=_tokens(2, 3))
+    x = _tokens(3, 4)
+    assert torch.equal(model(*x), dag(*x))
+
+
+class _RescalesOnFirstCall(nn.Module):
+    """RWKV's form: the first call in eval mode divides a weight in place, once."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.rescaled = nn.Linear(8, 8), False
+
+    def forward(self, x):
+        if not self.rescaled:
+            with torch.no_grad():
+                self.linear.weight.div_(2)
+            self.rescaled = True
+        return self.linear(x)
+
+
+def test_a_model_writing_into_its_parameter_is_refused_and_converts_after_its_first_call():
+    model = _RescalesOnFirstCall().eval()
+    with pytest.raises(ConversionError, match=r"writes into its parameter 'linear.weight'.*call the model once"):
+        dagprune.build_from_unstructured_module(model, example_inputs=_tokens(2, 3))
+    assert not model.rescaled  # conversion worked on a copy
+    x = _tokens(2, 3)
+    model(*x)
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=x)
+    assert torch.equal(model(*x), dag(*x)) and torch.equal(model(*x), dag(*x))  # no write on later calls
+
+
+class _AutocastQuery(nn.Module):
+    """transformers' ``maybe_autocast`` (Nemotron's layer norm): asks whether autocast is on for
+    the input's device type."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        h = self.linear(x)
+        if torch.is_autocast_enabled(h.device.type):
+            h = h.to(torch.get_autocast_dtype(h.device.type))
+        return self.norm(h)
+
+
+def test_autocast_queries_of_a_traced_device_type_take_the_examples_answer():
+    model = _AutocastQuery().eval()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=_tokens(2, 3))
+    x = _tokens(3, 5)
+    assert torch.equal(model(*x), dag(*x))
+
+
+class _ElementwiseExtremes(nn.Module):
+    """XGLM's ``torch.max(scores, torch.full((), min))`` and ``a.min(b)``: of two tensors, not
+    reductions along an axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.left, self.right, self.head = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        floor = torch.max(self.left(x), torch.full((), -0.5))
+        return self.head(floor.min(self.right(x)))
+
+
+def test_max_and_min_of_two_tensors_are_elementwise_and_prune():
+    # the reduction spec read the second tensor as `dim`: "iteration over a 0-d tensor"
+    torch.manual_seed(0)
+    model = _ElementwiseExtremes().eval()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=_tokens(2, 3))
+    names = {vertex.module.function_name for vertex in dag.inner_vertices if hasattr(vertex.module, "function_name")}
+    assert {"torch.maximum", "Tensor.minimum"} <= names
+    x = _tokens(3, 4)
+    assert torch.equal(model(*x), dag(*x))
+    _assert_prunes_and_removes_exactly(dag, _tokens(2, 3), _tokens(1, 6))
+
+
+class _StreamsAlongTokens(nn.Module):
+    """ProphetNet's form: streams stacked along the tokens, chunked apart after a projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        streams = torch.cat([x, 2 * x, -x], dim=1)
+        main, first, second = self.up(streams).relu().chunk(3, dim=1)
+        return self.down(main + first * second)
+
+
+def test_a_split_along_tokens_keeps_its_run_time_sizes_after_removal():
+    # removal rewrote every chunk as a split with the example's sizes: "split_with_sizes expects
+    # split_sizes to sum exactly to 12 ... got [6, 6, 6]" at another length
+    torch.manual_seed(0)
+    model = _StreamsAlongTokens().eval()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=_tokens(2, 2))
+    _assert_prunes_and_removes_exactly(dag, _tokens(2, 2), _tokens(3, 4))
+
+
+class _EmptyGuard(nn.Module):
+    """LongT5's form: ``if 0 in x.shape`` before reshaping into blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.up(x)
+        if 0 in h.shape or not h.size(-1) > 0:
+            return x
+        return self.down(h.relu())
+
+
+def test_a_channel_count_compared_with_zero_does_not_bar_its_channels():
+    # every group keeps a channel, so `0 in shape` answers the same after removal
+    torch.manual_seed(0)
+    model = _EmptyGuard().eval()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=_tokens(2, 3))
+    analysis = find_channel_groups(dag, example_inputs=_tokens(2, 3))
+    assert any(group.prunable and len(group.classes) == 16 for group in analysis.groups)
+    _assert_prunes_and_removes_exactly(dag, _tokens(2, 3), _tokens(3, 5))
+
+
+class _WidthCheck(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.up(x)
+        if h.shape[-1] == 16:  # true for the full width only: removal would change the answer
+            h = h.relu()
+        return self.down(h)
+
+
+def test_a_channel_count_compared_with_a_count_it_can_shrink_to_stays_barred():
+    model = _WidthCheck().eval()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=_tokens(2, 3))
+    analysis = find_channel_groups(dag, example_inputs=_tokens(2, 3))
+    assert not any(group.prunable for group in analysis.groups)
+    assert any("channel count used by" in group.reason for group in analysis.groups)
+
+
+class _RoutedExperts(nn.Module):
+    """transformers' grouped-matmul experts: token rows sorted by expert, one up and one down
+    matrix per expert, ``torch._grouped_mm`` with the end row of each expert's rows."""
+
+    def __init__(self, experts: int = 3, width: int = 16, hidden: int = 32):
+        super().__init__()
+        self.embed, self.router, self.head = nn.Linear(8, width), nn.Linear(width, experts), nn.Linear(width, 4)
+        self.up = nn.Parameter(torch.randn(experts, width, hidden) / 4)
+        self.down = nn.Parameter(torch.randn(experts, hidden, width) / 6)
+
+    def forward(self, x):
+        h = self.embed(x)
+        expert = self.router(h).argmax(-1)
+        order = torch.sort(expert, stable=True).indices
+        offsets = torch.cumsum(torch.bincount(expert, minlength=self.up.shape[0]), 0).to(torch.int32)
+        rows = torch._grouped_mm(h[order], self.up, offs=offsets).relu()
+        out = torch.empty_like(h)
+        out[order] = torch.nn.functional.grouped_mm(rows, self.down, offs=offsets)
+        return self.head(h + out)
+
+
+def test_grouped_matmul_experts_prune_and_slim_widths_run_without_the_kernels_alignment(tmp_path):
+    # torch._grouped_mm was an opaque call: every channel it touched was a barrier (Mixtral 0.21
+    # of its FLOPs removable); slim widths that are no multiple of 4 float32 channels are
+    # refused by torch's CPU kernel and computed expert by expert
+    torch.manual_seed(0)
+    model = _RoutedExperts().eval()
+    example = (torch.randn(10, 8),)
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=example)
+    assert torch.equal(model(*example), dag(*example))
+    pruning = ChannelPruning(dag, None, 0.5, 10, example_inputs=example)
+    gated = pruning.prepare_for_pruning()
+    assert pruning.prunable_proportion > 0.75  # all but the router's experts, the input and the output
+    for _ in random_gate_states(pruning, seed=1, count=2):
+        slim = assert_removal_matches_gates(pruning, gated, example)
+    widths = {name: tuple(t.shape) for name, t in slim.state_dict().items()
+              if name.endswith(("up.value", "down.value"))}
+    assert any(size % 4 for shape in widths.values() for size in shape[1:]), widths
+    loaded = dagprune.load_dag(slim.save(tmp_path / "slim"))
+    x = torch.randn(7, 8)
+    with torch.no_grad():
+        assert torch.equal(slim(x), loaded(x))
+        assert dagprune.max_relative_difference(gated.eval()(x), slim(x)) <= 1e-4
