@@ -261,3 +261,15 @@ def test_grouped_matmul_experts_prune_and_slim_widths_run_without_the_kernels_al
     with torch.no_grad():
         assert torch.equal(slim(x), loaded(x))
         assert dagprune.max_relative_difference(gated.eval()(x), slim(x)) <= 1e-4
+
+
+def test_tokens_gathered_by_an_index_expanded_to_the_channel_count_keep_their_channels_prunable():
+    # gather had no spec (its channels were barriers), and expand of a size-1 axis to a channel
+    # count read at run time barred that count ("shapes an untracked axis")
+    from dagprune.ops.specs.selection import _example
+    torch.manual_seed(0)
+    model, example = _example()
+    dag = dagprune.build_from_unstructured_module(model.eval(), example_inputs=example)
+    analysis = find_channel_groups(dag, example_inputs=example)
+    assert any(group.prunable and group.size == 8 for group in analysis.groups)
+    _assert_prunes_and_removes_exactly(dag, example, (torch.randn(3, 7, 4),))

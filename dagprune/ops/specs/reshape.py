@@ -242,7 +242,21 @@ def expand_coupling(ctx, vertex, module, layouts, values, output):
     for index, layout_other in enumerate(layouts[1:], start=1):
         if isinstance(values[index], torch.Tensor):
             ctx.barrier_layout(layout_other, "expand template tensor")
+    result.update(_broadcast_to_channel_counts(module, layouts, values[0].shape, offset, result))
     return _couple_sizes(ctx, module, layouts, values, result, output.ndim, unify_tracked=True) or None
+
+
+def _broadcast_to_channel_counts(module, layouts, in_shape, offset: int, result: Layout) -> Layout:
+    """Axes a size-1 (or new) axis is expanded to a channel count read at run time (token
+    pruning's ``index.unsqueeze(-1).expand(-1, -1, x.shape[-1])``): the same value for every
+    channel, an axis of those channels (its size follows the kept count after removal)."""
+    counted = {}
+    for axis, size in enumerate(_size_arguments(module, len(in_shape) + offset)):
+        tag = layouts[size.index] if isinstance(size, InputRef) else None
+        broadcast = axis < offset or in_shape[axis - offset] == 1
+        if isinstance(tag, ShapeTag) and not tag.is_derived and broadcast and axis not in result:
+            counted[axis] = tag.atoms
+    return counted
 
 
 def _rewrite_sizes(sizes, new_sizes: list[int], old_sizes, static_positions=frozenset()) -> Any:
