@@ -8,8 +8,12 @@ text models, waveforms or log-mel features for speech, ``pixel_values`` for visi
 One JSON line per model records:
 
 * ``converts_exactly``: the model is called once (its first call in eval mode may change it), then
-  converted; :func:`dagprune.compare_module_outputs` <= 1e-5 (relative) on the example inputs AND on a second input of another batch size (and, for text, another length and padding);
-  ``output_type_kept``: the DAG returns the model's ``ModelOutput`` class;
+  converted; :func:`dagprune.compare_module_outputs` <= 1e-5 (relative) on the example inputs AND
+  on a second input of another batch size (and, for text, another length and padding);
+  ``output_type_kept``: the DAG returns the model's ``ModelOutput`` class; ``other_sizes``: False
+  where the DAG refuses the second input's sizes with dagprune's own error (the model turned a size
+  into a Python number, e.g. a recurrent scan's ``range(seq_len)``): conversion is then judged on
+  the example alone, and so is removal;
 * ``roundtrip_exact``: the DAG, saved with ``dag.save``, loads with :func:`dagprune.load_dag` in a
   fresh process where importing ``transformers`` raises ModuleNotFoundError (as if it were not
   installed), and computes bit-equal outputs and state; when it does not, ``roundtrip_error`` and
@@ -87,7 +91,7 @@ def check_model(name: str, report=None, seed: int = 0) -> dict:
          second_example=describe(second))
 
     note(stage="convert")
-    dag = _convert(model, inputs, second, note)
+    dag, second = _convert(model, inputs, second, note)
     note(stage="roundtrip")
     _check_roundtrip(dag, inputs, note)
     note(stage="groups")
@@ -105,7 +109,8 @@ def check_model(name: str, report=None, seed: int = 0) -> dict:
 
 
 def _convert(model, inputs: dict, second: dict, note):
-    """The DAG of ``model``, with its differences from the model on both inputs noted."""
+    """The DAG of ``model``, with its differences from the model on both inputs noted, and the
+    second input (None when the DAG refuses its sizes: specialised on the example's)."""
     import torch
 
     import dagprune as dp
@@ -115,7 +120,7 @@ def _convert(model, inputs: dict, second: dict, note):
     dag = dp.build_from_unstructured_module(model, example_inputs=inputs)
     difference = float(dp.compare_module_outputs(model, dag, example_inputs=inputs, raise_error=False))
     note(convert_max_rel_diff=difference)
-    second_difference = float(dp.compare_module_outputs(model, dag, example_inputs=second, raise_error=False))
+    second_difference, second = _second_input_difference(model, dag, second, note)
     with torch.no_grad():
         model_output, dag_output = model(**inputs), dag(**inputs)
     note(second_max_rel_diff=second_difference,
@@ -123,7 +128,26 @@ def _convert(model, inputs: dict, second: dict, note):
          output_type=type(model_output).__name__,
          output_type_kept=type(dag_output) is type(model_output),
          converts_exactly=max(difference, second_difference) <= CONVERSION_TOLERANCE)
-    return dag
+    return dag, second
+
+
+_SPECIALISED = "the DAG runs only where"  # dagprune's run-time check of a size the model made a number
+
+
+def _second_input_difference(model, dag, second: dict, note) -> tuple[float, dict | None]:
+    """The DAG's difference from the model on the second input; 0 and None when the DAG refuses
+    its sizes with dagprune's clear error (the model turned a size into a Python number, as in a
+    recurrent scan's ``range(seq_len)``), noted as ``other_sizes`` False."""
+    import dagprune as dp
+    try:
+        difference = float(dp.compare_module_outputs(model, dag, example_inputs=second, raise_error=False))
+    except AssertionError as error:
+        if _SPECIALISED not in str(error):
+            raise
+        note(other_sizes=False, other_sizes_error=first_line(error))
+        return 0.0, None
+    note(other_sizes=True)
+    return difference, second
 
 
 def _check_roundtrip(dag, inputs: dict, note) -> None:
@@ -169,8 +193,9 @@ def _compute_flops(dag, inputs: dict) -> int:
     return compute_flops(dag, example_inputs=inputs)
 
 
-def _check_removal(pruning, gated, inputs: dict, second: dict, seed: int, note) -> None:
-    """Random gates, slim model; its differences from the gated model on both inputs, its FLOPs."""
+def _check_removal(pruning, gated, inputs: dict, second: dict | None, seed: int, note) -> None:
+    """Random gates, slim model; its differences from the gated model on both inputs (the example
+    alone where ``second`` is None), its FLOPs."""
     import torch
     from removal_check import removal_difference_at_random_gates
 
@@ -179,7 +204,8 @@ def _check_removal(pruning, gated, inputs: dict, second: dict, seed: int, note) 
                                                              example_inputs=inputs)
     note(removal_max_rel_diff=difference)
     with torch.no_grad():
-        second_difference = float(dp.max_relative_difference(gated(**second), slim(**second)))
+        second_difference = 0.0 if second is None else float(dp.max_relative_difference(gated(**second),
+                                                                                         slim(**second)))
     note(removal_second_max_rel_diff=second_difference,
          removal_exact=max(difference, second_difference) <= REMOVAL_TOLERANCE,
          slim_params=sum(p.numel() for p in slim.parameters()))
@@ -263,12 +289,14 @@ _DESCRIPTION = (
     "`input_features` and `decoder_input_ids` for Whisper; token IDs and `pixel_values` for CLIP; "
     "`pixel_values` for vision). Convert: output within 1e-5 (relative) of the original on the "
     "example and on a second input of another batch size (text: another length and padding; "
-    "waveforms: another length). "
+    "waveforms: another length); other sizes: \"no\" where the DAG refuses the second input's sizes with "
+    "dagprune's clear error (the model turns a size into a Python number, as in a recurrent scan over the "
+    "tokens: the DAG is specialised on the example's sizes; its other checks then use the example alone). "
     "Save/load: the saved DAG loads in a fresh process where `import transformers` fails, "
     "bit-exact. Prunable: a prunable channel group. Removal: slim model within 1e-4 of the gated "
     "model under random gates (both inputs). FLOPs per sample on the example, before and after "
     "removal.")
-_HEADER = ("| model | kind | params | convert | save/load | prunable | prunable proportion "
+_HEADER = ("| model | kind | params | convert | other sizes | save/load | prunable | prunable proportion "
            "| max removable | removal | FLOPs (K) | slim FLOPs (K) | failure |")
 
 
@@ -281,16 +309,17 @@ def write_table(results: Path, table: Path, note: str = "") -> None:
     def number(record: dict, key: str, form: str) -> str:
         return form.format(record[key]) if record.get(key) is not None else "-"
 
+    specialised = sum(r.get("other_sizes") is False for r in records.values())
     summary = (f"**{count('converts_exactly')} of {len(records)} convert, {count('roundtrip_exact')} "
-               f"save/load, {count('prunable')} prunable, {count('removal_exact')} removal-exact**"
-               f"{(' ' + note) if note else ''}")
+               f"save/load, {count('prunable')} prunable, {count('removal_exact')} removal-exact** "
+               f"({specialised} of them only at the example's sizes){(' ' + note) if note else ''}")
     lines = ["# Hugging Face transformers models", "", _DESCRIPTION, "", summary, "", _HEADER,
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(records, key=lambda n: (records[n].get("kind", ""), n)):
         r = records[name]
         lines.append(
             f"| {name} | {r.get('kind', '-')} | {number(r, 'params', '{:,}')} | "
-            f"{mark(r.get('converts_exactly'))} | {mark(r.get('roundtrip_exact'))} | "
+            f"{mark(r.get('converts_exactly'))} | {mark(r.get('other_sizes'))} | {mark(r.get('roundtrip_exact'))} | "
             f"{mark(r.get('prunable'))} | {number(r, 'prunable_proportion', '{:.3f}')} | "
             f"{number(r, 'max_removable_proportion', '{:.3f}')} | {mark(r.get('removal_exact'))} | "
             f"{_kilo(r.get('flops'))} | {_kilo(r.get('slim_flops'))} | "
