@@ -303,6 +303,12 @@ def _check_eager_module(model) -> None:
     if not isinstance(model, nn.Module):
         raise ConversionError(f"build_from_unstructured_module needs an nn.Module, got {kind}; wrap a function "
                               "in an nn.Module whose forward calls it")
+    scripted = next(((name, module) for name, module in model.named_modules()
+                     if isinstance(module, torch.jit.ScriptModule)), None)
+    if scripted is not None:
+        raise ConversionError(f"module '{scripted[0]}' is a TorchScript module ({type(scripted[1]).__name__}), which "
+                              "cannot be traced or saved in a DAG: its Python code is gone; put the eager nn.Module "
+                              "it was scripted or traced from in its place")
     _check_no_hook_reparametrization(model)
 
 

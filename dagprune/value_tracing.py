@@ -27,7 +27,8 @@ tracing (:func:`torch_functions_for_proxies`): ``torch.tensor`` / ``torch.as_ten
 value (``torch.tensor(q.size(-1))``) and functions given traced sizes (``torch.ones(batch, n)``,
 ``torch.eye(n)``, ``torch.arange(n)``, ``torch.reshape(x, [batch, -1, width])``: torch's argument
 parser reads such sizes as Python numbers, which would specialise the graph on the example's) are
-recorded as calls, and ``torch.finfo`` /
+recorded as calls, as are tensor methods given traced sizes on a tensor that is no proxy (a
+constant made in the forward: ``torch.eye(2, 3).expand(x.shape[0], -1, -1)``), and ``torch.finfo`` /
 ``torch.iinfo`` of a traced dtype (``torch.finfo(x.dtype).min``) take the example's dtype: the
 DAG keeps that constant (convert the model in the dtype it will run in); so do
 ``torch.is_autocast_enabled`` / ``torch.get_autocast_dtype`` of a traced device type
@@ -69,6 +70,10 @@ _SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "i
 # led by a traced size (``torch.reshape(x, [batch, -1, width])``)
 _SIZED_FUNCTIONS = ("zeros", "ones", "empty", "rand", "randn", "full", "eye", "arange", "randint",
                     "reshape", "broadcast_to", "tile", "narrow", "tensor_split")
+# tensor methods taking sizes, called on a tensor that is no proxy (a constant the forward makes:
+# ``torch.eye(2, 3).expand(x.shape[0], -1, -1)``) with traced sizes: recorded as calls
+_SIZED_METHODS = ("expand", "view", "reshape", "repeat", "tile", "narrow", "unflatten", "new_zeros", "new_ones",
+                  "new_empty", "new_full")
 _SHAPE_FUNCTIONS = frozenset({torch.is_floating_point, torch.is_complex, torch.is_tensor, torch.numel})
 
 
@@ -262,6 +267,14 @@ def _recorded(tracer, original):
     return call
 
 
+def _recorded_method(tracer, original):
+    def call(self, *args, **kwargs):
+        if not isinstance(self, fx.Proxy) and holds_proxy((args, kwargs)):
+            return tracer.create_proxy("call_method", original.__name__, (self, *args), kwargs)
+        return original(self, *args, **kwargs)
+    return call
+
+
 def _with_example_values(tracer, original, static_only: bool):
     """``original`` called with each proxy among its arguments replaced by the example's value.
     With ``static_only``, a value not computed from shapes, dtypes and fixed arguments stops the
@@ -306,7 +319,8 @@ _PATCHES = ((torch, "tensor", _recorded), (torch, "as_tensor", _recorded), (torc
             (torch, "iinfo", _specialised), (torch, "is_autocast_enabled", _specialised),
             (torch, "get_autocast_dtype", _specialised), *((torch, name, _recorded) for name in _SIZED_FUNCTIONS),
             (torch.nn.functional, "_none_or_dtype", _dtype_of_proxy), (torch, "autocast", _context_arguments),
-            (_TRANSFORMER, "_detect_is_causal_mask", _recorded))
+            (_TRANSFORMER, "_detect_is_causal_mask", _recorded),
+            *((torch.Tensor, name, _recorded_method) for name in _SIZED_METHODS))
 
 
 @contextlib.contextmanager

@@ -4,6 +4,8 @@ pruned and removed exactly, or refused with an error that says what to do."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -273,3 +275,35 @@ def test_tokens_gathered_by_an_index_expanded_to_the_channel_count_keep_their_ch
     analysis = find_channel_groups(dag, example_inputs=example)
     assert any(group.prunable and group.size == 8 for group in analysis.groups)
     _assert_prunes_and_removes_exactly(dag, example, (torch.randn(3, 7, 4),))
+
+
+class _ConstantExpanded(nn.Module):
+    """A constant made in the forward and expanded to the traced batch (spatial transformers'
+    identity ``theta``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        shift = torch.eye(8)[:1].expand(x.shape[0], x.shape[1], -1)
+        return self.linear(x) + shift.new_zeros(x.shape[0], 1, 1) + shift
+
+
+def test_tensor_methods_of_a_constant_given_traced_sizes_are_recorded():
+    # torch's argument parser refused proxies: "expand() takes 1 positional argument but 3 were given"
+    model = _ConstantExpanded().eval()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=_tokens(2, 3))
+    for batch, length in [(2, 3), (4, 5)]:
+        x = _tokens(batch, length)
+        assert torch.equal(model(*x), dag(*x))
+
+
+def test_a_scripted_submodule_is_named_in_the_error():
+    # the error was "attribute 'act._c' read by the model is a ScriptModule, not a tensor"
+    with warnings.catch_warnings():  # torch.jit.script is deprecated (a FutureWarning), and still met in models
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(nn.GELU())
+    model = nn.Sequential(nn.Linear(8, 8), scripted, nn.Linear(8, 2))
+    with pytest.raises(ConversionError, match=r"module '1' is a TorchScript module .*eager nn.Module"):
+        dagprune.build_from_unstructured_module(model)

@@ -135,6 +135,33 @@ def _functional_unpooling_example():
     return _SegNetStage(functional=True), (torch.randn(1, 3, 8, 8),)
 
 
+def grid_sample_coupling(ctx, vertex, module, layouts, values, output):
+    """``F.grid_sample(x, grid)`` samples every channel of ``x`` (axis 1) at the grid's points:
+    those channels pass; channels on ``x``'s moved axes or in the grid are barriers."""
+    x_index, grid_index = argument_input(module, 0, "input"), argument_input(module, 1, "grid")
+    if x_index is None or grid_index is None:
+        return barrier_all(ctx, layouts, "grid_sample of a constant input or grid")
+    ctx.barrier_layout(layouts[grid_index], "the sampling grid of grid_sample")
+    layout = tensor_layout(layouts[x_index])
+    for axis, atoms in layout.items():
+        if axis != 1:
+            ctx.barrier(atoms, f"grid_sample moves the positions of axis {axis}")
+    return {1: layout[1]} if 1 in layout else None
+
+
+class _Warp(nn.Module):
+    """A feature map resampled at a shifted grid (spatial transformers, deformable alignment)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encode, self.out = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+        self.register_buffer("theta", torch.tensor([[[1.0, 0.0, 0.1], [0.0, 0.9, 0.0]]]))
+
+    def forward(self, x):
+        grid = F.affine_grid(self.theta.expand(x.shape[0], -1, -1), [x.shape[0], 1, 6, 6], align_corners=False)
+        return self.out(F.grid_sample(self.encode(x), grid, align_corners=False))
+
+
 def _spec(name, targets, example, removal=unchanged_removal, coupling=pass_through_coupling, **facets):
     return OpSpec(name, targets, flops=no_flops, coupling=coupling, removal=removal, example=example, **facets)
 
@@ -148,5 +175,7 @@ SPECS = (
           _functional_unpooling_example, coupling=unpooling_coupling, reads_sizes=True),
     _spec("resampling", RESAMPLING + (InterpolateOp,), _example(nn.Upsample(scale_factor=2))),
     _spec("padding", PADDINGS + (PadOp,), _example(nn.ZeroPad2d(1))),
+    _spec("grid_sample", ("torch.nn.functional.grid_sample", "torch.grid_sampler"),
+          lambda: (_Warp(), (torch.randn(2, 3, 8, 8),)), coupling=grid_sample_coupling),
     _spec("prelu", (nn.PReLU,), _example(nn.PReLU(8)), removal=remove_from_prelu),
 )

@@ -109,6 +109,54 @@ def _product_coupling(ctx, vertex, layouts, values, output, a_index: int, b_inde
     return result or None
 
 
+def _cdist_operands(module) -> tuple[int | None, int | None]:
+    return argument_input(module, 0, "x1"), argument_input(module, 1, "x2")
+
+
+def cdist_flops(module, inputs, output) -> int:
+    """A difference, a power and a sum per feature of each pair."""
+    a_index, _ = _cdist_operands(module)
+    return 0 if a_index is None else 3 * contraction_flops(inputs[a_index], output) // 2
+
+
+def cdist_coupling(ctx, vertex, module, layouts, values, output):
+    """``torch.cdist(a, b)``: the features (last axis) of ``a`` and ``b`` are one set of
+    channels, summed over like a matmul's contraction; the gated model masks both operands (a
+    removed feature, 0 in both, adds nothing to any p-norm distance). The output's rows and
+    columns carry ``a``'s and ``b``'s second-last axes."""
+    a_index, b_index = _cdist_operands(module)
+    if a_index is None or b_index is None or not isinstance(output, torch.Tensor):
+        return opaque_coupling(ctx, vertex, module, layouts, values, output)
+    a, b = values[a_index], values[b_index]
+    a_layout, b_layout = tensor_layout(layouts[a_index]), tensor_layout(layouts[b_index])
+    factors = _unify_contraction(ctx, vertex, (a_index, a.ndim - 1, a_layout.get(a.ndim - 1)),
+                                 (b_index, b.ndim - 1, b_layout.get(b.ndim - 1)),
+                                 "cdist features with an untracked operand")
+    if factors:  # a removed feature must be 0 in both operands (a product needs it in one)
+        ctx.consume(vertex, b_index, b.ndim - 1, factors[0])
+    batch_shape = output.shape[:-2]
+    result = broadcast_axes(ctx, [_batch_layout(a_layout, a), _batch_layout(b_layout, b)],
+                            batch_shape, "cdist batch axes") if batch_shape else {}
+    for source, layout, out_axis in ((a, a_layout, output.ndim - 2), (b, b_layout, output.ndim - 1)):
+        if source.ndim - 2 in layout:
+            result[out_axis] = layout[source.ndim - 2]
+    factors.extend(result.values())
+    ctx.count_flops(vertex, cdist_flops(module, values, output), factors)
+    return result or None
+
+
+class _Prototypes(nn.Module):
+    """Distances of embedded samples to learned prototypes (prototypical networks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(6, 8), nn.Linear(4, 2)
+        self.prototypes = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x):
+        return self.head(torch.cdist(self.embed(x), self.prototypes.expand(x.shape[0], -1, -1)))
+
+
 def _attention_masks(ctx, layouts, values, qkv: tuple, query) -> list:
     """Additive or boolean masks broadcast over the batch and head axes: their token axes are
     barriers; their head axes join the attention's head axes."""
@@ -203,6 +251,8 @@ SPECS = (
            removal=unchanged_removal, example=added_scores_example),
     OpSpec("matmul", (MatmulOp,), flops=matmul_flops, coupling=matmul_coupling,
            removal=unchanged_removal, example=lambda: (_Attention(False), (torch.randn(1, 5, 8),))),
+    OpSpec("cdist", ("torch.cdist",), flops=cdist_flops, coupling=cdist_coupling, removal=unchanged_removal,
+           example=lambda: (_Prototypes(), (torch.randn(2, 5, 6),))),
     OpSpec("attention", (AttentionOp,), flops=attention_flops, coupling=attention_coupling,
            removal=remove_from_attention, example=lambda: (_Attention(True), (torch.randn(1, 5, 8),))),
 )
