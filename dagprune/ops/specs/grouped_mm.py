@@ -29,10 +29,13 @@ _KERNEL_ALIGNMENT = 16  # bytes
 
 def grouped_matmul(mat_a: torch.Tensor, mat_b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """``torch._grouped_mm(mat_a, mat_b, offs=offs)`` for a 2-D ``mat_a`` and a 3-D ``mat_b``,
-    also for shapes the kernel refuses (each expert's rows multiplied in turn; reads ``offs``
-    on the host)."""
+    also for shapes, dtypes or devices the kernel refuses (each expert's rows multiplied in turn;
+    reads ``offs`` on the host)."""
     if _kernel_accepts(mat_a, mat_b):
-        return torch._grouped_mm(mat_a, mat_b, offs=offs)
+        try:
+            return torch._grouped_mm(mat_a, mat_b, offs=offs)
+        except RuntimeError:  # e.g. float32 on a GPU whose kernel takes bfloat16 only
+            pass
     output = mat_a.new_zeros(mat_a.shape[0], mat_b.shape[-1])
     start = 0
     for expert, end in enumerate(offs.tolist()):
