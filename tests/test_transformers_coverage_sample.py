@@ -1,7 +1,7 @@
 """A bounded sample of the Hugging Face coverage sweep (``scripts/coverage_transformers.py``),
 run in-process.
 
-Two encoders, four decoders and one vision model from the sweep's tiny configs. Each runs the
+Two encoders, five decoders and one vision model from the sweep's tiny configs. Each runs the
 sweep's own per-model check: the DAG reproduces the model on the example inputs and on a second
 input of another batch size (and length and padding) (max relative difference <= 1e-5) and
 returns its ``ModelOutput`` class; the saved DAG loads bit-exactly in a fresh process where
@@ -9,8 +9,8 @@ returns its ``ModelOutput`` class; the saved DAG loads bit-exactly in a fresh pr
 random gate logits reproduces the gated model (<= 1e-4) and lowers the FLOPs. Models that fail
 today stay in the list as strict xfails with the reason, so a fix shows up as an unexpected pass.
 
-Select it with ``pytest -m coverage_sample``; with one torch thread the seven take about 35 s
-(50 s under load) on the shared 2-core machine, each with one fresh process for the load check.
+Select it with ``pytest -m coverage_sample``; with one torch thread the eight take about 45 s
+(65 s under load) on the shared 2-core machine, each with one fresh process for the load check.
 """
 
 import pytest
@@ -28,6 +28,7 @@ SAMPLE_MODELS = {
     "vision transformer": "ViTModel",
     "encoder, traced sizes in torch.reshape, a span convolution": "ConvBertModel",
     "decoder, torch.max of two tensors, sinusoidal positions": "XGLMForCausalLM",
+    "decoder, mixture of experts run by torch._grouped_mm": "OlmoeForCausalLM",
 }
 """What the model stands for -> a class of :data:`MODELS` or ``MORE_MODELS`` in the sweep."""
 
