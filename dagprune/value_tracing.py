@@ -241,6 +241,10 @@ class TracedParameter(fx.proxy.ParameterProxy):
     parameter has: ``hasattr(weight, "SCB")`` (a quantised layer's statistics) answers as for the
     parameter itself, rather than recording an attribute read that fails at run time."""
 
+    def size(self, dim: int | None = None):
+        """The parameter's size, or one of its sizes (torch.fx's ``size()`` takes no ``dim``)."""
+        return self.param.size() if dim is None else self.param.size(dim)
+
     def __getattr__(self, name: str):
         param = self.__dict__.get("param")
         if param is not None and not (name.startswith("__") and name.endswith("__")) and not hasattr(param, name):

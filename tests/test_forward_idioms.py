@@ -307,3 +307,25 @@ def test_a_scripted_submodule_is_named_in_the_error():
     model = nn.Sequential(nn.Linear(8, 8), scripted, nn.Linear(8, 2))
     with pytest.raises(ConversionError, match=r"module '1' is a TorchScript module .*eager nn.Module"):
         dagprune.build_from_unstructured_module(model)
+
+
+class _PositionTable(nn.Module):
+    """FSMT's sinusoidal positions: a table read by size, checked against the length."""
+
+    def __init__(self):
+        super().__init__()
+        self.table, self.linear = nn.Parameter(torch.randn(16, 8)), nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.shape[1] > self.table.size(0):
+            raise ValueError("sequence longer than the position table")
+        return self.linear(x + self.table[: x.shape[1]].view(1, -1, self.table.size(1)))
+
+
+def test_a_parameters_size_along_one_axis_is_read_while_tracing():
+    # torch.fx's parameter proxy took no dim: "ParameterProxy.size() takes 1 positional argument"
+    model = _PositionTable().eval()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=_tokens(2, 5))
+    for length in (5, 9):
+        x = _tokens(3, length)
+        assert torch.equal(model(*x), dag(*x))
