@@ -35,7 +35,7 @@ from dagprune.outputs import OutputRecord
 from dagprune.specialization import (FIXED_META, OutputType, argument_values, default_arguments,
                                      fixed_arguments, remove_fixed_placeholders, required_extras,
                                      traced_signature)
-from dagprune.training_branches import warn_on_training_branches
+from dagprune.training_branches import warn_on_training_branches, writes_in_place
 from dagprune.training_mode import evaluation_mode
 from dagprune.value_tracing import (TracedParameter, ValueProxy, ValueRecorder, holds_proxy,
                                    torch_functions_for_proxies)
@@ -464,15 +464,10 @@ def _elementwise_extreme(name: str, args, kwargs) -> str:
     return f"{namespace}.{_EXTREME_OF_TWO[short_name]}" if isinstance(other, InputRef) else name
 
 
-_WRITING_OPERATORS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv)
-
-
 def _refuse_parameter_write(node: fx.Node, root: nn.Module) -> None:
     """A model that writes into its own parameter while it runs (``weight.div_(2)``,
     ``weight[0] = 1``) would have the DAG repeat the write on every call: a clear error instead."""
-    writes = ((node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")
-               and node.target != "requires_grad_")
-              or (node.op == "call_function" and node.target in _WRITING_OPERATORS))
+    writes = writes_in_place(node) and node.target != "requires_grad_"  # a flag, not values
     target = node.args[0] if node.args else None
     if not (writes and isinstance(target, fx.Node) and target.op == "get_attr"):
         return

@@ -29,7 +29,7 @@ from torch import nn
 from dagprune.errors import TrainingBranchWarning
 from dagprune.training_mode import module_mode
 
-__all__ = ["branches_on_training", "traced_through_modules", "warn_on_training_branches"]
+__all__ = ["branches_on_training", "traced_through_modules", "warn_on_training_branches", "writes_in_place"]
 
 _BRANCH = re.compile(r"^\s*(?:if|elif|while)\b[^#\n]*\.training\b", re.MULTILINE)
 
@@ -108,7 +108,8 @@ def _inside(path: str, ancestor: str) -> bool:
 _IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
-def _writes_in_place(node: fx.Node) -> bool:
+def writes_in_place(node: fx.Node) -> bool:
+    """Whether ``node`` writes into its first argument (``x.add_(y)``, ``x[i] = y``, ``x += y``)."""
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.endswith("__")
     return node.op == "call_function" and (node.target in _IN_PLACE_OPERATORS or
@@ -118,7 +119,7 @@ def _writes_in_place(node: fx.Node) -> bool:
 def _live_nodes(graph: fx.Graph) -> set[fx.Node]:
     """The nodes the output depends on, and those writes in place depend on (a check whose
     result nothing reads, such as torch's fast-path conditions, is left out)."""
-    pending = [node for node in graph.nodes if node.op == "output" or _writes_in_place(node)]
+    pending = [node for node in graph.nodes if node.op == "output" or writes_in_place(node)]
     live: set[fx.Node] = set()
     while pending:
         node = pending.pop()

@@ -20,7 +20,7 @@ from dagprune.ops.base import FunctionalOp
 from dagprune.ops.channel_map import argument_input, barrier_all, tensor_layout
 from dagprune.ops.functions import register_function
 from dagprune.ops.spec import OpSpec
-from dagprune.ops.specs.products import contraction_flops
+from dagprune.ops.specs.products import contraction_flops, unify_contraction
 
 __all__ = ["SPECS", "grouped_matmul"]
 
@@ -56,10 +56,7 @@ def _kernel_accepts(mat_a: torch.Tensor, mat_b: torch.Tensor) -> bool:
 
 
 def _operands(module) -> tuple[int | None, int | None, int | None]:
-    a_index = argument_input(module, 0, "mat_a")
-    b_index = argument_input(module, 1, "mat_b")
-    offs = module.argument(2, "offs")
-    return a_index, b_index, (argument_input(module, 2, "offs") if offs is not None else None)
+    return argument_input(module, 0, "mat_a"), argument_input(module, 1, "mat_b"), argument_input(module, 2, "offs")
 
 
 def _is_expert_product(module, values, output) -> bool:
@@ -85,15 +82,8 @@ def grouped_mm_coupling(ctx, vertex, module, layouts, values, output):
     for layout, axis, what in ((a_layout, 0, "rows"), (b_layout, 0, "experts")):
         if axis in layout:
             ctx.barrier(layout[axis], f"{what} of a grouped matmul")
-    contracted, other = a_layout.get(1), b_layout.get(1)
-    factors = []
-    if contracted is not None and other is not None:
-        ctx.unify(contracted, other)
-        ctx.consume(vertex, a_index, 1, contracted)
-        factors.append(contracted)
-    elif contracted is not None or other is not None:
-        ctx.barrier(contracted if contracted is not None else other,
-                    "grouped matmul contraction with an untracked operand")
+    factors = unify_contraction(ctx, vertex, (a_index, 1, a_layout.get(1)), (b_index, 1, b_layout.get(1)),
+                                "grouped matmul contraction with an untracked operand")
     result = {1: b_layout[2]} if 2 in b_layout else {}
     if result:  # the experts' output columns are this op's output channels, as a weight's rows are a linear's
         ctx.mark_producer(result[1], 1)

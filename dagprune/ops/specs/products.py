@@ -15,7 +15,7 @@ from dagprune.ops.linear_algebra import AddMatmulOp, AttentionOp, MatmulOp
 from dagprune.ops.slicing import unchanged_removal
 from dagprune.ops.spec import OpSpec, opaque_coupling
 
-__all__ = ["SPECS", "add_matmul_coupling", "added_scores_example", "contraction_flops"]
+__all__ = ["SPECS", "add_matmul_coupling", "added_scores_example", "contraction_flops", "unify_contraction"]
 
 
 # ------------------------------------------------------------------------------- flops
@@ -45,7 +45,7 @@ def _matmul_operands(module) -> tuple[int | None, int | None]:
     return argument_input(module, 0, "input"), b_index if b_index is not None else argument_input(module, 1, "mat2")
 
 
-def _unify_contraction(ctx, vertex, first: tuple, second: tuple, reason: str) -> list:
+def unify_contraction(ctx, vertex, first: tuple, second: tuple, reason: str) -> list:
     """Unifies two contracted axes (``(input index, axis, atoms)`` each); returns the factors."""
     (index, axis, atoms), (_, _, other) = first, second
     if atoms is not None and other is not None:
@@ -94,7 +94,7 @@ def _product_coupling(ctx, vertex, layouts, values, output, a_index: int, b_inde
     """The channel map of ``values[a_index] @ values[b_index]`` (see :func:`matmul_coupling`)."""
     a, b = values[a_index], values[b_index]
     a_layout, b_layout = tensor_layout(layouts[a_index]), tensor_layout(layouts[b_index])
-    factors = _unify_contraction(ctx, vertex, (a_index, a.ndim - 1, a_layout.get(a.ndim - 1)),
+    factors = unify_contraction(ctx, vertex, (a_index, a.ndim - 1, a_layout.get(a.ndim - 1)),
                                  (b_index, b.ndim - 2, b_layout.get(b.ndim - 2)),
                                  "matmul contraction with an untracked operand")
     batch_shape = output.shape[:-2]
@@ -129,7 +129,7 @@ def cdist_coupling(ctx, vertex, module, layouts, values, output):
         return opaque_coupling(ctx, vertex, module, layouts, values, output)
     a, b = values[a_index], values[b_index]
     a_layout, b_layout = tensor_layout(layouts[a_index]), tensor_layout(layouts[b_index])
-    factors = _unify_contraction(ctx, vertex, (a_index, a.ndim - 1, a_layout.get(a.ndim - 1)),
+    factors = unify_contraction(ctx, vertex, (a_index, a.ndim - 1, a_layout.get(a.ndim - 1)),
                                  (b_index, b.ndim - 1, b_layout.get(b.ndim - 1)),
                                  "cdist features with an untracked operand")
     if factors:  # a removed feature must be 0 in both operands (a product needs it in one)
@@ -184,7 +184,7 @@ def attention_coupling(ctx, vertex, module, layouts, values, output):
     (q, k, v), (q_layout, k_layout, v_layout) = ([values[i] for i in qkv],
                                                  [tensor_layout(layouts[i]) for i in qkv])
     masks = _attention_masks(ctx, layouts, values, qkv, q)
-    score_factors = _unify_contraction(ctx, vertex, (qkv[0], q.ndim - 1, q_layout.get(q.ndim - 1)),
+    score_factors = unify_contraction(ctx, vertex, (qkv[0], q.ndim - 1, q_layout.get(q.ndim - 1)),
                                        (qkv[1], k.ndim - 1, k_layout.get(k.ndim - 1)),
                                        "attention with untracked q or k")
     for layout, value in ((k_layout, k), (v_layout, v)):
