@@ -109,13 +109,24 @@ class _ScaledByHalfTheWidth(nn.Module):
         return self.head(tokens * (tokens.shape[-1] // 2))  # removal would change the scale
 
 
-@pytest.mark.parametrize("model", [_HeadsFromTheStreamWidth(sliced=True), _ScaledByHalfTheWidth()],
-                         ids=["slice", "scale"])
-def test_divided_channel_count_used_elsewhere_bars_every_channel_it_came_from(model):
+def test_divided_channel_count_used_elsewhere_bars_every_channel_it_came_from():
     from dagprune_algorithms.pruning.channel_groups import find_channel_groups
 
-    groups = find_channel_groups(dagprune.build_from_unstructured_module(model.eval()), (5, 4)).groups
+    model = _ScaledByHalfTheWidth().eval()
+    groups = find_channel_groups(dagprune.build_from_unstructured_module(model), (5, 4)).groups
     assert [g.name for g in groups if g.prunable] == []
+
+
+def test_halves_cut_at_the_divided_channel_count_are_tied_and_stay_prunable():
+    # `tokens[..., :width // 2]` cuts at half of the run-time width: the halves are tied channel
+    # by channel, so the slim model's own half cuts where the gated model's did
+    from dagprune_algorithms.pruning.channel_groups import find_channel_groups
+
+    model = make_weights_informative(_HeadsFromTheStreamWidth(sliced=True)).eval()
+    groups = find_channel_groups(dagprune.build_from_unstructured_module(model), (5, 4)).groups
+    assert [(g.name, len(g.classes)) for g in groups if g.prunable] == [("embed", 4)]
+    for seed in range(3):
+        assert _removal_difference(model, (5, 4), seed, target=0.5) <= 1e-5
 
 
 def test_xcit_position_encoding_and_class_attention_keep_the_stream_prunable(tmp_path):

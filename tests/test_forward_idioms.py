@@ -329,3 +329,87 @@ def test_a_parameters_size_along_one_axis_is_read_while_tracing():
     for length in (5, 9):
         x = _tokens(3, length)
         assert torch.equal(model(*x), dag(*x))
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class _RotaryAttention(nn.Module):
+    """LLaMA / ModernBERT's rotary attention: ``rotate_half`` cuts the head dims at
+    ``x.shape[-1] // 2`` read at run time; the angles come from a buffer of frequencies."""
+
+    def __init__(self, width: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+
+    def forward(self, x):
+        batch, length, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        angles = torch.arange(length).float()[:, None] * self.inv_freq
+        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        attended = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(attended.transpose(1, 2).reshape(batch, length, -1))
+
+
+def test_rotate_half_at_a_run_time_half_keeps_query_and_key_dims_prunable():
+    # the cut at `x.shape[-1] // 2` barred the rotary head dims (LLaMA 0.956, ModernBERT 0.549 of
+    # its FLOPs removable): the halves are now tied, so the slim model's own half cuts the same
+    torch.manual_seed(0)
+    model = _RotaryAttention().eval()
+    dag = dagprune.build_from_unstructured_module(model, example_inputs=_tokens(2, 5, 16))
+    analysis = find_channel_groups(dag, example_inputs=_tokens(2, 5, 16))
+    qkv = next(g for g in analysis.groups if any(v.name == "qkv" for v, _ in g.producers))
+    assert qkv.prunable, qkv.reason
+    _assert_prunes_and_removes_exactly(dag, _tokens(2, 5, 16), _tokens(3, 7, 16))
+
+
+class _CutAtAnotherTensorsWidth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wide, self.narrow, self.head = nn.Linear(8, 12), nn.Linear(8, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        cut = self.narrow(x)
+        return self.head(self.wide(x)[..., :cut.shape[-1]] + cut)
+
+
+def test_a_cut_at_another_tensors_width_stays_barred():
+    dag = dagprune.build_from_unstructured_module(_CutAtAnotherTensorsWidth(), example_inputs=_tokens(2, 3))
+    wide = next(g for g in find_channel_groups(dag, example_inputs=_tokens(2, 3)).groups
+                if any(v.name == "wide" for v, _ in g.producers))
+    assert not wide.prunable and "run-time bounds" in wide.reason
+
+
+class _OffsetPositions(nn.Embedding):
+    def forward(self, positions):
+        return nn.functional.embedding(positions + 2, self.weight)
+
+
+class _LearnedPositions(nn.Module):
+    """OPT's positions: an ``nn.Embedding`` subclass whose own forward calls ``F.embedding``."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(30, 8), _OffsetPositions(20, 8)
+        self.mlp, self.head = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)), nn.Linear(8, 5)
+
+    def forward(self, ids):
+        h = self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))
+        return self.head(h + self.mlp(h))
+
+
+def test_positions_looked_up_by_a_functional_embedding_leave_the_residual_stream_prunable():
+    # the table read as a parameter was an untracked operand of the sum: the residual stream of
+    # OPT and BioGPT was barred (0.635 of their FLOPs removable)
+    torch.manual_seed(0)
+    ids, other = (torch.randint(0, 30, (2, 6)),), (torch.randint(0, 30, (3, 9)),)
+    dag = dagprune.build_from_unstructured_module(_LearnedPositions().eval(), example_inputs=ids)
+    stream = next(g for g in find_channel_groups(dag, example_inputs=ids).groups
+                  if any(v.name == "tokens" for v, _ in g.producers))
+    assert stream.prunable, stream.reason
+    _assert_prunes_and_removes_exactly(dag, ids, other)

@@ -200,10 +200,10 @@ def getitem_coupling(ctx, vertex, module, layouts, values, output):
             in_axis += 1
         elif isinstance(item, slice):
             if in_axis in layout:
-                if any(bound is not None and not isinstance(bound, int)
-                       for bound in (item.start, item.stop, item.step)):
-                    # e.g. pit's x[:, :token_length], token_length read from a shape at run time
-                    ctx.barrier(layout[in_axis], "slice of a channel axis with run-time bounds")
+                if _has_run_time_bound(item):
+                    picked = _run_time_fraction(ctx, layouts, layout[in_axis], item)
+                    if picked is not None:
+                        result[out_axis] = picked
                 elif item.step not in (None, 1):
                     picked = _strided_channels(ctx, layout[in_axis], item)
                     if picked is not None:
@@ -218,6 +218,28 @@ def getitem_coupling(ctx, vertex, module, layouts, values, output):
             result[out_axis] = layout[in_axis]
         in_axis, out_axis = in_axis + 1, out_axis + 1
     return result or None
+
+
+def _has_run_time_bound(item: slice) -> bool:
+    return any(bound is not None and not isinstance(bound, int) for bound in (item.start, item.stop, item.step))
+
+
+def _run_time_fraction(ctx, layouts: list, atoms: np.ndarray, item: slice) -> np.ndarray | None:
+    """``x[..., :n // k]`` or ``x[..., n // k:]`` with ``n = x.shape[-1]`` read at run time
+    (rotary embeddings' ``rotate_half``): the axis is cut into ``k`` blocks whose channels are
+    tied position by position, so the slim tensor's ``n' // k`` still cuts at a block boundary
+    and picks the same kept channels. Any other run-time bound bars the axis (None): e.g. pit's
+    ``x[:, :token_length]``, ``token_length`` read from another tensor's shape."""
+    bound = item.stop if item.start is None else item.start
+    tag = layouts[bound.index] if isinstance(bound, InputRef) and item.step is None \
+        and (item.start is None or item.stop is None) else None
+    if not (isinstance(tag, ShapeTag) and tag.is_derived and np.array_equal(tag.sources, atoms)
+            and len(tag.atoms) and len(atoms) % len(tag.atoms) == 0):
+        ctx.barrier(atoms, "slice of a channel axis with run-time bounds")
+        return None
+    blocks = np.asarray(atoms).reshape(-1, len(tag.atoms))
+    ctx.unify(blocks[1:], np.broadcast_to(blocks[:1], blocks[1:].shape))
+    return blocks[0].copy() if item.start is None else blocks[1:].reshape(-1).copy()
 
 
 def _strided_channels(ctx, atoms: np.ndarray, item: slice) -> np.ndarray | None:
@@ -303,7 +325,7 @@ def remove_from_getitem(module, input_masks, output_mask, shapes):
             mask = in_masks.get(in_axis)
             if mask is not None and item.step not in (None, 1):  # whole blocks go: same offset
                 item = slice(item.start, None, item.step)
-            elif mask is not None:
+            elif mask is not None and not _has_run_time_bound(item):  # else a fraction of the slim size
                 start, stop, _ = item.indices(len(mask))
                 item = slice(int(mask[:start].sum()), int(mask[:stop].sum()), None)
             in_axis += 1
