@@ -106,15 +106,19 @@ class _ScaledByHalfTheWidth(nn.Module):
 
     def forward(self, x):
         tokens = self.embed(x)
-        return self.head(tokens * (tokens.shape[-1] // 2))  # removal would change the scale
+        return self.head(tokens * (tokens.shape[-1] // 2))  # a scale that removal must not change
 
 
-def test_divided_channel_count_used_elsewhere_bars_every_channel_it_came_from():
+def test_divided_channel_count_used_as_a_number_keeps_its_value_after_removal():
+    # `tokens * (width // 2)` barred every channel `width` came from; the slim model now holds
+    # the original half width, as the gated model computes
     from dagprune_algorithms.pruning.channel_groups import find_channel_groups
 
-    model = _ScaledByHalfTheWidth().eval()
+    model = make_weights_informative(_ScaledByHalfTheWidth()).eval()
     groups = find_channel_groups(dagprune.build_from_unstructured_module(model), (5, 4)).groups
-    assert [g.name for g in groups if g.prunable] == []
+    assert [g.name for g in groups if g.prunable] == ["embed"]
+    for seed in range(3):
+        assert _removal_difference(model, (5, 4), seed, target=0.5) <= 1e-5
 
 
 def test_halves_cut_at_the_divided_channel_count_are_tied_and_stay_prunable():

@@ -32,6 +32,7 @@ from dagprune import DagModule, InnerVertex, Vertex
 from dagprune.errors import PruningError
 from dagprune.flops import vertex_flops
 from dagprune.ops import spec_for
+from dagprune.ops.base import FunctionalOp
 from dagprune.ops.channel_map import Layout, ShapeTag, is_size_layout, iter_layout_atoms
 from dagprune.ops.spec import describe_op
 from dagprune.example_inputs import ExampleInputs
@@ -74,6 +75,20 @@ class ConsumerSite:
 
 
 @dataclasses.dataclass
+class FrozenSize:
+    """A channel count read at run time and used as a number (``q.size(-1) ** -0.5``,
+    ``math.sqrt(d)``, ``torch.tensor(d)``): input ``input_index`` of ``vertex``. Where removal
+    changes the count, the slim model holds ``value``, the count of the model it came from, so
+    it computes what the gated model does. ``atoms`` are the axis' atoms (classes after the
+    analysis)."""
+
+    vertex: InnerVertex
+    input_index: int
+    value: int | float
+    atoms: np.ndarray
+
+
+@dataclasses.dataclass
 class FlopsTerm:
     """FLOPs of one vertex, ``base_flops x prod(kept fraction over each factor's atoms)``."""
 
@@ -99,6 +114,7 @@ class CouplingContext:
         self._pending_unions: list[tuple[np.ndarray, np.ndarray]] = []
         self._deferred: list[tuple[int, Callable[[Callable[[np.ndarray], np.ndarray]], None]]] = []
         self.consumer_sites: list[ConsumerSite] = []
+        self.frozen_sizes: list[FrozenSize] = []
         self.flops_terms: list[FlopsTerm] = []
         self.barrier_reasons: dict[int, str] = {}
         self.current_vertex: InnerVertex | None = None
@@ -149,6 +165,20 @@ class CouplingContext:
         """Marks every atom in a (possibly nested) layout as never removable."""
         for atoms in iter_layout_atoms(layout):
             self.barrier(atoms, reason)
+
+    def size_used_as_number(self, input_index: int, layout: Any, value: Any, output: Any, reason: str) -> None:
+        """A channel count (``layout``, a :class:`ShapeTag`) reaches the current vertex as a plain
+        number: where the vertex holds its arguments as a template (a functional op) and makes
+        a float or a tensor of it (a scale), the slim model keeps the count's value. Otherwise
+        its atoms are barred: a whole shape, a module called with it, and an int made of it,
+        which may shape a tensor later (``x.reshape(B * C * n, ...)``)."""
+        vertex = self.current_vertex
+        holds_constants = vertex is not None and isinstance(vertex.module, FunctionalOp)
+        if holds_constants and isinstance(layout, ShapeTag) and type(value) in (int, float) \
+                and (type(output) is float or isinstance(output, torch.Tensor)):
+            self.frozen_sizes.append(FrozenSize(vertex, input_index, value, layout.all_atoms))
+        else:
+            self.barrier_layout(layout, reason)
 
     def consume(self, vertex: InnerVertex, input_index: int, axis: int, atoms: np.ndarray,
                 kind: str = "mask") -> None:
@@ -251,7 +281,8 @@ class ChannelAnalysis:
         groups: all channel groups (prunable or not).
         layouts: vertex -> layout of its output, with atoms replaced by their classes.
         atom_class: class of every atom.
-        consumer_sites, flops_terms: see :class:`ConsumerSite`, :class:`FlopsTerm`.
+        consumer_sites, flops_terms, frozen_sizes: see :class:`ConsumerSite`,
+            :class:`FlopsTerm`, :class:`FrozenSize`.
         total_flops: FLOPs of the unpruned DAG for the analysed input (batch 1, or the
             example inputs' batch).
         input_shape_without_batch: the shape analysed, or None when ``example_inputs`` were.
@@ -269,6 +300,7 @@ class ChannelAnalysis:
     total_flops: int
     values_shapes: dict[Vertex, Any]
     example_inputs: ExampleInputs | None = None
+    frozen_sizes: list[FrozenSize] = dataclasses.field(default_factory=list)
 
     @property
     def prunable_groups(self) -> list[ChannelGroup]:
@@ -327,7 +359,8 @@ def apply_coupling(ctx: CouplingContext, vertex: InnerVertex, layouts: list, val
         layouts = list(layouts)
         for index, layout in enumerate(layouts):
             if is_size_layout(layout):
-                ctx.barrier_layout(layout, f"channel count used by {describe_op(vertex.module)}")
+                ctx.size_used_as_number(index, layout, values[index], output,
+                                        f"channel count used by {describe_op(vertex.module)}")
                 layouts[index] = None
     layout = spec.coupling(ctx, vertex, vertex.module, layouts, values, output)
     return _fit_layout(ctx, layout, output)
@@ -398,6 +431,8 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence | No
         site.atoms = atom_class[site.atoms]
     for term in context.flops_terms:
         term.factors = [atom_class[f] for f in term.factors]
+    for frozen in context.frozen_sizes:
+        frozen.atoms = atom_class[frozen.atoms]
     counted = {term.vertex for term in context.flops_terms}
     for vertex, flops in unscaled_flops.items():  # FLOPs no rule scaled (opaque ops) stay constant
         if vertex not in counted and flops:
@@ -405,7 +440,8 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence | No
     total = sum(term.base_flops for term in context.flops_terms)
     shape = None if example_inputs is not None else tuple(input_shape_without_batch)
     return ChannelAnalysis(dag, shape, head_pruning, groups, resolved_layouts, atom_class,
-                           context.consumer_sites, context.flops_terms, total, shapes, inputs)
+                           context.consumer_sites, context.flops_terms, total, shapes, inputs,
+                           context.frozen_sizes)
 
 
 def _couple_vertices(dag: DagModule, inputs: ExampleInputs, context: CouplingContext) -> tuple[dict, dict, dict]:

@@ -20,6 +20,7 @@ from dagprune import DagModule, InnerVertex, InputVertex
 from dagprune.errors import PruningError
 from dagprune.ops import spec_for
 from dagprune.ops.spec import describe_op
+from dagprune.ops.templates import InputRef, map_template
 from dagprune.parametrized import is_parametrized, materialized, reparametrized
 
 from dagprune_algorithms.pruning.channel_groups import ChannelAnalysis
@@ -101,7 +102,19 @@ def _inner_mask(analysis: ChannelAnalysis, vertex: InnerVertex, keep_class: np.n
 
 def remove_vertex_channels(analysis: ChannelAnalysis, vertex: InnerVertex, keep_class: np.ndarray) -> nn.Module:
     """A copy of the vertex's module with the removed channels cut out, by its spec's removal
-    facet (the module of ``vertex`` in :func:`remove_channels_from_dag`'s result)."""
+    facet (the module of ``vertex`` in :func:`remove_channels_from_dag`'s result); channel counts
+    it reads as numbers keep their values (see
+    :class:`~dagprune_algorithms.pruning.channel_groups.FrozenSize`)."""
+    frozen = {site.input_index: site.value for site in analysis.frozen_sizes
+              if site.vertex is vertex and not keep_class[site.atoms].all()}
+    module = _slim_module(analysis, vertex, keep_class)
+    if frozen:
+        fill = lambda leaf: frozen.get(leaf.index, leaf) if isinstance(leaf, InputRef) else leaf  # noqa: E731
+        module.args, module.kwargs = map_template(module.args, fill), map_template(module.kwargs, fill)
+    return module
+
+
+def _slim_module(analysis: ChannelAnalysis, vertex: InnerVertex, keep_class: np.ndarray) -> nn.Module:
     spec = spec_for(vertex.module)
     input_masks = [position_masks(analysis.layouts[p], keep_class, spec.full_masks)
                    for p in vertex.predecessors]

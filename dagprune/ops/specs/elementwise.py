@@ -39,9 +39,10 @@ def elementwise_coupling(ctx, vertex, module, layouts, values, output):
         divided = _divided_size(module, layouts)
         if divided is not None:
             return divided
-    for layout in layouts:  # a channel count in arithmetic: not followed
+    for index, layout in enumerate(layouts):  # a channel count in arithmetic: kept as a number
         if is_size_layout(layout):
-            ctx.barrier_layout(layout, f"channel count used by {describe_op(module)}")
+            ctx.size_used_as_number(index, layout, values[index], output,
+                                    f"channel count used by {describe_op(module)}")
     if not isinstance(output, torch.Tensor):
         return None  # arithmetic on Python numbers (shapes)
     return broadcast_axes(ctx, _tensor_operands(layouts, values), output.shape,
