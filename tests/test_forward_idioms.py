@@ -1,5 +1,5 @@
 """Idioms of model forwards met in Hugging Face models (ConvBERT, XLNet, RWKV, Nemotron, XGLM,
-ProphetNet, LongT5), each in a small model: converted with example inputs, run at other sizes,
+ProphetNet, LongT5, LLaMA, OPT, DeBERTa, GPT-Neo), each in a small model: converted with example inputs, run at other sizes,
 pruned and removed exactly, or refused with an error that says what to do."""
 
 from __future__ import annotations
@@ -446,3 +446,58 @@ def test_a_head_dim_read_at_run_time_as_a_scale_keeps_its_value_and_the_dims_pru
                  if any(v.name == "q" for v, _ in g.producers))
     assert query.prunable, query.reason
     _assert_prunes_and_removes_exactly(dag, _tokens(2, 5, 16), _tokens(3, 7, 16))
+
+
+class _HeadsShapedBySizeTuples(nn.Module):
+    """BERT-era heads (GPT-Neo, Megatron-BERT): ``x.size()[:-1] + (heads, dim)`` computed
+    before the view, and ``out.size()[:-2] + (width,)`` to merge them back."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+    def split(self, x):
+        return x.view(x.size()[:-1] + (2, 8)).permute(0, 2, 1, 3)
+
+    def forward(self, x):
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        out = (((q @ k.transpose(-1, -2)) * 0.35).softmax(-1) @ v).permute(0, 2, 1, 3).contiguous()
+        return self.o(out.view(out.size()[:-2] + (16,)))
+
+
+def test_heads_shaped_by_a_size_tuple_computed_before_the_view_prune_and_the_slim_model_loads(tmp_path):
+    # a channel axis sized by such a tuple was barred (GPT-Neo, Megatron-BERT); removal now
+    # overrides its entry with the kept count, stored with the view
+    torch.manual_seed(0)
+    dag = dagprune.build_from_unstructured_module(_HeadsShapedBySizeTuples().eval(), example_inputs=_tokens(2, 5, 16))
+    groups = find_channel_groups(dag, example_inputs=_tokens(2, 5, 16)).groups
+    assert [g.name for g in groups if g.prunable] == ["q", "v"]
+    _assert_prunes_and_removes_exactly(dag, _tokens(2, 5, 16), _tokens(3, 7, 16))
+    pruning = ChannelPruning(dag, None, 0.5, 10, example_inputs=_tokens(2, 5, 16))
+    gated = pruning.prepare_for_pruning()
+    slim = next(assert_removal_matches_gates(pruning, gated, _tokens(2, 5, 16))
+                for _ in random_gate_states(pruning, seed=1, count=1))
+    assert any(getattr(v.module, "size_overrides", ()) for v in slim.inner_vertices)
+    loaded, x = dagprune.load_dag(slim.save(tmp_path / "slim")), _tokens(4, 3, 16)
+    assert torch.equal(loaded(*x), slim(*x))
+
+
+class _BatchAndChannelsMerged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        rows = h.reshape((-1,) + h.size()[2:])  # (batch * channels, H, W)
+        rows = rows - rows.mean(dim=(1, 2), keepdim=True)
+        return self.head(rows.reshape(h.size()))
+
+
+def test_a_size_tuple_merging_the_batch_with_channels_bars_them():
+    # at batch 1 the merged axis holds the channels alone: a kept count there would fix the batch
+    for batch in (1, 2):
+        x = (torch.randn(batch, 3, 4, 4),)
+        dag = dagprune.build_from_unstructured_module(_BatchAndChannelsMerged().eval(), example_inputs=x)
+        conv = find_channel_groups(dag, example_inputs=x).groups[0]
+        assert conv.name == "conv" and not conv.prunable and "size computed outside" in conv.reason

@@ -14,10 +14,48 @@ def _both(*short_names: str) -> tuple[str, ...]:
 
 @register_op_type
 class ReshapeOp(FunctionalOp):
-    """Changes the shape, keeping element order: view, reshape, flatten, (un)squeeze, ..."""
+    """Changes the shape, keeping element order: view, reshape, flatten, (un)squeeze, ...
+
+    ``size_overrides``: ``(axis, size)`` pairs replacing entries of a whole shape tuple computed
+    at run time (``x.view(x.size()[:-1] + (heads, dim))``) before the call; channel removal sets
+    them to the kept counts of the axes that lost channels.
+    """
 
     function_names = _both("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze",
                            "view_as", "reshape_as", "ravel")
+
+    def __init__(self, function_name: str, args: tuple = (), kwargs: dict | None = None,
+                 size_overrides: tuple = ()):
+        super().__init__(function_name, args, kwargs)
+        self.size_overrides = tuple((int(axis), int(size)) for axis, size in size_overrides)
+
+    def forward(self, *inputs):
+        if self.size_overrides:
+            inputs = self._overridden(inputs)
+        return super().forward(*inputs)
+
+    def _overridden(self, inputs: tuple) -> list:
+        index = self.argument(1, "shape" if self.short_name == "reshape" else "size").index
+        sizes = list(inputs[index])
+        for axis, size in self.size_overrides:
+            sizes[axis] = size
+        return [tuple(sizes) if i == index else value for i, value in enumerate(inputs)]
+
+    def extra_repr(self) -> str:
+        overrides = f", size_overrides={self.size_overrides}" if self.size_overrides else ""
+        return super().extra_repr() + overrides
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        if self.size_overrides:
+            config["size_overrides"] = [list(pair) for pair in self.size_overrides]
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ReshapeOp":
+        op = super().from_config(config)
+        op.size_overrides = tuple((int(axis), int(size)) for axis, size in config.get("size_overrides", ()))
+        return op
 
 
 @register_op_type

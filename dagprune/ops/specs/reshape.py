@@ -10,6 +10,7 @@ stale).
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import numpy as np
@@ -158,7 +159,9 @@ def _couple_sizes(ctx, module, layouts, values, result: Layout, ndim: int, unify
     if whole is not None:
         whole_layout = layouts[whole]
         tags = list(whole_layout) if isinstance(whole_layout, tuple) and len(whole_layout) == ndim else [None] * ndim
-        result = _bar_sizes_made_elsewhere(ctx, result, tags, values[whole])
+        fixed = _batch_merging_axes(values, whole, ndim) if module.short_name in ("view", "reshape") \
+            else frozenset(range(ndim))  # expand: no overrides
+        result = _bar_sizes_made_elsewhere(ctx, result, tags, fixed)
         unify_tracked = True  # a whole run-time shape cannot be rewritten: its axes must agree
     for axis, tag in enumerate(tags):
         if not isinstance(tag, ShapeTag):
@@ -178,16 +181,32 @@ def _couple_sizes(ctx, module, layouts, values, result: Layout, ndim: int, unify
     return result
 
 
-def _bar_sizes_made_elsewhere(ctx, result: Layout, tags: list, sizes) -> Layout:
-    """A whole shape tuple computed by other ops (``x.size()[:-1] + (heads, dim)``) fixes the
-    size of every axis it does not read from a channel axis (or leave to the reshape, -1):
-    channels there cannot be removed."""
+def _bar_sizes_made_elsewhere(ctx, result: Layout, tags: list, fixed_axes: frozenset) -> Layout:
+    """A whole shape tuple computed by other ops (``x.size()[:-1] + (heads, dim)``): a view or
+    reshape's size for a channel axis is replaced by the kept count at removal
+    (``ReshapeOp.size_overrides``), except on an axis that merges the batch with channels (its
+    size follows the batch): the channels of ``fixed_axes`` not read from a channel axis cannot
+    be removed."""
     for axis, atoms in list((result or {}).items()):
-        inferred = isinstance(sizes, (tuple, list)) and axis < len(sizes) and sizes[axis] == -1
-        if axis < len(tags) and not isinstance(tags[axis], ShapeTag) and not inferred:
+        if axis in fixed_axes and axis < len(tags) and not isinstance(tags[axis], ShapeTag):
             ctx.barrier(atoms, "shaped by a size computed outside the reshape")
             result.pop(axis)
     return result
+
+
+def _batch_merging_axes(values: list, whole: int, ndim: int) -> frozenset:
+    """Output axes of a reshape to the shape ``values[whole]`` whose axis group holds input
+    axis 0 (the batch); every axis where the shapes do not pair up."""
+    x, sizes = values[0], list(values[whole])
+    if not isinstance(x, torch.Tensor) or len(sizes) != ndim or sizes.count(-1) > 1:
+        return frozenset(range(ndim))
+    if -1 in sizes:
+        known = math.prod(size for size in sizes if size != -1)
+        sizes[sizes.index(-1)] = x.numel() // known if known else 0
+    groups = reshape_axis_groups(tuple(x.shape), tuple(sizes))
+    if not groups:
+        return frozenset(range(ndim))
+    return frozenset(axis for in_axes, out_axes in groups if 0 in in_axes for axis in out_axes)
 
 
 def reshape_coupling(ctx, vertex, module, layouts, values, output):
@@ -301,8 +320,9 @@ def remove_from_reshape(module, input_masks, output_mask, shapes):
         shape_argument = module.argument(1, keyword)
         if isinstance(shape_argument, (tuple, list)):
             module.set_argument(1, keyword, _rewrite_sizes(shape_argument, new_shape, old_shape, static))
-        elif whole_size_input(module) is not None:
-            pass  # a whole run-time shape (x.view(y.shape)): y's channel axes are coupled
+        elif whole_size_input(module) is not None:  # computed at run time: its channel axes overridden
+            module.size_overrides = tuple(sorted({**dict(module.size_overrides), **{
+                axis: new for axis, (new, old) in enumerate(zip(new_shape, old_shape)) if new != old}}.items()))
         else:
             varargs = list(module.args[1:])
             module.args = (module.args[0], *_rewrite_sizes(varargs, new_shape, old_shape, static))
