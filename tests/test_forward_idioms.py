@@ -1,6 +1,7 @@
 """Idioms of model forwards met in Hugging Face models (ConvBERT, XLNet, RWKV, Nemotron, XGLM,
-ProphetNet, LongT5, LLaMA, OPT, DeBERTa, GPT-Neo), each in a small model: converted with example inputs, run at other sizes,
-pruned and removed exactly, or refused with an error that says what to do."""
+ProphetNet, LongT5, LLaMA, OPT, DeBERTa, GPT-Neo), each in a small model: converted with example
+inputs, run at other sizes, pruned and removed exactly, or refused with an error that says what
+to do."""
 
 from __future__ import annotations
 
