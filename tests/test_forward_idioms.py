@@ -502,3 +502,47 @@ def test_a_size_tuple_merging_the_batch_with_channels_bars_them():
         dag = dagprune.build_from_unstructured_module(_BatchAndChannelsMerged().eval(), example_inputs=x)
         conv = find_channel_groups(dag, example_inputs=x).groups[0]
         assert conv.name == "conv" and not conv.prunable and "size computed outside" in conv.reason
+
+
+class _TokenPickedPerSequence(nn.Module):
+    """CLIP's pooled text: ``h[torch.arange(B), ids.argmax(-1)]``; and the same with the indexed
+    axes apart (torch then puts the index's axes first)."""
+
+    def __init__(self, apart: bool):
+        super().__init__()
+        self.apart, self.embed, self.head = apart, nn.Embedding(30, 8), nn.Linear(8, 3)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.mlp(h)
+        if self.apart:
+            return self.head(h.transpose(0, 1).unsqueeze(1)[ids.argmax(-1), :, torch.arange(h.shape[0])])
+        return self.head(h[torch.arange(h.shape[0]), ids.argmax(-1)])
+
+
+@pytest.mark.parametrize("apart", [False, True], ids=["adjacent", "apart"])
+def test_a_token_picked_per_sequence_by_tensor_indices_keeps_the_stream_prunable(apart):
+    # any tensor in an index barred every channel of the indexed tensor (CLIP's text stream)
+    torch.manual_seed(0)
+    ids, other = (torch.randint(0, 30, (2, 6)),), (torch.randint(0, 30, (3, 4)),)
+    dag = dagprune.build_from_unstructured_module(_TokenPickedPerSequence(apart).eval(), example_inputs=ids)
+    stream = find_channel_groups(dag, example_inputs=ids).groups[0]
+    assert stream.name == "embed" and stream.prunable, stream.reason
+    _assert_prunes_and_removes_exactly(dag, ids, other)
+
+
+def test_channels_picked_by_a_tensor_index_stay_barred():
+    class PickedChannels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.head = nn.Linear(8, 6), nn.Linear(3, 2)
+            self.register_buffer("picked", torch.tensor([0, 2, 5]))
+
+        def forward(self, x):
+            return self.head(self.up(x)[torch.arange(x.shape[0]), :, self.picked.unsqueeze(-1)].transpose(0, 1))
+
+    x = _tokens(2, 3)
+    dag = dagprune.build_from_unstructured_module(PickedChannels().eval(), example_inputs=x)
+    up = find_channel_groups(dag, example_inputs=x).groups[0]
+    assert up.name == "up" and not up.prunable and "indexed" in up.reason

@@ -15,7 +15,7 @@ from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.shape import ConcatOp, GetItemOp, PermuteOp, ShapeQueryOp, SplitOp
 from dagprune.ops.slicing import kept_count, unchanged_removal
 from dagprune.ops.spec import OpSpec
-from dagprune.ops.templates import InputRef
+from dagprune.ops.templates import InputRef, fill_template
 
 __all__ = ["SPECS", "TENSOR_ATTRIBUTES"]
 
@@ -181,7 +181,11 @@ def getitem_coupling(ctx, vertex, module, layouts, values, output):
     if isinstance(index, torch.Tensor) and not index.dtype.is_floating_point and index.dtype != torch.bool:
         return _gather_rows(ctx, layouts, layout, index)
     items = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(item, (torch.Tensor, list)) or isinstance(item, InputRef) for item in items):
+    if any(isinstance(item, InputRef) for item in items):  # tensors (or ints) computed in the graph
+        items = fill_template(items, values)
+    if any(isinstance(item, torch.Tensor) for item in items):
+        return _advanced_index(ctx, layouts, layout, container, list(items))
+    if any(isinstance(item, (list, InputRef)) for item in items):
         return barrier_all(ctx, layouts, "advanced indexing")
     explicit = sum(1 for item in items if item is not None and item is not Ellipsis)
     result, in_axis, out_axis = {}, 0, 0
@@ -254,6 +258,42 @@ def _strided_channels(ctx, atoms: np.ndarray, item: slice) -> np.ndarray | None:
     blocks = np.asarray(atoms).reshape(-1, step)
     ctx.unify(blocks[:, 1:], np.repeat(blocks[:, :1], step - 1, axis=1))
     return blocks[:, start].copy()
+
+
+def _is_integer_index(item) -> bool:
+    return isinstance(item, int) and not isinstance(item, bool) or isinstance(item, torch.Tensor) and not (
+        item.dtype == torch.bool or item.dtype.is_floating_point or item.dtype.is_complex)
+
+
+def _advanced_index(ctx, layouts: list, layout: Layout, container: torch.Tensor, items: list) -> Layout | None:
+    """``x[torch.arange(B), positions]`` (a token picked per sequence: CLIP's pooled text,
+    sequence classification): integer tensors (and ints beside them) index some axes, whole
+    slices keep the others and their channels, placed as torch places them (behind the index's
+    axes, or in place when the indexed axes are adjacent). Channels of an indexed axis, of a
+    partly sliced axis, or used as an index are barred; so is every other form (boolean masks,
+    ``None``)."""
+    if items.count(Ellipsis) > 1 or any(not (item is Ellipsis or isinstance(item, slice) or _is_integer_index(item))
+                                        for item in items):
+        return barrier_all(ctx, layouts, "advanced indexing")
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items[at:at + 1] = [slice(None)] * (container.ndim - len(items) + 1)
+    items += [slice(None)] * (container.ndim - len(items))
+    indexed = [axis for axis, item in enumerate(items) if not isinstance(item, slice)]
+    index_ndim = max(item.ndim if isinstance(item, torch.Tensor) else 0 for item in items if not isinstance(item, slice))
+    kept = [axis for axis, item in enumerate(items) if isinstance(item, slice)]
+    in_place = indexed == list(range(indexed[0], indexed[-1] + 1))
+    position = {axis: rank + (index_ndim if not in_place or axis > indexed[0] else 0)
+                for rank, axis in enumerate(kept)}
+    for other in layouts[1:]:
+        ctx.barrier_layout(other, "a channel axis used as an index")
+    result = {}
+    for axis, atoms in layout.items():
+        if axis in indexed or items[axis] != slice(None):
+            ctx.barrier(atoms, "a channel axis indexed beside advanced indexing")
+        else:
+            result[position[axis]] = atoms
+    return result or None
 
 
 def _gather_rows(ctx, layouts: list, layout: Layout, index: torch.Tensor) -> Layout | None:
@@ -329,7 +369,7 @@ def remove_from_getitem(module, input_masks, output_mask, shapes):
                 start, stop, _ = item.indices(len(mask))
                 item = slice(int(mask[:start].sum()), int(mask[:stop].sum()), None)
             in_axis += 1
-        elif isinstance(item, int):
+        elif isinstance(item, (int, InputRef)):  # an integer, or an index computed in the graph
             in_axis += 1
         rewritten.append(item)
     module.set_argument(1, None, tuple(rewritten) if isinstance(index, tuple) else rewritten[0])
