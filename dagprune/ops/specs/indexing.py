@@ -280,7 +280,7 @@ def _advanced_index(ctx, layouts: list, layout: Layout, container: torch.Tensor,
         items[at:at + 1] = [slice(None)] * (container.ndim - len(items) + 1)
     items += [slice(None)] * (container.ndim - len(items))
     indexed = [axis for axis, item in enumerate(items) if not isinstance(item, slice)]
-    index_ndim = max(item.ndim if isinstance(item, torch.Tensor) else 0 for item in items if not isinstance(item, slice))
+    index_ndim = max(items[axis].ndim if isinstance(items[axis], torch.Tensor) else 0 for axis in indexed)
     kept = [axis for axis, item in enumerate(items) if isinstance(item, slice)]
     in_place = indexed == list(range(indexed[0], indexed[-1] + 1))
     position = {axis: rank + (index_ndim if not in_place or axis > indexed[0] else 0)
