@@ -16,7 +16,7 @@ import torch
 
 from dagprune.ops.templates import InputRef
 
-__all__ = ["Layout", "ShapeTag", "iter_layout_atoms", "is_size_layout", "tensor_layout",
+__all__ = ["Layout", "ShapeTag", "FreeSize", "FREE_SIZE", "ChannelFreeMasks", "iter_layout_atoms", "is_size_layout", "tensor_layout",
            "argument_value", "argument_input", "normalize_dims", "channel_atoms",
            "broadcast_axes", "first_tensor_index", "barrier_all", "same_in_every_row",
            "tie_positions_across_groups"]
@@ -48,6 +48,25 @@ class ShapeTag:
     def all_atoms(self) -> np.ndarray:
         """The atoms a barrier on this size must bar."""
         return self.atoms if self.sources is None else self.sources
+
+
+class FreeSize:
+    """The layout of a Python int built only from sizes of axes that carry no channels (the
+    batch, tokens, pixels) and constants: removal never changes it, so a reshape may keep it as
+    a run-time size where it sits beside channels (``q.view(T, B * heads, dim)``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "FREE_SIZE"
+
+
+FREE_SIZE = FreeSize()
+
+
+class ChannelFreeMasks(dict):
+    """The (empty) removal masks of a :class:`FreeSize` input: a removal facet may keep that
+    size as it is computed at run time."""
 
 
 def iter_layout_atoms(layout: Any):

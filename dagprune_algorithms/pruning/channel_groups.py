@@ -33,7 +33,7 @@ from dagprune.errors import PruningError
 from dagprune.flops import vertex_flops
 from dagprune.ops import spec_for
 from dagprune.ops.base import FunctionalOp
-from dagprune.ops.channel_map import Layout, ShapeTag, is_size_layout, iter_layout_atoms
+from dagprune.ops.channel_map import FreeSize, Layout, ShapeTag, is_size_layout, iter_layout_atoms
 from dagprune.ops.spec import describe_op
 from dagprune.example_inputs import ExampleInputs
 from dagprune.shape_prop import analysis_mode, resolve_inputs, stream_values, value_shape
@@ -373,6 +373,8 @@ def _fit_layout(ctx: CouplingContext, layout: Any, output: Any) -> Any:
             return layout
         ctx.barrier(layout.all_atoms, "size tag does not match the value")
         return None
+    if isinstance(layout, FreeSize):
+        return layout if type(output) is int else None
     if isinstance(layout, dict):
         if not isinstance(output, torch.Tensor):
             ctx.barrier_layout(layout, "channels flow into a non-tensor value")

@@ -19,6 +19,7 @@ from torch import nn
 from dagprune import DagModule, InnerVertex, InputVertex
 from dagprune.errors import PruningError
 from dagprune.ops import spec_for
+from dagprune.ops.channel_map import ChannelFreeMasks, FreeSize
 from dagprune.ops.spec import describe_op
 from dagprune.ops.templates import InputRef, map_template
 from dagprune.parametrized import is_parametrized, materialized, reparametrized
@@ -36,7 +37,7 @@ def position_masks(layout: Any, keep_class: np.ndarray, keep_full: bool = False)
         return {axis: mask for axis, mask in masks.items() if keep_full or not mask.all()}
     if isinstance(layout, (tuple, list)):
         return type(layout)(position_masks(item, keep_class, keep_full) for item in layout)
-    return {}
+    return ChannelFreeMasks() if isinstance(layout, FreeSize) else {}
 
 
 def _is_empty(masks: Any) -> bool:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dagprune.ops.channel_map import ShapeTag, broadcast_axes, is_size_layout, tensor_layout
+from dagprune.ops.channel_map import FREE_SIZE, FreeSize, ShapeTag, broadcast_axes, is_size_layout, tensor_layout
 from dagprune.ops.elementwise import ElementwiseOp, PointwiseOp
 from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.slicing import unchanged_removal
@@ -29,6 +29,8 @@ def _tensor_operands(layouts, values) -> list:
 
 
 def elementwise_coupling(ctx, vertex, module, layouts, values, output):
+    if type(output) is int and layouts and all(isinstance(layout, FreeSize) for layout in layouts):
+        return FREE_SIZE  # arithmetic on sizes no removal changes (B * heads)
     if isinstance(output, tuple) and module.short_name in ("add", "iadd"):
         return _concatenated_sizes(ctx, module, layouts, values, output)
     if isinstance(output, int) and module.short_name == "mul":

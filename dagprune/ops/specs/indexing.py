@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dagprune.ops.channel_map import (Layout, ShapeTag, argument_input, argument_value,
+from dagprune.ops.channel_map import (FREE_SIZE, Layout, ShapeTag, argument_input, argument_value,
                                       barrier_all, channel_atoms, tensor_layout)
 from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.shape import ConcatOp, GetItemOp, PermuteOp, ShapeQueryOp, SplitOp
@@ -50,11 +50,11 @@ def shape_query_coupling(ctx, vertex, module, layouts, values, output):
             _is_values_and_indices(values[0]) and isinstance(layouts[0], tuple):
         return layouts[0][_RESULT_FIELDS.index(module.argument(1, None))]
     layout = tensor_layout(layouts[0]) if layouts else {}
-    if not layout or not isinstance(values[0], torch.Tensor):
+    if not isinstance(values[0], torch.Tensor):
         return None
 
     def tag(axis):
-        return ShapeTag(layout[axis]) if axis in layout else None
+        return ShapeTag(layout[axis]) if axis in layout else FREE_SIZE
 
     if name == "getattr" and module.argument(1, None) in TENSOR_ATTRIBUTES:
         return _attribute_layout(module.argument(1, None), layout, values[0].ndim)
@@ -65,7 +65,7 @@ def shape_query_coupling(ctx, vertex, module, layouts, values, output):
         return tag(argument_value(module, values, 1, "dim") % values[0].ndim)
     if name in ("len", "__len__"):
         return tag(0)
-    if name == "numel":
+    if name == "numel" and layout:
         ctx.barrier_layout(layout, "numel of a channel-tracked tensor")
     return None
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from dagprune.ops.base import FunctionalOp
-from dagprune.ops.channel_map import (Layout, ShapeTag, argument_input, barrier_all, is_size_layout,
-                                      tensor_layout)
+from dagprune.ops.channel_map import (ChannelFreeMasks, Layout, ShapeTag, argument_input, barrier_all,
+                                      is_size_layout, tensor_layout)
 from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.linear_algebra import AttentionOp, MatmulOp
 from dagprune.ops.shape import ExpandOp, ReshapeOp
@@ -309,6 +309,13 @@ def _channel_derived_axes(in_shape, out_shape, input_masks) -> frozenset:
                      if not (axis == 0 and 0 in in_axes))
 
 
+def _channel_free_positions(sizes, input_masks) -> frozenset:
+    """Positions of run-time sizes built only from sizes no removal changes (:class:`FreeSize`):
+    ``B * heads`` in a seq-first ``q.view(T, B * heads, dim)`` stays computed at run time."""
+    return frozenset(position for position, size in enumerate(sizes)
+                     if isinstance(size, InputRef) and isinstance(input_masks[size.index], ChannelFreeMasks))
+
+
 def remove_from_reshape(module, input_masks, output_mask, shapes):
     module = copy.deepcopy(module)
     old_shape = shapes[-1]
@@ -316,8 +323,9 @@ def remove_from_reshape(module, input_masks, output_mask, shapes):
     name = module.short_name
     if name in ("view", "reshape"):
         keyword = "shape" if name == "reshape" else "size"
-        static = _channel_derived_axes(shapes[0], old_shape, input_masks)
         shape_argument = module.argument(1, keyword)
+        static = _channel_derived_axes(shapes[0], old_shape, input_masks) - _channel_free_positions(
+            shape_argument if isinstance(shape_argument, (tuple, list)) else module.args[1:], input_masks)
         if isinstance(shape_argument, (tuple, list)):
             module.set_argument(1, keyword, _rewrite_sizes(shape_argument, new_shape, old_shape, static))
         elif whole_size_input(module) is not None:  # computed at run time: its channel axes overridden
