@@ -16,7 +16,8 @@ import torch
 
 from dagprune.ops.templates import InputRef
 
-__all__ = ["Layout", "ShapeTag", "FreeSize", "FREE_SIZE", "ChannelFreeMasks", "iter_layout_atoms", "is_size_layout", "tensor_layout",
+__all__ = ["Layout", "ShapeTag", "FreeSize", "FREE_SIZE", "ChannelFreeMasks",
+           "iter_layout_atoms", "is_size_layout", "tensor_layout",
            "argument_value", "argument_input", "normalize_dims", "channel_atoms",
            "broadcast_axes", "first_tensor_index", "barrier_all", "same_in_every_row",
            "tie_positions_across_groups"]
