@@ -371,17 +371,32 @@ def test_rotate_half_at_a_run_time_half_keeps_query_and_key_dims_prunable():
 
 
 class _CutAtAnotherTensorsWidth(nn.Module):
-    def __init__(self):
+    """Partial rotary embeddings' form: ``q[..., :rot]`` and ``q[..., rot:]`` with
+    ``rot = cos.shape[-1]`` (GPT-NeoX, Persimmon, Phi); and a cut at half of another tensor's
+    width, which nothing ties."""
+
+    def __init__(self, halved: bool):
         super().__init__()
-        self.wide, self.narrow, self.head = nn.Linear(8, 12), nn.Linear(8, 4), nn.Linear(4, 3)
+        self.halved = halved
+        self.wide, self.narrow, self.head = nn.Linear(8, 12), nn.Linear(8, 4), nn.Linear(12, 3)
 
     def forward(self, x):
-        cut = self.narrow(x)
-        return self.head(self.wide(x)[..., :cut.shape[-1]] + cut)
+        cut, wide = self.narrow(x), self.wide(x)
+        width = cut.shape[-1] // 2 if self.halved else cut.shape[-1]
+        first, rest = wide[..., :width], wide[..., width:]
+        return self.head(torch.cat([first * cut[..., :first.shape[-1]].sigmoid(), rest], -1))
 
 
-def test_a_cut_at_another_tensors_width_stays_barred():
-    dag = dagprune.build_from_unstructured_module(_CutAtAnotherTensorsWidth(), example_inputs=_tokens(2, 3))
+def test_a_cut_at_another_tensors_width_ties_the_first_channels_to_them():
+    torch.manual_seed(0)
+    dag = dagprune.build_from_unstructured_module(_CutAtAnotherTensorsWidth(False).eval(), example_inputs=_tokens(2, 3))
+    groups = find_channel_groups(dag, example_inputs=_tokens(2, 3)).groups
+    assert sorted((g.name, g.size) for g in groups if g.prunable) == [("narrow", 4), ("wide", 8)]
+    _assert_prunes_and_removes_exactly(dag, _tokens(2, 3), _tokens(3, 5))
+
+
+def test_a_cut_at_half_another_tensors_width_stays_barred():
+    dag = dagprune.build_from_unstructured_module(_CutAtAnotherTensorsWidth(True).eval(), example_inputs=_tokens(2, 3))
     wide = next(g for g in find_channel_groups(dag, example_inputs=_tokens(2, 3)).groups
                 if any(v.name == "wide" for v, _ in g.producers))
     assert not wide.prunable and "run-time bounds" in wide.reason

@@ -229,14 +229,23 @@ def _has_run_time_bound(item: slice) -> bool:
 
 
 def _run_time_fraction(ctx, layouts: list, atoms: np.ndarray, item: slice) -> np.ndarray | None:
-    """``x[..., :n // k]`` or ``x[..., n // k:]`` with ``n = x.shape[-1]`` read at run time
-    (rotary embeddings' ``rotate_half``): the axis is cut into ``k`` blocks whose channels are
-    tied position by position, so the slim tensor's ``n' // k`` still cuts at a block boundary
-    and picks the same kept channels. Any other run-time bound bars the axis (None): e.g. pit's
-    ``x[:, :token_length]``, ``token_length`` read from another tensor's shape."""
+    """A channel axis cut at a size read at run time, ``x[..., :n]`` or ``x[..., n:]``:
+
+    * ``n = y.shape[-1]``, another axis' count (partial rotary embeddings' ``q[..., :rot]``
+      with ``rot = cos.shape[-1]``): the first ``n`` channels are that axis' channels, so the
+      slim tensor's ``n'`` still cuts after the kept ones among them;
+    * ``n = x.shape[-1] // k`` (``rotate_half``): the axis is cut into ``k`` blocks whose
+      channels are tied position by position, so ``n' // k`` still cuts at a block boundary.
+
+    Any other run-time bound bars the axis (None), a size that carries no channels too (it may
+    follow the input's sizes)."""
     bound = item.stop if item.start is None else item.start
     tag = layouts[bound.index] if isinstance(bound, InputRef) and item.step is None \
         and (item.start is None or item.stop is None) else None
+    if isinstance(tag, ShapeTag) and not tag.is_derived and 0 < len(tag.atoms) <= len(atoms):
+        cut = len(tag.atoms)
+        ctx.unify(atoms[:cut], tag.atoms)
+        return atoms[:cut].copy() if item.start is None else atoms[cut:].copy()
     if not (isinstance(tag, ShapeTag) and tag.is_derived and np.array_equal(tag.sources, atoms)
             and len(tag.atoms) and len(atoms) % len(tag.atoms) == 0):
         ctx.barrier(atoms, "slice of a channel axis with run-time bounds")
