@@ -561,3 +561,24 @@ def test_channels_picked_by_a_tensor_index_stay_barred():
     dag = dagprune.build_from_unstructured_module(PickedChannels().eval(), example_inputs=x)
     up = find_channel_groups(dag, example_inputs=x).groups[0]
     assert up.name == "up" and not up.prunable and "indexed" in up.reason
+
+
+def test_a_run_time_index_beside_a_run_time_half_still_ties_the_halves():
+    # the index's value was filled into the slice's bound too, which then read as a constant cut
+    class LastTokenHalves(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.head = nn.Linear(8, 12), nn.Linear(12, 2)
+
+        def forward(self, x):
+            h = self.up(x)
+            last, before = h[:, x.shape[1] - 1, :h.shape[-1] // 2], h[:, x.shape[1] - 2, h.shape[-1] // 2:]
+            return self.head(torch.cat([last, before], -1))
+
+    torch.manual_seed(0)
+    x = _tokens(2, 3)
+    dag = dagprune.build_from_unstructured_module(LastTokenHalves().eval(), example_inputs=x)
+    pruning = ChannelPruning(dag, None, 0.5, 10, example_inputs=x)
+    gated = pruning.prepare_for_pruning()
+    for _ in random_gate_states(pruning, seed=0, count=6):  # the halves keep different counts
+        assert_removal_matches_gates(pruning, gated, x)

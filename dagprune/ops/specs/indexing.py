@@ -15,7 +15,7 @@ from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.shape import ConcatOp, GetItemOp, PermuteOp, ShapeQueryOp, SplitOp
 from dagprune.ops.slicing import kept_count, unchanged_removal
 from dagprune.ops.spec import OpSpec
-from dagprune.ops.templates import InputRef, fill_template
+from dagprune.ops.templates import InputRef
 
 __all__ = ["SPECS", "TENSOR_ATTRIBUTES"]
 
@@ -181,8 +181,8 @@ def getitem_coupling(ctx, vertex, module, layouts, values, output):
     if isinstance(index, torch.Tensor) and not index.dtype.is_floating_point and index.dtype != torch.bool:
         return _gather_rows(ctx, layouts, layout, index)
     items = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(item, InputRef) for item in items):  # tensors (or ints) computed in the graph
-        items = fill_template(items, values)
+    # tensors (or ints) computed in the graph; a slice's run-time bounds stay holes
+    items = tuple(values[item.index] if isinstance(item, InputRef) else item for item in items)
     if any(isinstance(item, torch.Tensor) for item in items):
         return _advanced_index(ctx, layouts, layout, container, list(items))
     if any(isinstance(item, (list, InputRef)) for item in items):
