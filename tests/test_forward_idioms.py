@@ -499,24 +499,29 @@ def test_heads_shaped_by_a_size_tuple_computed_before_the_view_prune_and_the_sli
 
 
 class _BatchAndChannelsMerged(nn.Module):
-    def __init__(self):
+    def __init__(self, rows: str):
         super().__init__()
-        self.conv, self.head = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)
+        self.rows, self.conv, self.head = rows, nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)
 
     def forward(self, x):
         h = self.conv(x)
-        rows = h.reshape((-1,) + h.size()[2:])  # (batch * channels, H, W)
+        rows = -1 if self.rows == "inferred" else h.size(0) * 6  # batch * channels
+        rows = h.reshape((rows,) + h.size()[2:])
         rows = rows - rows.mean(dim=(1, 2), keepdim=True)
         return self.head(rows.reshape(h.size()))
 
 
-def test_a_size_tuple_merging_the_batch_with_channels_bars_them():
-    # at batch 1 the merged axis holds the channels alone: a kept count there would fix the batch
+def test_a_size_tuple_merging_the_batch_with_channels_is_inferred_or_barred():
+    # at batch 1 the merged axis holds the channels alone: a kept count there would fix the
+    # batch; a size left to the reshape (-1) follows both
+    torch.manual_seed(0)
     for batch in (1, 2):
-        x = (torch.randn(batch, 3, 4, 4),)
-        dag = dagprune.build_from_unstructured_module(_BatchAndChannelsMerged().eval(), example_inputs=x)
+        x, other = (torch.randn(batch, 3, 4, 4),), (torch.randn(3, 3, 4, 4),)
+        dag = dagprune.build_from_unstructured_module(_BatchAndChannelsMerged("batch * 6").eval(), example_inputs=x)
         conv = find_channel_groups(dag, example_inputs=x).groups[0]
         assert conv.name == "conv" and not conv.prunable and "size computed outside" in conv.reason
+        dag = dagprune.build_from_unstructured_module(_BatchAndChannelsMerged("inferred").eval(), example_inputs=x)
+        _assert_prunes_and_removes_exactly(dag, x, other)
 
 
 class _TokenPickedPerSequence(nn.Module):

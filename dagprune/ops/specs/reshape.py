@@ -161,7 +161,7 @@ def _couple_sizes(ctx, module, layouts, values, result: Layout, ndim: int, unify
         tags = list(whole_layout) if isinstance(whole_layout, tuple) and len(whole_layout) == ndim else [None] * ndim
         fixed = _batch_merging_axes(values, whole, ndim) if module.short_name in ("view", "reshape") \
             else frozenset(range(ndim))  # expand: no overrides
-        result = _bar_sizes_made_elsewhere(ctx, result, tags, fixed)
+        result = _bar_sizes_made_elsewhere(ctx, result, tags, fixed, values[whole])
         unify_tracked = True  # a whole run-time shape cannot be rewritten: its axes must agree
     for axis, tag in enumerate(tags):
         if not isinstance(tag, ShapeTag):
@@ -181,14 +181,15 @@ def _couple_sizes(ctx, module, layouts, values, result: Layout, ndim: int, unify
     return result
 
 
-def _bar_sizes_made_elsewhere(ctx, result: Layout, tags: list, fixed_axes: frozenset) -> Layout:
+def _bar_sizes_made_elsewhere(ctx, result: Layout, tags: list, fixed_axes: frozenset, sizes) -> Layout:
     """A whole shape tuple computed by other ops (``x.size()[:-1] + (heads, dim)``): a view or
     reshape's size for a channel axis is replaced by the kept count at removal
     (``ReshapeOp.size_overrides``), except on an axis that merges the batch with channels (its
-    size follows the batch): the channels of ``fixed_axes`` not read from a channel axis cannot
-    be removed."""
+    size follows the batch): the channels of ``fixed_axes`` not read from a channel axis (or
+    left to the reshape, -1) cannot be removed."""
     for axis, atoms in list((result or {}).items()):
-        if axis in fixed_axes and axis < len(tags) and not isinstance(tags[axis], ShapeTag):
+        inferred = isinstance(sizes, (tuple, list)) and axis < len(sizes) and sizes[axis] == -1
+        if axis in fixed_axes and axis < len(tags) and not isinstance(tags[axis], ShapeTag) and not inferred:
             ctx.barrier(atoms, "shaped by a size computed outside the reshape")
             result.pop(axis)
     return result
@@ -316,6 +317,15 @@ def _channel_free_positions(sizes, input_masks) -> frozenset:
                      if isinstance(size, InputRef) and isinstance(input_masks[size.index], ChannelFreeMasks))
 
 
+def _size_overrides(module: ReshapeOp, sizes, new_shape, old_shape) -> tuple:
+    """The op's overrides with every axis that lost channels set to its kept count, except
+    where the analysed shape tuple left the size to the reshape (-1)."""
+    inferred = {axis for axis, size in enumerate(sizes) if size == -1} if isinstance(sizes, (tuple, list)) else set()
+    changed = {axis: new for axis, (new, old) in enumerate(zip(new_shape, old_shape))
+               if new != old and axis not in inferred}
+    return tuple(sorted({**dict(module.size_overrides), **changed}.items()))
+
+
 def remove_from_reshape(module, input_masks, output_mask, shapes):
     module = copy.deepcopy(module)
     old_shape = shapes[-1]
@@ -329,8 +339,7 @@ def remove_from_reshape(module, input_masks, output_mask, shapes):
         if isinstance(shape_argument, (tuple, list)):
             module.set_argument(1, keyword, _rewrite_sizes(shape_argument, new_shape, old_shape, static))
         elif whole_size_input(module) is not None:  # computed at run time: its channel axes overridden
-            module.size_overrides = tuple(sorted({**dict(module.size_overrides), **{
-                axis: new for axis, (new, old) in enumerate(zip(new_shape, old_shape)) if new != old}}.items()))
+            module.size_overrides = _size_overrides(module, shapes[whole_size_input(module)], new_shape, old_shape)
         else:
             varargs = list(module.args[1:])
             module.args = (module.args[0], *_rewrite_sizes(varargs, new_shape, old_shape, static))
