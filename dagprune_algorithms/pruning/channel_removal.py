@@ -110,6 +110,7 @@ def remove_vertex_channels(analysis: ChannelAnalysis, vertex: InnerVertex, keep_
               if site.vertex is vertex and not keep_class[site.atoms].all()}
     module = _slim_module(analysis, vertex, keep_class)
     if frozen:
+        module = copy.deepcopy(module) if module is vertex.module else module
         fill = lambda leaf: frozen.get(leaf.index, leaf) if isinstance(leaf, InputRef) else leaf  # noqa: E731
         module.args, module.kwargs = map_template(module.args, fill), map_template(module.kwargs, fill)
     return module
