@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dagprune.ops.channel_map import (FREE_SIZE, Layout, ShapeTag, argument_input, argument_value,
-                                      barrier_all, channel_atoms, tensor_layout)
+                                      barrier_all, channel_atoms, is_size_layout, tensor_layout)
 from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.shape import ConcatOp, GetItemOp, PermuteOp, ShapeQueryOp, SplitOp
 from dagprune.ops.slicing import kept_count, unchanged_removal
@@ -150,6 +150,7 @@ def split_coupling(ctx, vertex, module, layouts, values, output):
     ndim = values[0].ndim
     dim_position = 1 if module.short_name == "unbind" else 2
     dim = argument_value(module, values, dim_position, "dim", 0) % ndim
+    _couple_split_sizes(ctx, module, layouts, layout.get(dim))
     pieces = []
     start = 0
     for piece in output:
@@ -166,6 +167,22 @@ def split_coupling(ctx, vertex, module, layouts, values, output):
         pieces.append(piece_layout or None)
         start += size
     return tuple(pieces)
+
+
+def _couple_split_sizes(ctx, module, layouts: list, atoms: np.ndarray | None) -> None:
+    """``torch.split(x, x.shape[d] // k, d)`` (GPT-J's sines and cosines): ``k`` equal blocks
+    of the split axis, tied position by position, so removal keeps them equal (it writes the
+    kept counts in). Any other size read from a channel axis is barred."""
+    size = module.argument(1, None)
+    tag = layouts[size.index] if isinstance(size, InputRef) else None
+    sizes = [layout for index, layout in enumerate(layouts) if index and is_size_layout(layout)]
+    if isinstance(tag, ShapeTag) and sizes == [tag] and tag.is_derived and atoms is not None \
+            and np.array_equal(tag.sources, atoms) and len(tag.atoms) and len(atoms) % len(tag.atoms) == 0:
+        blocks = np.asarray(atoms).reshape(-1, len(tag.atoms))
+        ctx.unify(blocks[1:], np.broadcast_to(blocks[:1], blocks[1:].shape))
+        return
+    for layout in sizes:
+        ctx.barrier_layout(layout, f"channel count used by {module.function_name}")
 
 
 def getitem_coupling(ctx, vertex, module, layouts, values, output):
@@ -418,7 +435,7 @@ SPECS = (
     OpSpec("concat", (ConcatOp,), flops=no_flops, coupling=concat_coupling,
            removal=unchanged_removal, example=_example(_Indexing, (1, 3, 4, 4))),
     OpSpec("split", (SplitOp,), flops=no_flops, coupling=split_coupling,
-           removal=remove_from_split, example=_example(_Indexing, (1, 3, 4, 4))),
+           removal=remove_from_split, reads_sizes=True, example=_example(_Indexing, (1, 3, 4, 4))),
     OpSpec("getitem", (GetItemOp,), flops=no_flops, coupling=getitem_coupling,
            removal=remove_from_getitem, reads_sizes=True, example=_example(_Indexing, (1, 3, 4, 4))),
     # im2col / col2im hold no per-channel state; their sizes are spatial

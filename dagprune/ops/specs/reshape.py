@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from dagprune.ops.base import FunctionalOp
-from dagprune.ops.channel_map import (ChannelFreeMasks, Layout, ShapeTag, argument_input, barrier_all,
-                                      is_size_layout, tensor_layout)
+from dagprune.ops.channel_map import (ChannelFreeMasks, Layout, ShapeTag, argument_input, argument_value,
+                                      barrier_all, is_size_layout, tensor_layout)
 from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.linear_algebra import AttentionOp, MatmulOp
 from dagprune.ops.shape import ExpandOp, ReshapeOp
@@ -251,6 +251,8 @@ def _follow_template(ctx, result: Layout, template: dict) -> Layout:
 
 
 def expand_coupling(ctx, vertex, module, layouts, values, output):
+    if module.short_name == "repeat_interleave":
+        return _repeat_interleave_coupling(ctx, module, layouts, values)
     layout = tensor_layout(layouts[0])
     offset = output.ndim - values[0].ndim
     result = {}
@@ -264,6 +266,24 @@ def expand_coupling(ctx, vertex, module, layouts, values, output):
             ctx.barrier_layout(layout_other, "expand template tensor")
     result.update(_broadcast_to_channel_counts(module, layouts, values[0].shape, offset, result))
     return _couple_sizes(ctx, module, layouts, values, result, output.ndim, unify_tracked=True) or None
+
+
+def _repeat_interleave_coupling(ctx, module, layouts, values):
+    """``x.repeat_interleave(k, dim)`` with a constant ``k``: each channel of ``dim`` repeated
+    ``k`` times in place (GPT-J's rotary angles ``sin.repeat_interleave(2, 3)``), so the slim
+    input repeats its kept channels; a tensor of repeats, a flattening call (no ``dim``) or an
+    ``output_size`` bars the input's channels."""
+    repeats, dim = argument_value(module, values, 1, "repeats"), argument_value(module, values, 2, "dim")
+    x = values[0]
+    if type(repeats) is not int or type(dim) is not int or module.argument(3, "output_size") is not None \
+            or not isinstance(x, torch.Tensor):
+        return barrier_all(ctx, layouts, "repeat_interleave by a tensor, without a dim or to an output size")
+    for other in layouts[1:]:
+        ctx.barrier_layout(other, "repeats of repeat_interleave")
+    result = dict(tensor_layout(layouts[0]))
+    if dim % x.ndim in result:
+        result[dim % x.ndim] = np.repeat(result[dim % x.ndim], repeats)
+    return result or None
 
 
 def _broadcast_to_channel_counts(module, layouts, in_shape, offset: int, result: Layout) -> Layout:
