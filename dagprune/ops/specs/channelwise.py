@@ -15,7 +15,7 @@ from torch import nn
 from dagprune.ops.flop_counting import no_flops
 from dagprune.ops.channel_map import (argument_input, axis_atoms, barrier_all, first_tensor_index, is_size_layout,
                                       operand_layout, tensor_layout)
-from dagprune.ops.layers import InterpolateOp, PadOp, PoolOp
+from dagprune.ops.layers import InterpolateOp, PoolOp
 from dagprune.ops.padding import SamePad2d
 from dagprune.ops.slicing import kept_count, slice_per_channel_state, unchanged_removal
 from dagprune.ops.spec import OpSpec
@@ -174,7 +174,7 @@ SPECS = (
     _spec("functional_unpooling", tuple(f"torch.nn.functional.max_unpool{n}d" for n in (1, 2, 3)),
           _functional_unpooling_example, coupling=unpooling_coupling, reads_sizes=True),
     _spec("resampling", RESAMPLING + (InterpolateOp,), _example(nn.Upsample(scale_factor=2))),
-    _spec("padding", PADDINGS + (PadOp,), _example(nn.ZeroPad2d(1))),
+    _spec("padding", PADDINGS, _example(nn.ZeroPad2d(1))),
     _spec("grid_sample", ("torch.nn.functional.grid_sample", "torch.grid_sampler"),
           lambda: (_Warp(), (torch.randn(2, 3, 8, 8),)), coupling=grid_sample_coupling),
     _spec("prelu", (nn.PReLU,), _example(nn.PReLU(8)), removal=remove_from_prelu),
