@@ -37,6 +37,7 @@ from dagprune.ops.channel_map import FreeSize, Layout, ShapeTag, is_size_layout,
 from dagprune.ops.spec import describe_op
 from dagprune.example_inputs import ExampleInputs
 from dagprune.shape_prop import analysis_mode, resolve_inputs, stream_values, value_shape
+from dagprune_algorithms.pruning.shared_calls import tie_shared_calls
 
 __all__ = ["ChannelGroup", "ChannelAnalysis", "CouplingContext", "find_channel_groups", "Layout",
            "ShapeTag", "HEAD_PRUNING_MODES"]
@@ -413,6 +414,7 @@ def find_channel_groups(dag: DagModule, input_shape_without_batch: Sequence | No
     inputs = resolve_inputs(dag, input_shape_without_batch, example_inputs)
     context = CouplingContext(dag.users(), head_pruning)
     layouts, shapes, unscaled_flops = _couple_vertices(dag, inputs, context)
+    tie_shared_calls(dag, layouts, context)
     for vertex in dag.output_vertices:
         context.barrier_layout(layouts[vertex], "reaches the model output")
     atom_class = context.resolve()
