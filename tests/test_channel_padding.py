@@ -74,3 +74,31 @@ def test_reflected_or_cropped_channels_are_barred(pad):
     dag = dagprune.build_from_unstructured_module(Padded().eval())
     conv = find_channel_groups(dag, (3, 4, 4)).groups[0]
     assert conv.name == "conv" and not conv.prunable and "channel axis" in conv.reason
+
+
+def test_padding_computed_at_run_time_passes_channels_on_other_axes_and_bars_its_own():
+    # LongT5 pads its blocks by a length read at run time: its removal read that hole as a tuple
+    class BlockPadded(nn.Module):
+        def __init__(self, channels_too: bool):
+            super().__init__()
+            self.channels_too, self.up, self.head = channels_too, nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.up(x)
+            pads = [(0, 0)] * h.ndim  # LongT5's form: the pad tuple is summed at run time
+            pads[-1 if self.channels_too else 1] = (0, (-h.shape[1]) % 4 + 1)
+            padded = F.pad(h, sum(pads[::-1], ()))
+            return self.head(padded[..., :6]) if self.channels_too else self.head(padded)
+
+    torch.manual_seed(0)
+    x, other = (torch.randn(2, 5, 4),), (torch.randn(3, 7, 4),)
+    dag = dagprune.build_from_unstructured_module(BlockPadded(False).eval(), example_inputs=x)
+    pruning = ChannelPruning(dag, None, 0.5, 10, example_inputs=x)
+    gated = pruning.prepare_for_pruning()
+    for _ in random_gate_states(pruning, seed=0, count=2):
+        slim = assert_removal_matches_gates(pruning, gated, x)
+        with torch.no_grad():
+            assert dagprune.max_relative_difference(gated.eval()(*other), slim(*other)) <= 1e-4
+    dag = dagprune.build_from_unstructured_module(BlockPadded(True).eval(), example_inputs=x)
+    up = find_channel_groups(dag, example_inputs=x).groups[0]
+    assert up.name == "up" and not up.prunable

@@ -33,24 +33,23 @@ def _axis_padding(pad, axis: int, ndim: int) -> tuple[int, int]:
     return (pad[position], pad[position + 1]) if position + 1 < len(pad) else (0, 0)
 
 
-def _constant_pads(module, values) -> tuple | None:
-    pad = argument_value(module, values, 1, "pad")
-    if isinstance(pad, (tuple, list)) and all(type(p) is int for p in pad):
-        return tuple(pad)
-    return None
-
-
 def pad_coupling(ctx, vertex, module, layouts, values, output):
-    """See the module docstring."""
-    x_index, pad = argument_input(module, 0, "input"), _constant_pads(module, values)
-    if x_index is None or pad is None or not isinstance(output, torch.Tensor):
+    """See the module docstring. A channel axis the example pads by a size computed at run time
+    (a hole in the template) is barred; one it does not pad passes its channels through."""
+    x_index, pad = argument_input(module, 0, "input"), argument_value(module, values, 1, "pad")
+    template = module.argument(1, "pad")
+    if x_index is None or not isinstance(pad, (tuple, list)) or not isinstance(output, torch.Tensor):
         return pass_through_coupling(ctx, vertex, module, layouts, values, output)
     mode = argument_value(module, values, 2, "mode", "constant")
     ndim, result = values[x_index].ndim, {}
     for axis, atoms in tensor_layout(layouts[x_index]).items():
         before, after = _axis_padding(pad, axis, ndim)
-        if before == after == 0:
+        constant = isinstance(template, (tuple, list)) and all(
+            type(p) is int for p in _axis_padding(template, axis, ndim))
+        if before == after == 0:  # (a channel count cannot follow the input's sizes)
             result[axis] = atoms
+        elif not constant:
+            ctx.barrier(atoms, "padding of a channel axis computed at run time")
         elif mode == "constant" and before >= 0 and after >= 0:
             result[axis] = np.concatenate([ctx.fresh(before), atoms, ctx.fresh(after)])
         else:
@@ -59,15 +58,19 @@ def pad_coupling(ctx, vertex, module, layouts, values, output):
 
 
 def remove_from_pad(module, input_masks, output_mask, shapes):
+    """Pads each channel axis that lost padded channels by their kept counts (those entries are
+    constants: see :func:`pad_coupling`); the rest of the template stays as it is."""
     module = copy.deepcopy(module)
-    pad = list(module.argument(1, "pad"))
-    ndim = len(shapes[-1])
+    template, ndim = module.argument(1, "pad"), len(shapes[-1])
+    if not isinstance(template, (tuple, list)):
+        return module
+    pad = list(template)
     for axis, mask in output_mask.items():
         before, after = _axis_padding(pad, axis, ndim)
-        if before or after:
+        if type(before) is int and type(after) is int and (before or after):
             position = 2 * (ndim - 1 - axis)
             pad[position:position + 2] = [int(mask[:before].sum()), int(mask[len(mask) - after:].sum())]
-    module.set_argument(1, "pad", tuple(pad))
+    module.set_argument(1, "pad", type(template)(pad))
     return module
 
 
