@@ -14,13 +14,13 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-import numpy as np
-
 from dagprune import DagModule
 from dagprune.ops.channel_map import tensor_layout
 from dagprune.ops.parameter import ParameterOp
 
 __all__ = ["tie_shared_calls"]
+
+_UNPAIRED = "a module called again with other channels"
 
 
 def _weights_key(module) -> int | None:
@@ -41,22 +41,28 @@ def _calls_by_weights(dag: DagModule) -> list[list]:
 
 
 def _unify_layouts(ctx, first: Any, other: Any) -> None:
-    if isinstance(first, (tuple, list)):  # a module returning several tensors (a recurrent layer)
-        others = other if isinstance(other, (tuple, list)) and len(other) == len(first) else [None] * len(first)
-        for item, paired in zip(first, others):
-            _unify_layouts(ctx, item, paired)
+    """Unifies two calls' layouts axis by axis; an axis with channels in one call that the other
+    does not pair up (absent, or of another length) is barred in both."""
+    if isinstance(first, (tuple, list)) or isinstance(other, (tuple, list)):  # several tensors out
+        if isinstance(first, (tuple, list)) and isinstance(other, (tuple, list)) and len(first) == len(other):
+            for item, paired in zip(first, other):
+                _unify_layouts(ctx, item, paired)
+        else:
+            ctx.barrier_layout((first, other), _UNPAIRED)
         return
-    for axis, atoms in tensor_layout(first).items():
-        paired = tensor_layout(other).get(axis)
-        if paired is not None and len(paired) == len(atoms):
+    first, other = tensor_layout(first), tensor_layout(other)
+    for axis in set(first) | set(other):
+        atoms, paired = first.get(axis), other.get(axis)
+        if atoms is not None and paired is not None and len(atoms) == len(paired):
             ctx.unify(atoms, paired)
-        else:  # this call's channels on the axis cannot follow the other's
-            ctx.barrier(atoms, "a module called again with other channels")
-            if paired is not None:
-                ctx.barrier(paired, "a module called again with other channels")
+        else:
+            for unpaired in (atoms, paired):
+                if unpaired is not None:
+                    ctx.barrier(unpaired, _UNPAIRED)
 
 
 def _consumed(ctx, vertex) -> dict:
+    """The channels ``vertex`` consumes, keyed by where (input, axis, kind): paired like axes."""
     return {(site.input_index, site.axis, site.kind): site.atoms
             for site in ctx.consumer_sites if site.vertex is vertex}
 
@@ -69,8 +75,4 @@ def tie_shared_calls(dag: DagModule, layouts: dict, ctx) -> None:
         first, first_consumed = vertices[0], _consumed(ctx, vertices[0])
         for other in vertices[1:]:
             _unify_layouts(ctx, layouts[first], layouts[other])
-            _unify_layouts(ctx, layouts[other], layouts[first])
-            consumed = _consumed(ctx, other)
-            for key in set(first_consumed) | set(consumed):
-                _unify_layouts(ctx, {0: first_consumed.get(key, np.zeros(0, dtype=np.int64))},
-                               {0: consumed.get(key, np.zeros(0, dtype=np.int64))})
+            _unify_layouts(ctx, first_consumed, _consumed(ctx, other))

@@ -176,10 +176,7 @@ def _couple_split_sizes(ctx, module, layouts: list, atoms: np.ndarray | None) ->
     size = module.argument(1, None)
     tag = layouts[size.index] if isinstance(size, InputRef) else None
     sizes = [layout for index, layout in enumerate(layouts) if index and is_size_layout(layout)]
-    if isinstance(tag, ShapeTag) and sizes == [tag] and tag.is_derived and atoms is not None \
-            and np.array_equal(tag.sources, atoms) and len(tag.atoms) and len(atoms) % len(tag.atoms) == 0:
-        blocks = np.asarray(atoms).reshape(-1, len(tag.atoms))
-        ctx.unify(blocks[1:], np.broadcast_to(blocks[:1], blocks[1:].shape))
+    if len(sizes) == 1 and sizes[0] is tag and _tied_blocks(ctx, tag, atoms) is not None:
         return
     for layout in sizes:
         ctx.barrier_layout(layout, f"channel count used by {module.function_name}")
@@ -263,13 +260,23 @@ def _run_time_fraction(ctx, layouts: list, atoms: np.ndarray, item: slice) -> np
         cut = len(tag.atoms)
         ctx.unify(atoms[:cut], tag.atoms)
         return atoms[:cut].copy() if item.start is None else atoms[cut:].copy()
+    blocks = _tied_blocks(ctx, tag, atoms)
+    if blocks is None:
+        ctx.barrier(atoms, "slice of a channel axis with run-time bounds")
+        return None
+    return blocks[0].copy() if item.start is None else blocks[1:].reshape(-1).copy()
+
+
+def _tied_blocks(ctx, tag, atoms: np.ndarray) -> np.ndarray | None:
+    """Where ``tag`` is ``n // k`` of the axis holding ``atoms`` (``n = x.shape[d]``): the axis
+    as ``k`` rows of ``n // k`` atoms, tied position by position, so that ``n' // k`` of the
+    slim axis still cuts it at a block boundary. None for any other tag (nothing tied)."""
     if not (isinstance(tag, ShapeTag) and tag.is_derived and np.array_equal(tag.sources, atoms)
             and len(tag.atoms) and len(atoms) % len(tag.atoms) == 0):
-        ctx.barrier(atoms, "slice of a channel axis with run-time bounds")
         return None
     blocks = np.asarray(atoms).reshape(-1, len(tag.atoms))
     ctx.unify(blocks[1:], np.broadcast_to(blocks[:1], blocks[1:].shape))
-    return blocks[0].copy() if item.start is None else blocks[1:].reshape(-1).copy()
+    return blocks
 
 
 def _strided_channels(ctx, atoms: np.ndarray, item: slice) -> np.ndarray | None:

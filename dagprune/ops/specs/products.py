@@ -95,8 +95,8 @@ def _product_coupling(ctx, vertex, layouts, values, output, a_index: int, b_inde
     a, b = values[a_index], values[b_index]
     a_layout, b_layout = tensor_layout(layouts[a_index]), tensor_layout(layouts[b_index])
     factors = unify_contraction(ctx, vertex, (a_index, a.ndim - 1, a_layout.get(a.ndim - 1)),
-                                 (b_index, b.ndim - 2, b_layout.get(b.ndim - 2)),
-                                 "matmul contraction with an untracked operand")
+                                (b_index, b.ndim - 2, b_layout.get(b.ndim - 2)),
+                                "matmul contraction with an untracked operand")
     batch_shape = output.shape[:-2]
     result = broadcast_axes(ctx, [_batch_layout(a_layout, a), _batch_layout(b_layout, b)],
                             batch_shape, "matmul batch axes") if batch_shape else {}
@@ -130,8 +130,8 @@ def cdist_coupling(ctx, vertex, module, layouts, values, output):
     a, b = values[a_index], values[b_index]
     a_layout, b_layout = tensor_layout(layouts[a_index]), tensor_layout(layouts[b_index])
     factors = unify_contraction(ctx, vertex, (a_index, a.ndim - 1, a_layout.get(a.ndim - 1)),
-                                 (b_index, b.ndim - 1, b_layout.get(b.ndim - 1)),
-                                 "cdist features with an untracked operand")
+                                (b_index, b.ndim - 1, b_layout.get(b.ndim - 1)),
+                                "cdist features with an untracked operand")
     if factors:  # a removed feature must be 0 in both operands (a product needs it in one)
         ctx.consume(vertex, b_index, b.ndim - 1, factors[0])
     batch_shape = output.shape[:-2]
@@ -185,8 +185,8 @@ def attention_coupling(ctx, vertex, module, layouts, values, output):
                                                  [tensor_layout(layouts[i]) for i in qkv])
     masks = _attention_masks(ctx, layouts, values, qkv, q)
     score_factors = unify_contraction(ctx, vertex, (qkv[0], q.ndim - 1, q_layout.get(q.ndim - 1)),
-                                       (qkv[1], k.ndim - 1, k_layout.get(k.ndim - 1)),
-                                       "attention with untracked q or k")
+                                      (qkv[1], k.ndim - 1, k_layout.get(k.ndim - 1)),
+                                      "attention with untracked q or k")
     for layout, value in ((k_layout, k), (v_layout, v)):
         if value.ndim - 2 in layout:
             ctx.barrier(layout[value.ndim - 2], "attention over a channel-tracked token axis")

@@ -10,7 +10,6 @@ stale).
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import numpy as np
@@ -144,7 +143,7 @@ def whole_size_input(module) -> int | None:
     return sizes.index if whole else None
 
 
-def _couple_sizes(ctx, module, layouts, values, result: Layout, ndim: int, unify_tracked: bool) -> Layout:
+def _couple_sizes(ctx, module, layouts, values, result: Layout, out_shape: tuple, unify_tracked: bool) -> Layout:
     """Couples output axes with the channel axes their run-time sizes were read from.
 
     A size shaping an axis that carries no channels, or another number of them, bars the axis it
@@ -152,14 +151,14 @@ def _couple_sizes(ctx, module, layouts, values, result: Layout, ndim: int, unify
     axis only with ``unify_tracked`` (expand); a reshape's size there becomes the kept count at
     removal, so the axis it was read from (a residual stream's ``C`` shaping the merged
     attention heads) is pruned on its own."""
-    result = dict(result or {})
+    result, ndim = dict(result or {}), len(out_shape)
     tags = [layouts[size.index] if isinstance(size, InputRef) else None
             for size in _size_arguments(module, ndim)]
     whole = whole_size_input(module)
     if whole is not None:
         whole_layout = layouts[whole]
         tags = list(whole_layout) if isinstance(whole_layout, tuple) and len(whole_layout) == ndim else [None] * ndim
-        fixed = _batch_merging_axes(values, whole, ndim) if module.short_name in ("view", "reshape") \
+        fixed = _batch_merging_axes(values[0], out_shape) if module.short_name in ("view", "reshape") \
             else frozenset(range(ndim))  # expand: no overrides
         result = _bar_sizes_made_elsewhere(ctx, result, tags, fixed, values[whole])
         unify_tracked = True  # a whole run-time shape cannot be rewritten: its axes must agree
@@ -195,18 +194,12 @@ def _bar_sizes_made_elsewhere(ctx, result: Layout, tags: list, fixed_axes: froze
     return result
 
 
-def _batch_merging_axes(values: list, whole: int, ndim: int) -> frozenset:
-    """Output axes of a reshape to the shape ``values[whole]`` whose axis group holds input
-    axis 0 (the batch); every axis where the shapes do not pair up."""
-    x, sizes = values[0], list(values[whole])
-    if not isinstance(x, torch.Tensor) or len(sizes) != ndim or sizes.count(-1) > 1:
-        return frozenset(range(ndim))
-    if -1 in sizes:
-        known = math.prod(size for size in sizes if size != -1)
-        sizes[sizes.index(-1)] = x.numel() // known if known else 0
-    groups = reshape_axis_groups(tuple(x.shape), tuple(sizes))
+def _batch_merging_axes(x, out_shape: tuple) -> frozenset:
+    """Output axes of a reshape of ``x`` whose axis group holds input axis 0 (the batch); every
+    axis where the shapes do not pair up."""
+    groups = reshape_axis_groups(tuple(x.shape), out_shape) if isinstance(x, torch.Tensor) else []
     if not groups:
-        return frozenset(range(ndim))
+        return frozenset(range(len(out_shape)))
     return frozenset(axis for in_axes, out_axes in groups if 0 in in_axes for axis in out_axes)
 
 
@@ -229,7 +222,7 @@ def reshape_coupling(ctx, vertex, module, layouts, values, output):
     elif other_tensors and result:
         ctx.barrier_layout(result, "reshaped like another tensor")
         result = None
-    return _couple_sizes(ctx, module, layouts, values, result, output.ndim, unify_tracked=False) or None
+    return _couple_sizes(ctx, module, layouts, values, result, tuple(output.shape), unify_tracked=False) or None
 
 
 def _follow_template(ctx, result: Layout, template: dict) -> Layout:
@@ -265,7 +258,7 @@ def expand_coupling(ctx, vertex, module, layouts, values, output):
         if isinstance(values[index], torch.Tensor):
             ctx.barrier_layout(layout_other, "expand template tensor")
     result.update(_broadcast_to_channel_counts(module, layouts, values[0].shape, offset, result))
-    return _couple_sizes(ctx, module, layouts, values, result, output.ndim, unify_tracked=True) or None
+    return _couple_sizes(ctx, module, layouts, values, result, tuple(output.shape), unify_tracked=True) or None
 
 
 def _repeat_interleave_coupling(ctx, module, layouts, values):
@@ -280,9 +273,9 @@ def _repeat_interleave_coupling(ctx, module, layouts, values):
         return barrier_all(ctx, layouts, "repeat_interleave by a tensor, without a dim or to an output size")
     for other in layouts[1:]:
         ctx.barrier_layout(other, "repeats of repeat_interleave")
-    result = dict(tensor_layout(layouts[0]))
-    if dim % x.ndim in result:
-        result[dim % x.ndim] = np.repeat(result[dim % x.ndim], repeats)
+    result, dim = dict(tensor_layout(layouts[0])), dim % x.ndim
+    if dim in result:
+        result[dim] = np.repeat(result[dim], repeats)
     return result or None
 
 
