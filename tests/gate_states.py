@@ -29,3 +29,18 @@ def assert_removal_matches_gates(config, gated, inputs):
     measured = dagprune.count_flops(slim, example_inputs=analysis.example_inputs).total
     assert measured / analysis.total_flops == pytest.approx(config.current_hard_proportion(), abs=1e-9)
     return slim
+
+
+def slim_models_matching_gates(config, gated, example, others=(), seed: int = 0, count: int = 3) -> list:
+    """For ``count`` random gate states (:func:`random_gate_states`): the slim model matches the
+    gated eval model on ``example`` (:func:`assert_removal_matches_gates`) and on each input of
+    ``others`` (tuples of positional tensors, at sizes other than the example's). Returns the
+    slim models."""
+    slims = []
+    for _ in random_gate_states(config, seed=seed, count=count):
+        slim = assert_removal_matches_gates(config, gated, example)
+        with torch.no_grad():
+            for inputs in others:
+                assert dagprune.max_relative_difference(gated.eval()(*inputs), slim(*inputs)) <= 1e-4
+        slims.append(slim)
+    return slims

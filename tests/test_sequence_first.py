@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import dagprune
-from gate_states import assert_removal_matches_gates, random_gate_states
+from gate_states import slim_models_matching_gates
 from dagprune_algorithms.pruning import ChannelPruning, find_channel_groups
 
 
@@ -43,10 +43,8 @@ def test_batch_merged_with_heads_stays_a_run_time_size_after_removal(tmp_path):
     assert head_dims.prunable, head_dims.reason
     pruning = ChannelPruning(dag, None, 0.5, 10, example_inputs=example)
     gated = pruning.prepare_for_pruning()
-    for _ in random_gate_states(pruning, seed=0, count=3):
-        slim = assert_removal_matches_gates(pruning, gated, example)
+    for slim in slim_models_matching_gates(pruning, gated, example, others):
         loaded = dagprune.load_dag(slim.save(tmp_path / "slim"))
         with torch.no_grad():
             for x in others:
-                assert dagprune.max_relative_difference(gated.eval()(*x), slim(*x)) <= 1e-4
                 assert torch.equal(loaded(*x), slim(*x))
