@@ -151,6 +151,25 @@ def test_target_check_is_computed_from_the_numbers(tmp_path, ours, other, verdic
     assert (tmp_path / "benchmark_accuracy_latency.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("shares, verdict", [
+    ([0.51, 0.49, 0.52], "met (3 of 3 runs)"),
+    ([0.51, 0.55, 0.52], "MISSED (2 of 3 runs)"),  # 0.55 is 10% above 0.5
+])
+def test_latency_budget_check_reads_the_tables_setting(tmp_path, shares, verdict):
+    report = _benchmarks_module("accuracy_report")
+    section = _synthetic_accuracy_section([91.5, 91.7, 91.6], [90.0, 90.2, 90.1], [92.0, 92.2, 92.1])
+    section["setup"]["threads"] = 2
+    section["setup"]["methods"]["dag_latency"] = "latency budget"
+    section["results"] += [{"method": "latency budget", "method_key": "dag_latency", "budget": "latency",
+                            "target": 0.5, "seed": seed, "error": None, "accuracy": 90.0, "flops_proportion": 0.6,
+                            "params": 1e6, "seconds": 1.0, "latency_ms": {"1t_b32": 5.0, "2t_b32": 3.0},
+                            "latency_share": {"1t_b32": 0.3, "2t_b32": share}, "budget_reached": 0.5}
+                           for seed, share in enumerate(shares)]
+    lines, found = [], []
+    report.accuracy_section(section, tmp_path, lines, found)
+    assert found[-1] == f"latency budget within 5% of its target as measured at 2t b32: {verdict}"
+
+
 def test_unknown_peer_is_a_clear_error():
     environments = load_script("peers/environments.py")
     with pytest.raises(environments.PeerEnvironmentError, match=r"unknown peer 'torch-dagg'; known: \['torch-dag', 'torch-pruning'\]"):

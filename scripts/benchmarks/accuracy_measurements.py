@@ -4,15 +4,19 @@ Both tools save their pruned models as dagprune DAGs; each is loaded here and, a
 seed's baseline (converted to a DAG the same way), gets its FLOPs share
 (``dagprune.count_flops``), parameter count, top-1 accuracy on the validation images, and its
 latency: the baseline and every pruned model of a seed are timed in alternation
-(:func:`~.common.interleaved_medians`, so machine noise hits all alike), in eval mode under
+(:func:`~.common.interleaved_times`, so machine noise hits all alike), in eval mode under
 ``torch.inference_mode``, at one thread with batch 1 and 32, and at the training's thread count
-with batch 32 when that is more than one (``--budget latency`` measures its table there). This
-runs after all training, so the timings do not compete with it.
+with batch 32 when that is more than one (``--budget latency`` measures its table there). A model's
+latency is the median of its timings; its share is the median of its per-round ratios to the
+baseline's timing of the same round (:func:`~.common.paired_ratio`), which a slow stretch of a
+shared machine moves less than the ratio of the two medians. This runs after all training, so
+the timings do not compete with it.
 """
 
 from __future__ import annotations
 
 import functools
+import statistics
 
 import torch
 
@@ -21,7 +25,7 @@ from dagprune_algorithms.app.data import load_dataset
 from dagprune_algorithms.app.models import as_dag, create_timm_model
 from dagprune_algorithms.app.training import evaluate_accuracy, load_checkpoint, materialize
 
-from .common import StageError, fixed_input, interleaved_medians, log, stage
+from .common import StageError, fixed_input, interleaved_times, log, paired_ratio, stage
 
 LATENCY_BATCH_SIZES = (1, 32)
 """Batch sizes timed at one thread."""
@@ -41,14 +45,15 @@ def setting_name(threads: int, batch: int) -> str:
     return f"{threads}t_b{batch}"
 
 
-def _median_ms(models: list, input_shape, threads: int, batch: int, repeats: int) -> list[float]:
+def _timings_ms(models: list, input_shape, threads: int, batch: int, repeats: int) -> list[list[float]]:
+    """Milliseconds of every timed round of each model, the models called in alternation."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         x = fixed_input(input_shape, batch)
         with torch.inference_mode():
             calls = [functools.partial(model, x) for model in models]
-            return [1000 * s for s in interleaved_medians(calls, repeats, warmup=2)]
+            return [[1000 * s for s in series] for series in interleaved_times(calls, repeats, warmup=2)]
     finally:
         torch.set_num_threads(previous)
 
@@ -103,11 +108,11 @@ def measure_pruned_models(options, baselines: list[dict], rows: list[dict]) -> d
         baseline["latency_ms"] = {}
         for setting in settings:
             name = setting_name(*setting)
-            times = _median_ms([base] + [dag for _, dag in measured], input_shape, *setting,
-                               repeats=options.acc_latency_repeats)
-            baseline["latency_ms"][name] = times[0]
-            for (row, _), milliseconds in zip(measured, times[1:]):
-                row.setdefault("latency_ms", {})[name] = milliseconds
-                row.setdefault("latency_share", {})[name] = milliseconds / times[0]
+            times = _timings_ms([base] + [dag for _, dag in measured], input_shape, *setting,
+                                repeats=options.acc_latency_repeats)
+            baseline["latency_ms"][name] = statistics.median(times[0])
+            for (row, _), series in zip(measured, times[1:]):
+                row.setdefault("latency_ms", {})[name] = statistics.median(series)
+                row.setdefault("latency_share", {})[name] = paired_ratio(series, times[0])[0]
     return {"settings": [setting_name(*s) for s in settings], "repeats": options.acc_latency_repeats,
             "threads": threads}

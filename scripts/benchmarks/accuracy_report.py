@@ -31,6 +31,10 @@ CHECKED_TARGET = 0.5
 FLOPS_SLACK = 0.02
 """A method whose FLOPs share exceeds its target by more than this did not reach the target."""
 
+LATENCY_TOLERANCE = 0.05
+"""Relative distance to its target within which a ``--budget latency`` run's measured share
+counts as reaching it."""
+
 PLOTTED_LATENCY = "1t_b32"
 """The latency setting of the accuracy-against-latency plot."""
 
@@ -114,6 +118,7 @@ def accuracy_section(section: dict, plots: Path, lines: list, verdicts: list) ->
     _results_table(groups, baseline, settings, lines)
     _accuracy_plots(groups, section, plots, lines)
     _target_check(groups, section, baseline, lines, verdicts)
+    _latency_target_check(groups, section, lines, verdicts)
     _timing_lines(section, groups, lines)
 
 
@@ -200,8 +205,8 @@ def _results_table(groups: dict, baseline: dict[int, float], settings: list[str]
     mismatched = [f"{g.label} @{t} seed {r['seed']}" for (_, t), g in groups.items() for r in g.runs
                   if r.get("accuracy_mismatch")]
     lines += ["", "Latency: median of interleaved runs in eval mode, `torch.inference_mode`, baseline and pruned "
-              "models of a seed timed in alternation; share = pruned / baseline. 'vs baseline': the accuracy "
-              "minus the same seed's baseline."]
+              "models of a seed timed in alternation; share = the median over rounds of pruned / baseline within "
+              "a round. 'vs baseline': the accuracy minus the same seed's baseline."]
     if mismatched:
         lines.append(f"The tool's own accuracy differs from the measured one by more than 0.05 points for: "
                      f"{', '.join(mismatched)}.")
@@ -340,6 +345,28 @@ def _latency_budget_lines(groups: dict) -> list[str]:
                      f"{group.flops:.3f}, {group.accuracy:.2f} ± {group.spread:.2f} % (not compared above: "
                      "not at equal FLOPs)")
     return lines
+
+
+def _latency_target_check(groups: dict, section: dict, lines: list, verdicts: list) -> None:
+    """The latency budget's target: every ``--budget latency`` run's measured share, at the
+    setting its latency table was timed at (the training's threads, batch 32), within
+    :data:`LATENCY_TOLERANCE` of its target."""
+    runs = [(target, run) for (_, target), group in sorted(groups.items(), key=lambda item: -item[0][1])
+            if group.budget == "latency" for run in group.runs]
+    if not runs:
+        return
+    setting = f"{section['setup']['threads']}t_b32"
+    misses, cells = [], []
+    for target, run in runs:
+        share = run.get("latency_share", {}).get(setting)
+        off = None if share is None else share / target - 1
+        cells.append(f"{target} seed {run['seed']}: " + ("not measured" if off is None else f"{share:.3f} ({off:+.1%})"))
+        if off is None or abs(off) > LATENCY_TOLERANCE:
+            misses.append(cells[-1])
+    verdict = (f"latency budget within {LATENCY_TOLERANCE:.0%} of its target as measured at {setting.replace('_', ' ')}: "
+               + ("met" if not misses else "MISSED") + f" ({len(runs) - len(misses)} of {len(runs)} runs)")
+    lines += ["### Latency budget check", "", f"- {verdict}", f"  - per run: {'; '.join(cells)}", ""]
+    verdicts.append(verdict)
 
 
 def _duration(seconds: float) -> str:
