@@ -13,8 +13,10 @@ from dagprune_algorithms.pruning.calibration import match_measured_share
 
 LOG = logging.getLogger("dagprune.prune")
 
-CALIBRATION_ALTERNATIONS = 5
-"""Timings of the original and the slim model, in alternation, per measured calibration round."""
+CALIBRATION_ALTERNATIONS = 10
+"""Timings of the original and the slim model, in alternation, per measured calibration round:
+enough that both models meet a quiet stretch of a shared machine (with 5, one model timed while
+another process held a core read 10-20% off)."""
 
 
 def alternated_latency_share(original, slim, input_shape, device, batch_size: int,
