@@ -121,7 +121,7 @@ def _add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
                           help="points of selection accuracy that count as an improvement")
     accuracy.add_argument("--acc-baseline-selection", type=int, default=5000,
                           help="training images held out to decide when the baseline has converged")
-    accuracy.add_argument("--acc-latency-repeats", type=int, default=10,
+    accuracy.add_argument("--acc-latency-repeats", type=int, default=40,
                           help="timed rounds per latency setting of the pruned models")
 
 

@@ -22,7 +22,9 @@ def fast_latency(monkeypatch) -> None:
 
     measured = latency.LatencyResult(median_ms=1.0, iqr_ms=0.0, p25_ms=1.0, p75_ms=1.0, batch_size=32,
                                      num_threads=1, device="cpu", repeats=1)
+    share = latency.LatencyShare(median=1.0, p25=1.0, p75=1.0, rounds=1)
     monkeypatch.setattr(latency, "measure_latency", lambda *args, **kwargs: measured)
+    monkeypatch.setattr(latency, "measure_latency_share", lambda *args, **kwargs: share)
 
 
 def run_results(out: Path) -> dict:

@@ -20,7 +20,7 @@ from dagprune_algorithms.app.cli import main
 from dagprune_algorithms.pruning import ChannelPruning, latency_table
 from dagprune_algorithms.pruning.latency_table import LatencyTable, measure_latency_table
 from gate_states import random_gate_states
-from test_cli_prune import TINY, fast_latency
+from prune_runs import TINY, fast_latency
 from zoo import ZOO, make_example_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -303,15 +303,15 @@ def test_prune_with_a_latency_budget_caches_its_table(tmp_path, capsys, monkeypa
 def test_the_latency_budget_reports_the_share_timed_in_alternation(tmp_path, capsys, monkeypatch):
     from dagprune_algorithms.app import latency
 
-    calls = []
+    largest, slowdown = [0], [0]
 
-    def drifting(model, *args, **kwargs):  # time grows with the parameters, and with every call
-        calls.append(model)
-        size = sum(p.numel() for p in model.parameters())
-        return latency.LatencyResult(median_ms=size * len(calls), iqr_ms=0.0, p25_ms=float(size),
-                                     p75_ms=float(size), batch_size=32, num_threads=1, device="cpu", repeats=1)
+    def drifting(model, x, device):  # a pass takes its parameter count times a slowdown that grows
+        size = sum(p.numel() for p in model.parameters())  # each time the largest model runs
+        largest[0] = max(largest[0], size)
+        slowdown[0] += size == largest[0]
+        return float(size * slowdown[0])
 
-    monkeypatch.setattr(latency, "measure_latency", drifting)
+    monkeypatch.setattr(latency, "_timed_pass_ms", drifting)
     monkeypatch.setattr(latency_table, "seconds_per_call", _fake_seconds)
     out = tmp_path / "run"
     code = main(["prune", *TINY, "--no-reference", "--budget", "latency", "--latency-cache", str(tmp_path / "cache"),
@@ -324,6 +324,21 @@ def test_the_latency_budget_reports_the_share_timed_in_alternation(tmp_path, cap
     assert pruned["latency_ms"] / baseline["latency_ms"] != pytest.approx(share)  # the rows' ratio is
     assert f"measured latency {share:.3f} of the baseline's (batch 32, cpu, timed in alternation)" in \
         capsys.readouterr().out
+
+
+def test_latency_share_pairs_the_passes_of_a_round(monkeypatch):
+    from dagprune_algorithms.app import latency
+
+    big, small = nn.Linear(8, 8), nn.Linear(8, 2)
+    times = iter([9.0, 1.0,  # warm-up round
+                  10.0, 5.0, 40.0, 20.0, 20.0, 12.0, 10.0, 4.0])  # a slow spell in round 2
+
+    monkeypatch.setattr(latency, "_timed_pass_ms", lambda model, x, device: next(times))
+    share = latency.measure_latency_share(small, big, (8,), batch_size=2, warmup=1, rounds=4)
+    assert share.median == pytest.approx(0.5) and share.rounds == 4  # ratios 0.5, 0.5, 0.6, 0.4
+    assert (share.p25, share.p75) == (pytest.approx(0.475), pytest.approx(0.525))
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        latency.measure_latency_share(small, big, (8,), rounds=0)
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -8,12 +8,9 @@ import pytest
 
 import dagprune
 from dagprune_algorithms.app.cli import main
+from prune_runs import TINY, fast_latency
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-TINY = ["--steps", "6", "--baseline-steps", "4", "--finetune-steps", "2", "--limit-train", "96",
-        "--limit-val", "48", "--batch-size", "16", "--image-size", "16", "--no-progress",
-        "--checkpoint-every", "3"]
 
 
 def test_tiny_run_writes_pruned_dag_report_and_plot(tmp_path, capsys):
@@ -65,15 +62,6 @@ def test_empty_data_dir_is_reported(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------- --method l1
-def fast_latency(monkeypatch):
-    """The latency columns are not under test here; timing them is most of a tiny run."""
-    from dagprune_algorithms.app import latency
-
-    measured = latency.LatencyResult(median_ms=1.0, iqr_ms=0.0, p25_ms=1.0, p75_ms=1.0, batch_size=32,
-                                     num_threads=1, device="cpu", repeats=1)
-    monkeypatch.setattr(latency, "measure_latency", lambda *args, **kwargs: measured)
-
-
 def unit_ratios_file(tmp_path, capsys, ratio_of_every_other_unit: float):
     """``dagprune units test_resnet --choice -o FILE``, then every other unit set to the ratio."""
     path = tmp_path / "ratios.json"

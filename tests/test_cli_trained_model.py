@@ -13,7 +13,7 @@ from dagprune_algorithms.app.cli import main
 from dagprune_algorithms.app.data import load_dataset
 from dagprune_algorithms.app.training import evaluate_accuracy, materialize
 
-from test_cli_prune import TINY, fast_latency
+from prune_runs import TINY, fast_latency
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -25,7 +25,7 @@ from dagprune_algorithms.app.cli import main
 from dagprune_algorithms.pruning import ChannelPruning, WidthTable, measure_width_table
 
 from gate_states import assert_removal_matches_gates, random_gate_states
-from test_cli_prune import fast_latency
+from prune_runs import fast_latency
 from test_cli_trained_model import TINY_TRAINED
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -12,7 +13,7 @@ import torch
 from dagprune.training_mode import evaluation_mode
 from torch import nn
 
-__all__ = ["LatencyResult", "measure_latency"]
+__all__ = ["LatencyResult", "LatencyShare", "measure_latency", "measure_latency_share"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,54 @@ class LatencyResult:
     num_threads: int
     device: str
     repeats: int
+
+
+@dataclass(frozen=True)
+class LatencyShare:
+    """One model's latency as a share of another's, from passes timed in alternation.
+
+    Attributes:
+        median: Median over rounds of the ratio model / reference of the round's two passes.
+        p25: 25th percentile of those ratios.
+        p75: 75th percentile.
+        rounds: Number of rounds (pairs of timed passes).
+    """
+
+    median: float
+    p25: float
+    p75: float
+    rounds: int
+
+
+@contextlib.contextmanager
+def _timing_setup(models: Sequence[nn.Module], device: torch.device, num_threads: Optional[int]):
+    """Moves ``models`` to ``device`` and sets the CPU threads for the block; yields a one-item
+    list that holds the thread count in use once the block ends. Restores every model's device
+    and the process-wide thread count after."""
+    devices = [next(iter(model.parameters()), None) for model in models]
+    devices = [None if param is None else param.device for param in devices]
+    previous_threads = torch.get_num_threads()
+    used_threads = [previous_threads]
+    try:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        for model in models:
+            model.to(device)
+        yield used_threads
+        used_threads[0] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous_threads)
+        for model, original_device in zip(models, devices):
+            if original_device is not None:
+                model.to(original_device)
+
+
+def _timed_pass_ms(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
+    """Milliseconds of one forward pass of ``model`` on ``x``, the device synchronised after it."""
+    start = time.perf_counter()
+    model(x)
+    _synchronize(device)
+    return (time.perf_counter() - start) * 1000.0
 
 
 def _synchronize(device: torch.device) -> None:
@@ -89,29 +138,15 @@ def measure_latency(
     if num_threads is not None and num_threads < 1:
         raise ValueError(f"num_threads must be at least 1, got {num_threads}")
     device = torch.device(device)
-    first_param = next(iter(model.parameters()), None)
-    original_device = first_param.device if first_param is not None else None
-    previous_threads = torch.get_num_threads()
     times_ms = []
-    try:
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
-        model.to(device)
+    with _timing_setup([model], device, num_threads) as used_threads:
         x = torch.randn(batch_size, *input_shape, device=device)
         with evaluation_mode(model), torch.inference_mode():
             for _ in range(warmup):
                 model(x)
             _synchronize(device)
             for _ in range(repeats):
-                start = time.perf_counter()
-                model(x)
-                _synchronize(device)
-                times_ms.append((time.perf_counter() - start) * 1000.0)
-        used_threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous_threads)
-        if original_device is not None:
-            model.to(original_device)
+                times_ms.append(_timed_pass_ms(model, x, device))
 
     p25, median, p75 = (float(v) for v in np.percentile(times_ms, [25, 50, 75]))
     return LatencyResult(
@@ -120,7 +155,55 @@ def measure_latency(
         p25_ms=p25,
         p75_ms=p75,
         batch_size=batch_size,
-        num_threads=used_threads,
+        num_threads=used_threads[0],
         device=str(device),
         repeats=repeats,
     )
+
+
+def measure_latency_share(
+    model: nn.Module,
+    reference: nn.Module,
+    input_shape: Sequence[int],
+    batch_size: int = 1,
+    device: Union[str, torch.device] = "cpu",
+    warmup: int = 2,
+    rounds: int = 40,
+) -> LatencyShare:
+    """The latency of ``model`` as a share of ``reference``'s: both run on the same random
+    input, one pass of each per round, and the share is the median over rounds of the ratio of
+    a round's two passes.
+
+    Timing the two back to back, pass by pass, makes the share robust on a shared machine: a
+    slow spell (another process on a core, a lower clock) lasts longer than a round and slows
+    both of its passes, so it moves the ratio far less than it moves either model's own times,
+    and the median sets aside the rounds it splits. Eval mode, ``torch.inference_mode``, the
+    models' devices restored after, as :func:`measure_latency`.
+
+    Args:
+        model: The model whose share is measured (e.g. the pruned one).
+        reference: The model it is compared with (e.g. the original).
+        input_shape: Shape of one input sample.
+        batch_size: Samples per forward pass.
+        device: Device to run on.
+        warmup: Untimed rounds first.
+        rounds: Timed rounds.
+
+    Raises:
+        ValueError: If ``batch_size`` or ``rounds`` is below 1, or ``warmup`` is negative.
+    """
+    if batch_size < 1 or rounds < 1 or warmup < 0:
+        raise ValueError(f"need batch_size >= 1, rounds >= 1 and warmup >= 0, got batch_size={batch_size}, "
+                         f"rounds={rounds}, warmup={warmup}")
+    device = torch.device(device)
+    ratios = []
+    with _timing_setup([model, reference], device, None):
+        x = torch.randn(batch_size, *input_shape, device=device)
+        with evaluation_mode(model, reference), torch.inference_mode():
+            for index in range(warmup + rounds):
+                reference_ms = _timed_pass_ms(reference, x, device)
+                model_ms = _timed_pass_ms(model, x, device)
+                if index >= warmup:
+                    ratios.append(model_ms / reference_ms)
+    p25, median, p75 = (float(v) for v in np.percentile(ratios, [25, 50, 75]))
+    return LatencyShare(median=median, p25=p25, p75=p75, rounds=rounds)
