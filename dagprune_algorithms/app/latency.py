@@ -60,20 +60,16 @@ class LatencyShare:
 
 @contextlib.contextmanager
 def _timing_setup(models: Sequence[nn.Module], device: torch.device, num_threads: Optional[int]):
-    """Moves ``models`` to ``device`` and sets the CPU threads for the block; yields a one-item
-    list that holds the thread count in use once the block ends. Restores every model's device
-    and the process-wide thread count after."""
-    devices = [next(iter(model.parameters()), None) for model in models]
-    devices = [None if param is None else param.device for param in devices]
+    """Moves ``models`` to ``device`` and sets the CPU threads for the block; restores every
+    model's device and the process-wide thread count after."""
+    devices = [next((param.device for param in model.parameters()), None) for model in models]
     previous_threads = torch.get_num_threads()
-    used_threads = [previous_threads]
     try:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         for model in models:
             model.to(device)
-        yield used_threads
-        used_threads[0] = torch.get_num_threads()
+        yield
     finally:
         torch.set_num_threads(previous_threads)
         for model, original_device in zip(models, devices):
@@ -139,7 +135,7 @@ def measure_latency(
         raise ValueError(f"num_threads must be at least 1, got {num_threads}")
     device = torch.device(device)
     times_ms = []
-    with _timing_setup([model], device, num_threads) as used_threads:
+    with _timing_setup([model], device, num_threads):
         x = torch.randn(batch_size, *input_shape, device=device)
         with evaluation_mode(model), torch.inference_mode():
             for _ in range(warmup):
@@ -147,6 +143,7 @@ def measure_latency(
             _synchronize(device)
             for _ in range(repeats):
                 times_ms.append(_timed_pass_ms(model, x, device))
+        used_threads = torch.get_num_threads()
 
     p25, median, p75 = (float(v) for v in np.percentile(times_ms, [25, 50, 75]))
     return LatencyResult(
@@ -155,7 +152,7 @@ def measure_latency(
         p25_ms=p25,
         p75_ms=p75,
         batch_size=batch_size,
-        num_threads=used_threads[0],
+        num_threads=used_threads,
         device=str(device),
         repeats=repeats,
     )
