@@ -151,6 +151,19 @@ def test_target_check_is_computed_from_the_numbers(tmp_path, ours, other, verdic
     assert (tmp_path / "benchmark_accuracy_latency.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("plateaued, word", [(True, "converged"), (False, "step-capped (not converged)")])
+def test_report_calls_baselines_converged_only_when_they_plateaued(tmp_path, plateaued, word):
+    report = _benchmarks_module("accuracy_report")
+    section = _synthetic_accuracy_section([91.5, 91.7, 91.6], [90.0, 90.2, 90.1], [92.0, 92.2, 92.1])
+    section["baselines"][1]["phases"][0]["plateaued"] = plateaued
+    lines, found = [], []
+    report.accuracy_section(section, tmp_path, lines, found)
+    text = "\n".join(lines)
+    assert f"starts from its seed's {word} baseline" in text
+    assert found[0].startswith(f"dagprune differentiable + distillation at 0.5 of the FLOPs within 1 point of the {word} "
+                               "baseline: ")
+
+
 @pytest.mark.parametrize("shares, verdict", [
     ([0.51, 0.49, 0.52], "met (3 of 3 runs)"),
     ([0.51, 0.55, 0.52], "MISSED (2 of 3 runs)"),  # 0.55 is 10% above 0.5

@@ -13,7 +13,7 @@ import torch
 from dagprune.training_mode import evaluation_mode
 from torch import nn
 
-__all__ = ["LatencyResult", "LatencyShare", "measure_latency", "measure_latency_share"]
+__all__ = ["LatencyResult", "LatencyShare", "measure_latency", "measure_latency_share", "paired_ratio_quartiles"]
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ def measure_latency_share(
         raise ValueError(f"need batch_size >= 1, rounds >= 1 and warmup >= 0, got batch_size={batch_size}, "
                          f"rounds={rounds}, warmup={warmup}")
     device = torch.device(device)
-    ratios = []
+    model_times, reference_times = [], []
     with _timing_setup([model, reference], device, None):
         x = torch.randn(batch_size, *input_shape, device=device)
         with evaluation_mode(model, reference), torch.inference_mode():
@@ -201,6 +201,21 @@ def measure_latency_share(
                 reference_ms = _timed_pass_ms(reference, x, device)
                 model_ms = _timed_pass_ms(model, x, device)
                 if index >= warmup:
-                    ratios.append(model_ms / reference_ms)
-    p25, median, p75 = (float(v) for v in np.percentile(ratios, [25, 50, 75]))
+                    model_times.append(model_ms)
+                    reference_times.append(reference_ms)
+    median, p25, p75 = paired_ratio_quartiles(model_times, reference_times)
     return LatencyShare(median=median, p25=p25, p75=p75, rounds=rounds)
+
+
+def paired_ratio_quartiles(numerators: Sequence[float], denominators: Sequence[float]) -> tuple[float, float, float]:
+    """Median, 25th and 75th percentile of the per-round ratios ``numerators[i] / denominators[i]``
+    of two series timed in alternation (linear interpolation between ratios).
+
+    >>> paired_ratio_quartiles([2.0, 4.0, 2.2, 6.0], [2.0, 4.0, 2.0, 5.0])
+    (1.05, 1.0, 1.125)
+    """
+    ratios = [n / d for n, d in zip(numerators, denominators)]
+    if not ratios:
+        raise ValueError("no rounds to take a ratio of")
+    p25, median, p75 = (round(float(v), 12) for v in np.percentile(ratios, [25, 50, 75]))
+    return median, p25, p75

@@ -56,15 +56,16 @@ def interleaved_times(functions: list[Callable[[], object]], repeats: int, warmu
 
 def paired_ratio(numerators: list[float], denominators: list[float]) -> tuple[float, float, float]:
     """Median and quartiles of the per-round ratios ``numerators[i] / denominators[i]`` of two
-    series timed in alternation: a slow stretch of the machine hits both calls of a round, so
-    these ratios scatter less than the ratio of the two medians does.
+    series timed in alternation (:func:`dagprune_algorithms.app.latency.paired_ratio_quartiles`,
+    rounded): a slow stretch of the machine hits both calls of a round, so these ratios scatter
+    less than the ratio of the two medians does.
 
     >>> paired_ratio([2.0, 4.0, 2.2, 6.0], [2.0, 4.0, 2.0, 5.0])
     (1.05, 1.0, 1.125)
     """
-    ratios = sorted(n / d for n, d in zip(numerators, denominators))
-    low, median, high = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
-    return round(median, 6), round(low, 6), round(high, 6)
+    # imported here: the peers' scripts import this module in environments without dagprune
+    from dagprune_algorithms.app.latency import paired_ratio_quartiles
+    return tuple(round(value, 6) for value in paired_ratio_quartiles(numerators, denominators))
 
 
 def relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
