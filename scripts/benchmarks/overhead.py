@@ -36,25 +36,38 @@ def _training_step(model, optimizer, x, y, pruning=None, steps=None):
     optimizer.step()
 
 
+def build_plain_and_gated(name: str, input_shape: tuple) -> tuple:
+    """The plain DAG of timm's ``name`` (10 classes), and the gated DAG of the same weights with
+    its :class:`ChannelPruning` (target 0.5), both in train mode."""
+    torch.manual_seed(0)
+    plain = dagprune.build_from_unstructured_module(create_timm_model(name, input_shape, num_classes=10))
+    torch.manual_seed(0)
+    source = dagprune.build_from_unstructured_module(create_timm_model(name, input_shape, num_classes=10))
+    pruning = ChannelPruning(source, input_shape, 0.5, 10_000)
+    gated = pruning.prepare_for_pruning()
+    plain.train(), gated.train()
+    return plain, gated, pruning
+
+
+def training_steps(plain, gated, pruning, input_shape: tuple, batch_size: int) -> tuple:
+    """Two no-argument callables, a training step of the plain and of the gated model (each with
+    its own Adam, on one fixed random batch), and that batch's input."""
+    plain_optimizer = torch.optim.Adam(plain.parameters(), 1e-4)
+    gated_optimizer = torch.optim.Adam(gated.parameters(), 1e-4)
+    x, y = torch.randn(batch_size, *input_shape), torch.randint(0, 10, (batch_size,))
+    steps = itertools.count(1)
+    return (lambda: _training_step(plain, plain_optimizer, x, y),
+            lambda: _training_step(gated, gated_optimizer, x, y, pruning, steps), x)
+
+
 def measure(name: str, image_size: int, batch_size: int, repeats: int) -> dict:
     log(f"overhead {name}")
     input_shape = (3, image_size, image_size)
     row = {"model": name, "input_size": list(input_shape), "batch_size": batch_size, "error": None}
     try:
-        torch.manual_seed(0)
-        plain = dagprune.build_from_unstructured_module(create_timm_model(name, input_shape, num_classes=10))
-        torch.manual_seed(0)
-        source = dagprune.build_from_unstructured_module(create_timm_model(name, input_shape, num_classes=10))
-        pruning = ChannelPruning(source, input_shape, 0.5, 10_000)
-        gated = pruning.prepare_for_pruning()
-        plain.train(), gated.train()
-        plain_optimizer = torch.optim.Adam(plain.parameters(), 1e-4)
-        gated_optimizer = torch.optim.Adam(gated.parameters(), 1e-4)
-        x, y = torch.randn(batch_size, *input_shape), torch.randint(0, 10, (batch_size,))
-        steps = itertools.count(1)
-        plain_steps, gated_steps = interleaved_times(
-            [lambda: _training_step(plain, plain_optimizer, x, y),
-             lambda: _training_step(gated, gated_optimizer, x, y, pruning, steps)], repeats, warmup=2)
+        plain, gated, pruning = build_plain_and_gated(name, input_shape)
+        plain_step, gated_step, x = training_steps(plain, gated, pruning, input_shape, batch_size)
+        plain_steps, gated_steps = interleaved_times([plain_step, gated_step], repeats, warmup=2)
         plain.eval(), gated.eval()
         with torch.no_grad():
             plain_evals, gated_evals = interleaved_times([lambda: plain(x), lambda: gated(x)], repeats, warmup=2)
@@ -71,7 +84,7 @@ def measure(name: str, image_size: int, batch_size: int, repeats: int) -> dict:
                eval_ratio=gated_eval_s / plain_eval_s,
                groups=len(pruning.prunable_groups),
                gate_parameters=sum(p.numel() for p in pruning.gate_parameters()),
-               model_parameters=sum(p.numel() for p in source.parameters()))
+               model_parameters=sum(p.numel() for p in plain.parameters()))  # the same weights as the source
     return row
 
 
