@@ -210,3 +210,18 @@ def test_prepare_section_counts_where_we_are_at_or_under_torch_pruning(tmp_path)
     assert "| b | 0.300 | - | 0.200 | - | 0.7x | 3 | 1.0000 | 0.350 | 1.2x |" in lines
     assert verdicts == ["Time to pruning-ready at or under Torch-Pruning's (graph and groups): on 1 of 2; "
                         "under its pruner + FLOPs count: on 2 of 2"]
+
+
+def test_overhead_profile_finds_the_masked_layer_norm_among_the_grown_ops(capsys):
+    """The per-op profile of the gated step against the plain one (scripts/profile_overhead.py)
+    on a tiny ViT: the masked layer norm exists only in the gated step, so it grew; an op both
+    steps run as often at the same cost did not."""
+    profile_overhead = load_script("profile_overhead.py")
+    plain = {("aten::mm", ""): (5.0, 10), ("aten::relu", ""): (1.0, 2)}
+    gated = {("aten::mm", ""): (6.0, 12), ("aten::relu", ""): (1.0, 2), ("MaskedOp", ""): (3.0, 4)}
+    assert profile_overhead.grown_ops(plain, gated, 2) == [(3.0, "MaskedOp"), (1.0, "aten::mm")]
+    profile_overhead.report("test_vit", 32, 2, steps=1, top=40)
+    grown_table = capsys.readouterr().out.split("Gated step")[0]
+    rows = {line.split(" | ")[0].lstrip("| "): float(line.split(" | ")[1]) for line in grown_table.splitlines()
+            if line.startswith("| ") and not line.startswith("| op ")}
+    assert rows.get("_MaskedLayerNorm", 0.0) > 0.0
