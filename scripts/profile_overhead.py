@@ -12,19 +12,36 @@ sum of the differences is an attribution, not a measurement of the step's ratio 
 ``python scripts/benchmark.py --sections overhead``)::
 
     OMP_NUM_THREADS=1 python scripts/profile_overhead.py --model deit_tiny_patch16_224 --size 224
+
+``--layer-norm B T C`` times instead the masked layer norm's forward and backward on a
+(B, T, C) activation next to ``F.layer_norm``'s (median of 30 after 3, a soft mask requiring
+gradients), and with ``--compile`` a ``torch.compile``d composed masked layer norm as well (its
+compilation time printed apart)::
+
+    OMP_NUM_THREADS=1 python scripts/profile_overhead.py --layer-norm 32 197 192 --compile
+
+``--subnormals`` also counts, over one gated step, the float32 subnormal values in every op's
+inputs and outputs (arithmetic on them is many times slower on CPUs), per op.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmarks.overhead import build_plain_and_gated, training_steps  # noqa: E402
+from dagprune.ops.specs.normalization import masked_layer_norm  # noqa: E402
 
 
 def per_step_self_ms(step, steps: int, by_shape: bool = False) -> dict:
@@ -45,7 +62,34 @@ def grown_ops(plain: dict, gated: dict, count: int) -> list[tuple[float, str]]:
     return sorted(growth, reverse=True)[:count]
 
 
-def report(model: str, size: int, batch: int, steps: int, top: int) -> None:
+class SubnormalCount(TorchDispatchMode):
+    """Counts, per op, the float32 subnormal values in the tensors it reads and writes."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        reads = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        writes = [] if func._overloadpacket in _UNINITIALISED else \
+            [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.counts[str(func)] += sum(_subnormals(t) for t in reads + writes)
+        return out
+
+
+_UNINITIALISED = (torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided,
+                  torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided)  # they write garbage, not values
+
+
+def _subnormals(tensor: torch.Tensor) -> int:
+    if tensor.dtype != torch.float32:
+        return 0
+    magnitude = tensor.detach().abs()
+    return int(((magnitude > 0) & (magnitude < torch.finfo(torch.float32).tiny)).sum())
+
+
+def report(model: str, size: int, batch: int, steps: int, top: int, subnormals: bool = False) -> None:
     input_shape = (3, size, size)
     plain, gated, pruning = build_plain_and_gated(model, input_shape)
     plain_step, gated_step, _ = training_steps(plain, gated, pruning, input_shape, batch)
@@ -68,6 +112,44 @@ def report(model: str, size: int, batch: int, steps: int, top: int) -> None:
     print("| op | input shapes | ms | calls |\n|---|---|---:|---:|")
     for ms, calls, name, shapes in rows:
         print(f"| {name} | `{shapes[:120]}` | {ms:.1f} | {calls:.0f} |")
+    if subnormals:
+        with SubnormalCount() as counter:
+            gated_step()
+        found = {name: count for name, count in counter.counts.items() if count}
+        print(f"\nSubnormal float32 values read or written in one gated step: {sum(found.values())}"
+              + "".join(f"\n- {name}: {count}" for name, count in sorted(found.items(), key=lambda kv: -kv[1])))
+
+
+def _composed_masked_layer_norm(x, mask, weight, bias, eps: float):
+    """The masked layer norm as plain ops, for torch.compile to fuse."""
+    weights = mask / mask.sum()
+    centered = x - (x * weights).sum(-1, keepdim=True)
+    var = (centered * centered * weights).sum(-1, keepdim=True)
+    return centered * torch.rsqrt(var + eps) * weight + bias
+
+
+def time_layer_norms(shape: list[int], compiled: bool, calls: int = 30) -> None:
+    """Median forward + backward milliseconds of the layer norms (see the module docstring)."""
+    channels = shape[-1]
+    x, grad = torch.randn(*shape), torch.randn(*shape)
+    mask = torch.rand(channels, requires_grad=True)
+    weight, bias = torch.randn(channels, requires_grad=True), torch.randn(channels, requires_grad=True)
+    norms = {"masked (dagprune)": lambda t: masked_layer_norm(t, mask, weight, bias, 1e-6),
+             "F.layer_norm": lambda t: F.layer_norm(t, (channels,), weight, bias, 1e-6)}
+    if compiled:
+        fused = torch.compile(_composed_masked_layer_norm, dynamic=False)
+        started = time.perf_counter()
+        fused(x.clone().requires_grad_(), mask, weight, bias, 1e-6).backward(grad)
+        print(f"torch.compile: {time.perf_counter() - started:.1f} s for the first call")
+        norms["masked, torch.compile"] = lambda t: fused(t, mask, weight, bias, 1e-6)
+    for name, norm in norms.items():
+        times = []
+        for index in range(calls + 3):
+            started = time.perf_counter()
+            norm(x.detach().requires_grad_()).backward(grad)
+            if index >= 3:
+                times.append(time.perf_counter() - started)
+        print(f"{name}: {1000 * statistics.median(times):.2f} ms forward + backward at {tuple(shape)}")
 
 
 def main() -> None:
@@ -77,8 +159,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2, help="profiled steps of each model")
     parser.add_argument("--top", type=int, default=20, help="rows per table")
+    parser.add_argument("--subnormals", action="store_true", help="count subnormal values per op")
+    parser.add_argument("--layer-norm", nargs="+", type=int, metavar="SIZE",
+                        help="time the layer norms on this activation shape instead of profiling a model")
+    parser.add_argument("--compile", action="store_true", help="with --layer-norm: a torch.compile'd one too")
     options = parser.parse_args()
-    report(options.model, options.size, options.batch, options.steps, options.top)
+    if options.layer_norm:
+        time_layer_norms(options.layer_norm, options.compile)
+        return
+    report(options.model, options.size, options.batch, options.steps, options.top, options.subnormals)
 
 
 if __name__ == "__main__":

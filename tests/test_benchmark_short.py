@@ -225,3 +225,15 @@ def test_overhead_profile_finds_the_masked_layer_norm_among_the_grown_ops(capsys
     rows = {line.split(" | ")[0].lstrip("| "): float(line.split(" | ")[1]) for line in grown_table.splitlines()
             if line.startswith("| ") and not line.startswith("| op ")}
     assert rows.get("_MaskedLayerNorm", 0.0) > 0.0
+
+
+def test_subnormal_count_sees_values_an_op_reads_or_writes():
+    profile_overhead = load_script("profile_overhead.py")
+    tiny = torch.finfo(torch.float32).tiny
+    holds_one, holds_none = torch.tensor([tiny / 4, 1.0]), torch.tensor([tiny * 4, 1.0])
+    with profile_overhead.SubnormalCount() as counter:
+        holds_one * 0.5  # reads one subnormal, writes one (tiny / 8)
+        holds_none * 0.125  # reads none, writes one (tiny / 2)
+        holds_none + 1.0  # neither
+        torch.empty(1000)  # uninitialised memory holds no values to count
+    assert counter.counts == {"aten.mul.Tensor": 3, "aten.add.Tensor": 0, "aten.empty.memory_format": 0}
